@@ -1,0 +1,387 @@
+"""Input validation and the canonical token list every backend consumes.
+
+Every public entry point goes through here first: each bad input raises a ``ValueError`` or
+``TypeError`` that names the argument and says what was expected. Nothing here writes to a caller's
+tensor.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._common import EtaSpec, check_eta
+
+BACKENDS = ("auto", "reference", "torch", "triton", "native")
+ANCHORS = ("all", "others")
+
+# Rows per chunk for the finiteness scans: at most this many elements in one temporary bool tensor.
+_SCAN_ELEMS = 1 << 24
+
+
+def _is_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float_tensor(name: str, x) -> torch.Tensor:
+    _is_tensor(name, x)
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_int_tensor(name: str, x) -> torch.Tensor:
+    _is_tensor(name, x)
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_real(name: str, x, *, allow_neg_inf: bool = False) -> float:
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x):
+        raise ValueError(f"{name}: must not be NaN")
+    if math.isinf(x) and not (allow_neg_inf and x < 0):
+        raise ValueError(f"{name}: must be finite{' or -inf' if allow_neg_inf else ''}, got {x}")
+    return x
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend
+
+
+def check_all_finite(name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+    """Raise if ``x`` holds NaN/Inf; with ``rows`` (bool over the leading dims) only where it is True.
+
+    Scans in chunks of leading-dim rows so the temporary bool tensor stays below ``_SCAN_ELEMS``.
+    """
+    if x.numel() == 0:
+        return
+    lead = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+    sel = rows.reshape(-1) if rows is not None else None
+    step = max(1, _SCAN_ELEMS // max(1, lead.shape[1]))
+    for r0 in range(0, lead.shape[0], step):
+        ok = torch.isfinite(lead[r0 : r0 + step]).all(-1)
+        if sel is not None:
+            ok |= ~sel[r0 : r0 + step]
+        if not bool(ok.all()):
+            bad = int(r0 + (~ok).nonzero()[0, 0])
+            where = "at a completion position " if sel is not None else ""
+            raise ValueError(
+                f"{name}: contains NaN or Inf {where}(first bad row {bad} of the flattened leading dims); "
+                "pass check_finite=False to skip this check"
+            )
+
+
+def check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite: bool):
+    for name, x in (("h_pos", h_pos), ("h_neg", h_neg), ("err_pos", err_pos), ("err_neg", err_neg)):
+        check_float_tensor(name, x)
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor [tokens, features], got shape {tuple(x.shape)}")
+    if h_pos.shape[0] != err_pos.shape[0]:
+        raise ValueError(f"err_pos: expected {h_pos.shape[0]} rows (one per row of h_pos), got {err_pos.shape[0]}")
+    if h_neg.shape[0] != err_neg.shape[0]:
+        raise ValueError(f"err_neg: expected {h_neg.shape[0]} rows (one per row of h_neg), got {err_neg.shape[0]}")
+    if h_pos.shape[1] != h_neg.shape[1]:
+        raise ValueError(f"h_neg: hidden size {h_neg.shape[1]} differs from h_pos's {h_pos.shape[1]}")
+    if err_pos.shape[1] != err_neg.shape[1]:
+        raise ValueError(f"err_neg: vocabulary size {err_neg.shape[1]} differs from err_pos's {err_pos.shape[1]}")
+    devs = {x.device for x in (h_pos, h_neg, err_pos, err_neg)}
+    if len(devs) != 1:
+        raise ValueError(f"h_pos, h_neg, err_pos, err_neg: expected one device, got {sorted(map(str, devs))}")
+    if check_finite:
+        for name, x in (("h_pos", h_pos), ("h_neg", h_neg), ("err_pos", err_pos), ("err_neg", err_neg)):
+            check_all_finite(name, x)
+
+
+@dataclass
+class Batch:
+    """A validated rollout batch, reduced to the list of completion tokens (ordered by response).
+
+    ``tok_a`` / ``tok_b`` locate token ``t`` in the caller's tensors: ``hidden[tok_a, tok_b]`` for the
+    padded layout, ``hidden[tok_a]`` for the packed one (``tok_b`` is None).
+    """
+
+    hidden: torch.Tensor
+    token_ids: torch.Tensor
+    lm_head_weight: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor]
+    old_logprobs: Optional[torch.Tensor]
+    temperature: float
+    beta: float
+    eta: EtaSpec
+    anchor: str
+    check_finite: bool
+    tok_a: torch.Tensor
+    tok_b: Optional[torch.Tensor]
+    tok_resp: torch.Tensor  # [n] int64, non-decreasing
+    tok_ids: torch.Tensor  # [n] int64
+    resp_group: torch.Tensor  # [R] int64 in [0, n_groups)
+    group_ids: torch.Tensor  # [n_groups] sorted unique caller ids
+    positive: torch.Tensor  # [R] bool
+    adv: torch.Tensor  # [R] float32
+    n_pos: torch.Tensor  # [n_groups] int64 positive responses
+    n_resp: torch.Tensor  # [n_groups] int64 responses
+    group_active: torch.Tensor  # [n_groups] bool: mixed and some positive response has a token
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tok_resp.numel()
+
+    @property
+    def vocab_size(self) -> int:
+        src = self.lm_head_weight if self.lm_head_weight is not None else self.logits
+        return src.shape[0] if self.lm_head_weight is not None else src.shape[-1]
+
+    def gather(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows of a tensor laid out like ``token_ids`` (hidden, logits, old_logprobs) for tokens ``idx``."""
+        a = self.tok_a if idx is None else self.tok_a[idx]
+        if self.tok_b is None:
+            return x[a]
+        b = self.tok_b if idx is None else self.tok_b[idx]
+        return x[a, b]
+
+    def scatter(self, values: torch.Tensor, fill=0) -> torch.Tensor:
+        """Place per-token ``values [n]`` into a new tensor laid out like ``token_ids`` (``fill`` elsewhere)."""
+        out = torch.full(self.token_ids.shape, fill, dtype=values.dtype, device=values.device)
+        if self.tok_b is None:
+            out[self.tok_a] = values
+        else:
+            out[self.tok_a, self.tok_b] = values
+        return out
+
+
+def _binary_positive(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    r = rewards.detach().to(torch.float64)
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("rewards: contains NaN or Inf")
+    pos = r > threshold
+    for side, name in ((pos, "above"), (~pos, "at or below")):
+        vals = torch.unique(r[side])
+        if vals.numel() > 1:
+            raise ValueError(
+                f"rewards: expected binary rewards (one value {name} reward_threshold={threshold}), "
+                f"got several: {vals[:6].tolist()}"
+            )
+    return pos
+
+
+def validate_batch(
+    hidden,
+    token_ids,
+    rewards,
+    advantages,
+    *,
+    lm_head_weight,
+    logits,
+    old_logprobs,
+    temperature,
+    mask,
+    cu_seqlens,
+    group_size,
+    group_ids,
+    beta,
+    eta,
+    anchor,
+    reward_threshold,
+    check_finite,
+) -> Batch:
+    check_float_tensor("hidden", hidden)
+    check_int_tensor("token_ids", token_ids)
+    dev = hidden.device
+    for name, x in (
+        ("token_ids", token_ids),
+        ("rewards", rewards),
+        ("advantages", advantages),
+        ("lm_head_weight", lm_head_weight),
+        ("logits", logits),
+        ("old_logprobs", old_logprobs),
+        ("mask", mask),
+        ("cu_seqlens", cu_seqlens),
+        ("group_ids", group_ids if isinstance(group_ids, torch.Tensor) else None),
+    ):
+        if x is not None:
+            _is_tensor(name, x)
+            if x.device != dev:
+                raise ValueError(f"{name}: expected device {dev} (the device of hidden), got {x.device}")
+
+    # ---- layout -------------------------------------------------------------------------------------
+    if cu_seqlens is not None:
+        if mask is not None:
+            raise ValueError("mask: not used with cu_seqlens (packed layout); pass one of the two")
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden: packed layout (cu_seqlens given) expects [N, d], got shape {tuple(hidden.shape)}")
+        check_int_tensor("cu_seqlens", cu_seqlens)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens: expected a 1-D tensor [R+1], got shape {tuple(cu_seqlens.shape)}")
+        n = hidden.shape[0]
+        cs = cu_seqlens.to(torch.int64)
+        if int(cs[0]) != 0 or int(cs[-1]) != n or bool((cs[1:] < cs[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets from 0 to {n} (the rows of hidden), "
+                f"got first={int(cs[0])}, last={int(cs[-1])}"
+            )
+        n_resp = cs.numel() - 1
+        lengths = cs[1:] - cs[:-1]
+        tok_resp = torch.repeat_interleave(torch.arange(n_resp, device=dev), lengths)
+        tok_a, tok_b = torch.arange(n, device=dev), None
+        lead_shape = (n,)
+    else:
+        if hidden.dim() != 3:
+            raise ValueError(
+                f"hidden: expected [R, L, d] (padded layout) or [N, d] with cu_seqlens, got shape {tuple(hidden.shape)}"
+            )
+        n_resp = hidden.shape[0]
+        lead_shape = tuple(hidden.shape[:2])
+        if mask is None:
+            m = torch.ones(lead_shape, dtype=torch.bool, device=dev)
+        else:
+            if tuple(mask.shape) != lead_shape:
+                raise ValueError(f"mask: expected shape {lead_shape} (hidden's [R, L]), got {tuple(mask.shape)}")
+            if mask.dtype != torch.bool:
+                if mask.is_floating_point() or mask.is_complex():
+                    raise TypeError(f"mask: expected a bool or 0/1 integer tensor, got dtype {mask.dtype}")
+                if bool(((mask != 0) & (mask != 1)).any()):
+                    raise ValueError("mask: an integer mask must hold only 0 and 1")
+            m = mask.to(torch.bool)
+        nz = m.nonzero()
+        tok_a, tok_b = nz[:, 0], nz[:, 1]
+        tok_resp = tok_a
+    if tuple(token_ids.shape) != lead_shape:
+        raise ValueError(f"token_ids: expected shape {lead_shape} (hidden without its last dim), got {tuple(token_ids.shape)}")
+
+    # ---- rewards, advantages, groups ------------------------------------------------------------------
+    rt = check_real("reward_threshold", reward_threshold)
+    for name, x in (("rewards", rewards), ("advantages", advantages)):
+        if x.dim() != 1 or x.shape[0] != n_resp:
+            raise ValueError(f"{name}: expected shape [{n_resp}] (one per response), got {tuple(x.shape)}")
+        if x.is_complex():
+            raise TypeError(f"{name}: expected a real tensor, got dtype {x.dtype}")
+    if not advantages.is_floating_point():
+        raise TypeError(f"advantages: expected a floating-point tensor, got dtype {advantages.dtype}")
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages: contains NaN or Inf")
+    positive = _binary_positive(rewards, rt)
+
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("group_size, group_ids: pass exactly one of the two")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"group_size: expected an int, got {type(group_size).__name__}")
+        if group_size <= 0 or n_resp % group_size != 0:
+            raise ValueError(f"group_size: must be a positive divisor of the number of responses {n_resp}, got {group_size}")
+        resp_group = torch.arange(n_resp, device=dev) // group_size
+        gids = torch.arange(n_resp // group_size, device=dev)
+    else:
+        if not isinstance(group_ids, torch.Tensor):
+            try:
+                group_ids = torch.as_tensor(list(group_ids), device=dev)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"group_ids: expected a sequence or tensor of integers ({e})") from None
+            if group_ids.numel() == 0:
+                group_ids = group_ids.to(torch.int64)
+        check_int_tensor("group_ids", group_ids)
+        if group_ids.dim() != 1 or group_ids.shape[0] != n_resp:
+            raise ValueError(f"group_ids: expected shape [{n_resp}] (one per response), got {tuple(group_ids.shape)}")
+        gids, resp_group = torch.unique(group_ids.to(torch.int64), sorted=True, return_inverse=True)
+    n_groups = gids.numel()
+
+    # ---- old policy -----------------------------------------------------------------------------------
+    if (lm_head_weight is None) == (logits is None):
+        raise ValueError("lm_head_weight, logits: pass exactly one of the two (the old policy's source)")
+    d = hidden.shape[-1]
+    if lm_head_weight is not None:
+        check_float_tensor("lm_head_weight", lm_head_weight)
+        if lm_head_weight.dim() != 2:
+            raise ValueError(f"lm_head_weight: expected [V, d], got shape {tuple(lm_head_weight.shape)}")
+        if lm_head_weight.shape[1] != d:
+            raise ValueError(f"lm_head_weight: hidden size {lm_head_weight.shape[1]} differs from hidden's {d}")
+        vocab = lm_head_weight.shape[0]
+    else:
+        check_float_tensor("logits", logits)
+        if logits.dim() != hidden.dim() or tuple(logits.shape[:-1]) != lead_shape:
+            raise ValueError(f"logits: expected shape {lead_shape + ('V',)}, got {tuple(logits.shape)}")
+        vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("lm_head_weight, logits: the vocabulary is empty")
+    temperature = check_real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+
+    tok_ids = (token_ids[tok_a] if tok_b is None else token_ids[tok_a, tok_b]).to(torch.int64)
+    if tok_ids.numel() and (int(tok_ids.min()) < 0 or int(tok_ids.max()) >= vocab):
+        raise ValueError(
+            f"token_ids: completion token ids must lie in [0, {vocab}), got range "
+            f"[{int(tok_ids.min())}, {int(tok_ids.max())}]"
+        )
+    if old_logprobs is not None:
+        if logits is not None:
+            raise ValueError("old_logprobs: only used with lm_head_weight (with logits the normaliser comes from the logits)")
+        check_float_tensor("old_logprobs", old_logprobs)
+        if tuple(old_logprobs.shape) != lead_shape:
+            raise ValueError(f"old_logprobs: expected shape {lead_shape} (the layout of token_ids), got {tuple(old_logprobs.shape)}")
+        lp = old_logprobs[tok_a] if tok_b is None else old_logprobs[tok_a, tok_b]
+        if not bool(torch.isfinite(lp).all()):
+            raise ValueError("old_logprobs: contains NaN or Inf at a completion position")
+        if lp.numel() and float(lp.max()) > 0:
+            raise ValueError(f"old_logprobs: log-probabilities must be <= 0, got max {float(lp.max())}")
+
+    # ---- scalars ---------------------------------------------------------------------------------------
+    beta = check_real("beta", beta, allow_neg_inf=True)
+    check_eta(eta)
+    if not isinstance(anchor, str) or anchor not in ANCHORS:
+        raise ValueError(f"anchor: expected one of {ANCHORS}, got {anchor!r}")
+
+    if check_finite:
+        rows = m if (tok_b is not None and mask is not None) else None
+        check_all_finite("hidden", hidden, rows)
+        if logits is not None:
+            check_all_finite("logits", logits, rows)
+        else:
+            check_all_finite("lm_head_weight", lm_head_weight)
+
+    # ---- group statistics ------------------------------------------------------------------------------
+    n_resp_g = torch.bincount(resp_group, minlength=n_groups)
+    n_pos_g = torch.bincount(resp_group, weights=positive.to(torch.float64), minlength=n_groups).to(torch.int64)
+    pos_tok = positive[tok_resp]
+    pos_tok_per_group = torch.bincount(resp_group[tok_resp][pos_tok], minlength=n_groups)
+    active = (n_pos_g > 0) & (n_pos_g < n_resp_g) & (pos_tok_per_group > 0)
+
+    return Batch(
+        hidden=hidden,
+        token_ids=token_ids,
+        lm_head_weight=lm_head_weight,
+        logits=logits,
+        old_logprobs=old_logprobs,
+        temperature=temperature,
+        beta=beta,
+        eta=eta,
+        anchor=anchor,
+        check_finite=check_finite,
+        tok_a=tok_a,
+        tok_b=tok_b,
+        tok_resp=tok_resp,
+        tok_ids=tok_ids,
+        resp_group=resp_group,
+        group_ids=gids,
+        positive=positive,
+        adv=advantages.detach().to(torch.float32),
+        n_pos=n_pos_g,
+        n_resp=n_resp_g,
+        group_active=active,
+    )

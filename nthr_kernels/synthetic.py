@@ -1,0 +1,129 @@
+"""Synthetic rollout batches shaped like a GRPO step (for tests, benchmarks and the demo).
+
+Token ids are Zipf-distributed over the vocabulary (as in natural text); hidden states and the lm_head
+weight are Gaussian, scaled so that logits have a realistic spread; ``old_logprobs`` are the exact
+temperature-scaled log-probabilities of the sampled tokens under ``softmax(W h / T)``, computed in
+float64 in vocabulary chunks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    hidden: torch.Tensor  # [R, L, d] (padded) or [N, d] (packed)
+    token_ids: torch.Tensor
+    mask: Optional[torch.Tensor]
+    cu_seqlens: Optional[torch.Tensor]
+    rewards: torch.Tensor  # [R]
+    advantages: torch.Tensor  # [R] float32, GRPO (r - mean) / (std + eps) per group
+    lm_head_weight: torch.Tensor  # [V, d]
+    old_logprobs: torch.Tensor  # layout of token_ids, float32
+    group_size: int
+    temperature: float
+
+    def kwargs(self, *, with_logprobs: bool = True) -> dict:
+        """Keyword arguments for :func:`nthr_kernels.nthr_advantages`."""
+        kw = dict(lm_head_weight=self.lm_head_weight, group_size=self.group_size, temperature=self.temperature)
+        if with_logprobs:
+            kw["old_logprobs"] = self.old_logprobs
+        if self.cu_seqlens is not None:
+            kw["cu_seqlens"] = self.cu_seqlens
+        else:
+            kw["mask"] = self.mask
+        return kw
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.cu_seqlens[-1]) if self.cu_seqlens is not None else int(self.mask.sum())
+
+
+def zipf_ids(n: int, vocab: int, generator: torch.Generator, s: float = 1.1) -> torch.Tensor:
+    """``n`` ids in ``[0, vocab)`` with probability proportional to ``1 / (rank + 1) ** s`` (random ranks)."""
+    w = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** s
+    ranks = torch.multinomial(w, n, replacement=True, generator=generator)
+    perm = torch.randperm(vocab, generator=generator)
+    return perm[ranks]
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    r = rewards.to(torch.float64).view(-1, group_size)
+    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)
+    return a.reshape(-1).to(torch.float32)
+
+
+def make_batch(
+    n_groups: int,
+    group_size: int,
+    lengths: Sequence[int] | tuple[int, int],
+    d: int,
+    vocab: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    packed: bool = False,
+    temperature: float = 1.0,
+    success: Optional[Sequence[float]] = None,
+    device: str | torch.device = "cpu",
+    holes: bool = False,
+    logit_scale: float = 4.0,
+) -> RolloutBatch:
+    """A random rollout batch.
+
+    ``lengths``: an explicit list of ``n_groups * group_size`` response lengths, or a ``(lo, hi)`` range
+    sampled uniformly. ``success``: per-group success probabilities (default uniform in [0, 1]).
+    ``holes``: the padded mask gets a few interior holes (masked tool-output tokens).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_resp = n_groups * group_size
+    if isinstance(lengths, tuple) and len(lengths) == 2 and n_resp != 2:
+        lens = torch.randint(lengths[0], lengths[1] + 1, (n_resp,), generator=g)
+    else:
+        lens = torch.as_tensor(list(lengths), dtype=torch.int64)
+        if lens.numel() != n_resp:
+            raise ValueError(f"lengths: expected {n_resp} lengths, got {lens.numel()}")
+    n = int(lens.sum())
+    p = torch.rand(n_groups, generator=g, dtype=torch.float64) if success is None else torch.as_tensor(success, dtype=torch.float64)
+    rewards = (torch.rand(n_groups, group_size, generator=g, dtype=torch.float64) < p[:, None]).reshape(-1).to(torch.float32)
+    adv = grpo_advantages(rewards, group_size)
+    w = torch.randn(vocab, d, generator=g, dtype=torch.float64) * (logit_scale / math.sqrt(d))
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    ids = zipf_ids(n, vocab, g)
+    w_lp, h_lp = w.to(dtype), h.to(dtype)
+    # exact log-probs of the sampled tokens from the (rounded) tensors the library will see
+    lp = torch.empty(n, dtype=torch.float64)
+    wf, hf = w_lp.to(torch.float64), h_lp.to(torch.float64)
+    step = max(1, (1 << 22) // vocab)
+    for i in range(0, n, step):
+        z = hf[i : i + step] @ wf.T / temperature
+        lp[i : i + step] = z.gather(1, ids[i : i + step, None]).squeeze(1) - torch.logsumexp(z, -1)
+    lp = lp.clamp_max(0.0).to(torch.float32)
+    cu = torch.zeros(n_resp + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0).to(torch.int32)
+    if packed:
+        return RolloutBatch(
+            h_lp.to(device), ids.to(device), None, cu.to(device), rewards.to(device), adv.to(device),
+            w_lp.to(device), lp.to(device), group_size, temperature,
+        )
+    holes_n = (lens // 7 if holes else torch.zeros_like(lens))
+    width = int((lens + holes_n).max()) if n_resp else 0
+    hid = torch.zeros(n_resp, width, d, dtype=dtype)
+    tid = torch.zeros(n_resp, width, dtype=torch.int64)
+    lpp = torch.zeros(n_resp, width, dtype=torch.float32)
+    mask = torch.zeros(n_resp, width, dtype=torch.bool)
+    for r in range(n_resp):
+        L, k = int(lens[r]), int(holes_n[r])
+        cols = torch.arange(L + k)
+        if k:
+            cols = cols[torch.randperm(L + k, generator=g)[:L].sort().values]
+        s = slice(int(cu[r]), int(cu[r + 1]))
+        hid[r, cols], tid[r, cols], lpp[r, cols], mask[r, cols] = h_lp[s], ids[s], lp[s], True
+    return RolloutBatch(
+        hid.to(device), tid.to(device), mask.to(device), None, rewards.to(device), adv.to(device),
+        w_lp.to(device), lpp.to(device), group_size, temperature,
+    )
