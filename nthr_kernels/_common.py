@@ -6,7 +6,7 @@ groups or tokens), so the torch and Triton backends share it; the float64 refere
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -71,11 +71,34 @@ def tau_from_min_anchor(min_anchor: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * min_anchor
 
 
-def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sums of consecutive segments of ``values`` with the given ``lengths`` (deterministic scan)."""
-    csum = torch.cat([values.new_zeros(1), torch.cumsum(values, 0)])
-    ends = torch.cumsum(lengths, 0)
-    return csum[ends] - csum[ends - lengths]
+def run_means(values: torch.Tensor, keys: torch.Tensor):
+    """Means of the runs of equal consecutive ``keys`` (a deterministic float64 scan).
+
+    Returns ``(run_keys, means)``; ``keys`` must list each key in one contiguous run.
+    """
+    n = keys.numel()
+    if n == 0:
+        return keys, values.new_zeros(0, dtype=torch.float64)
+    start = torch.ones(n, dtype=torch.bool, device=keys.device)
+    start[1:] = keys[1:] != keys[:-1]
+    first = start.nonzero().squeeze(1)
+    ends = torch.cat([first[1:], first.new_tensor([n])])
+    csum = torch.cat([values.new_zeros(1, dtype=torch.float64), torch.cumsum(values.to(torch.float64), 0)])
+    return keys[first], (csum[ends] - csum[first]) / (ends - first).to(torch.float64)
+
+
+def group_tau(anchor_scores, tok_resp, resp_group, n_groups: int, beta: float, reduce_min_anchor=None) -> torch.Tensor:
+    """float64 ``tau`` per group from the anchor scores of positive tokens (``tok_resp`` in runs).
+
+    ``tau_g = beta * min_{i in P_g} mean_k s_{i,k}``; groups without an anchor get ``+inf * beta``
+    style garbage and must be masked by the caller's ``active`` flag.
+    """
+    resp, means = run_means(anchor_scores, tok_resp)
+    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=tok_resp.device)
+    min_anchor = min_anchor.scatter_reduce(0, resp_group[resp], means, reduce="amin", include_self=True)
+    if reduce_min_anchor is not None:
+        min_anchor = reduce_min_anchor(min_anchor)
+    return tau_from_min_anchor(min_anchor, beta)
 
 
 def finish(
@@ -91,27 +114,21 @@ def finish(
     *,
     beta: float,
     eta: EtaSpec,
+    reduce_min_anchor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ):
     """Anchors, tau, eta, selection and token advantages for a whole batch.
 
     ``scores [n]`` (float32) are the per-token scores (0 for tokens of inactive groups);
     ``anchor_scores [n]`` the scores that enter the positive anchors (the same tensor for
     ``anchor="all"``, the scores without the response's own tokens for ``"others"``).
+    ``reduce_min_anchor`` (optional) maps the per-group float64 minimum anchor (``+inf`` where this
+    process holds no positive response with tokens) to the final one; the distributed path passes an
+    all-reduce-min over ranks.
     Returns ``(selected [n], token_adv [n] float32, tau [g] float32, eta [g] float32)``.
     """
-    dev = scores.device
     n_groups = group_active.numel()
-    n_r = resp_group.numel()
     tok_pos = positive[tok_resp]
-    # Per-response mean of anchor scores over its tokens (tok_resp is sorted; a float64 scan keeps the
-    # reduction order fixed, so results are bitwise reproducible on every device).
-    cnt = torch.bincount(tok_resp, minlength=n_r).to(torch.float64)
-    tot = segment_sum(anchor_scores.to(torch.float64), cnt.to(torch.int64))
-    has_anchor = positive & (cnt > 0)
-    sbar = torch.where(has_anchor, tot / cnt.clamp_min(1), torch.full_like(tot, math.inf))
-    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=dev)
-    min_anchor = min_anchor.scatter_reduce(0, resp_group, sbar, reduce="amin", include_self=True)
-    tau = tau_from_min_anchor(min_anchor, beta)
+    tau = group_tau(anchor_scores[tok_pos], tok_resp[tok_pos], resp_group, n_groups, beta, reduce_min_anchor)
     tau = torch.where(group_active, tau, torch.full_like(tau, math.nan))
     p = n_pos.to(torch.float64) / n_resp.clamp_min(1).to(torch.float64)
     eta_g = torch.where(group_active, eta_per_group(eta, p), torch.ones_like(p))

@@ -57,7 +57,7 @@ def prediction_errors(
             z_y = (hidden.to(f64) * lm_head_weight.to(f64)[token_ids]).sum(-1) / temperature
             log_z = z_y - old_logprobs.to(f64)
         else:
-            log_z = torch.logsumexp(hidden.to(f64) @ lm_head_weight.to(f64).T / temperature, dim=-1)
+            log_z = _chunked_logsumexp(hidden.to(f64), lm_head_weight, temperature)
     else:
         full = logits.to(f64) / temperature
         z = full[:, vocab]
@@ -65,6 +65,12 @@ def prediction_errors(
     err = -(z - log_z[:, None]).exp()
     err += (token_ids[:, None] == vocab[None, :]).to(f64)
     return err
+
+
+def _chunked_logsumexp(h: torch.Tensor, w: torch.Tensor, temperature: float, chunk: int = 1 << 14) -> torch.Tensor:
+    """``logsumexp_v (w_v . h_t) / T`` over the whole vocabulary, in vocabulary chunks (float64)."""
+    parts = [torch.logsumexp(h @ w[v0 : v0 + chunk].to(f64).T / temperature, dim=-1) for v0 in range(0, w.shape[0], chunk)]
+    return torch.logsumexp(torch.stack(parts), dim=0)
 
 
 def pairwise_scores(h_pos, h_neg, err_pos, err_neg) -> torch.Tensor:
@@ -95,7 +101,7 @@ def anchors(
         own = resp == i
         if not pos or not bool(own.any()):
             continue
-        src = torch.tensor([bool(positive[r]) for r in resp.tolist()], dtype=torch.bool)
+        src = _positive_tokens(resp, positive)
         if anchor == "others":
             src &= ~own
         s = pairwise_scores(h[src], h[own], err[src], err[own])
@@ -126,10 +132,21 @@ def token_advantages(adv: float, selected: torch.Tensor, eta: float) -> torch.Te
     return out
 
 
-def group_scores(h: torch.Tensor, err: torch.Tensor, resp: torch.Tensor, positive: Sequence[bool]):
-    """Scores of every token of one group against all of its positive tokens (brute force)."""
-    src = torch.tensor([bool(positive[r]) for r in resp.tolist()], dtype=torch.bool)
-    return pairwise_scores(h[src], h, err[src], err)
+def group_scores(
+    h: torch.Tensor, err: torch.Tensor, resp: torch.Tensor, positive: Sequence[bool], method: str = "pairwise"
+):
+    """Scores of every token of one group against all of its positive tokens.
+
+    ``method="pairwise"`` is the brute-force double sum; ``"factored"`` the same sum through
+    ``M`` (equal to it up to float64 rounding, see the tests; much cheaper at realistic sizes).
+    """
+    src = _positive_tokens(resp, positive)
+    fn = pairwise_scores if method == "pairwise" else factored_scores
+    return fn(h[src], h, err[src], err)
+
+
+def _positive_tokens(resp: torch.Tensor, positive: Sequence[bool]) -> torch.Tensor:
+    return torch.as_tensor([bool(x) for x in positive], dtype=torch.bool, device=resp.device)[resp]
 
 
 def nthr_group(
@@ -146,8 +163,9 @@ def nthr_group(
     beta: float = 1.0,
     eta: str | float | Callable[[float], float] = "2|0.5-p|",
     anchor: str = "all",
+    method: str = "pairwise",
 ) -> dict:
-    """Whole NTHR for one group in float64.
+    """Whole NTHR for one group in float64 (on the inputs' device).
 
     ``hidden [T, d]``, ``token_ids [T]`` and ``resp [T]`` list every completion token of the group with
     the (group-local) response that owns it. Returns a dict with ``scores``, ``selected``,
@@ -156,13 +174,14 @@ def nthr_group(
     n_resp = len(positive)
     n_pos = sum(bool(x) for x in positive)
     n_tok = token_ids.numel()
-    pos_tok = torch.tensor([bool(positive[r]) for r in resp.tolist()], dtype=torch.bool)
+    dev = hidden.device
+    pos_tok = _positive_tokens(resp, positive)
     mixed = 0 < n_pos < n_resp
     active = mixed and bool(pos_tok.any())
-    adv_tok = torch.tensor([float(advantages[r]) for r in resp.tolist()], dtype=f64)
+    adv_tok = torch.as_tensor([float(a) for a in advantages], dtype=f64, device=dev)[resp]
     res = dict(
-        scores=torch.zeros(n_tok, dtype=f64),
-        selected=torch.zeros(n_tok, dtype=torch.bool),
+        scores=torch.zeros(n_tok, dtype=f64, device=dev),
+        selected=torch.zeros(n_tok, dtype=torch.bool, device=dev),
         token_advantages=adv_tok.clone(),
         tau=math.nan,
         eta=1.0,
@@ -181,8 +200,11 @@ def nthr_group(
         old_logprobs=old_logprobs,
         temperature=temperature,
     )
-    scores = group_scores(hidden, err, resp, positive)
-    anc = anchors(hidden, err, resp, positive, anchor)
+    scores = group_scores(hidden, err, resp, positive, method)
+    if anchor == "all":  # the mean of the group's own scores over each positive response
+        anc = {i: float(scores[resp == i].mean()) for i, p in enumerate(positive) if p and bool((resp == i).any())}
+    else:
+        anc = anchors(hidden, err, resp, positive, anchor)
     tau = threshold(list(anc.values()), beta)
     e = eta_value(eta, n_pos / n_resp)
     sel = select(scores, tau) & ~pos_tok
@@ -233,7 +255,7 @@ def gwhes(
         temperature=temperature,
     )
     h = hidden.to(f64)
-    pos_tok = torch.tensor([bool(positive[r]) for r in resp.tolist()], dtype=torch.bool)
+    pos_tok = _positive_tokens(resp, positive)
     per = {}
     for i, pos in enumerate(positive):
         own = resp == i

@@ -91,39 +91,39 @@ def make_batch(
     p = torch.rand(n_groups, generator=g, dtype=torch.float64) if success is None else torch.as_tensor(success, dtype=torch.float64)
     rewards = (torch.rand(n_groups, group_size, generator=g, dtype=torch.float64) < p[:, None]).reshape(-1).to(torch.float32)
     adv = grpo_advantages(rewards, group_size)
-    w = torch.randn(vocab, d, generator=g, dtype=torch.float64) * (logit_scale / math.sqrt(d))
-    h = torch.randn(n, d, generator=g, dtype=torch.float64)
-    ids = zipf_ids(n, vocab, g)
-    w_lp, h_lp = w.to(dtype), h.to(dtype)
-    # exact log-probs of the sampled tokens from the (rounded) tensors the library will see
-    lp = torch.empty(n, dtype=torch.float64)
-    wf, hf = w_lp.to(torch.float64), h_lp.to(torch.float64)
-    step = max(1, (1 << 22) // vocab)
+    ids = zipf_ids(n, vocab, g).to(device)
+    # Large tensors are drawn on the target device (CPU: float64, bit-reproducible from the seed).
+    dev = torch.device(device)
+    gd = torch.Generator(device=dev).manual_seed(seed)
+    big = torch.float64 if dev.type == "cpu" else torch.float32
+    w_lp = (torch.randn(vocab, d, generator=gd, dtype=big, device=dev) * (logit_scale / math.sqrt(d))).to(dtype)
+    h_lp = torch.randn(n, d, generator=gd, dtype=big, device=dev).to(dtype)
+    # exact log-probs of the sampled tokens under the (rounded) tensors the library will see
+    lp = torch.empty(n, dtype=big, device=dev)
+    wf, hf = w_lp.to(big), h_lp.to(big)
+    step = max(1, (1 << 24) // vocab)
     for i in range(0, n, step):
         z = hf[i : i + step] @ wf.T / temperature
         lp[i : i + step] = z.gather(1, ids[i : i + step, None]).squeeze(1) - torch.logsumexp(z, -1)
+    del wf, hf
     lp = lp.clamp_max(0.0).to(torch.float32)
+    rewards, adv = rewards.to(dev), adv.to(dev)
     cu = torch.zeros(n_resp + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lens, 0).to(torch.int32)
     if packed:
-        return RolloutBatch(
-            h_lp.to(device), ids.to(device), None, cu.to(device), rewards.to(device), adv.to(device),
-            w_lp.to(device), lp.to(device), group_size, temperature,
-        )
-    holes_n = (lens // 7 if holes else torch.zeros_like(lens))
+        return RolloutBatch(h_lp, ids, None, cu.to(dev), rewards, adv, w_lp, lp, group_size, temperature)
+    holes_n = lens // 7 if holes else torch.zeros_like(lens)
     width = int((lens + holes_n).max()) if n_resp else 0
-    hid = torch.zeros(n_resp, width, d, dtype=dtype)
-    tid = torch.zeros(n_resp, width, dtype=torch.int64)
-    lpp = torch.zeros(n_resp, width, dtype=torch.float32)
-    mask = torch.zeros(n_resp, width, dtype=torch.bool)
-    for r in range(n_resp):
-        L, k = int(lens[r]), int(holes_n[r])
-        cols = torch.arange(L + k)
-        if k:
-            cols = cols[torch.randperm(L + k, generator=g)[:L].sort().values]
-        s = slice(int(cu[r]), int(cu[r + 1]))
-        hid[r, cols], tid[r, cols], lpp[r, cols], mask[r, cols] = h_lp[s], ids[s], lp[s], True
-    return RolloutBatch(
-        hid.to(device), tid.to(device), mask.to(device), None, rewards.to(device), adv.to(device),
-        w_lp.to(device), lpp.to(device), group_size, temperature,
-    )
+    resp = torch.repeat_interleave(torch.arange(n_resp), lens)
+    col = torch.arange(n) - torch.repeat_interleave(cu[:-1].long(), lens)
+    if holes:  # each response's tokens at a sorted random subset of its L + k columns
+        col = torch.cat([
+            torch.randperm(int(lens[r] + holes_n[r]), generator=g)[: int(lens[r])].sort().values for r in range(n_resp)
+        ]) if n else col
+    resp, col = resp.to(dev), col.to(dev)
+    hid = torch.zeros(n_resp, width, d, dtype=dtype, device=dev)
+    tid = torch.zeros(n_resp, width, dtype=torch.int64, device=dev)
+    lpp = torch.zeros(n_resp, width, dtype=torch.float32, device=dev)
+    mask = torch.zeros(n_resp, width, dtype=torch.bool, device=dev)
+    hid[resp, col], tid[resp, col], lpp[resp, col], mask[resp, col] = h_lp, ids, lp, True
+    return RolloutBatch(hid, tid, mask, None, rewards, adv, w_lp, lpp, group_size, temperature)

@@ -61,16 +61,23 @@ def log_normaliser(batch, tok: torch.Tensor, budget: int) -> torch.Tensor:
             out[i : i + nb] = z_y - batch.gather(batch.old_logprobs, idx).float()
         return out
     vocab = w.shape[0]
+    # Only the logits chunk and its exp are live here, so the chunk may take 3 of the 7 scratch slots:
+    # fewer, larger chunks (fewer kernel launches / thread-pool barriers), same peak bound.
+    big = 3 * budget
     nb = min(n, max(1, budget // d), 4096)
-    vc = max(1, min(vocab, budget // nb, budget // d))
+    vc = max(1, min(vocab, big // nb, budget // d))
     for i in range(0, n, nb):
         h = batch.gather(batch.hidden, tok[i : i + nb]).float()
-        run = torch.full((h.shape[0],), -math.inf, dtype=torch.float32, device=h.device)
+        if t != 1.0:
+            h /= t  # (h / T) @ W^T == (h @ W^T) / T: one [nb, d] pass instead of one per logits chunk
+        m = torch.full((h.shape[0], 1), -math.inf, dtype=torch.float32, device=h.device)
+        s = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         for v0 in range(0, vocab, vc):
             z = h @ w[v0 : v0 + vc].float().T
-            z /= t
-            run = torch.logaddexp(run, torch.logsumexp(z, dim=-1))
-        out[i : i + nb] = run
+            m_new = torch.maximum(m, z.amax(-1, keepdim=True))  # online logsumexp: 3 passes over z
+            s = s * torch.exp(m - m_new).squeeze(1) + z.sub_(m_new).exp_().sum(-1)
+            m = m_new
+        out[i : i + nb] = m.squeeze(1) + torch.log(s)
     return out
 
 
@@ -91,10 +98,10 @@ class Plan:
     log_z: torch.Tensor  # [n_act] float32, for order[i]
 
 
-def make_plan(batch, budget: int, vstar: Optional[Callable] = None) -> Plan:
+def make_plan(batch, budget: int, vstar: Optional[Callable] = None, log_z: Optional[Callable] = None) -> Plan:
     """Order the active tokens and build ``V*``. ``vstar(grp_of, ids, n_g)`` may replace the local
     unique (the distributed path takes the union over ranks); it returns ``(vs_group, vs_id)`` sorted by
-    ``(group, id)``."""
+    ``(group, id)``. ``log_z(order)`` may replace :func:`log_normaliser` (the Triton backend's kernel)."""
     dev = batch.device
     tok_group = batch.resp_group[batch.tok_resp]
     act_tok = batch.group_active[tok_group]
@@ -130,7 +137,7 @@ def make_plan(batch, budget: int, vstar: Optional[Callable] = None) -> Plan:
         vs_id=vs_id,
         vs_start=vs_start,
         vs_count=vs_count,
-        log_z=log_normaliser(batch, order, budget),
+        log_z=log_normaliser(batch, order, budget) if log_z is None else log_z(order),
     )
 
 
@@ -191,6 +198,9 @@ def segment_scores(
             wc = w[vids].float()
             wc *= vvalid[..., None]
         blk = max(1, min(budget // (n_seg * vcols), budget // (n_seg * d)))
+        # never wider than the longest range of the chunk, and balanced so the last block is not mostly padding
+        longest = max(int(acc_len[k0:k1].max()), int(sc_len[k0:k1].max())) if n_seg else 1
+        blk = -(-longest // -(-longest // blk)) if longest > 0 else 1
 
         def errors_and_hidden(start, length, t0):
             ar = t0 + torch.arange(blk, device=dev)

@@ -1,0 +1,362 @@
+"""The GPU suite: correctness at realistic shapes, then triton vs torch vs the naive pipeline.
+
+    python benchmarks/gpu_suite.py                 # every config, writes benchmarks/results/<card>-<date>.json
+    python benchmarks/gpu_suite.py --out $OUT      # results elsewhere (the device tool's folder)
+
+One process, one GPU. For each config it
+
+1. checks ``backend="triton"`` against the float64 reference (``backend="reference"`` computed on the
+   GPU in float64): scores relative to each group's largest score, selection agreement on negative
+   tokens, and whether every disagreement lies within the stated margin of tau;
+2. times ``triton``, ``torch`` and the naive per-group pipeline (``benchmarks/naive.py``) on the same
+   inputs (``triton.testing.do_bench`` medians after warm-up; CUDA events for the slow naive runs);
+3. measures the bf16 matmul rate in the same run and puts each time beside the FLOP floor
+   ``sum_g 2 |V*| d (2 T + T+)`` (plus ``2 N |V| d`` without old log-probs) over that rate, and beside
+   the estimated forward+backward time of a 1.5B model on the batch (``6 * 1.5e9 * N`` FLOPs).
+
+It prints a short table last and writes JSON and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import nthr_kernels as nk  # noqa: E402
+from naive import naive_nthr  # noqa: E402
+from shapes import SHAPES, Shape, batch_work  # noqa: E402
+
+# Margin of tau within which a selection may differ from the float64 reference, relative to the
+# group's largest |score| (bf16 inputs: errors and M are rounded to bf16 before the tensor-core dots).
+MARGIN = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 2e-4}
+
+CONFIGS = {
+    # name: (shape, with old_logprobs, extra nthr_advantages kwargs, time torch/naive too)
+    "qwen1.5b-step": (SHAPES["qwen1.5b-step"], True, {}, True),
+    "qwen1.5b-step-no-logprobs": (SHAPES["qwen1.5b-step"], False, {}, False),
+    "mid-fp16-others": (Shape("mid-fp16", 16, 8, (32, 700), 1024, 32000, dtype=torch.float16, seed=3), True, {"anchor": "others"}, False),
+    "mid-fp32-logits": (Shape("mid-fp32", 8, 8, (16, 400), 512, 16000, dtype=torch.float32, seed=4), False, {"use_logits": True, "beta": 0.0}, False),
+}
+
+
+# --smoke runs the whole suite on the CPU (Triton interpreter, tiny shapes) so CI exercises it.
+DEVICE = "cuda"
+SMOKE_CONFIGS = {
+    "smoke-bf16": (Shape("smoke-bf16", 3, 4, (1, 24), 32, 300, dtype=torch.bfloat16, seed=5), True, {}, True),
+    "smoke-fp16-others": (Shape("smoke-fp16", 2, 4, (0, 20), 16, 200, dtype=torch.float16, seed=6), False, {"anchor": "others"}, False),
+}
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops() -> float:
+    n, dt = (8192, torch.bfloat16) if DEVICE == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, device=DEVICE, dtype=dt)
+    b = torch.randn(n, n, device=DEVICE, dtype=dt)
+    ms = bench(lambda: a @ b, 500)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def bench(fn, rep_ms: int) -> float:
+    """Median milliseconds: ``triton.testing.do_bench`` (CUDA events, warm-up) on the GPU."""
+    if DEVICE != "cuda":
+        return bench_events(fn, 3)
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 5), rep=rep_ms, return_mode="median"))
+
+
+def bench_wall(fn, reps: int) -> float:
+    """Median wall-clock milliseconds per synchronised call (host work included)."""
+    fn()
+    _sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def bench_events(fn, reps: int) -> float:
+    """Median milliseconds of ``reps`` runs after one warm-up (CUDA events; wall clock on the CPU)."""
+    fn()
+    _sync()
+    times = []
+    for _ in range(reps):
+        if DEVICE == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            _sync()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def kernel_breakdown(fn) -> dict:
+    """Device time per kernel name (ms) for one call, largest first (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        _sync()
+    rows, host = {}, {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type.name == "CUDA":
+            rows[ev.key[:60]] = rows.get(ev.key[:60], 0.0) + t / 1e3
+        if ev.self_cpu_time_total:
+            host[f"{ev.key[:50]} x{ev.count}"] = ev.self_cpu_time_total / 1e3
+    top = dict(sorted(rows.items(), key=lambda kv: -kv[1])[:12])
+    top["host: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(host.items(), key=lambda kv: -kv[1])[:10])] = 0.0
+    return top
+
+
+def tuned_configs() -> dict:
+    """The block sizes the autotuner chose, per kernel and key."""
+    from nthr_kernels.backends import triton_backend as tb
+
+    return {f"{k[0]}{'' if k[1] else '-fp32'}": {str(key): str(cfg) for key, cfg in at.cache.items()}
+            for k, at in tb._tuned_cache.items()}
+
+
+def compare(res, ref, rb, dtype) -> dict:
+    """Score error and selection agreement of ``res`` against the float64 ``ref``."""
+    margin_rel = MARGIN[dtype]
+    g_size = rb.group_size
+    n_resp = rb.rewards.numel()
+    grp = (torch.arange(n_resp, device=rb.rewards.device) // g_size)[:, None].expand_as(rb.mask)
+    valid = rb.mask
+    neg = valid & (rb.rewards == 0)[:, None] & ref.active[grp]
+    n_groups = ref.group_ids.numel()
+    s_ref, s = ref.scores.double(), res.scores.double()
+    scale = torch.zeros(n_groups, dtype=torch.float64, device=s.device)
+    scale = scale.scatter_reduce(0, grp[valid], s_ref[valid].abs(), reduce="amax")
+    err = torch.zeros_like(scale).scatter_reduce(0, grp[valid], (s - s_ref)[valid].abs(), reduce="amax")
+    rel = torch.where(scale > 0, err / scale.clamp_min(1e-300), torch.zeros_like(err))
+    differ = neg & (res.selected != ref.selected)
+    tau = ref.tau.double()[grp]
+    near = (s_ref - tau).abs() <= margin_rel * scale[grp]
+    n_neg = int(neg.sum())
+    n_diff = int(differ.sum())
+    return {
+        "negative_tokens": n_neg,
+        "selection_agreement": 1.0 - n_diff / max(n_neg, 1),
+        "disagreements": n_diff,
+        "disagreements_outside_margin": int((differ & ~near).sum()),
+        "margin_rel": margin_rel,
+        "max_score_err_rel": float(rel.max()) if n_groups else 0.0,
+        "selected_fraction_ref": float((ref.selected & neg).sum()) / max(n_neg, 1),
+        "tau_max_rel_err": float(((res.tau.double() - ref.tau.double()).abs() / scale.clamp_min(1e-300))[ref.active].max()) if bool(ref.active.any()) else 0.0,
+    }
+
+
+def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, log) -> dict:
+    t0 = time.time()
+    extra = dict(extra)
+    use_logits = extra.pop("use_logits", False)
+    rb = shape.batch(device=DEVICE)
+    kw = rb.kwargs(with_logprobs=with_lp and not use_logits)
+    if use_logits:
+        w = kw.pop("lm_head_weight")
+        kw["logits"] = (rb.hidden.float() @ w.float().T).to(rb.hidden.dtype)
+    kw.update(extra)
+    work = batch_work(rb)
+    log(f"[{name}] batch built in {time.time() - t0:.1f}s: {shape.describe()}, N={rb.n_tokens}, "
+        f"active tokens={work.n_active_tokens}")
+
+    def call(backend):
+        return nk.nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend=backend, **kw)
+
+    out = {"shape": shape.describe(), "tokens": rb.n_tokens, "with_old_logprobs": with_lp and not use_logits,
+           "logits_input": use_logits, "options": {k: v for k, v in extra.items()}}
+    # ---- correctness -------------------------------------------------------------------------------
+    t0 = time.time()
+    res = call("triton")
+    _sync()
+    log(f"[{name}] triton first call (compile) {time.time() - t0:.1f}s")
+    t0 = time.time()
+    ref = call("reference")
+    _sync()
+    log(f"[{name}] float64 reference {time.time() - t0:.1f}s")
+    out.update(compare(res, ref, rb, shape.dtype))
+    res2 = call("triton")
+    out["deterministic"] = bool(torch.equal(res.scores, res2.scores) and torch.equal(res.selected, res2.selected)
+                                and torch.equal(res.token_advantages, res2.token_advantages))
+    if time_baselines:
+        tres = call("torch")
+        out["torch_vs_reference"] = compare(tres, ref, rb, shape.dtype)
+    del ref, res2
+    # ---- timing ------------------------------------------------------------------------------------
+    floor_flops = work.floor(with_lp and not use_logits)
+    out["floor_flops"] = floor_flops
+    out["floor_ms"] = floor_flops / (rate_tflops * 1e12) * 1e3
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    out["triton_ms"] = bench(lambda: call("triton"), args.rep_ms)
+    if DEVICE == "cuda":
+        out["triton_peak_scratch_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    kw_nocheck = dict(kw, check_finite=False)
+    out["triton_ms_no_finite_check"] = bench(
+        lambda: nk.nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="triton", **kw_nocheck),
+        args.rep_ms,
+    )
+    out["triton_vs_floor"] = out["triton_ms"] / out["floor_ms"]
+    out["triton_wall_ms"] = bench_wall(lambda: call("triton"), 5)
+    if DEVICE == "cuda":
+        out["kernel_breakdown_ms"] = kernel_breakdown(lambda: call("triton"))
+        log(f"[{name}] kernels: " + ", ".join(f"{k} {v:.2f}" for k, v in list(out["kernel_breakdown_ms"].items())[:8]))
+    out["model_fwd_bwd_ms"] = 6 * 1.5e9 * rb.n_tokens / (rate_tflops * 1e12) * 1e3
+    out["share_of_fwd_bwd"] = out["triton_ms"] / out["model_fwd_bwd_ms"]
+    if time_baselines:
+        out["torch_ms"] = bench_events(lambda: call("torch"), args.torch_reps)
+        naive_kw = {k: v for k, v in kw.items() if k in ("lm_head_weight", "group_size", "mask", "temperature")}
+        naive = lambda: naive_nthr(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, **naive_kw)  # noqa: E731
+        nres = naive()
+        out["naive_selection_agreement_with_triton"] = float((nres.selected == res.selected)[rb.mask].float().mean())
+        del nres
+        out["naive_ms"] = bench_events(naive, args.naive_reps)
+        out["speedup_vs_torch"] = out["torch_ms"] / out["triton_ms"]
+        out["speedup_vs_naive"] = out["naive_ms"] / out["triton_ms"]
+    del res, rb
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def score_tokens_check(rate_tflops, log) -> dict:
+    """Dense ``score_tokens`` (one group): both Triton paths against float64, timed, and the cost model's pick."""
+    from nthr_kernels.backends import triton_backend, torch_backend
+    from nthr_kernels import reference
+
+    big = DEVICE == "cuda"
+    out = {}
+    for tp, tn, v, d in ([(4096, 4096, 2726, 1536), (256, 256, 2726, 1536)] if big else [(40, 33, 50, 24), (7, 5, 90, 16)]):
+        g = torch.Generator(device=DEVICE).manual_seed(tp + v)
+        mk = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE).to(torch.bfloat16)  # noqa: E731
+        hp, hn, ep, en = mk(tp, d), mk(tn, d), mk(tp, v) * 0.1, mk(tn, v) * 0.1
+        ref = reference.factored_scores(hp, hn, ep, en)
+        scale = float(ref.abs().max())
+        row = {"cost_model_pick": "pairwise" if torch_backend.pairwise_cost(tp, tn, v, d) < torch_backend.factored_cost(tp, tn, v, d) else "factored"}
+        for path in ("factored", "pairwise"):
+            s = triton_backend.score_tokens(hp, hn, ep, en, path=path)
+            row[f"{path}_err_rel"] = float((s.double() - ref).abs().max()) / scale
+            row[f"{path}_ms"] = bench(lambda: triton_backend.score_tokens(hp, hn, ep, en, path=path), 200)
+        row["auto_ms"] = bench(lambda: nk.score_tokens(hp, hn, ep, en, backend="triton"), 200)
+        out[f"T+={tp},T={tn},V={v},d={d}"] = row
+        log(f"[score_tokens] T+={tp} T={tn} V={v} d={d}: {row}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--rep-ms", type=int, default=400)
+    ap.add_argument("--torch-reps", type=int, default=3)
+    ap.add_argument("--naive-reps", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="CPU self-test: Triton interpreter, tiny shapes")
+    args = ap.parse_args(argv)
+    global DEVICE
+    configs = CONFIGS
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE, configs = "cpu", SMOKE_CONFIGS
+        if args.configs == ",".join(CONFIGS):
+            args.configs = ",".join(SMOKE_CONFIGS)
+    elif not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device (use --smoke for the CPU self-test)", file=sys.stderr)
+        return 2
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    import triton
+
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter-smoke"
+    log = (lambda m: tqdm.write(m)) if tqdm else print
+    log(f"device: {card}; torch {torch.__version__}; triton {triton.__version__}")
+    rate = matmul_tflops()
+    log(f"matmul rate: {rate:.1f} TFLOP/s")
+    results = {
+        "device": card,
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "matmul_tflops": rate,
+        "configs": {},
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = card.lower().replace("nvidia ", "").replace(" ", "-")
+    path = out_dir / f"{slug}-{results['date']}.json"
+    names = [c for c in args.configs.split(",") if c]
+    it = tqdm(names, desc="configs") if tqdm else names
+    for name in it:
+        shape, with_lp, extra, baselines = configs[name]
+        try:
+            results["configs"][name] = run_config(name, shape, with_lp, extra, baselines, rate, args, log)
+        except Exception as e:  # keep the other configs' numbers; the failure is reported, not hidden
+            import traceback
+
+            traceback.print_exc()
+            results["configs"][name] = {"error": f"{type(e).__name__}: {e}"}
+        path.write_text(json.dumps(results, indent=2))  # after every config, in case of a time-out
+    try:
+        results["autotune"] = tuned_configs()
+    except Exception as e:
+        results["autotune"] = {"error": str(e)}
+    try:
+        results["score_tokens"] = score_tokens_check(rate, log)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        results["score_tokens"] = {"error": f"{type(e).__name__}: {e}"}
+    path.write_text(json.dumps(results, indent=2))
+    md = [f"# GPU suite on {card} ({results['date']})", "",
+          f"torch {results['torch']}, triton {results['triton']}, matmul {rate:.1f} TFLOP/s (bf16 8192^3 on GPU, measured in the same run)", "",
+          "| config | floor ms | triton ms | x floor | torch ms | naive ms | vs torch | vs naive | sel. agreement | outside margin | max score err | share of 1.5B fwd+bwd |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["configs"].items():
+        if "error" in r:
+            md.append(f"| {name} | error: {r['error']} |")
+            continue
+        f = lambda k, fmt="{:.2f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
+        md.append(
+            f"| {name} | {f('floor_ms')} | {f('triton_ms')} | {f('triton_vs_floor')} | {f('torch_ms')} | {f('naive_ms')} | "
+            f"{f('speedup_vs_torch', '{:.1f}x')} | {f('speedup_vs_naive', '{:.0f}x')} | {f('selection_agreement', '{:.5f}')} | "
+            f"{r.get('disagreements_outside_margin', '-')} | {f('max_score_err_rel', '{:.1e}')} | {f('share_of_fwd_bwd', '{:.2%}')} |"
+        )
+    (out_dir / f"{slug}-{results['date']}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Every fast backend against the float64 reference, on fresh random inputs.
+
+Odd sizes, empty and single-token responses, degenerate groups, both layouts, both old-policy
+sources, the old_logprobs shortcut, temperature, beta, every eta form and both anchors. Tolerances:
+``_helpers.TOL`` (per input dtype, with the reason).
+"""
+import math
+
+import pytest
+import torch
+
+from _helpers import PATTERNS, TOL, assert_matches_reference, backends, case, run
+
+BACKENDS = backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_patterns_and_layouts(backend, pattern, packed):
+    b = case(pattern=pattern, packed=packed, seed=hash((pattern, packed)) % 1000, holes=not packed)
+    ref = run(b, "reference")
+    res = run(b, backend)
+    assert_matches_reference(res, ref, b)
+    if pattern in ("all_correct", "all_wrong"):
+        assert not bool(res.active.any()) and not bool(res.selected.any())
+        assert bool(torch.isnan(res.tau).all()) and bool((res.eta == 1).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
+def test_dtypes_and_sources(backend, dtype, source):
+    b = case(dtype=dtype, seed=7, n_groups=3, group_size=5, lengths=(1, 12), d=24, vocab=97, temperature=0.8)
+    kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits")
+    assert_matches_reference(run(b, backend, **kw), run(b, "reference", **kw), b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.1, -math.inf])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+def test_beta_and_anchor(backend, beta, anchor):
+    b = case(seed=11, n_groups=2, group_size=6, lengths=(0, 10), d=8, vocab=33)
+    ref = run(b, "reference", beta=beta, anchor=anchor)
+    res = run(b, backend, beta=beta, anchor=anchor)
+    assert_matches_reference(res, ref, b)
+    if beta == -math.inf:
+        neg = (b.rewards == 0)[:, None] & b.mask
+        act = res.active[torch.arange(b.rewards.numel()) // b.group_size][:, None]
+        assert torch.equal(res.selected, neg & act)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eta", ["2|0.5-p|", "1-p", "p", 0.0, 0.37, 1.0, "callable"])
+def test_eta(backend, eta):
+    eta = (lambda p: p**2) if eta == "callable" else eta
+    b = case(seed=12, n_groups=3, group_size=4, lengths=(1, 8), d=8, vocab=29)
+    assert_matches_reference(run(b, backend, eta=eta, beta=0.0), run(b, "reference", eta=eta, beta=0.0), b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", [[1] * 8, [0, 0, 0, 1, 0, 1, 0, 0], [257, 1, 7, 0, 33, 2, 1, 3]])
+def test_odd_lengths(backend, lengths):
+    b = case(n_groups=2, group_size=4, lengths=lengths, d=7, vocab=41, seed=sum(lengths), pattern="mixed")
+    assert_matches_reference(run(b, backend, beta=0.0), run(b, "reference", beta=0.0), b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shuffled_group_ids(backend):
+    """Responses in any order with arbitrary integer group ids give the permuted result."""
+    b = case(seed=21, n_groups=4, group_size=3, lengths=(0, 8), d=8, vocab=37, packed=False)
+    base = run(b, backend, beta=0.0)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(b.rewards.numel(), generator=g)
+    ids = torch.tensor([907, -5, 12, 40])[torch.arange(b.rewards.numel()) // b.group_size]
+    kw = b.kwargs()
+    kw.pop("group_size")
+    kw["mask"] = b.mask[perm]
+    kw["old_logprobs"] = b.old_logprobs[perm]
+    import nthr_kernels as nk
+
+    res = nk.nthr_advantages(
+        b.hidden[perm], b.token_ids[perm], b.rewards[perm], b.advantages[perm], group_ids=ids[perm], backend=backend, beta=0.0, **kw
+    )
+    assert torch.equal(res.group_ids, torch.tensor([-5, 12, 40, 907]))
+    order = torch.tensor([1, 2, 3, 0])  # sorted ids -> original group index
+    torch.testing.assert_close(res.tau, base.tau[order], equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert torch.equal(res.selected, base.selected[perm])
+    torch.testing.assert_close(res.scores, base.scores[perm], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    b = case(seed=31, n_groups=3, group_size=4, lengths=(0, 20), d=16, vocab=53, dtype=torch.bfloat16)
+    r1, r2 = run(b, backend), run(b, backend)
+    for f in ("scores", "token_advantages", "selected", "tau", "eta"):
+        a, c = getattr(r1, f), getattr(r2, f)
+        assert torch.equal(a, c) or (a.is_floating_point() and torch.equal(torch.isnan(a), torch.isnan(c)) and torch.equal(a[~torch.isnan(a)], c[~torch.isnan(c)]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_not_modified_and_no_grad(backend):
+    b = case(seed=41, n_groups=2, group_size=4, lengths=(1, 9), d=8, vocab=31)
+    h = b.hidden.clone().requires_grad_(True)
+    w = b.lm_head_weight.clone().requires_grad_(True)
+    snap = [t.clone() for t in (b.hidden, b.token_ids, b.rewards, b.advantages, b.old_logprobs, b.mask, b.lm_head_weight)]
+    kw = b.kwargs()
+    kw["lm_head_weight"] = w
+    import nthr_kernels as nk
+
+    res = nk.nthr_advantages(h, b.token_ids, b.rewards, b.advantages, backend=backend, **kw)
+    for t in (res.scores, res.token_advantages, res.tau, res.eta):
+        assert t.grad_fn is None and not t.requires_grad
+    for a, c in zip(snap, (h.detach(), b.token_ids, b.rewards, b.advantages, b.old_logprobs, b.mask, w.detach())):
+        assert torch.equal(a, c)
+    assert h.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_tolerance_is_meaningful(backend):
+    """A wrong score (e.g. a missing positive token) must fail the comparison: guards the tolerance."""
+    b = case(seed=51, n_groups=2, group_size=4, lengths=(3, 9), d=8, vocab=31)
+    ref = run(b, "reference")
+    res = run(b, backend)
+    bad = type(res)(**{**res.__dict__, "scores": res.scores * (1 + 50 * TOL[torch.float32])})
+    with pytest.raises(AssertionError):
+        assert_matches_reference(bad, ref, b)
