@@ -125,3 +125,19 @@ def test_scale_tolerance_is_meaningful(backend):
     bad = type(res)(**{**res.__dict__, "scores": res.scores * (1 + 50 * TOL[torch.float32])})
     with pytest.raises(AssertionError):
         assert_matches_reference(bad, ref, b)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "triton")])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+def test_tiny_scratch_budget(backend, anchor, monkeypatch):
+    """A budget far below one group's needs forces many chunks, V* column blocks (torch) and one group
+    per chunk (triton); the result must not change."""
+    from nthr_kernels.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "SCRATCH_ELEMS", 64)
+    if backend == "triton":
+        from nthr_kernels.backends import triton_backend
+
+        monkeypatch.setattr(triton_backend, "SCRATCH_BYTES", 1)
+    b = case(seed=61, n_groups=3, group_size=4, lengths=(2, 15), d=12, vocab=71)
+    assert_matches_reference(run(b, backend, anchor=anchor, beta=0.5), run(b, "reference", anchor=anchor, beta=0.5), b)

@@ -7,23 +7,28 @@ Pipeline (factored path, ``shared/NTHR.md``), for all active groups of the batch
    never storing logits), or a logsumexp of the given logits rows.
 2. :func:`_pos_err_kernel`: prediction errors of the positive tokens on the group's ``V*``,
    ``g = onehot - exp(z / T - log Z)`` with ``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of
-   ``W`` (or gathered logits), written in the input dtype to a scratch buffer ``[T+_g, |V*_g|]`` for the
-   groups in flight.
-3. :func:`_m_kernel`: ``M_g = G+_g^T H+_g`` (``[|V*_g|, d]``, float32 accumulation, stored in the input
-   dtype), a varlen grouped GEMM.
+   ``W`` (or gathered logits), written in the input dtype, transposed, to a scratch buffer
+   ``[|V*_g|, roundup16(T+_g)]`` for the groups in flight.
+3. :func:`_m_kernel`: ``M_g = G+_g^T H+_g`` (``[|V*_g|, d]``, float32 accumulation), a varlen grouped
+   GEMM over the transposed error buffer.
 4. :func:`_score_kernel`: for a block of tokens, loop over ``V*`` tiles; in one K-loop over ``d`` it
    forms both ``z = h W*^T`` and ``q = h M^T`` and accumulates ``s_t += sum_v g_t[v] q_t[v]``, so
    ``s_t = g_t^T M h_t`` without ever storing ``g`` or ``G M``. The first launch scores the positive
    tokens (their means are the anchors, ``tau`` follows); the second scores the negative tokens and,
-   in the same pass, applies the threshold and writes the selection and token advantages.
+   in the same pass, applies the threshold and writes the selection and token advantages. The positive
+   tokens' errors are read back from the buffer of step 2 instead of being recomputed.
 5. The pairwise path (``_pair_kernel``, flash-attention style: ``[BT, BU]`` tiles of ``G G+^T`` and
    ``H H+^T``, row sums accumulated, never materialising tokens x tokens) serves ``score_tokens`` when
    the cost model ``2 T+ T (|V| + d) < 2 |V| d (T+ + T)`` says it is cheaper.
 
-Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements of the input dtype) plus
-the positive-error buffer (``sum_g T+_g |V*_g|``), bounded together by ``SCRATCH_BYTES`` (default
-1 GiB; groups are processed in chunks that fit, a group larger than the bound on its own is processed
-alone), plus ``O(N)`` per-token vectors. No ``[N, |V|]`` or ``[N, N]`` tensor is formed.
+Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements; bf16 for bf16 inputs,
+float32 otherwise, since fp16 lacks the range) plus the transposed positive-error buffer
+(``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype), bounded together by
+``SCRATCH_BYTES`` (default 1 GiB; groups are processed in chunks that fit; a group larger than the
+bound on its own is processed alone). ``anchor="others"`` adds one ``M`` per positive response of the
+chunk. Plus ``O(N)`` per-token vectors (about 60 bytes per completion token) and, without old
+log-probs, nothing more: the vocabulary logsumexp keeps its logits in registers. No ``[N, |V|]`` or
+``[N, N]`` tensor is formed.
 
 Determinism: every output element is written by exactly one program, with a fixed reduction order
 (no atomics), so the same inputs give the same bits.

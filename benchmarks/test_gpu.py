@@ -1,0 +1,52 @@
+"""pytest-benchmark entry for CUDA: triton vs torch vs the naive pipeline on one GPU.
+
+    pytest benchmarks/test_gpu.py --benchmark-only
+
+Skipped without a CUDA device. Uses the `qwen1.5b-step` shape with a quarter of its groups (16 x 8
+responses, 256..1792 tokens, d = 1536, |V| = 151936, bf16, old log-probs given) so one session stays
+within a few minutes; the full shape, the FLOP floor and the correctness check are in
+`benchmarks/gpu_suite.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import nthr_kernels as nk
+from benchmarks.naive import naive_nthr
+from benchmarks.shapes import SHAPES, batch_work
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SHAPE = dataclasses.replace(SHAPES["qwen1.5b-step"], name="qwen1.5b-quarter", n_groups=16)
+
+
+@pytest.fixture(scope="module")
+def rb():
+    return SHAPE.batch(device="cuda")
+
+
+def _sync_call(fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
+def test_nthr_advantages_cuda(benchmark, rb, record, backend):
+    kw = rb.kwargs()
+    if backend == "naive":
+        fn = lambda: naive_nthr(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, lm_head_weight=rb.lm_head_weight,  # noqa: E731
+                                group_size=rb.group_size, mask=rb.mask)
+    else:
+        fn = lambda: nk.nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend=backend, **kw)  # noqa: E731
+    benchmark.group = f"nthr_advantages {SHAPE.name} cuda"
+    rounds = 10 if backend == "triton" else 2
+    out = benchmark.pedantic(_sync_call(fn), rounds=rounds, warmup_rounds=1, iterations=1)
+    assert out.token_advantages.shape == rb.token_ids.shape
+    record("nthr_advantages", SHAPE.name, backend if backend != "torch" else "torch-cuda", batch_work(rb).floor(True))

@@ -1,0 +1,233 @@
+"""Bad input is loud: a ValueError or TypeError whose message starts with the argument's name."""
+import math
+
+import pytest
+import torch
+
+import nthr_kernels as nk
+from _helpers import case
+
+
+@pytest.fixture(scope="module")
+def b():
+    return case(seed=3, n_groups=2, group_size=4, lengths=(1, 6), d=8, vocab=23)
+
+
+def call(b, **over):
+    kw = dict(
+        hidden=b.hidden, token_ids=b.token_ids, rewards=b.rewards, advantages=b.advantages,
+        lm_head_weight=b.lm_head_weight, old_logprobs=b.old_logprobs, mask=b.mask, group_size=b.group_size,
+    )
+    kw.update(over)
+    kw = {k: v for k, v in kw.items() if v is not _DROP}
+    pos = [kw.pop(k) for k in ("hidden", "token_ids", "rewards", "advantages")]
+    return nk.nthr_advantages(*pos, **kw)
+
+
+_DROP = object()
+
+
+def raises(exc, name, fn):
+    with pytest.raises(exc) as ei:
+        fn()
+    assert str(ei.value).startswith(name), f"message does not name {name!r}: {ei.value}"
+
+
+def test_valid_call_works(b):
+    call(b)
+
+
+@pytest.mark.parametrize(
+    "over,exc,name",
+    [
+        (dict(hidden="x"), TypeError, "hidden"),
+        (dict(hidden=None), TypeError, "hidden"),
+        (dict(token_ids=None), TypeError, "token_ids"),
+        (dict(hidden=torch.zeros(8, 6, 8, dtype=torch.int32)), TypeError, "hidden"),
+        (dict(token_ids=torch.zeros(8, 6)), TypeError, "token_ids"),
+        (dict(hidden=torch.zeros(8, 8)), ValueError, "hidden"),
+        (dict(hidden=torch.zeros(8)), ValueError, "hidden"),
+    ],
+)
+def test_types_and_ranks(b, over, exc, name):
+    raises(exc, name, lambda: call(b, **over))
+
+
+def test_shape_mismatches(b):
+    R, L, d = b.hidden.shape
+    raises(ValueError, "token_ids", lambda: call(b, token_ids=b.token_ids[:, :-1]))
+    raises(ValueError, "mask", lambda: call(b, mask=b.mask[:, :-1]))
+    raises(ValueError, "rewards", lambda: call(b, rewards=b.rewards[:-1]))
+    raises(ValueError, "advantages", lambda: call(b, advantages=b.advantages[:-1]))
+    raises(ValueError, "advantages", lambda: call(b, advantages=b.advantages[:, None]))
+    raises(ValueError, "old_logprobs", lambda: call(b, old_logprobs=b.old_logprobs[:, :-1]))
+    raises(ValueError, "lm_head_weight", lambda: call(b, lm_head_weight=b.lm_head_weight[:, :-1]))
+    raises(ValueError, "lm_head_weight", lambda: call(b, lm_head_weight=b.lm_head_weight[0]))
+    raises(ValueError, "logits", lambda: call(b, lm_head_weight=None, old_logprobs=None, logits=torch.zeros(R, L - 1, 5)))
+    raises(ValueError, "group_ids", lambda: call(b, group_size=None, group_ids=torch.zeros(R - 1, dtype=torch.int64)))
+
+
+def test_rewards_must_be_binary(b):
+    r = b.rewards.clone()
+    r[0] = 0.3
+    raises(ValueError, "rewards", lambda: call(b, rewards=r))
+    r = b.rewards.clone()
+    r[0] = float("nan")
+    raises(ValueError, "rewards", lambda: call(b, rewards=r))
+    # other binary encodings are fine with a matching threshold
+    call(b, rewards=b.rewards * 2 - 1, reward_threshold=0.0)
+    call(b, rewards=b.rewards.bool())
+
+
+def test_groups(b):
+    R = b.rewards.numel()
+    raises(ValueError, "group_size", lambda: call(b, group_size=3))
+    raises(ValueError, "group_size", lambda: call(b, group_size=0))
+    raises(TypeError, "group_size", lambda: call(b, group_size=2.0))
+    raises(ValueError, "group_size, group_ids", lambda: call(b, group_ids=torch.zeros(R, dtype=torch.int64)))
+    raises(ValueError, "group_size, group_ids", lambda: call(b, group_size=None))
+    raises(TypeError, "group_ids", lambda: call(b, group_size=None, group_ids=torch.zeros(R)))
+    call(b, group_size=None, group_ids=[5] * 4 + [-1] * 4)
+
+
+def test_old_policy_sources(b):
+    R, L, _ = b.hidden.shape
+    raises(ValueError, "lm_head_weight, logits", lambda: call(b, lm_head_weight=None, old_logprobs=None))
+    raises(ValueError, "lm_head_weight, logits", lambda: call(b, logits=torch.zeros(R, L, 23)))
+    raises(ValueError, "old_logprobs", lambda: call(b, lm_head_weight=None, logits=torch.zeros(R, L, 23)))
+
+
+def test_token_ids_out_of_range(b):
+    t = b.token_ids.clone()
+    t[b.mask] = t[b.mask].clamp_max(0) + 23  # == V
+    raises(ValueError, "token_ids", lambda: call(b, token_ids=t))
+    t = b.token_ids.clone()
+    t[0, 0] = -1
+    raises(ValueError, "token_ids", lambda: call(b, token_ids=t))
+    # padding positions may hold anything (e.g. -100)
+    t = b.token_ids.clone()
+    t[~b.mask] = -100
+    call(b, token_ids=t)
+
+
+def test_cu_seqlens_malformed():
+    p = case(seed=4, n_groups=2, group_size=2, lengths=(1, 5), d=8, vocab=23, packed=True)
+    kw = dict(lm_head_weight=p.lm_head_weight, group_size=2)
+    cu = p.cu_seqlens
+    for bad in (cu[1:], torch.flip(cu, [0]), cu + 1, cu.float(), cu.view(1, -1)):
+        exc = TypeError if bad.is_floating_point() else ValueError
+        with pytest.raises((ValueError, TypeError)) as ei:
+            nk.nthr_advantages(p.hidden, p.token_ids, p.rewards, p.advantages, cu_seqlens=bad, **kw)
+        assert isinstance(ei.value, exc)
+        assert str(ei.value).startswith(("cu_seqlens", "rewards", "advantages")), ei.value
+    bad = cu.clone()
+    bad[1], bad[2] = bad[2], bad[1] - 1 if bad[1] > 0 else bad[1]
+    if not bool((bad[1:] >= bad[:-1]).all()):
+        raises(ValueError, "cu_seqlens", lambda: nk.nthr_advantages(p.hidden, p.token_ids, p.rewards, p.advantages, cu_seqlens=bad, **kw))
+    raises(ValueError, "mask", lambda: nk.nthr_advantages(p.hidden, p.token_ids, p.rewards, p.advantages, cu_seqlens=cu, mask=torch.ones(5, dtype=torch.bool), **kw))
+
+
+def test_hidden_size_mismatch(b):
+    w = torch.randn(23, 9)
+    raises(ValueError, "lm_head_weight", lambda: call(b, lm_head_weight=w))
+
+
+def test_old_logprobs_positive(b):
+    lp = b.old_logprobs.clone()
+    lp[b.mask.nonzero()[0].tolist()] = 0.5
+    raises(ValueError, "old_logprobs", lambda: call(b, old_logprobs=lp))
+    lp = b.old_logprobs.clone()
+    lp[~b.mask] = 3.0  # padding is ignored
+    call(b, old_logprobs=lp)
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
+def test_temperature(b, t):
+    raises(ValueError, "temperature", lambda: call(b, temperature=t))
+
+
+@pytest.mark.parametrize("eta,exc", [(1.5, ValueError), (-0.1, ValueError), ("2p", ValueError), (float("nan"), ValueError), ([0.5], TypeError), (True, TypeError)])
+def test_eta(b, eta, exc):
+    raises(exc, "eta", lambda: call(b, eta=eta))
+
+
+def test_eta_callable_out_of_range(b):
+    raises(ValueError, "eta", lambda: call(b, eta=lambda p: 1.5, backend="torch"))
+
+
+def test_anchor_backend_beta(b):
+    raises(ValueError, "anchor", lambda: call(b, anchor="mine"))
+    raises(ValueError, "backend", lambda: call(b, backend="cuda"))
+    raises(ValueError, "beta", lambda: call(b, beta=float("nan")))
+    raises(ValueError, "beta", lambda: call(b, beta=float("inf")))
+    raises(TypeError, "beta", lambda: call(b, beta="1"))
+    call(b, beta=-math.inf)
+
+
+@pytest.mark.parametrize("where", ["hidden", "lm_head_weight", "logits"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_detected(b, where, value):
+    kw = {}
+    if where == "hidden":
+        h = b.hidden.clone()
+        r, c = b.mask.nonzero()[0].tolist()
+        h[r, c, 0] = value
+        kw["hidden"] = h
+    elif where == "lm_head_weight":
+        w = b.lm_head_weight.clone()
+        w[3, 1] = value
+        kw["lm_head_weight"] = w
+    else:
+        lg = (b.hidden @ b.lm_head_weight.T).clone()
+        r, c = b.mask.nonzero()[0].tolist()
+        lg[r, c, 2] = value
+        kw.update(logits=lg, lm_head_weight=None, old_logprobs=None)
+    raises(ValueError, where, lambda: call(b, **kw))
+    call(b, check_finite=False, **kw)  # opt-out: no check (the result is then the caller's problem)
+
+
+def test_non_finite_at_padding_is_ignored(b):
+    h = b.hidden.clone()
+    r, c = (~b.mask).nonzero()[0].tolist()
+    h[r, c, :] = float("nan")
+    res = call(b, hidden=h)
+    assert bool(torch.isfinite(res.scores).all())
+
+
+def test_score_tokens_validation():
+    g = torch.Generator().manual_seed(0)
+    hp, hn = torch.randn(4, 6, generator=g), torch.randn(3, 6, generator=g)
+    ep, en = torch.randn(4, 5, generator=g), torch.randn(3, 5, generator=g)
+    nk.score_tokens(hp, hn, ep, en)
+    raises(ValueError, "h_pos", lambda: nk.score_tokens(hp[0], hn, ep, en))
+    raises(ValueError, "err_neg", lambda: nk.score_tokens(hp, hn, ep, en[0]))
+    raises(TypeError, "h_neg", lambda: nk.score_tokens(hp, hn.long(), ep, en))
+    raises(TypeError, "err_pos", lambda: nk.score_tokens(hp, hn, ep.int(), en))
+    raises(ValueError, "err_pos", lambda: nk.score_tokens(hp, hn, ep[:3], en))
+    raises(ValueError, "h_neg", lambda: nk.score_tokens(hp, hn[:, :5], ep, en))
+    raises(ValueError, "err_neg", lambda: nk.score_tokens(hp, hn, ep, en[:, :4]))
+    raises(ValueError, "backend", lambda: nk.score_tokens(hp, hn, ep, en, backend="tpu"))
+    bad = en.clone()
+    bad[1, 1] = float("nan")
+    raises(ValueError, "err_neg", lambda: nk.score_tokens(hp, hn, ep, bad))
+    bad = hp.clone()
+    bad[0, 0] = float("inf")
+    raises(ValueError, "h_pos", lambda: nk.score_tokens(bad, hn, ep, en))
+    nk.score_tokens(bad, hn, ep, en, check_finite=False)
+
+
+def test_prediction_errors_validation(b):
+    ids = torch.tensor([1, 2, 3])
+    h = torch.randn(3, 8)
+    raises(ValueError, "lm_head_weight, logits", lambda: nk.prediction_errors(ids, hidden=h))
+    raises(ValueError, "hidden", lambda: nk.prediction_errors(ids, lm_head_weight=b.lm_head_weight))
+    raises(ValueError, "token_ids", lambda: nk.prediction_errors(torch.tensor([1, 99, 3]), hidden=h, lm_head_weight=b.lm_head_weight))
+    raises(ValueError, "old_logprobs", lambda: nk.prediction_errors(ids, hidden=h, lm_head_weight=b.lm_head_weight, old_logprobs=torch.tensor([0.1, -1.0, -1.0])))
+    raises(ValueError, "temperature", lambda: nk.prediction_errors(ids, hidden=h, lm_head_weight=b.lm_head_weight, temperature=0))
+
+
+def test_inputs_never_modified_on_error(b):
+    snap = b.hidden.clone()
+    with pytest.raises(ValueError):
+        call(b, eta=2.0)
+    assert torch.equal(snap, b.hidden)
