@@ -190,15 +190,9 @@ def nthr_group(
     )
     if not active:
         return res
-    vocab = torch.unique(token_ids)
     err = prediction_errors(
-        hidden,
-        token_ids,
-        vocab,
-        lm_head_weight=lm_head_weight,
-        logits=logits,
-        old_logprobs=old_logprobs,
-        temperature=temperature,
+        hidden, token_ids, torch.unique(token_ids), lm_head_weight=lm_head_weight, logits=logits,
+        old_logprobs=old_logprobs, temperature=temperature,
     )
     scores = group_scores(hidden, err, resp, positive, method)
     if anchor == "all":  # the mean of the group's own scores over each positive response
@@ -244,15 +238,9 @@ def gwhes(
     p = n_pos / n_resp
     sq = math.sqrt(p * (1 - p))
     p_plus, p_minus = (1 - p) / sq, p / sq
-    vocab = torch.unique(token_ids)
     err = prediction_errors(
-        hidden,
-        token_ids,
-        vocab,
-        lm_head_weight=lm_head_weight,
-        logits=logits,
-        old_logprobs=old_logprobs,
-        temperature=temperature,
+        hidden, token_ids, torch.unique(token_ids), lm_head_weight=lm_head_weight, logits=logits,
+        old_logprobs=old_logprobs, temperature=temperature,
     )
     h = hidden.to(f64)
     pos_tok = _positive_tokens(resp, positive)

@@ -141,3 +141,33 @@ def test_tiny_scratch_budget(backend, anchor, monkeypatch):
         monkeypatch.setattr(triton_backend, "SCRATCH_BYTES", 1)
     b = case(seed=61, n_groups=3, group_size=4, lengths=(2, 15), d=12, vocab=71)
     assert_matches_reference(run(b, backend, anchor=anchor, beta=0.5), run(b, "reference", anchor=anchor, beta=0.5), b)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_paths_each_match_reference(path, anchor, dtype, monkeypatch):
+    """The batched Triton path picks factored or pairwise per group by cost; force each in turn."""
+    from nthr_kernels.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "PATH_OVERRIDE", path)
+    b = case(seed=71, n_groups=3, group_size=4, lengths=(0, 14), d=12, vocab=53, dtype=dtype)
+    assert_matches_reference(run(b, "triton", anchor=anchor, beta=0.3), run(b, "reference", anchor=anchor, beta=0.3), b)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+def test_triton_paths_agree_and_cost_model_mixes(monkeypatch):
+    from nthr_kernels.backends import triton_backend
+
+    # long groups over a small vocabulary favour factored, short ones pairwise: the batch mixes both
+    lengths = [40] * 4 + [2] * 4 + [30] * 4
+    picks = triton_backend.choose_paths([20, 60, 20], [80, 4, 60], [160, 8, 120], 32)
+    assert picks == ["factored", "pairwise", "factored"]
+    b = case(seed=72, n_groups=3, group_size=4, lengths=lengths, d=32, vocab=60)
+    res = {}
+    for path in ("factored", "pairwise", None):
+        monkeypatch.setattr(triton_backend, "PATH_OVERRIDE", path)
+        res[path] = run(b, "triton", beta=0.0)
+    for path in ("pairwise", None):
+        torch.testing.assert_close(res[path].scores, res["factored"].scores, rtol=1e-4, atol=1e-4 * float(res["factored"].scores.abs().max()))

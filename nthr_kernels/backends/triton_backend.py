@@ -17,16 +17,20 @@ Pipeline (factored path, ``shared/NTHR.md``), for all active groups of the batch
    tokens (their means are the anchors, ``tau`` follows); the second scores the negative tokens and,
    in the same pass, applies the threshold and writes the selection and token advantages. The positive
    tokens' errors are read back from the buffer of step 2 instead of being recomputed.
-5. The pairwise path (``_pair_kernel``, flash-attention style: ``[BT, BU]`` tiles of ``G G+^T`` and
-   ``H H+^T``, row sums accumulated, never materialising tokens x tokens) serves ``score_tokens`` when
-   the cost model ``2 T+ T (|V| + d) < 2 |V| d (T+ + T)`` says it is cheaper.
+5. The pairwise path, flash-attention style (``[BT, BU]`` tiles of ``G G+^T`` and ``H H+^T``, row sums
+   accumulated, never materialising tokens x tokens): the cost model picks it per group when
+   ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)`` (short groups); :func:`_seg_pair_kernel` then scores the
+   group's tokens from its error buffer (every token's errors, written by step 2), with the same two
+   passes and the same fused threshold. ``_pair_kernel`` is the dense-error version for
+   ``score_tokens``.
 
 Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements; bf16 for bf16 inputs,
 float32 otherwise, since fp16 lacks the range) plus the transposed positive-error buffer
 (``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype), bounded together by
 ``SCRATCH_BYTES`` (default 1 GiB; groups are processed in chunks that fit; a group larger than the
-bound on its own is processed alone). ``anchor="others"`` adds one ``M`` per positive response of the
-chunk. Plus ``O(N)`` per-token vectors (about 60 bytes per completion token) and, without old
+bound on its own is processed alone); a pairwise group holds its error buffer for all its tokens,
+``|V*_g| * roundup16(T_g)`` elements, within the same bound. ``anchor="others"`` adds one ``M`` per
+positive response of the chunk. Plus ``O(N)`` per-token vectors (about 60 bytes per completion token) and, without old
 log-probs, nothing more: the vocabulary logsumexp keeps its logits in registers. No ``[N, |V|]`` or
 ``[N, N]`` tensor is formed.
 
@@ -300,6 +304,80 @@ def _lse_kernel(
 
 
 @triton.jit
+def _seg_pair_kernel(
+    H, TA, TB, h_s0, h_s1, h_sd,
+    GP, SEG_GP, SEG_NV, SEG_G0, SEG_NT, SEG_NPOS, SEG_SC0, SEG_NSC, RESP,
+    OUT_S, SEG_TAU, SEG_ETA, ADV, OUT_ADV, OUT_SEL,
+    D,
+    BT: tl.constexpr, BU: tl.constexpr, BK: tl.constexpr,
+    FUSE_SELECT: tl.constexpr, SELF_ONLY: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """Pairwise path of a group, flash-attention style: for a block of its tokens, stream the group's
+    positive tokens in blocks of BU and accumulate the row sums of ``(G_t G_u^T) * (H_t H_u^T)``.
+
+    The group's errors (every token, positive first) were written transposed, ``[|V*|, ld]``, by the
+    error kernel. SELF_ONLY keeps only pairs of the same response (``anchor="others"``)."""
+    s = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1).to(tl.int64)
+    n = tl.load(SEG_NSC + s)
+    if tb * BT < n:
+        loc = tl.load(SEG_SC0 + s) + tb * BT + tl.arange(0, BT).to(tl.int64)
+        rm = tb * BT + tl.arange(0, BT) < n
+        g0 = tl.load(SEG_G0 + s)
+        nt = tl.load(SEG_NT + s)
+        ld = tl.multiple_of((nt + 15) // 16 * 16, 16)
+        nv = tl.load(SEG_NV + s)
+        npos = tl.load(SEG_NPOS + s)
+        gp = tl.multiple_of(tl.load(SEG_GP + s), 16)
+        pos = g0 + loc
+        ta = tl.load(TA + pos, mask=rm, other=0)
+        tb_ = tl.load(TB + pos, mask=rm, other=0)
+        hrow = ta * h_s0 + tb_ * h_s1
+        if SELF_ONLY:
+            resp_t = tl.load(RESP + pos, mask=rm, other=-1)
+        acc = tl.zeros([BT], dtype=tl.float32)
+        for u0 in range(0, npos, BU):
+            u = u0 + tl.arange(0, BU).to(tl.int64)
+            um = u < npos
+            ua = tl.load(TA + g0 + u, mask=um, other=0)
+            ub = tl.load(TB + g0 + u, mask=um, other=0)
+            urow = ua * h_s0 + ub * h_s1
+            a = tl.zeros([BT, BU], dtype=tl.float32)
+            for v0 in range(0, nv, BK):
+                vv = v0 + tl.arange(0, BK).to(tl.int64)
+                vm = vv < nv
+                gt = tl.load(GP + gp + vv[None, :] * ld + loc[:, None], mask=rm[:, None] & vm[None, :], other=0.0)
+                gu = tl.load(GP + gp + vv[:, None] * ld + u[None, :], mask=vm[:, None] & um[None, :], other=0.0)
+                if UPCAST:
+                    gt = gt.to(tl.float32)
+                    gu = gu.to(tl.float32)
+                a += tl.dot(gt, gu, input_precision=PREC)
+            b = tl.zeros([BT, BU], dtype=tl.float32)
+            for k0 in range(0, D, BK):
+                kk = k0 + tl.arange(0, BK)
+                km = kk < D
+                ht = tl.load(H + hrow[:, None] + kk[None, :] * h_sd, mask=rm[:, None] & km[None, :], other=0.0)
+                hu = tl.load(H + urow[:, None] + kk[None, :] * h_sd, mask=um[:, None] & km[None, :], other=0.0)
+                if UPCAST:
+                    ht = ht.to(tl.float32)
+                    hu = hu.to(tl.float32)
+                b += tl.dot(ht, tl.trans(hu), input_precision=PREC)
+            prod = a * b
+            if SELF_ONLY:
+                resp_u = tl.load(RESP + g0 + u, mask=um, other=-2)
+                prod = tl.where(resp_t[:, None] == resp_u[None, :], prod, 0.0)
+            acc += tl.sum(prod, axis=1)
+        tl.store(OUT_S + pos, acc, mask=rm)
+        if FUSE_SELECT:
+            tau = tl.load(SEG_TAU + s)
+            eta = tl.load(SEG_ETA + s)
+            sel = acc > tau
+            adv = tl.load(ADV + pos, mask=rm, other=0.0)
+            tl.store(OUT_ADV + pos, tl.where(sel, adv * eta, adv), mask=rm)
+            tl.store(OUT_SEL + pos, sel.to(tl.int8), mask=rm)
+
+
+@triton.jit
 def _pair_kernel(
     HP, hp_s0, hp_sd, HN, hn_s0, hn_sd, EP, ep_s0, ep_sv, EN, en_s0, en_sv,
     OUT, TP, TN, V, D,
@@ -359,6 +437,7 @@ _TUNE_16 = {
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
     "lse": (("BT", "BV", "BK"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]),
     "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
+    "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]),
 }
 _TUNE_32 = {
     "score": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
@@ -366,14 +445,17 @@ _TUNE_32 = {
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2)]),
     "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
+    "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
 }
-_KERNELS = {"score": _score_kernel, "pos_err": _pos_err_kernel, "m": _m_kernel, "lse": _lse_kernel, "pair": _pair_kernel}
+_KERNELS = {"score": _score_kernel, "pos_err": _pos_err_kernel, "m": _m_kernel, "lse": _lse_kernel, "pair": _pair_kernel,
+            "seg_pair": _seg_pair_kernel}
 _KEYS = {
     "score": ["D", "SRC", "FUSE_SELECT", "M_F32"],
     "pos_err": ["D", "FROM_LOGITS"],
     "m": ["D"],
     "lse": ["D", "V"],
     "pair": ["V", "D"],
+    "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
 _tuned_cache: dict = {}
 
@@ -429,6 +511,47 @@ class _Kernels:
         self.bl = dict(BT=16, BV=16, BK=16)
         self.bm = dict(BV=16, BD=16, BU=16)
 
+    def errors(self, vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, nv_host, np_host):
+        """Prediction errors of each segment's ``seg_npos`` tokens from ``seg_pos0`` on its ``V*``,
+        transposed: ``[|V*|, roundup16(n)]`` per segment. Returns ``(gp, seg_gp)``."""
+        n_seg = seg_nv.numel()
+        ld = (seg_npos + 15) // 16 * 16
+        sizes = ld * seg_nv
+        seg_gp = (torch.cumsum(sizes, 0) - sizes).contiguous()
+        gp_elems = sum(a * ((b + 15) // 16 * 16) for a, b in zip(nv_host, np_host))
+        gp = torch.empty(max(gp_elems, 1), dtype=self.wd, device=self.dev)
+        max_nv, max_np = max(nv_host, default=0), max(np_host, default=0)
+        if max_nv and max_np:
+            _launch(
+                "pos_err",
+                lambda m_: (n_seg, triton.cdiv(max_np, m_["BT"]), triton.cdiv(max_nv, m_["BV"])),
+                (self.h, self.rows.ta, self.rows.tb) + self.hs
+                + (self.ids, self.log_z, self.w, self.w_sv, self.w_sd, self.lg) + self.ls
+                + (vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, seg_gp, gp, self.inv_t, self.d),
+                dict(FROM_LOGITS=self.src == 1, UPCAST=self.upcast, PREC=self.prec),
+                self.wd, self.bl,
+            )
+        return gp, seg_gp
+
+    def pair_scores(self, gp, seg_gp, seg_nv, seg_g0, seg_nt, seg_npos, seg_sc0, seg_nsc, max_sc, resp, out,
+                    select=None, self_only=False):
+        """Pairwise scores of the tokens ``seg_sc0 .. seg_sc0 + seg_nsc`` (group-local) of each group
+        from its error buffer (every token, positive first); ``select`` as in :meth:`scores`."""
+        n_seg = seg_nv.numel()
+        if max_sc == 0 or n_seg == 0:
+            return
+        fuse = select is not None
+        tau, eta, adv, out_adv, out_sel = select if fuse else (out, out, out, out, out)
+        _launch(
+            "seg_pair",
+            lambda m_: (n_seg, triton.cdiv(max_sc, m_["BT"])),
+            (self.h, self.rows.ta, self.rows.tb) + self.hs
+            + (gp, seg_gp, seg_nv, seg_g0, seg_nt, seg_npos, seg_sc0, seg_nsc, resp, out, tau, eta, adv, out_adv,
+               out_sel, self.d),
+            dict(FUSE_SELECT=fuse, SELF_ONLY=self_only, UPCAST=self.upcast, PREC=self.prec),
+            self.wd, dict(BT=16, BU=16, BK=16),
+        )
+
     def build_m(self, vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, nv_host, np_host, gp=None):
         """``M_k = G+_k^T H+_k`` per segment (``M`` in ``self.md``, segments back to back).
 
@@ -439,26 +562,16 @@ class _Kernels:
         """
         n_seg = seg_nv.numel()
         d = self.d
-        ld = (seg_npos + 15) // 16 * 16
-        sizes = ld * seg_nv
-        seg_gp = (torch.cumsum(sizes, 0) - sizes).contiguous()
         m_sizes = seg_nv * d
         seg_m = (torch.cumsum(m_sizes, 0) - m_sizes).contiguous()
-        max_nv, max_np = max(nv_host, default=0), max(np_host, default=0)
+        max_nv = max(nv_host, default=0)
         m = torch.empty(max(sum(nv_host) * d, 1), dtype=self.md, device=self.dev)
         rows = (self.h, self.rows.ta, self.rows.tb) + self.hs
         if gp is None:
-            gp_elems = sum(a * ((b + 15) // 16 * 16) for a, b in zip(nv_host, np_host))
-            gp = torch.empty(max(gp_elems, 1), dtype=self.wd, device=self.dev)
-            if max_nv and max_np:
-                _launch(
-                    "pos_err",
-                    lambda m_: (n_seg, triton.cdiv(max_np, m_["BT"]), triton.cdiv(max_nv, m_["BV"])),
-                    rows + (self.ids, self.log_z, self.w, self.w_sv, self.w_sd, self.lg) + self.ls
-                    + (vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, seg_gp, gp, self.inv_t, d),
-                    dict(FROM_LOGITS=self.src == 1, UPCAST=self.upcast, PREC=self.prec),
-                    self.wd, self.bl,
-                )
+            gp, seg_gp = self.errors(vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, nv_host, np_host)
+        else:
+            ld = (seg_npos + 15) // 16 * 16
+            seg_gp = (torch.cumsum(ld * seg_nv, 0) - ld * seg_nv).contiguous()
         if max_nv:
             _launch(
                 "m",
@@ -528,9 +641,9 @@ def _log_z(batch, order: torch.Tensor, rows: _Rows, h: torch.Tensor, w, wd) -> t
     return out
 
 
-def _group_chunks(plan: Plan, d: int, elem: int, m_elem: int, budget: int):
-    """Consecutive active groups whose M and positive-error scratch fit ``budget`` bytes together."""
-    need = (plan.vs_count * d * m_elem + (plan.g_pos + 15) // 16 * 16 * plan.vs_count * elem).tolist()
+def _chunks(need: list, budget: int):
+    """Consecutive runs of items whose ``need`` (bytes) sum within ``budget`` (an item larger than the
+    budget forms a run of its own). Yields ``(k0, k1)``."""
     k, n = 0, len(need)
     while k < n:
         tot, k1 = need[k], k + 1
@@ -539,6 +652,18 @@ def _group_chunks(plan: Plan, d: int, elem: int, m_elem: int, budget: int):
             k1 += 1
         yield k, k1
         k = k1
+
+
+# Path per group: None = the cost model; "factored" / "pairwise" force one (tests compare both).
+PATH_OVERRIDE: Optional[str] = None
+
+
+def choose_paths(nv: list, t_pos: list, t_all: list, d: int) -> list:
+    """Per group: "pairwise" iff ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)`` (or the override)."""
+    if PATH_OVERRIDE is not None:
+        return [PATH_OVERRIDE] * len(nv)
+    return ["pairwise" if pairwise_cost(p, t, v, d) < factored_cost(p, t, v, d) else "factored"
+            for v, p, t in zip(nv, t_pos, t_all)]
 
 
 def _ranges(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tensor:
@@ -588,38 +713,65 @@ def nthr_advantages(batch):
 
     # per-group sizes on the host once: launch grids and buffer sizes need no further device syncs
     h_nv, h_pos, h_len = plan.vs_count.tolist(), plan.g_pos.tolist(), plan.g_len.tolist()
-    for k0, k1 in _group_chunks(plan, k.d, elem, m_elem, SCRATCH_BYTES):
-        vs0, nv = plan.vs_start[k0:k1].contiguous(), plan.vs_count[k0:k1].contiguous()
-        g0, gpos, glen = plan.g_start[k0:k1].contiguous(), plan.g_pos[k0:k1].contiguous(), plan.g_len[k0:k1]
-        max_np = max(h_pos[k0:k1])
-        m, seg_m, errs = k.build_m(plan.vs_id, vs0, nv, g0, gpos, h_nv[k0:k1], h_pos[k0:k1])
-        # pass 1: positive tokens (errors read back from the M pass) -> anchors -> tau
-        k.scores(plan.vs_id, vs0, nv, seg_m, m, g0, gpos, max_np, scores_o, errors=errs)
-        del errs
-        pos_idx = _ranges(g0, gpos, sum(h_pos[k0:k1]))
-        resp = batch.tok_resp[plan.order[pos_idx]]
-        anchor_vals = scores_o[pos_idx]
-        if batch.anchor == "others" and pos_idx.numel():
-            # each positive response's own contribution: segments = responses, V* of their group
-            firsts, r_len = _runs(resp)
-            r_start = pos_idx[firsts].contiguous()
-            loc = plan.grp_of[r_start] - k0
-            r_vs0, r_nv = vs0[loc].contiguous(), nv[loc].contiguous()
-            r_len = r_len.contiguous()
-            r_len_h, r_nv_h = r_len.tolist(), r_nv.tolist()
-            m_r, seg_m_r, errs_r = k.build_m(plan.vs_id, r_vs0, r_nv, r_start, r_len, r_nv_h, r_len_h)
-            k.scores(plan.vs_id, r_vs0, r_nv, seg_m_r, m_r, r_start, r_len, max(r_len_h), self_buf, errors=errs_r)
-            anchor_vals = anchor_vals - self_buf[pos_idx]
-            del m_r, errs_r
-        gb = plan.g_batch[k0:k1]
-        tau_c = group_tau(anchor_vals, resp, batch.resp_group, n_groups, batch.beta)[gb].to(torch.float32)
-        tau_all[gb] = tau_c
-        # pass 2: negative tokens, threshold and rescale fused
-        select = (tau_c.contiguous(), eta_all[gb].contiguous(), adv_o, out_adv, out_sel)
-        max_neg = max(a - b for a, b in zip(h_len[k0:k1], h_pos[k0:k1]))
-        k.scores(plan.vs_id, vs0, nv, seg_m, m, (g0 + gpos).contiguous(), (glen - gpos).contiguous(), max_neg,
-                 scores_o, select)
-        del m
+    paths = choose_paths(h_nv, h_pos, h_len, k.d)
+    resp_o = batch.tok_resp[plan.order].contiguous()
+    r16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
+    for path in ("factored", "pairwise"):
+        ids = [i for i, pth in enumerate(paths) if pth == path]
+        if path == "factored":
+            need = [h_nv[i] * k.d * m_elem + h_nv[i] * r16(h_pos[i]) * elem for i in ids]
+        else:
+            need = [h_nv[i] * r16(h_len[i]) * elem for i in ids]
+        for c0, c1 in _chunks(need, SCRATCH_BYTES):
+            ix = ids[c0:c1]
+            ixt = torch.tensor(ix, dtype=torch.int64, device=dev)
+            vs0, nv = plan.vs_start[ixt].contiguous(), plan.vs_count[ixt].contiguous()
+            g0, gpos, glen = plan.g_start[ixt].contiguous(), plan.g_pos[ixt].contiguous(), plan.g_len[ixt].contiguous()
+            nv_h, pos_h, len_h = [h_nv[i] for i in ix], [h_pos[i] for i in ix], [h_len[i] for i in ix]
+            pos_idx = _ranges(g0, gpos, sum(pos_h))
+            resp = resp_o[pos_idx]
+            zero = torch.zeros_like(gpos)
+            if path == "factored":
+                m, seg_m, errs = k.build_m(plan.vs_id, vs0, nv, g0, gpos, nv_h, pos_h)
+                # pass 1: positive tokens (errors read back from the M pass) -> anchors -> tau
+                k.scores(plan.vs_id, vs0, nv, seg_m, m, g0, gpos, max(pos_h), scores_o, errors=errs)
+                del errs
+                if batch.anchor == "others" and pos_idx.numel():
+                    # each positive response's own contribution: segments = responses, V* of their group
+                    firsts, r_len = _runs(resp)
+                    r_start = pos_idx[firsts].contiguous()
+                    where = torch.full((plan.g_start.numel(),), -1, dtype=torch.int64, device=dev)
+                    where[ixt] = torch.arange(len(ix), device=dev)
+                    loc = where[plan.grp_of[r_start]]
+                    r_vs0, r_nv, r_len = vs0[loc].contiguous(), nv[loc].contiguous(), r_len.contiguous()
+                    r_len_h, r_nv_h = r_len.tolist(), r_nv.tolist()
+                    m_r, seg_m_r, errs_r = k.build_m(plan.vs_id, r_vs0, r_nv, r_start, r_len, r_nv_h, r_len_h)
+                    k.scores(plan.vs_id, r_vs0, r_nv, seg_m_r, m_r, r_start, r_len, max(r_len_h), self_buf, errors=errs_r)
+                    del m_r, errs_r
+            else:
+                # errors of every token of the group, then the pairwise kernel (positive tokens first)
+                gp, seg_gp = k.errors(plan.vs_id, vs0, nv, g0, glen, nv_h, len_h)
+                k.pair_scores(gp, seg_gp, nv, g0, glen, gpos, zero, gpos, max(pos_h), resp_o, scores_o)
+                if batch.anchor == "others" and pos_idx.numel():
+                    k.pair_scores(gp, seg_gp, nv, g0, glen, gpos, zero, gpos, max(pos_h), resp_o, self_buf,
+                                  self_only=True)
+            anchor_vals = scores_o[pos_idx]
+            if batch.anchor == "others" and pos_idx.numel():
+                anchor_vals = anchor_vals - self_buf[pos_idx]
+            gb = plan.g_batch[ixt]
+            tau_c = group_tau(anchor_vals, resp, batch.resp_group, n_groups, batch.beta)[gb].to(torch.float32)
+            tau_all[gb] = tau_c
+            # pass 2: negative tokens, threshold and rescale fused
+            select = (tau_c.contiguous(), eta_all[gb].contiguous(), adv_o, out_adv, out_sel)
+            max_neg = max(a - b for a, b in zip(len_h, pos_h))
+            if path == "factored":
+                k.scores(plan.vs_id, vs0, nv, seg_m, m, (g0 + gpos).contiguous(), (glen - gpos).contiguous(), max_neg,
+                         scores_o, select)
+                del m
+            else:
+                k.pair_scores(gp, seg_gp, nv, g0, glen, gpos, gpos, (glen - gpos).contiguous(), max_neg, resp_o,
+                              scores_o, select)
+                del gp
 
     n = batch.n_tokens
     scores = torch.zeros(n, dtype=torch.float32, device=dev)
