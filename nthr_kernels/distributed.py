@@ -1,0 +1,329 @@
+"""NTHR for rollout batches whose prompt groups are spread over the ranks of a ``torch.distributed`` group.
+
+Each rank passes only its own, whole responses with *global* group ids. The result on every rank equals
+the single-process result on the concatenated batch (up to the floating-point reduction order of the
+all-reduced ``M``, see below); each rank gets the token-level outputs of its own responses and the
+per-group outputs (``group_ids``, ``tau``, ``eta``, ``active``) of *all* groups, ordered by global id.
+
+Algorithm (the factored form of the torch backend; every rank issues the same collectives in the same order):
+
+1. One ``all_gather`` of a small descriptor (validation status, ``d``, ``|V|``, temperature, beta, anchor, eta,
+   number of local groups): every rank raises together if any rank's inputs are invalid or inconsistent.
+2. ``all_gather`` of the local sorted group ids: every rank knows the global sorted list of groups,
+   including those it holds no response of.
+3. ``all_reduce(SUM)`` of the per-group statistics ``[responses, positive responses, positive tokens,
+   present]`` (int64): ``N+``, ``G``, ``p``, "mixed with a positive token" and "held by several ranks"
+   (*shared*) are global.
+4. ``V*``: ``all_gather`` of each rank's per-group count of local unique ids (int64 ``[n_active]``), then
+   ``all_gather`` of the local ``(group, id)`` keys of the shared groups only (int32 when
+   ``n_active * |V|`` fits, else int64); ``V*`` of a shared group is the union. A group held by a single
+   rank needs no ids from anyone: the other ranks only need its size (from the counts) so that every
+   rank walks the same chunks.
+5. Per chunk, the rows of ``M = sum_{u in P} g_u h_u^T`` (float32) that belong to shared groups are
+   ``all_reduce(SUM)``-ed (valid rows only, the chunk padding is not sent); unshared groups skip it.
+6. Every rank scores its own tokens, computes its positive anchors, and the per-group minimum anchor is
+   ``all_reduce(MIN)``-ed (float64 ``[n_groups]``) before ``tau``.
+
+Bytes each rank contributes per call (payload of its collectives; a ring all-reduce moves about
+``2 (W-1)/W`` times the payload per rank over the wire, an all-gather delivers ``W`` times it)::
+
+    72                                   descriptor (9 float64)
+  + 8 * n_loc                            group ids (int64, padded to the rank with most groups)
+  + 32 * n_groups                        group statistics (4 int64 per group)
+  + 8 * n_active                         local |V*| counts per active group
+  + k * K_shared                         V* keys of shared groups (k = 4 while n_active * |V| < 2**31,
+                                         else 8; K_shared: the largest rank's count of local unique
+                                         (group, id) pairs in shared active groups)
+  + 4 * d * sum_{g active, shared} |V*_g|    M rows (float32), the dominant term
+  + 8 * n_groups                         minimum anchors (float64)
+
+Measured for the qwen1.5b-step shape (64 groups x 8 responses, lengths uniform in [256, 1792], Zipf ids
+over |V| = 151936, 47 active groups, 526,650 tokens, sum |V*| over active groups 130,554), two ranks:
+responses placed at random (every group shared): 802,435,612 bytes per rank at d = 1536, of which M
+802,123,776; contiguous halves cut inside one group (TRL's layout when the per-process batch is not a
+multiple of G): 16,967,216 bytes (one shared group, |V*| = 2,760); whole groups per rank (no group
+shared): 3,264 bytes.
+:class:`CommStats` records what was actually sent.
+
+Tolerance. Groups held by one rank are computed by the same arithmetic as in one process (same chunks,
+same block order) when each rank keeps the global relative order of its responses; shared groups sum
+``M`` over ranks, so their scores differ from the single-process ones by float32 rounding
+(relative ``~1e-6`` of ``sum_u |<g_u, g_t>| |<h_u, h_t>|``). A negative token whose score lies within that
+distance of ``tau`` may be selected differently; all else is identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ._common import ETA_NAMES, EtaSpec, finish
+from ._validate import ANCHORS, check_backend, validate_batch
+from .backends import torch_backend
+
+__all__ = ["CommStats", "nthr_advantages_distributed"]
+
+_DESC = 9  # ok, d, vocab, temperature, beta, anchor index, eta kind, eta value, local group count
+
+
+@dataclass
+class CommStats:
+    """Collectives issued by this rank in one call: ``(op, dtype, numel, payload_bytes)`` each.
+
+    ``payload_bytes`` is the size of the tensor this rank contributes (for an all-gather, its own
+    slice). ``bytes_by_stage`` sums them per stage name.
+    """
+
+    world_size: int = 1
+    calls: list = field(default_factory=list)
+
+    def record(self, stage: str, op: str, t: torch.Tensor) -> None:
+        self.calls.append((stage, op, str(t.dtype).replace("torch.", ""), t.numel(), t.numel() * t.element_size()))
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(c[4] for c in self.calls)
+
+    @property
+    def bytes_by_stage(self) -> dict:
+        out: dict = {}
+        for c in self.calls:
+            out[c[0]] = out.get(c[0], 0) + c[4]
+        return out
+
+
+class _Comm:
+    """The collectives, counted."""
+
+    def __init__(self, group, stats: CommStats):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.stats = stats
+        stats.world_size = self.world
+
+    def all_gather(self, stage: str, t: torch.Tensor) -> torch.Tensor:
+        """``[W, *t.shape]``: every rank's ``t`` (same shape on every rank)."""
+        t = t.contiguous()
+        self.stats.record(stage, "all_gather", t)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.group)
+        return torch.stack(out)
+
+    def all_gather_var(self, stage: str, t: torch.Tensor, sizes: list) -> list:
+        """Variable-length 1-D all-gather: ``t`` has ``sizes[rank]`` elements; padded to ``max(sizes)``."""
+        n = max(sizes) if sizes else 0
+        if n == 0:
+            return [t.new_empty(0) for _ in sizes]
+        pad = torch.zeros(n, dtype=t.dtype, device=t.device)
+        pad[: t.numel()] = t
+        rows = self.all_gather(stage, pad)
+        return [rows[r, : sizes[r]] for r in range(self.world)]
+
+    def all_reduce(self, stage: str, t: torch.Tensor, op) -> torch.Tensor:
+        t = t.contiguous()
+        self.stats.record(stage, "all_reduce", t)
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+
+def _eta_code(eta) -> list:
+    """``[kind, value]``: names by index, numbers by value, callables as one kind (not comparable)."""
+    if isinstance(eta, str):
+        return [0.0, float(ETA_NAMES.index(eta))]
+    if callable(eta):
+        return [2.0, 0.0]
+    return [1.0, float(eta)]
+
+
+def _descriptor(batch, dev) -> torch.Tensor:
+    if batch is None:
+        return torch.tensor([0.0] + [math.nan] * (_DESC - 2) + [0.0], dtype=torch.float64, device=dev)
+    return torch.tensor(
+        [
+            1.0,
+            float(batch.hidden.shape[-1]),
+            float(batch.vocab_size),
+            batch.temperature,
+            batch.beta,
+            float(ANCHORS.index(batch.anchor)),
+            *_eta_code(batch.eta),
+            float(batch.group_ids.numel()),
+        ],
+        dtype=torch.float64,
+        device=dev,
+    )
+
+
+def _check_consistent(desc: torch.Tensor, rank: int) -> None:
+    """Raise (on every rank alike) unless every rank validated and all agree on the shared scalars."""
+    bad = (desc[:, 0] == 0).nonzero().squeeze(1).tolist()
+    if bad:
+        others = [r for r in bad if r != rank]
+        raise ValueError(f"process_group: rank(s) {others or bad} rejected their inputs (see the error on that rank)")
+    names = ("hidden (d)", "lm_head_weight/logits (|V|)", "temperature", "beta", "anchor", "eta", "eta")
+    for j, name in enumerate(names, start=1):
+        col = desc[:, j]
+        if not bool((col == col[0]).all()):
+            raise ValueError(f"{name}: differs between ranks of process_group: {col.tolist()}")
+
+
+def nthr_advantages_distributed(
+    hidden: torch.Tensor,
+    token_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    process_group,
+    group_ids,
+    lm_head_weight: Optional[torch.Tensor] = None,
+    logits: Optional[torch.Tensor] = None,
+    old_logprobs: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    group_size: Optional[int] = None,
+    beta: float = 1.0,
+    eta: EtaSpec = "2|0.5-p|",
+    anchor: str = "all",
+    reward_threshold: float = 0.5,
+    backend: str = "auto",
+    check_finite: bool = True,
+    budget: Optional[int] = None,
+    comm_stats: Optional[CommStats] = None,
+):
+    """:func:`nthr_kernels.nthr_advantages` over the ranks of ``process_group`` (a collective: every rank
+    of the group must call it, with its own responses and their global ``group_ids``).
+
+    Same arguments and result type as :func:`nthr_kernels.nthr_advantages`; ``group_size`` is refused
+    (a rank's responses are not whole groups in general). Only the torch backend implements the
+    collectives (``backend`` must be ``"auto"`` or ``"torch"``). ``comm_stats`` (a :class:`CommStats`)
+    receives every collective this rank issued. The eta rule must be the same on every rank (a callable
+    cannot be compared across ranks; names and numbers are checked).
+    """
+    from .api import NTHRResult  # the api module delegates here; import lazily to avoid a cycle
+
+    if group_size is not None:
+        raise ValueError(
+            "group_size, process_group: group_size is not accepted with process_group; pass the global "
+            "group id of every local response in group_ids"
+        )
+    if process_group is None:
+        raise ValueError("process_group: required (pass torch.distributed.group.WORLD for the default group)")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised")
+    if group_ids is None:
+        raise ValueError("group_ids: required with process_group (global group id of every local response)")
+    backend = check_backend(backend)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend: the distributed path runs on the torch backend ('auto' or 'torch'), got {backend!r}")
+    if comm_stats is not None and not isinstance(comm_stats, CommStats):
+        raise TypeError(f"comm_stats: expected a CommStats, got {type(comm_stats).__name__}")
+    stats = comm_stats if comm_stats is not None else CommStats()
+    comm = _Comm(process_group, stats)
+    dev = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    budget = budget or torch_backend.SCRATCH_ELEMS
+
+    with torch.no_grad():
+        # ---- 1. validate locally; every rank learns whether all succeeded --------------------------------
+        err, batch = None, None
+        try:
+            batch = validate_batch(
+                hidden, token_ids, rewards, advantages,
+                lm_head_weight=lm_head_weight, logits=logits, old_logprobs=old_logprobs,
+                temperature=temperature, mask=mask, cu_seqlens=cu_seqlens, group_size=None,
+                group_ids=group_ids, beta=beta, eta=eta, anchor=anchor,
+                reward_threshold=reward_threshold, check_finite=check_finite,
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+            err = e
+        desc = comm.all_gather("descriptor", _descriptor(batch, dev))
+        if err is not None:
+            raise err
+        _check_consistent(desc, comm.rank)
+
+        # ---- 2. global group list ----------------------------------------------------------------------
+        sizes = [int(x) for x in desc[:, _DESC - 1].tolist()]
+        parts = comm.all_gather_var("group_ids", batch.group_ids, sizes)
+        gids = torch.unique(torch.cat(parts)) if parts else batch.group_ids
+        n_groups = gids.numel()
+        loc2glob = torch.searchsorted(gids, batch.group_ids)
+        resp_group = loc2glob[batch.resp_group]
+
+        # ---- 3. global group statistics -----------------------------------------------------------------
+        st = torch.zeros(n_groups, 4, dtype=torch.int64, device=dev)
+        pos_tok = batch.positive[batch.tok_resp]
+        st[:, 0] = torch.bincount(resp_group, minlength=n_groups)
+        st[:, 1] = torch.bincount(resp_group[batch.positive], minlength=n_groups)
+        st[:, 2] = torch.bincount(resp_group[batch.tok_resp][pos_tok], minlength=n_groups)
+        st[:, 3] = (st[:, 0] > 0).to(torch.int64)
+        st = comm.all_reduce("group_stats", st, dist.ReduceOp.SUM)
+        n_resp, n_pos, n_ranks = st[:, 0], st[:, 1], st[:, 3]
+        active = (n_pos > 0) & (n_pos < n_resp) & (st[:, 2] > 0)
+        shared_g = n_ranks > 1  # [n_groups]
+        gb = dataclasses.replace(
+            batch, resp_group=resp_group, group_ids=gids, n_pos=n_pos, n_resp=n_resp, group_active=active
+        )
+
+        # ---- 4. V* per active group (union over ranks for shared groups) ---------------------------------
+        vocab = gb.vocab_size
+        act_shared = shared_g[active]  # [n_act], dense active order (same as make_plan's)
+
+        def vstar(grp_of, ids, n_g):
+            if n_g == 0:  # no active group anywhere (the list is global): nothing to exchange
+                return grp_of[:0], ids[:0]
+            key_dtype = torch.int32 if n_g * vocab < 2**31 else torch.int64
+            keys = torch.unique(grp_of * vocab + ids)
+            kg = keys // vocab
+            cnt = torch.bincount(kg, minlength=n_g)
+            counts = comm.all_gather("vstar_counts", cnt)  # [W, n_g]
+            mine = keys[act_shared[kg]].to(key_dtype)
+            key_sizes = counts[:, act_shared].sum(1).tolist() if n_g else [0] * comm.world
+            got = comm.all_gather_var("vstar_keys", mine, key_sizes)
+            union = torch.unique(torch.cat(got).to(torch.int64)) if got else keys[:0]
+            # unshared groups: the owner knows its ids; the others only need the count (placeholder id 0)
+            own = keys[~act_shared[kg]]
+            others = ~act_shared & (cnt == 0)
+            n_other = counts.sum(0)[others]
+            ph_group = torch.repeat_interleave(others.nonzero().squeeze(1), n_other)
+            all_keys = torch.cat([union, own, ph_group * vocab])
+            all_keys, _ = torch.sort(all_keys, stable=True)
+            return all_keys // vocab, all_keys % vocab
+
+        plan = torch_backend.make_plan(gb, budget, vstar=vstar)
+
+        # ---- 5. scores with M all-reduced over the shared groups -----------------------------------------
+        def reduce_m(m, k0, k1, c0, c1):
+            sg = torch.arange(k0, k1, device=dev)
+            cols = c0 + torch.arange(c1 - c0, device=dev)
+            rows = (cols[None, :] < plan.vs_count[sg][:, None]) & act_shared[sg][:, None]
+            if not bool(rows.any()):
+                return m
+            packed = comm.all_reduce("M", m[rows], dist.ReduceOp.SUM)
+            m[rows] = packed
+            return m
+
+        scores, anchor_scores = torch_backend.nthr_scores(gb, budget, plan, reduce_m)
+
+        # ---- 6. anchors, tau (min over ranks), selection -------------------------------------------------
+        def reduce_min(min_anchor):
+            return comm.all_reduce("min_anchor", min_anchor.contiguous(), dist.ReduceOp.MIN)
+
+        selected, token_adv, tau, eta_g = finish(
+            scores, anchor_scores, gb.tok_resp, gb.resp_group, gb.positive, gb.adv, gb.group_active,
+            gb.n_pos, gb.n_resp, beta=gb.beta, eta=gb.eta, reduce_min_anchor=reduce_min,
+        )
+        return NTHRResult(
+            token_advantages=gb.scatter(token_adv.to(torch.float32)),
+            selected=gb.scatter(selected, False),
+            scores=gb.scatter(scores.to(torch.float32)),
+            group_ids=gids.clone(),
+            tau=tau,
+            eta=eta_g,
+            active=active.clone(),
+        )
+

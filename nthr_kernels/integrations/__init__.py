@@ -1,0 +1,7 @@
+"""Trainer integrations. Importing this package imports neither TRL nor verl.
+
+- :mod:`nthr_kernels.integrations.trl`: ``NTHRGRPOTrainer``, a ``trl.GRPOTrainer`` subclass
+  (``pip install nthr-kernels[trl]``).
+- :mod:`nthr_kernels.integrations.verl`: the ``"nthr"`` advantage estimator for verl, usable without
+  verl installed (the registration with verl's registry happens only when verl is importable).
+"""

@@ -1,0 +1,294 @@
+"""Distributed NTHR (gloo, CPU, 2 and 3 processes) against the single-process result on the same data.
+
+One ``torch.multiprocessing.spawn`` per world size runs every case (process start-up dominates the cost);
+each rank writes its outputs to a file and the tests compare them here.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nthr_kernels import nthr_advantages
+from nthr_kernels.distributed import CommStats
+from nthr_kernels.synthetic import make_batch
+
+D, VOCAB = 24, 200
+
+
+# --------------------------------------------------------------------------------------------------
+# cases: (name, batch builder kwargs, nthr kwargs, assignment rule)
+# --------------------------------------------------------------------------------------------------
+def _degenerate_lengths():
+    # 8 groups of 4; group 5: the only positive response is empty; group 6: every response empty.
+    lens = [int(x) for x in torch.randint(0, 30, (32,), generator=torch.Generator().manual_seed(5))]
+    lens[20:24] = [0, 7, 9, 3]
+    lens[24:28] = [0, 0, 0, 0]
+    return lens
+
+
+CASES = {
+    # random assignment, padded layout with holes, old_logprobs shortcut
+    "random_padded": dict(batch=dict(n_groups=10, group_size=5, lengths=(0, 40), holes=True, seed=3),
+                          kw=dict(), assign="random"),
+    # packed layout, anchor="others", beta=0, eta "1-p"
+    "random_packed_others": dict(batch=dict(n_groups=9, group_size=4, lengths=(1, 30), packed=True, seed=2),
+                                 kw=dict(anchor="others", beta=0.0, eta="1-p"), assign="random"),
+    # logits instead of lm_head_weight, temperature 0.7, beta=-inf
+    "random_logits": dict(batch=dict(n_groups=6, group_size=6, lengths=(2, 25), seed=3, temperature=0.7),
+                          kw=dict(beta=-math.inf, eta=0.25, use_logits=True), assign="random"),
+    # whole groups per rank, global order kept: bitwise identical to one process
+    "unsplit_ordered": dict(batch=dict(n_groups=9, group_size=4, lengths=(0, 35), seed=4),
+                            kw=dict(), assign="by_group"),
+    # degenerate groups (all correct, all wrong, empty positive, all empty), contiguous split that cuts
+    # a group, and (with 3 ranks) a rank that holds no response at all
+    "degenerate": dict(batch=dict(n_groups=8, group_size=4, lengths=_degenerate_lengths(), seed=5,
+                                  success=[1.0, 0.0, 0.5, 0.5, 1.0, 0.5, 0.5, 0.0]),
+                       kw=dict(beta=0.0), assign="cut_inside_group"),
+    # no active group anywhere
+    "none_active": dict(batch=dict(n_groups=4, group_size=3, lengths=(1, 10), seed=6,
+                                   success=[1.0, 0.0, 1.0, 0.0]),
+                        kw=dict(), assign="random"),
+}
+
+
+def _full(case):
+    spec = CASES[case]
+    b = make_batch(d=D, vocab=VOCAB, **spec["batch"])
+    if case == "degenerate":  # force the positive/empty structure regardless of the sampled rewards
+        r = b.rewards.clone()
+        r[20:24] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        r[24:28] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        b.rewards = r
+    gid = torch.arange(b.rewards.numel()) // b.group_size * 7 + 100  # arbitrary global ids
+    kw = dict(spec["kw"])
+    use_logits = kw.pop("use_logits", False)
+    src = dict(lm_head_weight=b.lm_head_weight, old_logprobs=b.old_logprobs)
+    if use_logits:
+        src = dict(logits=b.hidden @ b.lm_head_weight.T)
+    return b, gid, src, kw
+
+
+def _assignment(case, n_resp, world):
+    rule = CASES[case]["assign"]
+    g = torch.Generator().manual_seed(list(CASES).index(case) * 10 + world)
+    if rule == "random":
+        return torch.randint(0, world, (n_resp,), generator=g)
+    if rule == "by_group":
+        gs = CASES[case]["batch"]["group_size"]
+        return (torch.arange(n_resp) // gs) % world
+    # rows [0, 14) on rank 0, the rest on rank 1 (cuts group 3 of size 4); with 3 ranks, rank 2 is empty
+    return (torch.arange(n_resp) >= 14).to(torch.int64)
+
+
+def _local(b, gid, src, rows):
+    """The responses ``rows`` (sorted) of the full batch, in either layout."""
+    if b.cu_seqlens is None:
+        loc = dict(hidden=b.hidden[rows], token_ids=b.token_ids[rows], mask=b.mask[rows])
+        for k, v in src.items():
+            loc[k] = v if k == "lm_head_weight" else v[rows]
+        return loc
+    cu = b.cu_seqlens.to(torch.int64)
+    tok = torch.cat([torch.arange(int(cu[r]), int(cu[r + 1])) for r in rows.tolist()] + [torch.zeros(0, dtype=torch.int64)])
+    lens = (cu[1:] - cu[:-1])[rows]
+    loc_cu = torch.zeros(rows.numel() + 1, dtype=torch.int32)
+    loc_cu[1:] = torch.cumsum(lens, 0)
+    loc = dict(hidden=b.hidden[tok], token_ids=b.token_ids[tok], cu_seqlens=loc_cu)
+    for k, v in src.items():
+        loc[k] = v if k == "lm_head_weight" else v[tok]
+    return loc
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        res = {}
+        for case in CASES:
+            b, gid, src, kw = _full(case)
+            n_resp = b.rewards.numel()
+            rows = (_assignment(case, n_resp, world) == rank).nonzero().squeeze(1)
+            loc = _local(b, gid, src, rows)
+            snap = {k: v.clone() for k, v in loc.items() if isinstance(v, torch.Tensor)}
+            stats = CommStats()
+            from nthr_kernels.distributed import nthr_advantages_distributed
+
+            r = nthr_advantages_distributed(
+                loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
+                group_ids=gid[rows], process_group=dist.group.WORLD, temperature=b.temperature,
+                comm_stats=stats, **loc, **kw,
+            )
+            unchanged = all(torch.equal(snap[k], v) for k, v in _local(b, gid, src, rows).items() if k in snap)
+            res[case] = dict(rows=rows, result=r.__dict__, unchanged=unchanged, bytes=stats.payload_bytes,
+                             stages=stats.bytes_by_stage, calls=stats.calls)
+        # the public entry point dispatches to the same code
+        b, gid, src, kw = _full("random_padded")
+        rows = (_assignment("random_padded", b.rewards.numel(), world) == rank).nonzero().squeeze(1)
+        loc = _local(b, gid, src, rows)
+        r = nthr_advantages(loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
+                            group_ids=gid[rows], process_group=dist.group.WORLD, **loc)
+        res["api"] = dict(result=r.__dict__)
+        # errors: every rank raises, none hangs
+        errs = {}
+        try:  # rank 1's rewards have the wrong length
+            n = rows.numel() + (1 if rank == 1 else 0)
+            nthr_advantages(b.hidden[rows], b.token_ids[rows], torch.zeros(n), torch.zeros(n),
+                            group_ids=gid[rows], process_group=dist.group.WORLD, mask=b.mask[rows],
+                            lm_head_weight=b.lm_head_weight)
+        except ValueError as e:
+            errs["bad_rank"] = str(e)
+        try:  # temperatures disagree
+            nthr_advantages(b.hidden[rows], b.token_ids[rows], b.rewards[rows], b.advantages[rows],
+                            group_ids=gid[rows], process_group=dist.group.WORLD, mask=b.mask[rows],
+                            lm_head_weight=b.lm_head_weight, temperature=1.0 + rank)
+        except ValueError as e:
+            errs["temperature"] = str(e)
+        res["errors"] = errs
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"dist{world}")
+    mp.spawn(_worker, args=(world, str(d / "init"), str(d)), nprocs=world, join=True)
+    return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def ranks(request, tmp_path_factory):
+    return _spawn(request.param, tmp_path_factory)
+
+
+def _single(case):
+    b, gid, src, kw = _full(case)
+    lay = dict(mask=b.mask) if b.cu_seqlens is None else dict(cu_seqlens=b.cu_seqlens)
+    return nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, group_ids=gid, backend="torch",
+                           temperature=b.temperature, **src, **lay, **kw), b
+
+
+def _merge(ranks, case, key, full_like):
+    """Token-level output of every rank placed back into the full batch's layout."""
+    b = _full(case)[0]
+    out = torch.zeros_like(full_like)
+    for r in ranks:
+        rows, val = r[case]["rows"], r[case]["result"][key]
+        if b.cu_seqlens is None:
+            out[rows] = val
+        else:
+            cu = b.cu_seqlens.to(torch.int64)
+            tok = torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in rows.tolist()] + [torch.zeros(0, dtype=torch.int64)])
+            out[tok] = val
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_single_process(ranks, case):
+    ref, b = _single(case)
+    for r in ranks:
+        assert r[case]["unchanged"], "the caller's tensors were modified"
+        res = r[case]["result"]
+        # per-group outputs: global, identical on every rank
+        assert torch.equal(res["group_ids"], ref.group_ids)
+        assert torch.equal(res["active"], ref.active)
+        assert torch.equal(res["eta"], ref.eta)
+        torch.testing.assert_close(res["tau"], ref.tau, rtol=1e-5, atol=1e-6, equal_nan=True)
+    scores = _merge(ranks, case, "scores", ref.scores)
+    scale = float(ref.scores.abs().max()) if ref.scores.numel() else 0.0
+    tol = 1e-5 * max(scale, 1e-6)
+    assert float((scores - ref.scores).abs().max()) <= tol if scores.numel() else True
+    sel = _merge(ranks, case, "selected", ref.selected)
+    adv = _merge(ranks, case, "token_advantages", ref.token_advantages)
+    # selection may differ only for a token whose score is within the tolerance of its group's tau
+    differ = sel != ref.selected
+    if bool(differ.any()):
+        gid = _full(case)[1]
+        tau_resp = ref.tau[torch.searchsorted(ref.group_ids, gid)]
+        if b.cu_seqlens is None:
+            tau_tok = tau_resp[:, None].expand_as(ref.scores)
+        else:
+            tau_tok = torch.repeat_interleave(tau_resp, (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).to(torch.int64))
+        assert bool(((ref.scores - tau_tok).abs()[differ] <= tol).all()), "a selection differs far from tau"
+    same = ~differ
+    assert torch.equal(adv[same], ref.token_advantages[same])
+    if case == "unsplit_ordered":  # same arithmetic as one process: bit for bit
+        assert torch.equal(scores, ref.scores)
+        for r in ranks:
+            assert torch.equal(r[case]["result"]["tau"].nan_to_num(7.0), ref.tau.nan_to_num(7.0))
+    if case in ("random_padded", "degenerate"):  # the test must be able to fail: NTHR changed something
+        assert bool(ref.selected.any()) and bool((ref.token_advantages != 0).any())
+    if case == "degenerate":
+        assert ref.active.tolist() == [False, False, True, True, False, False, False, False]
+    if case == "none_active":
+        assert not bool(ref.active.any()) and not bool(ref.selected.any())
+
+
+def test_api_dispatch_equals_module(ranks):
+    for r in ranks:
+        for k, v in r["api"]["result"].items():
+            assert torch.equal(v.nan_to_num(7.0) if v.is_floating_point() else v,
+                               r["random_padded"]["result"][k].nan_to_num(7.0) if v.is_floating_point()
+                               else r["random_padded"]["result"][k]), k
+
+
+def test_errors_raise_on_every_rank(ranks):
+    for i, r in enumerate(ranks):
+        e = r["errors"]
+        assert "temperature" in e["temperature"]
+        if i == 1:
+            assert e["bad_rank"].startswith("rewards:")
+        else:
+            assert "rank(s) [1] rejected" in e["bad_rank"]
+
+
+def test_unshared_groups_send_no_matrix(ranks):
+    # by_group keeps every group on one rank: no M, no keys; only the small bookkeeping collectives
+    for r in ranks:
+        st = r["unsplit_ordered"]["stages"]
+        assert "M" not in st and st.get("vstar_keys", 0) == 0
+        assert "M" in r["random_padded"]["stages"]
+
+
+def test_group_size_refused_with_process_group():
+    b = make_batch(2, 2, (1, 3), 4, 10)
+    with pytest.raises(ValueError, match="group_size"):
+        nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, lm_head_weight=b.lm_head_weight,
+                        mask=b.mask, group_size=2, process_group=object())
+
+
+def test_uninitialised_process_group_refused():
+    b = make_batch(2, 2, (1, 3), 4, 10)
+    with pytest.raises(ValueError, match="process_group"):
+        nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, lm_head_weight=b.lm_head_weight,
+                        mask=b.mask, group_ids=[0, 0, 1, 1], process_group=object())
+
+
+@pytest.mark.parametrize("case", ["random_padded", "unsplit_ordered", "random_logits"])
+def test_bytes_match_formula(ranks, case):
+    """The payload formula of nthr_kernels.distributed, evaluated on the full batch, equals what was sent."""
+    ref, b = _single(case)
+    gid = _full(case)[1]
+    world = len(ranks)
+    assert all([c[:4] for c in r[case]["calls"]] == [c[:4] for c in ranks[0][case]["calls"]] for r in ranks)
+    owner = torch.zeros(gid.numel(), dtype=torch.int64)
+    for i, r in enumerate(ranks):
+        owner[r[case]["rows"]] = i
+    groups = ref.group_ids.tolist()
+    ranks_of = {g: set(owner[gid == g].tolist()) for g in groups}
+    act = [g for g, a in zip(groups, ref.active.tolist()) if a]
+    shared = [g for g in act if len(ranks_of[g]) > 1]
+    tok_of = lambda rows: b.token_ids[rows][b.mask[rows]]  # noqa: E731
+    vstar = {g: torch.unique(tok_of((gid == g).nonzero().squeeze(1))).numel() for g in act}
+    k_shared = max(
+        sum(torch.unique(tok_of(((gid == g) & (owner == i)).nonzero().squeeze(1))).numel() for g in shared)
+        for i in range(world)
+    )
+    n_loc = max(len({g for g in groups if i in ranks_of[g]}) for i in range(world))
+    expected = (72 + 8 * n_loc + 32 * len(groups) + 8 * len(act) + 4 * k_shared
+                + 4 * D * sum(vstar[g] for g in shared) + 8 * len(groups))
+    for r in ranks:
+        assert r[case]["bytes"] == expected, r[case]["stages"]
