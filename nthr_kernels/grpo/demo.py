@@ -62,7 +62,7 @@ def json_safe(x):
     return x
 
 
-def run_demo(out_dir: str = "nthr_demo", quick: bool = False, json_path: str | None = None, *,
+def run_demo(out_dir: str = "nthr_results", quick: bool = False, json_path: str | None = None, *,
              seed: int = 0, progress: bool = True) -> dict:
     """Run the LLD study on the embedded default model; write plots, HTML and JSON into ``out_dir``.
 
