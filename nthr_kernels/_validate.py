@@ -64,9 +64,15 @@ def check_backend(backend) -> str:
 def check_all_finite(name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
     """Raise if ``x`` holds NaN/Inf; with ``rows`` (bool over the leading dims) only where it is True.
 
-    Scans in chunks of leading-dim rows so the temporary bool tensor stays below ``_SCAN_ELEMS``.
+    Fast path: one ``aminmax`` over the whole tensor (a single read, no temporary; NaN and Inf
+    propagate into min/max). Only if that finds a non-finite value and ``rows`` is given does a
+    row-wise scan decide whether it sits at a selected row; that scan works in chunks so its
+    temporary bool tensor stays below ``_SCAN_ELEMS`` elements.
     """
     if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
         return
     lead = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
     sel = rows.reshape(-1) if rows is not None else None
@@ -181,7 +187,51 @@ def _binary_positive(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
     return pos
 
 
-def validate_batch(
+def group_ids_tensor(group_ids, device) -> torch.Tensor:
+    """``group_ids`` as an integer tensor (a sequence of ints is converted); ``TypeError`` otherwise."""
+    if not isinstance(group_ids, torch.Tensor):
+        try:
+            group_ids = torch.as_tensor(list(group_ids), device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"group_ids: expected a sequence or tensor of integers ({e})") from None
+        if group_ids.numel() == 0:
+            group_ids = group_ids.to(torch.int64)
+    check_int_tensor("group_ids", group_ids)
+    return group_ids
+
+
+def _groups(n_resp: int, group_size, group_ids, device):
+    """``(sorted unique group ids, group index of each response)`` from ``group_size`` or ``group_ids``."""
+    if group_size is not None:
+        return torch.arange(n_resp // group_size, device=device), torch.arange(n_resp, device=device) // group_size
+    gids, resp_group = torch.unique(group_ids.to(torch.int64), sorted=True, return_inverse=True)
+    return gids, resp_group
+
+
+def group_success_rates(rewards, reward_threshold: float, group_size, group_ids) -> torch.Tensor:
+    """Float64 success rate ``p`` of every group (sorted by id) after the reward checks; for a callable
+    ``eta``, which the public API evaluates before the op (arguments already statically checked)."""
+    positive = _binary_positive(rewards, reward_threshold)
+    gids, resp_group = _groups(rewards.shape[0], group_size, group_ids, rewards.device)
+    n_resp = torch.bincount(resp_group, minlength=gids.numel())
+    n_pos = torch.bincount(resp_group, weights=positive.to(torch.float64), minlength=gids.numel())
+    return n_pos / n_resp.clamp_min(1).to(torch.float64)
+
+
+@dataclass
+class StaticInfo:
+    """What :func:`check_batch_static` derives from shapes and Python scalars alone."""
+
+    lead_shape: tuple
+    n_resp: int
+    vocab: int
+    temperature: float
+    beta: float
+    reward_threshold: float
+    group_ids: Optional[torch.Tensor]
+
+
+def check_batch_static(
     hidden,
     token_ids,
     rewards,
@@ -199,8 +249,10 @@ def validate_batch(
     eta,
     anchor,
     reward_threshold,
-    check_finite,
-) -> Batch:
+) -> StaticInfo:
+    """The checks of :func:`validate_batch` that read only types, shapes, dtypes, devices and Python
+    scalars, never tensor values: ``torch.compile`` traces them without a graph break, so the public API
+    runs them before the op and the op's eager kernel runs the value checks."""
     check_float_tensor("hidden", hidden)
     check_int_tensor("token_ids", token_ids)
     dev = hidden.device
@@ -229,18 +281,8 @@ def validate_batch(
         check_int_tensor("cu_seqlens", cu_seqlens)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens: expected a 1-D tensor [R+1], got shape {tuple(cu_seqlens.shape)}")
-        n = hidden.shape[0]
-        cs = cu_seqlens.to(torch.int64)
-        if int(cs[0]) != 0 or int(cs[-1]) != n or bool((cs[1:] < cs[:-1]).any()):
-            raise ValueError(
-                f"cu_seqlens: expected non-decreasing offsets from 0 to {n} (the rows of hidden), "
-                f"got first={int(cs[0])}, last={int(cs[-1])}"
-            )
-        n_resp = cs.numel() - 1
-        lengths = cs[1:] - cs[:-1]
-        tok_resp = torch.repeat_interleave(torch.arange(n_resp, device=dev), lengths)
-        tok_a, tok_b = torch.arange(n, device=dev), None
-        lead_shape = (n,)
+        n_resp = cu_seqlens.numel() - 1
+        lead_shape = (hidden.shape[0],)
     else:
         if hidden.dim() != 3:
             raise ValueError(
@@ -248,20 +290,11 @@ def validate_batch(
             )
         n_resp = hidden.shape[0]
         lead_shape = tuple(hidden.shape[:2])
-        if mask is None:
-            m = torch.ones(lead_shape, dtype=torch.bool, device=dev)
-        else:
+        if mask is not None:
             if tuple(mask.shape) != lead_shape:
                 raise ValueError(f"mask: expected shape {lead_shape} (hidden's [R, L]), got {tuple(mask.shape)}")
-            if mask.dtype != torch.bool:
-                if mask.is_floating_point() or mask.is_complex():
-                    raise TypeError(f"mask: expected a bool or 0/1 integer tensor, got dtype {mask.dtype}")
-                if bool(((mask != 0) & (mask != 1)).any()):
-                    raise ValueError("mask: an integer mask must hold only 0 and 1")
-            m = mask.to(torch.bool)
-        nz = m.nonzero()
-        tok_a, tok_b = nz[:, 0], nz[:, 1]
-        tok_resp = tok_a
+            if mask.is_floating_point() or mask.is_complex():
+                raise TypeError(f"mask: expected a bool or 0/1 integer tensor, got dtype {mask.dtype}")
     if tuple(token_ids.shape) != lead_shape:
         raise ValueError(f"token_ids: expected shape {lead_shape} (hidden without its last dim), got {tuple(token_ids.shape)}")
 
@@ -274,10 +307,6 @@ def validate_batch(
             raise TypeError(f"{name}: expected a real tensor, got dtype {x.dtype}")
     if not advantages.is_floating_point():
         raise TypeError(f"advantages: expected a floating-point tensor, got dtype {advantages.dtype}")
-    if not bool(torch.isfinite(advantages).all()):
-        raise ValueError("advantages: contains NaN or Inf")
-    positive = _binary_positive(rewards, rt)
-
     if (group_size is None) == (group_ids is None):
         raise ValueError("group_size, group_ids: pass exactly one of the two")
     if group_size is not None:
@@ -285,21 +314,10 @@ def validate_batch(
             raise TypeError(f"group_size: expected an int, got {type(group_size).__name__}")
         if group_size <= 0 or n_resp % group_size != 0:
             raise ValueError(f"group_size: must be a positive divisor of the number of responses {n_resp}, got {group_size}")
-        resp_group = torch.arange(n_resp, device=dev) // group_size
-        gids = torch.arange(n_resp // group_size, device=dev)
     else:
-        if not isinstance(group_ids, torch.Tensor):
-            try:
-                group_ids = torch.as_tensor(list(group_ids), device=dev)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(f"group_ids: expected a sequence or tensor of integers ({e})") from None
-            if group_ids.numel() == 0:
-                group_ids = group_ids.to(torch.int64)
-        check_int_tensor("group_ids", group_ids)
+        group_ids = group_ids_tensor(group_ids, dev)
         if group_ids.dim() != 1 or group_ids.shape[0] != n_resp:
             raise ValueError(f"group_ids: expected shape [{n_resp}] (one per response), got {tuple(group_ids.shape)}")
-        gids, resp_group = torch.unique(group_ids.to(torch.int64), sorted=True, return_inverse=True)
-    n_groups = gids.numel()
 
     # ---- old policy -----------------------------------------------------------------------------------
     if (lm_head_weight is None) == (logits is None):
@@ -322,7 +340,81 @@ def validate_batch(
     temperature = check_real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if old_logprobs is not None:
+        if logits is not None:
+            raise ValueError("old_logprobs: only used with lm_head_weight (with logits the normaliser comes from the logits)")
+        check_float_tensor("old_logprobs", old_logprobs)
+        if tuple(old_logprobs.shape) != lead_shape:
+            raise ValueError(f"old_logprobs: expected shape {lead_shape} (the layout of token_ids), got {tuple(old_logprobs.shape)}")
 
+    # ---- scalars ---------------------------------------------------------------------------------------
+    beta = check_real("beta", beta, allow_neg_inf=True)
+    check_eta(eta)
+    if not isinstance(anchor, str) or anchor not in ANCHORS:
+        raise ValueError(f"anchor: expected one of {ANCHORS}, got {anchor!r}")
+    return StaticInfo(lead_shape, n_resp, vocab, temperature, beta, rt, group_ids)
+
+
+def validate_batch(
+    hidden,
+    token_ids,
+    rewards,
+    advantages,
+    *,
+    lm_head_weight,
+    logits,
+    old_logprobs,
+    temperature,
+    mask,
+    cu_seqlens,
+    group_size,
+    group_ids,
+    beta,
+    eta,
+    anchor,
+    reward_threshold,
+    check_finite,
+) -> Batch:
+    """All checks (:func:`check_batch_static`, then the value checks) and the canonical token list."""
+    static_args = dict(locals())  # every parameter of this function, by name
+    del static_args["check_finite"]
+    st = check_batch_static(**static_args)
+    dev = hidden.device
+    lead_shape, n_resp, vocab, group_ids = st.lead_shape, st.n_resp, st.vocab, st.group_ids
+
+    # ---- layout -------------------------------------------------------------------------------------
+    if cu_seqlens is not None:
+        n = hidden.shape[0]
+        cs = cu_seqlens.to(torch.int64)
+        if int(cs[0]) != 0 or int(cs[-1]) != n or bool((cs[1:] < cs[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets from 0 to {n} (the rows of hidden), "
+                f"got first={int(cs[0])}, last={int(cs[-1])}"
+            )
+        lengths = cs[1:] - cs[:-1]
+        tok_resp = torch.repeat_interleave(torch.arange(n_resp, device=dev), lengths)
+        tok_a, tok_b = torch.arange(n, device=dev), None
+    else:
+        if mask is None:
+            m = torch.ones(lead_shape, dtype=torch.bool, device=dev)
+        else:
+            if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("mask: an integer mask must hold only 0 and 1")
+            m = mask.to(torch.bool)
+        nz = m.nonzero()
+        tok_a, tok_b = nz[:, 0], nz[:, 1]
+        tok_resp = tok_a
+
+    # ---- rewards, advantages, groups ------------------------------------------------------------------
+    rt = st.reward_threshold
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages: contains NaN or Inf")
+    positive = _binary_positive(rewards, rt)
+    gids, resp_group = _groups(n_resp, group_size, group_ids, dev)
+    n_groups = gids.numel()
+
+    # ---- old policy -----------------------------------------------------------------------------------
+    temperature = st.temperature
     tok_ids = (token_ids[tok_a] if tok_b is None else token_ids[tok_a, tok_b]).to(torch.int64)
     if tok_ids.numel() and (int(tok_ids.min()) < 0 or int(tok_ids.max()) >= vocab):
         raise ValueError(
@@ -330,22 +422,12 @@ def validate_batch(
             f"[{int(tok_ids.min())}, {int(tok_ids.max())}]"
         )
     if old_logprobs is not None:
-        if logits is not None:
-            raise ValueError("old_logprobs: only used with lm_head_weight (with logits the normaliser comes from the logits)")
-        check_float_tensor("old_logprobs", old_logprobs)
-        if tuple(old_logprobs.shape) != lead_shape:
-            raise ValueError(f"old_logprobs: expected shape {lead_shape} (the layout of token_ids), got {tuple(old_logprobs.shape)}")
         lp = old_logprobs[tok_a] if tok_b is None else old_logprobs[tok_a, tok_b]
         if not bool(torch.isfinite(lp).all()):
             raise ValueError("old_logprobs: contains NaN or Inf at a completion position")
         if lp.numel() and float(lp.max()) > 0:
             raise ValueError(f"old_logprobs: log-probabilities must be <= 0, got max {float(lp.max())}")
-
-    # ---- scalars ---------------------------------------------------------------------------------------
-    beta = check_real("beta", beta, allow_neg_inf=True)
-    check_eta(eta)
-    if not isinstance(anchor, str) or anchor not in ANCHORS:
-        raise ValueError(f"anchor: expected one of {ANCHORS}, got {anchor!r}")
+    beta = st.beta
 
     if check_finite:
         rows = m if (tok_b is not None and mask is not None) else None

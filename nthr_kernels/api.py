@@ -11,16 +11,19 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
+from . import ops as _ops
 from . import reference as _ref
 from ._common import EtaSpec
 from ._validate import (
     check_all_finite,
     check_backend,
+    check_batch_static,
     check_float_tensor,
     check_int_tensor,
     check_real,
     check_score_inputs,
-    validate_batch,
+    group_success_rates,
+    validate_batch,  # noqa: F401  (re-exported for the distributed path)
 )
 from .backends import torch_backend
 
@@ -100,21 +103,15 @@ def score_tokens(
     :func:`prediction_errors`). Any float dtype; float32 accumulation; returns float32 ``[T]``.
     The backend computes either the factored form (``M = err_pos^T h_pos``) or the pairwise form,
     whichever costs fewer FLOPs; neither forms a ``T+ x T`` matrix.
+
+    Runs as the op ``torch.ops.nthr.score_tokens`` (see :mod:`nthr_kernels.ops`): the shape and dtype
+    checks run here, the finiteness check and the backend inside the op, so ``torch.compile`` traces
+    this function without a graph break.
     """
     with torch.no_grad():
-        check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite)
-        b = _resolve(backend, h_neg.device)
-        if b == "reference":
-            return _ref.pairwise_scores(h_pos, h_neg, err_pos, err_neg).to(torch.float32)
-        if b == "triton":
-            from .backends import triton_backend
-
-            return triton_backend.score_tokens(h_pos, h_neg, err_pos, err_neg)
-        if b == "native":
-            from .backends import native_backend
-
-            return native_backend.score_tokens(h_pos, h_neg, err_pos, err_neg)
-        return torch_backend.score_tokens(h_pos, h_neg, err_pos, err_neg)
+        check_backend(backend)
+        check_score_inputs(h_pos, h_neg, err_pos, err_neg, False)
+        return torch.ops.nthr.score_tokens(h_pos, h_neg, err_pos, err_neg, backend, bool(check_finite))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +243,7 @@ def nthr_advantages(
     reward_threshold: float = 0.5,
     backend: str = "auto",
     check_finite: bool = True,
+    process_group=None,
 ) -> NTHRResult:
     """NTHR token advantages for a whole rollout batch (every group at once).
 
@@ -268,9 +266,25 @@ def nthr_advantages(
     ``backend``: ``"auto"`` (Triton on CUDA, native C++ on CPU when built, else torch), ``"torch"``,
     ``"triton"``, ``"native"``, or ``"reference"`` (float64, slow). Scratch memory of the torch backend:
     see :mod:`nthr_kernels.backends.torch_backend` (about ``28 * SCRATCH_ELEMS`` bytes plus ``O(N)``).
+
+    ``process_group``: a ``torch.distributed`` group whose ranks each hold some whole responses of the
+    batch (a group may straddle ranks); every rank calls this with its own responses and their global
+    ``group_ids`` (``group_size`` is refused). See :mod:`nthr_kernels.distributed`.
     """
+    if process_group is not None:
+        from .distributed import nthr_advantages_distributed
+
+        return nthr_advantages_distributed(
+            hidden, token_ids, rewards, advantages, process_group=process_group, group_ids=group_ids,
+            lm_head_weight=lm_head_weight, logits=logits, old_logprobs=old_logprobs, temperature=temperature,
+            mask=mask, cu_seqlens=cu_seqlens, group_size=group_size, beta=beta, eta=eta, anchor=anchor,
+            reward_threshold=reward_threshold, backend=backend, check_finite=check_finite,
+        )
     with torch.no_grad():
-        batch = validate_batch(
+        # Static checks here (traceable by torch.compile); value checks and the backend run inside the
+        # op torch.ops.nthr.nthr_advantages (nthr_kernels/ops.py).
+        check_backend(backend)
+        st = check_batch_static(
             hidden,
             token_ids,
             rewards,
@@ -287,39 +301,34 @@ def nthr_advantages(
             eta=eta,
             anchor=anchor,
             reward_threshold=reward_threshold,
-            check_finite=check_finite,
         )
-        b = _resolve(backend, batch.device)
-        if b == "reference":
-            scores, selected, token_adv, tau, eta_g = _reference_batch(batch)
-        elif b == "triton":
-            from .backends import triton_backend
-
-            scores, selected, token_adv, tau, eta_g = triton_backend.nthr_advantages(batch)
-        elif b == "native":
-            from .backends import native_backend
-
-            scores, selected, token_adv, tau, eta_g = native_backend.nthr_advantages(batch)
+        eta_name, eta_const, eta_table = "", 0.0, None
+        if isinstance(eta, str):
+            eta_name = eta
+        elif callable(eta):  # evaluated here, per group, in eager Python (a graph break under compile)
+            rates = group_success_rates(rewards, st.reward_threshold, group_size, st.group_ids)
+            eta_table = _ops.callable_eta_table(eta, rates)
         else:
-            scores, selected, token_adv, tau, eta_g = torch_backend.nthr_advantages(batch)
-        return NTHRResult(
-            token_advantages=batch.scatter(token_adv.to(torch.float32)),
-            selected=batch.scatter(selected, False),
-            scores=batch.scatter(scores.to(torch.float32)),
-            group_ids=batch.group_ids.clone(),
-            tau=tau,
-            eta=eta_g,
-            active=batch.group_active.clone(),
+            eta_const = float(eta)
+        out = torch.ops.nthr.nthr_advantages(
+            hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, st.temperature, mask,
+            cu_seqlens, group_size, st.group_ids, st.beta, eta_name, eta_const, eta_table, anchor,
+            st.reward_threshold, backend, bool(check_finite),
         )
+        return NTHRResult(*out)
 
 
-def _reference_batch(batch):
-    """Loop over groups with :func:`reference.nthr_group` (float64)."""
+def _reference_batch(batch, method: str = "factored"):
+    """Loop over groups with :func:`reference.nthr_group` (float64, on the batch's device).
+
+    The scores use the factored float64 form, equal to the brute-force double sum up to float64
+    rounding (``tests/test_reference.py``) and affordable at realistic sizes.
+    """
     n = batch.n_tokens
     dev = batch.device
-    scores = torch.zeros(n, dtype=torch.float64)
-    selected = torch.zeros(n, dtype=torch.bool)
-    token_adv = batch.adv.to(torch.float64).cpu()[batch.tok_resp.cpu()]
+    scores = torch.zeros(n, dtype=torch.float64, device=dev)
+    selected = torch.zeros(n, dtype=torch.bool, device=dev)
+    token_adv = batch.adv.to(torch.float64)[batch.tok_resp]
     n_groups = batch.group_ids.numel()
     tau = torch.full((n_groups,), math.nan, dtype=torch.float64)
     eta_g = torch.ones(n_groups, dtype=torch.float64)
@@ -330,33 +339,27 @@ def _reference_batch(batch):
         local = torch.searchsorted(resps, batch.tok_resp[tok])
         kw = {}
         if batch.logits is not None:
-            kw["logits"] = batch.gather(batch.logits, tok).cpu()
+            kw["logits"] = batch.gather(batch.logits, tok)
         else:
-            kw["lm_head_weight"] = batch.lm_head_weight.cpu()
+            kw["lm_head_weight"] = batch.lm_head_weight
             if batch.old_logprobs is not None:
-                kw["old_logprobs"] = batch.gather(batch.old_logprobs, tok).cpu()
+                kw["old_logprobs"] = batch.gather(batch.old_logprobs, tok)
         r = _ref.nthr_group(
-            batch.gather(batch.hidden, tok).cpu(),
-            batch.tok_ids[tok].cpu(),
-            local.cpu(),
+            batch.gather(batch.hidden, tok),
+            batch.tok_ids[tok],
+            local,
             batch.positive[resps].tolist(),
             batch.adv[resps].tolist(),
             temperature=batch.temperature,
             beta=batch.beta,
             eta=batch.eta,
             anchor=batch.anchor,
+            method=method,
             **kw,
         )
-        tc = tok.cpu()
-        scores[tc] = r["scores"]
-        selected[tc] = r["selected"]
-        token_adv[tc] = r["token_advantages"]
+        scores[tok] = r["scores"]
+        selected[tok] = r["selected"]
+        token_adv[tok] = r["token_advantages"]
         tau[g] = r["tau"]
         eta_g[g] = r["eta"]
-    return (
-        scores.to(dev),
-        selected.to(dev),
-        token_adv.to(dev),
-        tau.to(torch.float32).to(dev),
-        eta_g.to(torch.float32).to(dev),
-    )
+    return scores, selected, token_adv, tau.to(torch.float32).to(dev), eta_g.to(torch.float32).to(dev)

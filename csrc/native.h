@@ -1,0 +1,31 @@
+// Shared declarations of the native CPU ops (see README.md in this folder).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace nthr {
+
+// Copies `count` rows of a 2-D [N, X] or 3-D [R, L, X] tensor of any floating dtype and any strides
+// into a dense float32 buffer `out` (row stride `ld`). Row r is src[ia[r]] (2-D) or src[ia[r], ib[r]]
+// (3-D). With `cols` only the listed last-dim entries are copied (ncols of them), else all X.
+void gather_rows(const at::Tensor& src, const int64_t* ia, const int64_t* ib, int64_t count,
+                 const int64_t* cols, int64_t ncols, float* out, int64_t ld);
+
+// A float32 [rows, cols] matrix view of scratch memory (row stride ld), for ATen's mm/addmm.
+at::Tensor mat(float* p, int64_t rows, int64_t cols, int64_t ld);
+
+at::Tensor score_tokens_cpu(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
+                            const at::Tensor& err_neg, int64_t scratch_elems);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantages_cpu(
+    const at::Tensor& hidden, const at::Tensor& tok_a, const std::optional<at::Tensor>& tok_b,
+    const at::Tensor& tok_ids, const at::Tensor& tok_resp, const at::Tensor& resp_group,
+    const at::Tensor& positive, const at::Tensor& adv, const at::Tensor& group_active,
+    const at::Tensor& eta_group, const std::optional<at::Tensor>& lm_head_weight,
+    const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& logprobs, double temperature,
+    double beta, bool anchor_others, int64_t scratch_elems);
+
+}  // namespace nthr

@@ -1,0 +1,131 @@
+// Native CPU ops: row gathering, nthr::native_score_tokens, and the dispatcher registrations.
+// The schemas are defined in Python (nthr_kernels/ops.py), so the fake (shape) kernels exist whether or
+// not this library is built; this file only provides the CPU and Autograd kernels.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "native.h"
+#include "vec_kernels.h"
+
+namespace nthr {
+
+void gather_rows(const at::Tensor& src, const int64_t* ia, const int64_t* ib, int64_t count, const int64_t* cols,
+                 int64_t ncols, float* out, int64_t ld) {
+  const int64_t dim = src.dim();
+  TORCH_CHECK(dim == 2 || dim == 3, "nthr native: expected a 2-D or 3-D source, got ", dim, "-D");
+  TORCH_CHECK((dim == 3) == (ib != nullptr), "nthr native: row index pairs do not match the source layout");
+  const int64_t s0 = src.stride(0), s1 = dim == 3 ? src.stride(1) : 0, sx = src.stride(dim - 1);
+  const int64_t width = cols ? ncols : src.size(dim - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "nthr_gather_rows", [&] {
+    const scalar_t* base = src.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < count; ++r) {
+      const scalar_t* row = base + ia[r] * s0 + (ib ? ib[r] * s1 : 0);
+      float* o = out + r * ld;
+      if (cols) {
+        for (int64_t j = 0; j < width; ++j) o[j] = static_cast<float>(row[cols[j] * sx]);
+      } else if (std::is_same_v<scalar_t, float> && sx == 1) {
+        std::memcpy(o, row, sizeof(float) * width);
+      } else {
+        for (int64_t j = 0; j < width; ++j) o[j] = static_cast<float>(row[j * sx]);
+      }
+    }
+  });
+}
+
+at::Tensor mat(float* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(p, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
+namespace {
+
+void check_2d_float(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, ": expected a CPU tensor");
+  TORCH_CHECK(x.dim() == 2, name, ": expected a 2-D tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a floating-point tensor");
+}
+
+// Rows [r0, r0 + n) and columns [c0, c0 + nc) of x as float32 (a view when x already is float32).
+at::Tensor block(const at::Tensor& x, int64_t r0, int64_t n, int64_t c0, int64_t nc) {
+  return x.narrow(0, r0, n).narrow(1, c0, nc).to(at::kFloat);
+}
+
+}  // namespace
+
+// s_t = sum_u <err_pos[u], err_neg[t]> <h_pos[u], h_neg[t]> in float32; factored or pairwise, whichever
+// costs fewer FLOPs. Every temporary holds at most `scratch_elems` elements (per thread for the
+// per-block ones): factored keeps M [vb, d] plus per-block copies; pairwise keeps [bn, bp] tiles.
+at::Tensor score_tokens_cpu(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
+                            const at::Tensor& err_neg, int64_t scratch_elems) {
+  check_2d_float(h_pos, "h_pos");
+  check_2d_float(h_neg, "h_neg");
+  check_2d_float(err_pos, "err_pos");
+  check_2d_float(err_neg, "err_neg");
+  const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
+  TORCH_CHECK(err_pos.size(0) == tp && err_neg.size(0) == tn && err_neg.size(1) == v && h_neg.size(1) == d,
+              "nthr native score_tokens: inconsistent shapes");
+  at::Tensor out = at::zeros({tn}, at::TensorOptions().dtype(at::kFloat));
+  if (tp == 0 || tn == 0 || v == 0 || d == 0) return out;
+  float* o = out.data_ptr<float>();
+  const int64_t budget = std::max<int64_t>(scratch_elems, 1);
+  const double factored = 2.0 * v * d * (tp + tn), pairwise = 2.0 * tp * tn * (v + d);
+  if (factored <= pairwise) {
+    const int64_t vb = std::max<int64_t>(1, std::min(v, budget / d));
+    const int64_t rb = std::max<int64_t>(1, budget / std::max(vb, d));
+    for (int64_t c0 = 0; c0 < v; c0 += vb) {
+      const int64_t cw = std::min(vb, v - c0);
+      at::Tensor m = at::zeros({cw, d}, at::TensorOptions().dtype(at::kFloat));
+      for (int64_t r0 = 0; r0 < tp; r0 += rb) {
+        const int64_t rn = std::min(rb, tp - r0);
+        m.addmm_(block(err_pos, r0, rn, c0, cw).t(), block(h_pos, r0, rn, 0, d));
+      }
+      const int64_t nblk = (tn + rb - 1) / rb;
+      at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r0 = b * rb, rn = std::min(rb, tn - r0);
+          at::Tensor s = at::mm(block(err_neg, r0, rn, c0, cw), m);
+          at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
+          const float* sp = s.const_data_ptr<float>();
+          const float* hp = h.const_data_ptr<float>();
+          for (int64_t i = 0; i < rn; ++i) o[r0 + i] += vec::dot(sp + i * d, hp + i * d, d);
+        }
+      });
+    }
+    return out;
+  }
+  // Pairwise, tile by tile: acc_t += sum_u (E+ E^T)[u, t] * (H+ H^T)[u, t]; never a T+ x T matrix.
+  const int64_t bn = std::max<int64_t>(1, std::min<int64_t>(tn, static_cast<int64_t>(std::sqrt(double(budget)))));
+  const int64_t bp = std::max<int64_t>(1, std::min(tp, budget / std::max({bn, v, d})));
+  const int64_t nblk = (tn + bn - 1) / bn;
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * bn, nn = std::min(bn, tn - n0);
+      at::Tensor en = block(err_neg, n0, nn, 0, v), hn = block(h_neg, n0, nn, 0, d);
+      for (int64_t p0 = 0; p0 < tp; p0 += bp) {
+        const int64_t pn = std::min(bp, tp - p0);
+        at::Tensor a = at::mm(block(err_pos, p0, pn, 0, v), en.t()).contiguous();  // [pn, nn]
+        at::Tensor k = at::mm(block(h_pos, p0, pn, 0, d), hn.t()).contiguous();
+        vec::colsum_product(a.const_data_ptr<float>(), nn, k.const_data_ptr<float>(), nn, pn, nn, o + n0);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace nthr
+
+TORCH_LIBRARY_IMPL(nthr, CPU, m) {
+  m.impl("native_score_tokens", &nthr::score_tokens_cpu);
+  m.impl("native_advantages", &nthr::advantages_cpu);
+}
+
+// Nothing here is differentiable: backward through these ops raises instead of returning wrong grads.
+TORCH_LIBRARY_IMPL(nthr, Autograd, m) {
+  m.impl("native_score_tokens", torch::autograd::autogradNotImplementedFallback());
+  m.impl("native_advantages", torch::autograd::autogradNotImplementedFallback());
+}

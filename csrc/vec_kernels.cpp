@@ -1,0 +1,146 @@
+// Inner loops for the native NTHR ops, written with GCC/Clang vector extensions: 16-lane float vectors
+// that the compiler lowers to one AVX-512, two AVX2 or four SSE registers. On x86-64 every function also
+// gets AVX-512 / AVX2 / baseline clones picked at load time (target_clones), so one build runs on any
+// x86-64 CPU. The lane layout and the order of every reduction are fixed by the source, not by the ISA:
+// the same inputs give the same bits on every machine.
+// exp() is a Cody-Waite reduction plus a degree-7 Taylor polynomial on |r| <= ln2/2 (relative error
+// ~2 ulp); inputs below -87 give ~1e-38 instead of a denormal/zero, which is 0 at the float32 precision
+// of every quantity that uses it (probabilities and sums of exponentials of max-shifted values).
+#include "vec_kernels.h"
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NTHR_NO_CLONES)
+#define NTHR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NTHR_CLONES
+#endif
+
+namespace nthr {
+namespace vec {
+namespace {
+
+#define NTHR_INLINE inline __attribute__((always_inline))
+
+constexpr int kLanes = 16;
+typedef float fvec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+
+NTHR_INLINE fvec load(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+NTHR_INLINE void store(float* p, fvec v) { std::memcpy(p, &v, sizeof(v)); }
+NTHR_INLINE fvec splat(float x) { return fvec{} + x; }
+
+constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+
+template <typename F, typename I>
+NTHR_INLINE F exp_body(F v, F lo, F hi, F shifter, I shifter_bits) {
+  v = v < lo ? lo : v;
+  v = v > hi ? hi : v;
+  F t = v * kLog2e + shifter;
+  I n;
+  std::memcpy(&n, &t, sizeof(n));
+  n = n - shifter_bits;
+  F fn = t - shifter;
+  F r = v - fn * kLn2Hi - fn * kLn2Lo;
+  F p = r * (1.0f / 5040.0f) + (1.0f / 720.0f);
+  p = p * r + (1.0f / 120.0f);
+  p = p * r + (1.0f / 24.0f);
+  p = p * r + (1.0f / 6.0f);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  I bits = (n + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+NTHR_INLINE fvec vexp(fvec v) {
+  ivec sb = ivec{} + __builtin_bit_cast(int32_t, kShifter);
+  return exp_body<fvec, ivec>(v, splat(-87.0f), splat(88.0f), splat(kShifter), sb);
+}
+
+NTHR_INLINE float sexp(float v) {
+  return exp_body<float, int32_t>(v, -87.0f, 88.0f, kShifter, __builtin_bit_cast(int32_t, kShifter));
+}
+
+NTHR_INLINE float hmax(fvec v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+NTHR_INLINE float hsum(fvec v) {  // fixed pairwise order
+  float a[kLanes];
+  store(a, v);
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+}
+
+}  // namespace
+
+NTHR_CLONES
+void lse_update(const float* x, int64_t n, float temperature, float* run_max, float* run_sum) {
+  if (n <= 0) return;
+  // x / T as x * (1 / T) (within 1 ulp of the division; exact for T = 1, the usual case)
+  const float inv = 1.0f / temperature;
+  const fvec iv = splat(inv);
+  fvec vm = splat(-INFINITY);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    fvec v = load(x + i);
+    vm = v > vm ? v : vm;
+  }
+  float m = hmax(vm);
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  m *= inv;  // max(x) / T = max(x / T) for T > 0
+  const float new_max = m > *run_max ? m : *run_max;
+  if (new_max == -INFINITY) return;  // every value -inf so far: nothing to add
+  const fvec nm = splat(new_max);
+  fvec vs = fvec{};
+  i = 0;
+  for (; i + kLanes <= n; i += kLanes) vs += vexp(load(x + i) * iv - nm);
+  float s = hsum(vs);
+  for (; i < n; ++i) s += sexp(x[i] * inv - new_max);
+  const float old = *run_sum == 0.0f ? 0.0f : *run_sum * sexp(*run_max - new_max);
+  *run_sum = old + s;
+  *run_max = new_max;
+}
+
+NTHR_CLONES
+void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z) {
+  const float inv = 1.0f / temperature;
+  const fvec iv = splat(inv), lz = splat(log_z);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(e + i, -vexp(load(e + i) * iv - lz));
+  for (; i < n; ++i) e[i] = -sexp(e[i] * inv - log_z);
+}
+
+NTHR_CLONES
+float dot(const float* a, const float* b, int64_t n) {
+  fvec acc = fvec{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+NTHR_CLONES
+void colsum_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t cols, float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* ai = a + i * lda;
+    const float* bi = b + i * ldb;
+    for (int64_t j = 0; j < cols; ++j) out[j] += ai[j] * bi[j];
+  }
+}
+
+}  // namespace vec
+}  // namespace nthr

@@ -1,0 +1,24 @@
+// Plain-C++ inner loops of the native NTHR ops (no torch headers). Defined in vec_kernels.cpp, which is
+// compiled with per-ISA clones (AVX-512 / AVX2 / baseline) selected at load time, so one build runs on
+// any x86-64 machine and still vectorises where the CPU allows.
+#pragma once
+#include <cstdint>
+
+namespace nthr {
+namespace vec {
+
+// Online log-sum-exp over x[i] / temperature (computed as x[i] * (1 / temperature)): merges the chunk x[0..n) into (run_max, run_sum), where
+// the running value is run_max + log(run_sum).
+void lse_update(const float* x, int64_t n, float temperature, float* run_max, float* run_sum);
+
+// In place: e[i] = -exp(e[i] * (1 / temperature) - log_z). The caller adds the one-hot term.
+void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z);
+
+// Dot product in float32 with a fixed (deterministic) lane-wise summation order.
+float dot(const float* a, const float* b, int64_t n);
+
+// out[j] += sum_i a[i * lda + j] * b[i * ldb + j] for i < rows, j < cols (column sums of a .* b).
+void colsum_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t cols, float* out);
+
+}  // namespace vec
+}  // namespace nthr

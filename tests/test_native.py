@@ -1,0 +1,240 @@
+"""The native C++ CPU backend (``csrc/``): numerics on every code path, determinism, build behaviour.
+
+The shared reference parametrisation of ``tests/test_backends.py`` runs on ``native`` too whenever it is
+built (``_helpers.backends()``); this file adds the paths only the native kernels have (scratch-budget
+splits of ``V*`` and of token blocks, uncached hidden rows, tiled pairwise own-response terms, strided
+and low-precision inputs) and the build contract (no compiler -> one warning and the torch backend;
+importing compiles nothing; concurrent first builds). Numerical tests skip, with the reason, where the
+extension is not built.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import nthr_kernels as nk
+from nthr_kernels.backends import native_available, native_backend
+
+from _helpers import assert_matches_reference, backends, case, run
+
+NATIVE = native_available()
+needs_native = pytest.mark.skipif(
+    not NATIVE, reason=f"native C++ ops not built here: {native_backend.unavailable_reason() or 'unknown'}"
+)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_native_is_built_or_skipped_with_reason():
+    if not NATIVE:
+        pytest.skip(f"native backend unavailable: {native_backend.unavailable_reason()}")
+    assert "native" in nk.available_backends()
+    assert "native" in backends(), "the shared reference parametrisation must include native"
+    from nthr_kernels.api import _resolve
+
+    assert _resolve("auto", torch.device("cpu")) == "native"
+
+
+# --------------------------------------------------------------------------------------------------
+# numerics
+# --------------------------------------------------------------------------------------------------
+# budgets (float32 elements, shared by the threads): tiny ones force one-column V* blocks, two-token
+# blocks and uncached hidden rows; middle ones tile the pairwise own-response Gram matrices.
+BUDGETS = [64, 1024, 4096, None]
+
+
+@needs_native
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("anchor", ["all", "others"])
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
+def test_budget_paths_match_reference(monkeypatch, budget, anchor, source):
+    if budget is not None:
+        monkeypatch.setattr(native_backend, "SCRATCH_ELEMS", budget)
+    b = case(n_groups=3, group_size=4, lengths=[17, 20, 3, 0, 25, 18, 19, 1, 2, 40, 16, 21], d=32, vocab=97,
+             seed=budget or 7, pattern="mixed", holes=True, temperature=0.7)
+    kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", anchor=anchor, beta=0.5)
+    assert_matches_reference(run(b, "native", **kw), run(b, "reference", **kw), b)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_strided_inputs_and_dtypes(dtype, packed):
+    """Non-contiguous hidden / weight / logits (read in place through their strides) in every dtype."""
+    b = case(n_groups=2, group_size=5, lengths=(0, 14), d=24, vocab=71, seed=3, dtype=dtype, packed=packed,
+             holes=not packed)
+    ref = run(b, "reference")
+    # strided copies holding the same values
+    h = b.hidden
+    hs = torch.empty(h.shape[:-1] + (2 * h.shape[-1],), dtype=h.dtype)[..., ::2]
+    hs.copy_(h)
+    w = b.lm_head_weight
+    ws = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype).T
+    ws.copy_(w)
+    assert not hs.is_contiguous() and not ws.is_contiguous()
+    b2 = type(b)(**{**b.__dict__, "hidden": hs, "lm_head_weight": ws})
+    assert_matches_reference(run(b2, "native"), ref, b, dtype=dtype if dtype != torch.float64 else torch.float32)
+    ref_l = run(b, "reference", use_logits=True)
+    assert_matches_reference(run(b2, "native", use_logits=True), ref_l, b,
+                             dtype=dtype if dtype != torch.float64 else torch.float32)
+
+
+@needs_native
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+@pytest.mark.parametrize("budget", [16, 200, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_score_tokens_paths(monkeypatch, path, budget, dtype):
+    if budget is not None:
+        monkeypatch.setattr(native_backend, "SCRATCH_ELEMS", budget)
+    g = torch.Generator().manual_seed(11)
+    # factored is cheaper for many tokens and a small vocabulary slice; pairwise for few tokens
+    tp, tn, v, d = (60, 70, 9, 6) if path == "factored" else (3, 5, 40, 33)
+    hp, hn = torch.randn(tp, d, generator=g).to(dtype), torch.randn(tn, d, generator=g).to(dtype)
+    ep, en = torch.randn(tp, v, generator=g).to(dtype), torch.randn(tn, v, generator=g).to(dtype)
+    en = en.T.contiguous().T  # strided
+    s = nk.score_tokens(hp, hn, ep, en, backend="native")
+    ref = nk.score_tokens(hp, hn, ep, en, backend="reference")
+    assert s.dtype == torch.float32 and s.shape == (tn,)
+    scale = float(ref.abs().max())
+    assert float((s - ref).abs().max()) <= 2e-5 * scale * math.sqrt(max(tp, v, d))
+
+
+@needs_native
+def test_score_tokens_empty_sides():
+    z = torch.zeros(0, 4)
+    out = nk.score_tokens(z, torch.randn(3, 4), torch.zeros(0, 5), torch.randn(3, 5), backend="native")
+    assert torch.equal(out, torch.zeros(3))
+    assert nk.score_tokens(torch.randn(2, 4), z, torch.randn(2, 5), torch.zeros(0, 5), backend="native").shape == (0,)
+
+
+@needs_native
+def test_matches_torch_backend_at_a_larger_shape():
+    """Many groups of uneven size (dynamic scheduling), Zipf ids, default budget: native agrees with
+    the torch backend as closely as two float32 implementations can."""
+    b = nk.synthetic.make_batch(9, 8, (0, 70), 64, 3000, seed=5)
+    for kw in (dict(), dict(with_logprobs=False), dict(anchor="others", beta=0.3)):
+        t, n = run(b, "torch", **kw), run(b, "native", **kw)
+        assert torch.equal(t.active, n.active)
+        scale = float(t.scores.abs().max())
+        assert float((t.scores - n.scores).abs().max()) <= 1e-5 * scale
+        torch.testing.assert_close(n.tau, t.tau, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
+        assert float((t.selected != n.selected).float().mean()) < 0.01
+
+
+@needs_native
+def test_deterministic_bits():
+    b = nk.synthetic.make_batch(6, 8, (0, 60), 48, 2000, seed=9, dtype=torch.bfloat16)
+    for kw in (dict(), dict(with_logprobs=False, anchor="others")):
+        r1, r2 = run(b, "native", **kw), run(b, "native", **kw)
+        for f in ("scores", "token_advantages", "selected", "tau", "eta"):
+            a, c = getattr(r1, f), getattr(r2, f)
+            assert torch.equal(a.nan_to_num(0.5), c.nan_to_num(0.5)), f
+
+
+@needs_native
+@pytest.mark.parametrize("with_logprobs", [True, False])
+def test_peak_scratch_within_documented_bound(monkeypatch, with_logprobs):
+    """native_backend's docstring: at most ~32 * SCRATCH_ELEMS bytes plus O(n); never [n, |V|]."""
+    from nthr_kernels.testing import peak_rss_rise
+
+    budget = 1 << 18
+    monkeypatch.setattr(native_backend, "SCRATCH_ELEMS", budget)
+    b = nk.synthetic.make_batch(6, 4, (100, 150), 64, 60000, seed=0)
+    fn = lambda: run(b, "native", with_logprobs=with_logprobs)  # noqa: E731
+    fn()
+    rise = peak_rss_rise(fn)
+    if rise is None:
+        pytest.skip("peak RSS is not measurable on this platform")
+    bound = 32 * budget + 256 * b.n_tokens + (24 << 20)
+    assert rise <= bound, f"peak rise {rise / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
+    assert rise < b.n_tokens * 60000 * 4 / 8  # far below one [n, |V|] float32 tensor
+
+
+@needs_native
+def test_native_rejects_non_cpu_batches():
+    b = case(seed=1)
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device to pass")
+    b2 = type(b)(**{k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in b.__dict__.items()})
+    with pytest.raises(ValueError, match="^backend: 'native' runs on CPU"):
+        run(b2, "native")
+
+
+# --------------------------------------------------------------------------------------------------
+# build contract (fresh processes)
+# --------------------------------------------------------------------------------------------------
+def _python(code: str, env: dict, timeout=600) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+SMALL_RUN = """
+    import warnings, torch, nthr_kernels as nk
+    from nthr_kernels.synthetic import make_batch
+    b = make_batch(2, 4, (1, 6), 8, 31, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r1 = nk.nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, **b.kwargs())
+        r2 = nk.nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, **b.kwargs())
+    ours = [str(w.message) for w in caught if "nthr_kernels" in str(w.message)]
+    print("WARNINGS", len(ours))
+    for m in ours: print("MSG", m)
+    print("BACKENDS", nk.available_backends())
+    print("EQUAL", torch.equal(r1.token_advantages, r2.token_advantages))
+"""
+
+
+def test_without_a_compiler_one_warning_and_torch_backend(tmp_path):
+    out = _python(SMALL_RUN, {"CXX": str(tmp_path / "no-such-c++"), "NTHR_KERNELS_CACHE": str(tmp_path / "cache"),
+                              "NTHR_NATIVE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "WARNINGS 1" in out.stdout, out.stdout + out.stderr
+    assert "no C++ compiler found" in out.stdout
+    assert "'native'" not in out.stdout.split("BACKENDS", 1)[1].splitlines()[0]
+    assert "EQUAL True" in out.stdout
+
+
+def test_opt_out_variable_is_silent(tmp_path):
+    out = _python(SMALL_RUN, {"NTHR_NATIVE": "0", "NTHR_KERNELS_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    assert "WARNINGS 0" in out.stdout and "EQUAL True" in out.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_import_compiles_nothing_and_leaves_cuda_alone(tmp_path):
+    code = """
+        import sys, torch, nthr_kernels, nthr_kernels.ops, nthr_kernels.backends.native_backend
+        print("CUDA_INIT", torch.cuda.is_initialized())
+        print("CPP_EXT", "torch.utils.cpp_extension" in sys.modules)
+    """
+    cache = tmp_path / "cache"
+    out = _python(code, {"NTHR_KERNELS_CACHE": str(cache)})
+    assert out.returncode == 0, out.stderr
+    assert "CUDA_INIT False" in out.stdout
+    assert not cache.exists(), "importing must not build"
+
+
+@pytest.mark.slow
+def test_concurrent_first_builds_share_one_cache(tmp_path):
+    """Two processes start on an empty cache at once: one compiles, the other waits for the lock and
+    loads the result; both get the native backend."""
+    if native_backend._missing_toolchain() is not None:
+        pytest.skip(f"cannot build here: {native_backend._missing_toolchain()}")
+    cache = str(tmp_path / "cache")
+    code = SMALL_RUN
+    env = {**os.environ, "NTHR_KERNELS_CACHE": cache, "NTHR_NATIVE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se
+        assert "'native'" in so and "WARNINGS 0" in so, so + se
+    builds = [d for d in os.listdir(cache) if not d.endswith(".lock")]
+    assert len(builds) == 1 and os.path.isfile(os.path.join(cache, builds[0], "COMPLETE"))
+    assert sum("compiling the native CPU ops" in se for _, se in outs) == 1
