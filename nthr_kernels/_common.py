@@ -71,6 +71,14 @@ def tau_from_min_anchor(min_anchor: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * min_anchor
 
 
+def runs(keys: torch.Tensor):
+    """Start index and length of each run of equal consecutive ``keys``."""
+    change = torch.ones_like(keys, dtype=torch.bool)
+    change[1:] = keys[1:] != keys[:-1]
+    firsts = change.nonzero().squeeze(1)
+    return firsts, torch.diff(torch.cat([firsts, firsts.new_tensor([keys.numel()])]))
+
+
 def run_means(values: torch.Tensor, keys: torch.Tensor):
     """Means of the runs of equal consecutive ``keys`` (a deterministic float64 scan).
 
@@ -79,10 +87,8 @@ def run_means(values: torch.Tensor, keys: torch.Tensor):
     n = keys.numel()
     if n == 0:
         return keys, values.new_zeros(0, dtype=torch.float64)
-    start = torch.ones(n, dtype=torch.bool, device=keys.device)
-    start[1:] = keys[1:] != keys[:-1]
-    first = start.nonzero().squeeze(1)
-    ends = torch.cat([first[1:], first.new_tensor([n])])
+    first, lengths = runs(keys)
+    ends = first + lengths
     csum = torch.cat([values.new_zeros(1, dtype=torch.float64), torch.cumsum(values.to(torch.float64), 0)])
     return keys[first], (csum[ends] - csum[first]) / (ends - first).to(torch.float64)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -211,12 +211,7 @@ def prediction_errors(
             if old_logprobs is not None:
                 log_z = (h * lm_head_weight[ids].float()).sum(-1) / t - old_logprobs.float()
             else:
-                log_z = torch.empty(n, dtype=torch.float32, device=h.device)
-                vc = max(1, torch_backend.SCRATCH_ELEMS // max(n, 1))
-                run = torch.full((n,), -math.inf, device=h.device)
-                for v0 in range(0, v_size, vc):
-                    run = torch.logaddexp(run, torch.logsumexp(h @ lm_head_weight[v0 : v0 + vc].float().T / t, -1))
-                log_z = run
+                log_z = torch_backend.vocab_logsumexp(h.clone(), lm_head_weight, t, torch_backend.SCRATCH_ELEMS)
         err = -(zv - log_z[:, None]).exp()
         err += ids[:, None] == vocab[None, :]
         return ErrorsOnVocab(err, vocab)

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._common import finish
+from .._common import finish, runs
 
 SCRATCH_ELEMS = 1 << 22
 
@@ -60,25 +60,31 @@ def log_normaliser(batch, tok: torch.Tensor, budget: int) -> torch.Tensor:
             z_y = (h * w[batch.tok_ids[idx]].float()).sum(-1) / t
             out[i : i + nb] = z_y - batch.gather(batch.old_logprobs, idx).float()
         return out
-    vocab = w.shape[0]
-    # Only the logits chunk and its exp are live here, so the chunk may take 3 of the 7 scratch slots:
-    # fewer, larger chunks (fewer kernel launches / thread-pool barriers), same peak bound.
-    big = 3 * budget
     nb = min(n, max(1, budget // d), 4096)
-    vc = max(1, min(vocab, big // nb, budget // d))
     for i in range(0, n, nb):
-        h = batch.gather(batch.hidden, tok[i : i + nb]).float()
-        if t != 1.0:
-            h /= t  # (h / T) @ W^T == (h @ W^T) / T: one [nb, d] pass instead of one per logits chunk
-        m = torch.full((h.shape[0], 1), -math.inf, dtype=torch.float32, device=h.device)
-        s = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        for v0 in range(0, vocab, vc):
-            z = h @ w[v0 : v0 + vc].float().T
-            m_new = torch.maximum(m, z.amax(-1, keepdim=True))  # online logsumexp: 3 passes over z
-            s = s * torch.exp(m - m_new).squeeze(1) + z.sub_(m_new).exp_().sum(-1)
-            m = m_new
-        out[i : i + nb] = m.squeeze(1) + torch.log(s)
+        out[i : i + nb] = vocab_logsumexp(batch.gather(batch.hidden, tok[i : i + nb]).float(), w, t, budget)
     return out
+
+
+def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, temperature: float, budget: int) -> torch.Tensor:
+    """``logsumexp_v (w_v . h_t) / T`` over the whole vocabulary for float32 rows ``h [n, d]`` (which
+    it may scale in place), in vocabulary chunks: an online logsumexp, no ``[n, |V|]`` tensor.
+
+    Only the logits chunk and its exp are live here, so a chunk may take 3 of the 7 scratch slots of
+    the module's bound: fewer, larger chunks (fewer launches / thread-pool barriers), same peak.
+    """
+    vocab, d = w.shape
+    vc = max(1, min(vocab, 3 * budget // max(h.shape[0], 1), budget // d))
+    if temperature != 1.0:
+        h /= temperature  # (h / T) @ W^T == (h @ W^T) / T: one [n, d] pass instead of one per chunk
+    m = torch.full((h.shape[0], 1), -math.inf, dtype=torch.float32, device=h.device)
+    s = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    for v0 in range(0, vocab, vc):
+        z = h @ w[v0 : v0 + vc].float().T
+        m_new = torch.maximum(m, z.amax(-1, keepdim=True))  # online logsumexp: 3 passes over z
+        s = s * torch.exp(m - m_new).squeeze(1) + z.sub_(m_new).exp_().sum(-1)
+        m = m_new
+    return m.squeeze(1) + torch.log(s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,16 +253,11 @@ def nthr_scores(batch, budget: Optional[int] = None, plan: Optional[Plan] = None
     if batch.anchor == "all":
         return scores, scores
     # anchor="others": subtract each positive response's own contribution from its own tokens.
-    pos_mask = torch.zeros(plan.order.numel(), dtype=torch.bool, device=batch.device)
     ar = torch.arange(plan.order.numel(), device=batch.device)
-    pos_mask = ar < (plan.g_start + plan.g_pos)[plan.grp_of]
-    p_idx = pos_mask.nonzero().squeeze(1)
-    resp = batch.tok_resp[plan.order[p_idx]]
-    # positions of p_idx are grouped by response (stable order): find response runs
-    change = torch.ones_like(resp, dtype=torch.bool)
-    change[1:] = resp[1:] != resp[:-1]
-    r_start = p_idx[change]
-    r_len = torch.diff(torch.cat([change.nonzero().squeeze(1), change.new_tensor([change.numel()], dtype=torch.int64)]))
+    p_idx = (ar < (plan.g_start + plan.g_pos)[plan.grp_of]).nonzero().squeeze(1)
+    # positions of p_idx are grouped by response (stable order): one segment per response run
+    firsts, r_len = runs(batch.tok_resp[plan.order[p_idx]])
+    r_start = p_idx[firsts]
     r_group = plan.grp_of[r_start]
     own = segment_scores(batch, plan, r_group, r_start, r_len, r_start, r_len, budget)
     anchor_scores = scores.clone()

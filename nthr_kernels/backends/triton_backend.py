@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import eta_per_group, group_tau
+from .._common import eta_per_group, group_tau, runs
 from . import interpreting
 from .torch_backend import Plan, make_plan, log_normaliser, factored_cost, pairwise_cost
 
@@ -675,14 +675,6 @@ def _ranges(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tens
     return start[seg] + torch.arange(total, device=start.device) - first[seg]
 
 
-def _runs(keys: torch.Tensor):
-    """Start index and length of the runs of equal consecutive ``keys``."""
-    change = torch.ones_like(keys, dtype=torch.bool)
-    change[1:] = keys[1:] != keys[:-1]
-    firsts = change.nonzero().squeeze(1)
-    return firsts, torch.diff(torch.cat([firsts, firsts.new_tensor([keys.numel()])]))
-
-
 def nthr_advantages(batch):
     """Fused NTHR on the batch; returns canonical-order ``(scores, selected, token_adv, tau, eta)``."""
     dev = batch.device
@@ -738,7 +730,7 @@ def nthr_advantages(batch):
                 del errs
                 if batch.anchor == "others" and pos_idx.numel():
                     # each positive response's own contribution: segments = responses, V* of their group
-                    firsts, r_len = _runs(resp)
+                    firsts, r_len = runs(resp)
                     r_start = pos_idx[firsts].contiguous()
                     where = torch.full((plan.g_start.numel(),), -1, dtype=torch.int64, device=dev)
                     where[ixt] = torch.arange(len(ix), device=dev)
