@@ -38,8 +38,8 @@ from naive import naive_nthr  # noqa: E402
 from shapes import SHAPES, Shape, batch_work  # noqa: E402
 
 # Margin of tau within which a selection may differ from the float64 reference, relative to the
-# group's largest |score| (bf16 inputs: errors and M are rounded to bf16 before the tensor-core dots).
-MARGIN = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 2e-4}
+# group's largest |score|: the one tolerance table (nthr_kernels/core/rules.py).
+from nthr_kernels.core.rules import SCORE_TOLERANCE as MARGIN  # noqa: E402
 
 CONFIGS = {
     # name: (shape, with old_logprobs, extra nthr_advantages kwargs, time torch/naive too)
@@ -137,7 +137,7 @@ def kernel_breakdown(fn) -> dict:
 
 def tuned_configs() -> dict:
     """The block sizes the autotuner chose, per kernel and key."""
-    from nthr_kernels.backends import triton_backend as tb
+    from nthr_kernels.ops import triton_kernels as tb
 
     return {f"{k[0]}{'' if k[1] else '-fp32'}": {str(key): str(cfg) for key, cfg in at.cache.items()}
             for k, at in tb._tuned_cache.items()}
@@ -250,8 +250,8 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, l
 
 def score_tokens_check(rate_tflops, log) -> dict:
     """Dense ``score_tokens`` (one group): both Triton paths against float64, timed, and the cost model's pick."""
-    from nthr_kernels.backends import triton_backend, torch_backend
-    from nthr_kernels import reference
+    from nthr_kernels.core.rules import cheaper_path
+    from nthr_kernels.ops.score_tokens import reference, triton_impl
 
     big = DEVICE == "cuda"
     out = {}
@@ -261,11 +261,11 @@ def score_tokens_check(rate_tflops, log) -> dict:
         hp, hn, ep, en = mk(tp, d), mk(tn, d), mk(tp, v) * 0.1, mk(tn, v) * 0.1
         ref = reference.factored_scores(hp, hn, ep, en)
         scale = float(ref.abs().max())
-        row = {"cost_model_pick": "pairwise" if torch_backend.pairwise_cost(tp, tn, v, d) < torch_backend.factored_cost(tp, tn, v, d) else "factored"}
+        row = {"cost_model_pick": cheaper_path(tp, tn, v, d)}
         for path in ("factored", "pairwise"):
-            s = triton_backend.score_tokens(hp, hn, ep, en, path=path)
+            s = triton_impl.score_tokens(hp, hn, ep, en, path=path)
             row[f"{path}_err_rel"] = float((s.double() - ref).abs().max()) / scale
-            row[f"{path}_ms"] = bench(lambda: triton_backend.score_tokens(hp, hn, ep, en, path=path), 200)
+            row[f"{path}_ms"] = bench(lambda: triton_impl.score_tokens(hp, hn, ep, en, path=path), 200)
         row["auto_ms"] = bench(lambda: nk.score_tokens(hp, hn, ep, en, backend="triton"), 200)
         out[f"T+={tp},T={tn},V={v},d={d}"] = row
         log(f"[score_tokens] T+={tp} T={tn} V={v} d={d}: {row}")

@@ -23,8 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from nthr_kernels._common import EtaSpec, eta_value
-from nthr_kernels.reference import threshold
+from nthr_kernels.core.rules import EtaSpec, eta_value
+from nthr_kernels.ops.advantages.reference import threshold
 
 MAX_LOGITS_BYTES = 1 << 30
 

@@ -22,11 +22,12 @@ import torch
 
 from benchmarks.shapes import batch_work
 from nthr_kernels import nthr_advantages
-from nthr_kernels.backends import native_available, native_backend
+from nthr_kernels.ops import native_lib
+from nthr_kernels.registry import native_available
 from nthr_kernels.testing import peak_rss_rise
 
 pytestmark = pytest.mark.skipif(
-    not native_available(), reason=f"native C++ ops not built: {native_backend.unavailable_reason() or 'unknown'}"
+    not native_available(), reason=f"native C++ ops not built: {native_lib.unavailable_reason() or 'unknown'}"
 )
 
 SHAPE = "medium"

@@ -15,7 +15,7 @@ import torch
 from benchmarks.naive import naive_nthr_on, naive_score_tokens
 from benchmarks.shapes import CPU_SHAPES, batch_work
 from nthr_kernels import nthr_advantages, prediction_errors, score_tokens
-from nthr_kernels.backends.torch_backend import factored_cost, pairwise_cost
+from nthr_kernels.core.rules import factored_cost, pairwise_cost
 
 ROUNDS = {"small": (7, 1), "medium": (3, 1)}  # (measured rounds, warm-up rounds) per shape
 

@@ -1,6 +1,6 @@
 // nthr::native_advantages: the whole NTHR batch on CPU (scores, anchors, tau, selection, advantages).
 //
-// Inputs are the canonical token list built by nthr_kernels/_validate.py (tokens ordered by response;
+// Inputs are the canonical token list built by nthr_kernels/core/checks.py (tokens ordered by response;
 // tok_a/tok_b locate token t in the caller's hidden/logits without copying them). Steps:
 //  1. order the tokens of every active group (positive responses first, canonical order kept);
 //  2. weight without old log-probs only: log Z_t over the full vocabulary: per token super-block and

@@ -1,5 +1,5 @@
 // Native CPU ops: row gathering, nthr::native_score_tokens, and the dispatcher registrations.
-// The schemas are defined in Python (nthr_kernels/ops.py), so the fake (shape) kernels exist whether or
+// The schemas are defined in Python (nthr_kernels/ops/native_lib.py), so the fake (shape) kernels exist whether or
 // not this library is built; this file only provides the CPU and Autograd kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

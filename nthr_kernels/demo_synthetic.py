@@ -96,7 +96,7 @@ def _frac_selected(out, rb: RolloutBatch) -> float:
 
 def _plan(backends: list[str]) -> list[tuple[str, torch.device]]:
     """(backend, device) rows: torch on CPU (and CUDA when present), Triton on CUDA, native on CPU."""
-    from .backends import interpreting
+    from .core.rules import interpreting
 
     cuda = torch.device("cuda") if torch.cuda.is_available() else None
     cpu = torch.device("cpu")

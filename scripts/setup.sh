@@ -10,4 +10,4 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 "$PY" -m pip install --quiet -e ".[dev,trl]"
 # Build (or load from the cache) the C++ CPU ops once, so the first test or demo does not pay for it.
-"$PY" -m nthr_kernels.backends.native_backend || echo "setup: native CPU ops not built; the torch backend serves CPU tensors"
+"$PY" -m nthr_kernels.ops.native_lib || echo "setup: native CPU ops not built; the torch backend serves CPU tensors"

@@ -1,36 +1,24 @@
 """Shared test machinery: backends under test, the tolerance table, case builders, comparisons."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 import nthr_kernels as nk
+from nthr_kernels.core.rules import SCORE_TOLERANCE
+from nthr_kernels.core.checks import validate_batch
+from nthr_kernels.core.rules import Inputs, Options
+from nthr_kernels.registry import available_backends, implementation
 from nthr_kernels.synthetic import grpo_advantages, make_batch
 
-# Score error allowed, relative to the largest |score| of the group, per input dtype.
-# float32: all backends accumulate in float32 from float32 inputs; the error is float32 rounding of
-#   sums over |V*| and d terms plus exp() of float32 logits (observed ~1e-6; 2e-4 leaves room for
-#   cancellation between positive and negative error products).
-# bfloat16 / float16: the fused Triton kernels round the float32 prediction errors (and M) to the
-#   input dtype before the tensor-core dots (unit roundoff 2^-8 for bf16, 2^-11 for fp16); summed with
-#   cancellation this gives a few units of roundoff relative to the group's score scale.
-TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-6}
+TOL = SCORE_TOLERANCE  # the one tolerance table, with its reasons: nthr_kernels/core/rules.py
 
 
 def backends() -> list[str]:
-    out = ["torch"]
-    from nthr_kernels.backends import native_available, triton_available
-
-    if triton_available():
-        out.append("triton")
-    if native_available():
-        out.append("native")
-    return out
-
-
-def dtypes_for(backend: str) -> list[torch.dtype]:
-    return [torch.float32, torch.bfloat16, torch.float16]
+    """The fast backends under test in this process (the reference is what they are compared with)."""
+    return [b for b in available_backends() if b != "reference"]
 
 
 PATTERNS = ("mixed", "all_correct", "all_wrong", "one_correct", "one_wrong")
@@ -152,3 +140,37 @@ def _adv_layout(b) -> torch.Tensor:
     out = b.advantages[:, None].expand_as(b.mask).clone()
     out[~b.mask] = 0
     return out
+
+
+def inputs(b, *, with_logprobs=True, use_logits=False, **kw):
+    """``(Inputs, Options)`` of a synthetic batch, as the public API would build them."""
+    kwargs = b.kwargs(with_logprobs=with_logprobs and not use_logits)
+    if use_logits:
+        w = kwargs.pop("lm_head_weight")
+        kwargs["logits"] = (b.hidden.double() @ w.double().T).to(b.hidden.dtype)
+    kwargs.update(kw)
+    opt_names = {f.name for f in dataclasses.fields(Options)}
+    opts = Options(**{k: v for k, v in kwargs.items() if k in opt_names})
+    x = Inputs(b.hidden, b.token_ids, b.rewards, b.advantages, **{k: v for k, v in kwargs.items() if k not in opt_names})
+    return x, opts
+
+
+def validated(b, **kw):
+    """The validated :class:`~nthr_kernels.core.checks.Batch` of a synthetic batch."""
+    return validate_batch(*inputs(b, **kw))
+
+
+def run_impl(b, backend, budget=None, **kw):
+    """One implementation called directly with an explicit scratch ``budget`` (a setting the public API
+    does not expose); returns the public result."""
+    batch = validated(b, **kw)
+    impl = implementation("nthr_advantages", backend)
+    out = impl(batch) if budget is None else impl(batch, budget)
+    return batch.result(*out)
+
+
+def stable_seed(*params) -> int:
+    """A seed derived from test parameters, the same in every process (``hash()`` of a str is salted)."""
+    import zlib
+
+    return zlib.crc32(repr(params).encode()) % 100_000

@@ -2,14 +2,14 @@
 
 Odd sizes, empty and single-token responses, degenerate groups, both layouts, both old-policy
 sources, the old_logprobs shortcut, temperature, beta, every eta form and both anchors. Tolerances:
-``_helpers.TOL`` (per input dtype, with the reason).
+``SCORE_TOLERANCE`` in ``nthr_kernels/core/rules.py`` (per input dtype, with the reason).
 """
 import math
 
 import pytest
 import torch
 
-from _helpers import PATTERNS, TOL, assert_matches_reference, backends, case, run
+from _helpers import PATTERNS, TOL, assert_matches_reference, backends, case, run, run_impl, stable_seed, validated
 
 BACKENDS = backends()
 
@@ -18,7 +18,7 @@ BACKENDS = backends()
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("packed", [False, True])
 def test_patterns_and_layouts(backend, pattern, packed):
-    b = case(pattern=pattern, packed=packed, seed=hash((pattern, packed)) % 1000, holes=not packed)
+    b = case(pattern=pattern, packed=packed, seed=stable_seed(pattern, packed), holes=not packed)
     ref = run(b, "reference")
     res = run(b, backend)
     assert_matches_reference(res, ref, b)
@@ -129,45 +129,41 @@ def test_scale_tolerance_is_meaningful(backend):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "triton")])
 @pytest.mark.parametrize("anchor", ["all", "others"])
-def test_tiny_scratch_budget(backend, anchor, monkeypatch):
+def test_tiny_scratch_budget(backend, anchor):
     """A budget far below one group's needs forces many chunks, V* column blocks (torch) and one group
     per chunk (triton); the result must not change."""
-    from nthr_kernels.backends import torch_backend
-
-    monkeypatch.setattr(torch_backend, "SCRATCH_ELEMS", 64)
-    if backend == "triton":
-        from nthr_kernels.backends import triton_backend
-
-        monkeypatch.setattr(triton_backend, "SCRATCH_BYTES", 1)
+    budget = 64 if backend == "torch" else 1  # float32 elements (torch), bytes (triton)
     b = case(seed=61, n_groups=3, group_size=4, lengths=(2, 15), d=12, vocab=71)
-    assert_matches_reference(run(b, backend, anchor=anchor, beta=0.5), run(b, "reference", anchor=anchor, beta=0.5), b)
+    got = run_impl(b, backend, budget, anchor=anchor, beta=0.5)
+    assert_matches_reference(got, run(b, "reference", anchor=anchor, beta=0.5), b)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
 @pytest.mark.parametrize("path", ["factored", "pairwise"])
 @pytest.mark.parametrize("anchor", ["all", "others"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_paths_each_match_reference(path, anchor, dtype, monkeypatch):
+def test_triton_paths_each_match_reference(path, anchor, dtype):
     """The batched Triton path picks factored or pairwise per group by cost; force each in turn."""
-    from nthr_kernels.backends import triton_backend
+    from nthr_kernels.ops.advantages import triton_impl
 
-    monkeypatch.setattr(triton_backend, "PATH_OVERRIDE", path)
     b = case(seed=71, n_groups=3, group_size=4, lengths=(0, 14), d=12, vocab=53, dtype=dtype)
-    assert_matches_reference(run(b, "triton", anchor=anchor, beta=0.3), run(b, "reference", anchor=anchor, beta=0.3), b)
+    batch = validated(b, anchor=anchor, beta=0.3)
+    got = batch.result(*triton_impl.nthr_advantages(batch, path=path))
+    assert_matches_reference(got, run(b, "reference", anchor=anchor, beta=0.3), b)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
-def test_triton_paths_agree_and_cost_model_mixes(monkeypatch):
-    from nthr_kernels.backends import triton_backend
+def test_triton_paths_agree_and_cost_model_mixes():
+    from nthr_kernels.ops.advantages import triton_impl
 
     # long groups over a small vocabulary favour factored, short ones pairwise: the batch mixes both
     lengths = [40] * 4 + [2] * 4 + [30] * 4
-    picks = triton_backend.choose_paths([20, 60, 20], [80, 4, 60], [160, 8, 120], 32)
+    picks = triton_impl.choose_paths([20, 60, 20], [80, 4, 60], [160, 8, 120], 32)
     assert picks == ["factored", "pairwise", "factored"]
     b = case(seed=72, n_groups=3, group_size=4, lengths=lengths, d=32, vocab=60)
     res = {}
+    batch = validated(b, beta=0.0)
     for path in ("factored", "pairwise", None):
-        monkeypatch.setattr(triton_backend, "PATH_OVERRIDE", path)
-        res[path] = run(b, "triton", beta=0.0)
+        res[path] = batch.result(*triton_impl.nthr_advantages(batch, path=path))
     for path in ("pairwise", None):
         torch.testing.assert_close(res[path].scores, res["factored"].scores, rtol=1e-4, atol=1e-4 * float(res["factored"].scores.abs().max()))

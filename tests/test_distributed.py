@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nthr_kernels import nthr_advantages
-from nthr_kernels.distributed import CommStats
+from nthr_kernels.core.rules import Inputs, Options
+from nthr_kernels.ops.advantages.distributed import CommStats
 from nthr_kernels.synthetic import make_batch
 
 D, VOCAB = 24, 200
@@ -115,13 +116,12 @@ def _worker(rank, world, init_file, out_dir):
             loc = _local(b, gid, src, rows)
             snap = {k: v.clone() for k, v in loc.items() if isinstance(v, torch.Tensor)}
             stats = CommStats()
-            from nthr_kernels.distributed import nthr_advantages_distributed
+            from nthr_kernels.ops.advantages.distributed import nthr_advantages_distributed
 
-            r = nthr_advantages_distributed(
-                loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
-                group_ids=gid[rows], process_group=dist.group.WORLD, temperature=b.temperature,
-                comm_stats=stats, **loc, **kw,
-            )
+            x = Inputs(loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
+                       group_ids=gid[rows], **loc)
+            opts = Options(temperature=b.temperature, **kw)
+            r = nthr_advantages_distributed(x, opts, dist.group.WORLD, comm_stats=stats)
             unchanged = all(torch.equal(snap[k], v) for k, v in _local(b, gid, src, rows).items() if k in snap)
             res[case] = dict(rows=rows, result=r.__dict__, unchanged=unchanged, bytes=stats.payload_bytes,
                              stages=stats.bytes_by_stage, calls=stats.calls)
@@ -269,7 +269,7 @@ def test_uninitialised_process_group_refused():
 
 @pytest.mark.parametrize("case", ["random_padded", "unsplit_ordered", "random_logits"])
 def test_bytes_match_formula(ranks, case):
-    """The payload formula of nthr_kernels.distributed, evaluated on the full batch, equals what was sent."""
+    """The payload formula of nthr_kernels.ops.advantages.distributed, evaluated on the full batch, equals what was sent."""
     ref, b = _single(case)
     gid = _full(case)[1]
     world = len(ranks)

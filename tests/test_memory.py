@@ -3,32 +3,26 @@ O(N) per-token vectors; never an [N, V] or [N, N] tensor."""
 import pytest
 import torch
 
-import nthr_kernels as nk
-from nthr_kernels.backends import torch_backend
+from nthr_kernels.ops.advantages import torch_impl
 from nthr_kernels.synthetic import make_batch
 from nthr_kernels.testing import peak_rss_rise
+
+from _helpers import run_impl, validated
 
 PER_TOKEN_BYTES = 256  # index/score vectors, generous
 SLACK = 24 << 20  # allocator and interpreter noise
 
 
-@pytest.fixture
-def small_budget():
-    old = torch_backend.SCRATCH_ELEMS
-    torch_backend.SCRATCH_ELEMS = 1 << 18  # 1 MiB per block tensor
-    yield torch_backend.SCRATCH_ELEMS
-    torch_backend.SCRATCH_ELEMS = old
-
-
 @pytest.mark.parametrize("with_logprobs", [True, False])
-def test_peak_scratch_within_bound(small_budget, with_logprobs):
+def test_peak_scratch_within_bound(with_logprobs):
+    small_budget = 1 << 18  # 1 MiB per block tensor
     # [N, V] in float32 would be ~N * V * 4 = 3000 * 60000 * 4 = 720 MB; [N, N] 36 MB.
     b = make_batch(6, 4, (100, 150), 64, 60000, seed=0)
     n = b.n_tokens
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-thread pools would blur the measurement
     try:
-        fn = lambda: nk.nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, backend="torch", **b.kwargs(with_logprobs=with_logprobs))  # noqa: E731
+        fn = lambda: run_impl(b, "torch", small_budget, with_logprobs=with_logprobs)  # noqa: E731
         fn()
         rise = peak_rss_rise(fn)
     finally:
@@ -53,12 +47,5 @@ def test_blocks_respect_budget(monkeypatch):
         return out
 
     monkeypatch.setattr(torch, "bmm", spy)
-    from nthr_kernels._validate import validate_batch
-
-    batch = validate_batch(
-        b.hidden, b.token_ids, b.rewards, b.advantages, lm_head_weight=b.lm_head_weight, logits=None,
-        old_logprobs=b.old_logprobs, temperature=1.0, mask=b.mask, cu_seqlens=None, group_size=4, group_ids=None,
-        beta=1.0, eta="2|0.5-p|", anchor="all", reward_threshold=0.5, check_finite=True,
-    )
-    torch_backend.nthr_scores(batch, budget)
+    torch_impl.nthr_scores(validated(b), budget)
     assert seen and max(seen) <= budget

@@ -19,25 +19,25 @@ import pytest
 import torch
 
 import nthr_kernels as nk
-from nthr_kernels.backends import native_available, native_backend
+from nthr_kernels.ops import native_lib
+from nthr_kernels.ops.score_tokens.native_impl import score_tokens as native_score_tokens
+from nthr_kernels.registry import native_available, resolve
 
-from _helpers import assert_matches_reference, backends, case, run
+from _helpers import assert_matches_reference, backends, case, run, run_impl
 
 NATIVE = native_available()
 needs_native = pytest.mark.skipif(
-    not NATIVE, reason=f"native C++ ops not built here: {native_backend.unavailable_reason() or 'unknown'}"
+    not NATIVE, reason=f"native C++ ops not built here: {native_lib.unavailable_reason() or 'unknown'}"
 )
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_native_is_built_or_skipped_with_reason():
     if not NATIVE:
-        pytest.skip(f"native backend unavailable: {native_backend.unavailable_reason()}")
+        pytest.skip(f"native backend unavailable: {native_lib.unavailable_reason()}")
     assert "native" in nk.available_backends()
     assert "native" in backends(), "the shared reference parametrisation must include native"
-    from nthr_kernels.api import _resolve
-
-    assert _resolve("auto", torch.device("cpu")) == "native"
+    assert resolve("auto", torch.device("cpu")) == "native"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,13 +52,11 @@ BUDGETS = [64, 1024, 4096, None]
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("anchor", ["all", "others"])
 @pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
-def test_budget_paths_match_reference(monkeypatch, budget, anchor, source):
-    if budget is not None:
-        monkeypatch.setattr(native_backend, "SCRATCH_ELEMS", budget)
+def test_budget_paths_match_reference(budget, anchor, source):
     b = case(n_groups=3, group_size=4, lengths=[17, 20, 3, 0, 25, 18, 19, 1, 2, 40, 16, 21], d=32, vocab=97,
              seed=budget or 7, pattern="mixed", holes=True, temperature=0.7)
     kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", anchor=anchor, beta=0.5)
-    assert_matches_reference(run(b, "native", **kw), run(b, "reference", **kw), b)
+    assert_matches_reference(run_impl(b, "native", budget, **kw), run(b, "reference", **kw), b)
 
 
 @needs_native
@@ -88,16 +86,14 @@ def test_strided_inputs_and_dtypes(dtype, packed):
 @pytest.mark.parametrize("path", ["factored", "pairwise"])
 @pytest.mark.parametrize("budget", [16, 200, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_score_tokens_paths(monkeypatch, path, budget, dtype):
-    if budget is not None:
-        monkeypatch.setattr(native_backend, "SCRATCH_ELEMS", budget)
+def test_score_tokens_paths(path, budget, dtype):
     g = torch.Generator().manual_seed(11)
     # factored is cheaper for many tokens and a small vocabulary slice; pairwise for few tokens
     tp, tn, v, d = (60, 70, 9, 6) if path == "factored" else (3, 5, 40, 33)
     hp, hn = torch.randn(tp, d, generator=g).to(dtype), torch.randn(tn, d, generator=g).to(dtype)
     ep, en = torch.randn(tp, v, generator=g).to(dtype), torch.randn(tn, v, generator=g).to(dtype)
     en = en.T.contiguous().T  # strided
-    s = nk.score_tokens(hp, hn, ep, en, backend="native")
+    s = native_score_tokens(hp, hn, ep, en, budget)
     ref = nk.score_tokens(hp, hn, ep, en, backend="reference")
     assert s.dtype == torch.float32 and s.shape == (tn,)
     scale = float(ref.abs().max())
@@ -138,14 +134,13 @@ def test_deterministic_bits():
 
 @needs_native
 @pytest.mark.parametrize("with_logprobs", [True, False])
-def test_peak_scratch_within_documented_bound(monkeypatch, with_logprobs):
-    """native_backend's docstring: at most ~32 * SCRATCH_ELEMS bytes plus O(n); never [n, |V|]."""
+def test_peak_scratch_within_documented_bound(with_logprobs):
+    """native_lib's docstring: at most ~32 * SCRATCH_ELEMS bytes plus O(n); never [n, |V|]."""
     from nthr_kernels.testing import peak_rss_rise
 
     budget = 1 << 18
-    monkeypatch.setattr(native_backend, "SCRATCH_ELEMS", budget)
     b = nk.synthetic.make_batch(6, 4, (100, 150), 64, 60000, seed=0)
-    fn = lambda: run(b, "native", with_logprobs=with_logprobs)  # noqa: E731
+    fn = lambda: run_impl(b, "native", budget, with_logprobs=with_logprobs)  # noqa: E731
     fn()
     rise = peak_rss_rise(fn)
     if rise is None:
@@ -209,7 +204,7 @@ def test_opt_out_variable_is_silent(tmp_path):
 
 def test_import_compiles_nothing_and_leaves_cuda_alone(tmp_path):
     code = """
-        import sys, torch, nthr_kernels, nthr_kernels.ops, nthr_kernels.backends.native_backend
+        import sys, torch, nthr_kernels, nthr_kernels.library, nthr_kernels.ops.native_lib
         print("CUDA_INIT", torch.cuda.is_initialized())
         print("CPP_EXT", "torch.utils.cpp_extension" in sys.modules)
     """
@@ -224,8 +219,8 @@ def test_import_compiles_nothing_and_leaves_cuda_alone(tmp_path):
 def test_concurrent_first_builds_share_one_cache(tmp_path):
     """Two processes start on an empty cache at once: one compiles, the other waits for the lock and
     loads the result; both get the native backend."""
-    if native_backend._missing_toolchain() is not None:
-        pytest.skip(f"cannot build here: {native_backend._missing_toolchain()}")
+    if native_lib._missing_toolchain() is not None:
+        pytest.skip(f"cannot build here: {native_lib._missing_toolchain()}")
     cache = str(tmp_path / "cache")
     code = SMALL_RUN
     env = {**os.environ, "NTHR_KERNELS_CACHE": cache, "NTHR_NATIVE": "1"}

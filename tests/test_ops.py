@@ -13,13 +13,13 @@ import torch
 
 import nthr_kernels as nk
 from nthr_kernels import ops  # noqa: F401  (registers the ops)
-from nthr_kernels.backends import native_available
+from nthr_kernels.registry import native_available
 from nthr_kernels.synthetic import make_batch
 
-from _helpers import assert_matches_reference, run
+from _helpers import assert_matches_reference, run, validated
 
 NATIVE = native_available()
-needs_native = pytest.mark.skipif(not NATIVE, reason="native C++ ops not built (see nthr_kernels.backends.native_backend)")
+needs_native = pytest.mark.skipif(not NATIVE, reason="native C++ ops not built (see nthr_kernels.ops.native_lib)")
 OP_BACKENDS = ["torch", "reference"] + (["native"] if NATIVE else [])
 
 
@@ -69,18 +69,13 @@ def test_opcheck_score_tokens(backend, shape):
 
 @needs_native
 def test_opcheck_native_ops():
-    from nthr_kernels._validate import validate_batch
-    from nthr_kernels.backends import native_backend
+    from nthr_kernels.ops import native_lib
 
     g = torch.Generator().manual_seed(0)
     hp, hn, ep, en = torch.randn(6, 8, generator=g), torch.randn(9, 8, generator=g), torch.randn(6, 5, generator=g), torch.randn(9, 5, generator=g)
     torch.library.opcheck(torch.ops.nthr.native_score_tokens.default, (hp, hn, ep, en, 1 << 20))
     b = _mixed_batch()
-    batch = validate_batch(
-        b.hidden, b.token_ids, b.rewards, b.advantages, lm_head_weight=b.lm_head_weight, logits=None,
-        old_logprobs=None, temperature=1.0, mask=b.mask, cu_seqlens=None, group_size=4, group_ids=None, beta=1.0,
-        eta="p", anchor="others", reward_threshold=0.5, check_finite=True,
-    )
+    batch = validated(b, with_logprobs=False, eta="p", anchor="others")
     eta_g = torch.full((batch.group_ids.numel(),), 0.5, dtype=torch.float64)
     args = (batch.hidden, batch.tok_a, batch.tok_b, batch.tok_ids, batch.tok_resp, batch.resp_group, batch.positive,
             batch.adv, batch.group_active, eta_g, batch.lm_head_weight, None, None, 1.0, 1.0, True, 1 << 20)
@@ -88,7 +83,7 @@ def test_opcheck_native_ops():
     # the wrapper computes the same thing
     out = torch.ops.nthr.native_advantages(*args)
     assert out[0].shape == batch.tok_ids.shape and out[3].shape == batch.group_ids.shape
-    assert native_backend.available()
+    assert native_lib.available()
 
 
 def test_dispatch_registrations():
@@ -206,11 +201,11 @@ def test_callable_eta_goes_through_a_table():
 
 def test_unavailable_native_backend(monkeypatch):
     """Where the extension is not loaded: "native" is refused by name, "auto" runs the torch backend."""
-    from nthr_kernels.backends import native_backend
+    from nthr_kernels.ops import native_lib
 
     b = _mixed_batch()
-    monkeypatch.setitem(native_backend._state, "ok", False)
-    monkeypatch.setitem(native_backend._state, "reason", "simulated")
+    monkeypatch.setitem(native_lib._state, "ok", False)
+    monkeypatch.setitem(native_lib._state, "reason", "simulated")
     assert "native" not in nk.available_backends()
     with pytest.raises(ValueError, match=r"^backend: 'native' is not available"):
         run(b, "native")

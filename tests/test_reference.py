@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from nthr_kernels import reference as ref
-from nthr_kernels._common import eta_value
+from nthr_kernels.core.rules import eta_value
+from nthr_kernels.ops.advantages import reference as ref
 
 f64 = torch.float64
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import nthr_kernels as nk
-from nthr_kernels import reference as ref
+from nthr_kernels.ops.prediction_errors import reference as ref_pe
+from nthr_kernels.ops.score_tokens import reference as ref
 from _helpers import TOL, backends
 
 BACKENDS = backends()
@@ -33,14 +34,14 @@ def test_score_tokens_matches_reference(backend, dtype, tp, tn, v, d):
 def test_both_paths_agree(backend, path):
     """The cost model picks a path; each path alone must give the same scores."""
     hp, hn, ep, en = _inputs(19, 23, 37, 11, torch.float32, 5)
-    mod = __import__(f"nthr_kernels.backends.{backend}_backend", fromlist=["x"])
+    mod = __import__(f"nthr_kernels.ops.score_tokens.{backend}_impl", fromlist=["x"])
     s = mod.score_tokens(hp, hn, ep, en, path=path)
     r = ref.factored_scores(hp, hn, ep, en)
     torch.testing.assert_close(s.double(), r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
 
 
 def test_cost_model_picks_cheaper_path():
-    from nthr_kernels.backends.torch_backend import factored_cost, pairwise_cost
+    from nthr_kernels.core.rules import factored_cost, pairwise_cost
 
     assert pairwise_cost(10, 10, 5000, 1024) < factored_cost(10, 10, 5000, 1024)
     assert factored_cost(4000, 8000, 2700, 1536) < pairwise_cost(4000, 8000, 2700, 1536)
@@ -54,7 +55,7 @@ def test_prediction_errors_helper(source, temperature):
     w = torch.randn(40, 6, generator=g)
     ids = torch.randint(0, 40, (9,), generator=g)
     vocab = torch.unique(ids)
-    expect = ref.prediction_errors(h, ids, vocab, lm_head_weight=w, temperature=temperature)
+    expect = ref_pe.prediction_errors(h, ids, vocab, lm_head_weight=w, temperature=temperature)
     if source == "logits":
         out = nk.prediction_errors(ids, logits=h @ w.T, temperature=temperature)
     elif source == "weight":
@@ -74,5 +75,5 @@ def test_prediction_errors_feed_score_tokens():
     ids = torch.randint(0, 30, (20,), generator=g)
     err, vocab = nk.prediction_errors(ids, hidden=h, lm_head_weight=w)
     s = nk.score_tokens(h[:8], h[8:], err[:8], err[8:])
-    e64 = ref.prediction_errors(h, ids, vocab, lm_head_weight=w)
+    e64 = ref_pe.prediction_errors(h, ids, vocab, lm_head_weight=w)
     torch.testing.assert_close(s.double(), ref.pairwise_scores(h[:8], h[8:], e64[:8], e64[8:]), rtol=1e-4, atol=1e-4)

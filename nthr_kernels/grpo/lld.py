@@ -134,8 +134,8 @@ def collect_mixed_groups(model, task: AdditionTask, n_questions: int, *, group_s
 
 
 def question_gwhes(model, rollout: Rollout, group: int) -> float:
-    """GWHES of one group (mean over its correct responses), float64 via ``nthr_kernels.reference.gwhes``."""
-    from nthr_kernels.reference import gwhes
+    """GWHES of one group (mean over its correct responses), float64 via ``nthr_kernels.ops.advantages.reference.gwhes``."""
+    from nthr_kernels.ops.advantages.reference import gwhes
 
     G = rollout.group_size
     rows = slice(group * G, (group + 1) * G)

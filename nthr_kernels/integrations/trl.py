@@ -16,7 +16,7 @@ After TRL has generated and scored a rollout batch (``_generate_and_score_comple
    advantages with ``unsqueeze(1)`` and uses 2-D ones as they are).
 
 When the per-process batch is not a multiple of ``num_generations`` a group straddles processes; then the
-distributed path (:mod:`nthr_kernels.distributed`) runs over ``torch.distributed``'s default group.
+distributed path (:mod:`nthr_kernels.ops.advantages.distributed`) runs over ``torch.distributed``'s default group.
 Evaluation batches keep TRL's advantages.
 
 Refused with a ``ValueError``: ``use_liger_kernel`` (Liger replaces the LM head path), the sequence-level
@@ -31,8 +31,8 @@ from typing import Any, Optional
 import torch
 
 from .. import nthr_advantages
-from .._common import EtaSpec, check_eta
-from .._validate import ANCHORS, check_backend, check_real
+from ..core.rules import ANCHORS, EtaSpec, check_eta
+from ..core.checks import check_backend, check_real
 
 try:
     from trl import GRPOTrainer

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from .. import nthr_advantages
-from .._common import EtaSpec
-from .._validate import check_float_tensor, check_real
+from ..core.rules import EtaSpec
+from ..core.checks import check_float_tensor, check_real
 
 __all__ = [
     "compute_nthr_outcome_advantage",

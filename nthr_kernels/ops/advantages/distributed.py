@@ -61,9 +61,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ._common import ETA_NAMES, EtaSpec, finish
-from ._validate import ANCHORS, check_backend, validate_batch
-from .backends import torch_backend
+from ...core.checks import check_backend, validate_batch
+from ...core.plan import finish, make_plan
+from ...core.rules import ANCHORS, ETA_NAMES, SCRATCH_ELEMS, Inputs, NTHRResult, Options
+from . import torch_impl
 
 __all__ = ["CommStats", "nthr_advantages_distributed"]
 
@@ -148,10 +149,10 @@ def _descriptor(batch, dev) -> torch.Tensor:
             1.0,
             float(batch.hidden.shape[-1]),
             float(batch.vocab_size),
-            batch.temperature,
-            batch.beta,
-            float(ANCHORS.index(batch.anchor)),
-            *_eta_code(batch.eta),
+            batch.opts.temperature,
+            batch.opts.beta,
+            float(ANCHORS.index(batch.opts.anchor)),
+            *_eta_code(batch.opts.eta),
             float(batch.group_ids.numel()),
         ],
         dtype=torch.float64,
@@ -173,29 +174,13 @@ def _check_consistent(desc: torch.Tensor, rank: int) -> None:
 
 
 def nthr_advantages_distributed(
-    hidden: torch.Tensor,
-    token_ids: torch.Tensor,
-    rewards: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
+    x: Inputs,
+    opts: Options,
     process_group,
-    group_ids,
-    lm_head_weight: Optional[torch.Tensor] = None,
-    logits: Optional[torch.Tensor] = None,
-    old_logprobs: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    mask: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    group_size: Optional[int] = None,
-    beta: float = 1.0,
-    eta: EtaSpec = "2|0.5-p|",
-    anchor: str = "all",
-    reward_threshold: float = 0.5,
-    backend: str = "auto",
-    check_finite: bool = True,
+    *,
     budget: Optional[int] = None,
     comm_stats: Optional[CommStats] = None,
-):
+) -> NTHRResult:
     """:func:`nthr_kernels.nthr_advantages` over the ranks of ``process_group`` (a collective: every rank
     of the group must call it, with its own responses and their global ``group_ids``).
 
@@ -205,8 +190,7 @@ def nthr_advantages_distributed(
     receives every collective this rank issued. The eta rule must be the same on every rank (a callable
     cannot be compared across ranks; names and numbers are checked).
     """
-    from .api import NTHRResult  # the api module delegates here; import lazily to avoid a cycle
-
+    hidden, group_size, group_ids = x.hidden, x.group_size, x.group_ids
     if group_size is not None:
         raise ValueError(
             "group_size, process_group: group_size is not accepted with process_group; pass the global "
@@ -218,7 +202,7 @@ def nthr_advantages_distributed(
         raise ValueError("process_group: torch.distributed is not initialised")
     if group_ids is None:
         raise ValueError("group_ids: required with process_group (global group id of every local response)")
-    backend = check_backend(backend)
+    backend = check_backend(opts.backend)
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: the distributed path runs on the torch backend ('auto' or 'torch'), got {backend!r}")
     if comm_stats is not None and not isinstance(comm_stats, CommStats):
@@ -226,19 +210,13 @@ def nthr_advantages_distributed(
     stats = comm_stats if comm_stats is not None else CommStats()
     comm = _Comm(process_group, stats)
     dev = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    budget = budget or torch_backend.SCRATCH_ELEMS
+    budget = budget or SCRATCH_ELEMS
 
     with torch.no_grad():
         # ---- 1. validate locally; every rank learns whether all succeeded --------------------------------
         err, batch = None, None
         try:
-            batch = validate_batch(
-                hidden, token_ids, rewards, advantages,
-                lm_head_weight=lm_head_weight, logits=logits, old_logprobs=old_logprobs,
-                temperature=temperature, mask=mask, cu_seqlens=cu_seqlens, group_size=None,
-                group_ids=group_ids, beta=beta, eta=eta, anchor=anchor,
-                reward_threshold=reward_threshold, check_finite=check_finite,
-            )
+            batch = validate_batch(x, opts)
         except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
             err = e
         desc = comm.all_gather("descriptor", _descriptor(batch, dev))
@@ -294,7 +272,7 @@ def nthr_advantages_distributed(
             all_keys, _ = torch.sort(all_keys, stable=True)
             return all_keys // vocab, all_keys % vocab
 
-        plan = torch_backend.make_plan(gb, budget, vstar=vstar)
+        plan = make_plan(gb, lambda order: torch_impl.log_normaliser(gb, order, budget), vstar=vstar)
 
         # ---- 5. scores with M all-reduced over the shared groups -----------------------------------------
         def reduce_m(m, k0, k1, c0, c1):
@@ -307,23 +285,11 @@ def nthr_advantages_distributed(
             m[rows] = packed
             return m
 
-        scores, anchor_scores = torch_backend.nthr_scores(gb, budget, plan, reduce_m)
+        scores, anchor_scores = torch_impl.nthr_scores(gb, budget, plan, reduce_m)
 
         # ---- 6. anchors, tau (min over ranks), selection -------------------------------------------------
         def reduce_min(min_anchor):
             return comm.all_reduce("min_anchor", min_anchor.contiguous(), dist.ReduceOp.MIN)
 
-        selected, token_adv, tau, eta_g = finish(
-            scores, anchor_scores, gb.tok_resp, gb.resp_group, gb.positive, gb.adv, gb.group_active,
-            gb.n_pos, gb.n_resp, beta=gb.beta, eta=gb.eta, reduce_min_anchor=reduce_min,
-        )
-        return NTHRResult(
-            token_advantages=gb.scatter(token_adv.to(torch.float32)),
-            selected=gb.scatter(selected, False),
-            scores=gb.scatter(scores.to(torch.float32)),
-            group_ids=gids.clone(),
-            tau=tau,
-            eta=eta_g,
-            active=active.clone(),
-        )
-
+        selected, token_adv, tau, eta_g = finish(gb, scores, anchor_scores, reduce_min)
+        return gb.result(scores, selected, token_adv, tau, eta_g)

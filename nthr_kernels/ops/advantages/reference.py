@@ -1,13 +1,7 @@
-"""Float64 ground truth for every quantity of NTHR (see ``shared/NTHR.md``).
+"""float64 ground truth of NTHR on one group (``docs/NTHR.md``) and the per-group loop over a batch.
 
-Everything here is written for clarity, not speed: per-group Python loops, full-vocabulary softmax in
-float64, and (for :func:`pairwise_scores`) the brute-force double sum. Tests and benchmarks compare the
-fast backends against these functions; nothing else in the library imports them on a hot path.
-
-Notation (one prompt group): ``P`` positive responses, ``N`` negative ones, ``p = N+ / G``.
-``g_t[v] = 1[v == y_t] - pi_old(v | ctx_t)`` for ``v`` in ``V*`` (not renormalised), and
-
-    s_t = sum_{u in positive tokens} <g_u, g_t> * <h_u, h_t>.
+Per-group Python loops, full-vocabulary softmax in float64, and (``method="pairwise"``) the brute-force
+double sum. Tests and benchmarks compare the fast implementations against these functions.
 """
 from __future__ import annotations
 
@@ -16,74 +10,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._common import eta_value  # noqa: F401  (re-exported: the eta table is part of the definition)
-
-__all__ = [
-    "prediction_errors",
-    "pairwise_scores",
-    "factored_scores",
-    "anchors",
-    "threshold",
-    "eta_value",
-    "select",
-    "token_advantages",
-    "group_scores",
-    "gwhes",
-    "nthr_group",
-]
-
 f64 = torch.float64
 
-
-def prediction_errors(
-    hidden: torch.Tensor,
-    token_ids: torch.Tensor,
-    vocab: torch.Tensor,
-    *,
-    lm_head_weight: torch.Tensor | None = None,
-    logits: torch.Tensor | None = None,
-    old_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """``g[t, j] = 1[vocab[j] == y_t] - pi_old(vocab[j] | ctx_t)`` in float64.
-
-    ``pi_old = softmax(z_t / T)`` with ``z_t = W h_t`` (``lm_head_weight [V, d]``) or the given
-    ``logits [T, V]``. With ``old_logprobs`` (``l_t = log pi_old(y_t)``, only with the weight) the
-    normaliser comes from the shortcut ``log Z_t = z_t[y_t] / T - l_t`` instead of the full vocabulary.
-    """
-    if logits is None:
-        z = hidden.to(f64) @ lm_head_weight.to(f64)[vocab].T / temperature
-        if old_logprobs is not None:
-            z_y = (hidden.to(f64) * lm_head_weight.to(f64)[token_ids]).sum(-1) / temperature
-            log_z = z_y - old_logprobs.to(f64)
-        else:
-            log_z = _chunked_logsumexp(hidden.to(f64), lm_head_weight, temperature)
-    else:
-        full = logits.to(f64) / temperature
-        z = full[:, vocab]
-        log_z = torch.logsumexp(full, dim=-1)
-    err = -(z - log_z[:, None]).exp()
-    err += (token_ids[:, None] == vocab[None, :]).to(f64)
-    return err
-
-
-def _chunked_logsumexp(h: torch.Tensor, w: torch.Tensor, temperature: float, chunk: int = 1 << 14) -> torch.Tensor:
-    """``logsumexp_v (w_v . h_t) / T`` over the whole vocabulary, in vocabulary chunks (float64)."""
-    parts = [torch.logsumexp(h @ w[v0 : v0 + chunk].to(f64).T / temperature, dim=-1) for v0 in range(0, w.shape[0], chunk)]
-    return torch.logsumexp(torch.stack(parts), dim=0)
-
-
-def pairwise_scores(h_pos, h_neg, err_pos, err_neg) -> torch.Tensor:
-    """Brute force: ``s_t = sum_u <err_pos[u], err_neg[t]> <h_pos[u], h_neg[t]>`` (materialises T+ x T)."""
-    a = err_pos.to(f64) @ err_neg.to(f64).T
-    b = h_pos.to(f64) @ h_neg.to(f64).T
-    return (a * b).sum(0)
-
-
-def factored_scores(h_pos, h_neg, err_pos, err_neg) -> torch.Tensor:
-    """Factored: ``M = sum_u err_u h_u^T`` (``[V*, d]``), ``s_t = err_t^T M h_t``."""
-    m = err_pos.to(f64).T @ h_pos.to(f64)
-    return ((err_neg.to(f64) @ m) * h_neg.to(f64)).sum(-1)
+from ...core.rules import eta_value, tau_from_min_anchor
+from ..prediction_errors.reference import prediction_errors
+from ..score_tokens.reference import factored_scores, pairwise_scores
 
 
 def anchors(
@@ -113,11 +44,7 @@ def threshold(anchor_values: Sequence[float], beta: float) -> float:
     """``tau = beta * min_i sbar_i``; ``beta = 0`` gives 0, ``beta = -inf`` gives ``-inf``; NaN if no anchor."""
     if len(anchor_values) == 0:
         return math.nan
-    if beta == 0.0:
-        return 0.0
-    if math.isinf(beta) and beta < 0:
-        return -math.inf
-    return beta * min(anchor_values)
+    return float(tau_from_min_anchor(torch.tensor(min(anchor_values), dtype=f64), beta))
 
 
 def select(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -254,3 +181,50 @@ def gwhes(
         per[i] = float(p_minus * neg_term - p_plus * pos_term)
     score = sum(per.values()) / len(per) if per else math.nan
     return {"per_response": per, "score": score}
+
+
+def nthr_advantages(batch, method: str = "factored"):
+    """Loop over groups with :func:`reference.nthr_group` (float64, on the batch's device).
+
+    The scores use the factored float64 form, equal to the brute-force double sum up to float64
+    rounding (``tests/test_reference.py``) and affordable at realistic sizes.
+    """
+    n = batch.n_tokens
+    dev = batch.device
+    scores = torch.zeros(n, dtype=torch.float64, device=dev)
+    selected = torch.zeros(n, dtype=torch.bool, device=dev)
+    token_adv = batch.adv.to(torch.float64)[batch.tok_resp]
+    n_groups = batch.group_ids.numel()
+    tau = torch.full((n_groups,), math.nan, dtype=torch.float64)
+    eta_g = torch.ones(n_groups, dtype=torch.float64)
+    tok_group = batch.resp_group[batch.tok_resp]
+    for g in range(n_groups):
+        resps = (batch.resp_group == g).nonzero().squeeze(1)
+        tok = (tok_group == g).nonzero().squeeze(1)
+        local = torch.searchsorted(resps, batch.tok_resp[tok])
+        kw = {}
+        if batch.logits is not None:
+            kw["logits"] = batch.gather(batch.logits, tok)
+        else:
+            kw["lm_head_weight"] = batch.lm_head_weight
+            if batch.old_logprobs is not None:
+                kw["old_logprobs"] = batch.gather(batch.old_logprobs, tok)
+        r = nthr_group(
+            batch.gather(batch.hidden, tok),
+            batch.tok_ids[tok],
+            local,
+            batch.positive[resps].tolist(),
+            batch.adv[resps].tolist(),
+            temperature=batch.opts.temperature,
+            beta=batch.opts.beta,
+            eta=batch.opts.eta,
+            anchor=batch.opts.anchor,
+            method=method,
+            **kw,
+        )
+        scores[tok] = r["scores"]
+        selected[tok] = r["selected"]
+        token_adv[tok] = r["token_advantages"]
+        tau[g] = r["tau"]
+        eta_g[g] = r["eta"]
+    return scores, selected, token_adv, tau.to(torch.float32).to(dev), eta_g.to(torch.float32).to(dev)

@@ -8,10 +8,10 @@ processes load the cached library directly (no compiler needed). Concurrent proc
 ``fcntl`` lock next to that folder, so one builds and the others load its result. Nothing is compiled
 at import. ``NTHR_NATIVE=0`` turns the backend off. Without a C++ compiler, ninja, or on a failed
 build, one ``RuntimeWarning`` says why and ``"auto"`` uses the torch backend. CI can build ahead with
-``python -m nthr_kernels.backends.native_backend`` (exit status 0 iff the ops load).
+``python -m nthr_kernels.ops.native_lib`` (exit status 0 iff the ops load).
 
 Kernels (``csrc/advantages.cpp``, ``csrc/ops.cpp``). ``nthr_advantages``: the factored algorithm of
-``shared/NTHR.md``; with ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary ``log Z`` runs
+``docs/NTHR.md``; with ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary ``log Z`` runs
 first (one threaded GEMM tile per token block and vocabulary chunk, folded at once into an online
 log-sum-exp, rows in parallel; the tile and the hidden block hold at most ``SCRATCH_ELEMS`` elements);
 then every active group in parallel (``at::parallel_for``): ``V*``, the prediction errors of all its
@@ -41,10 +41,42 @@ from typing import Optional
 
 import torch
 
-from .. import ops as _ops  # noqa: F401  (defines the nthr::native_* schemas before the library loads)
-from .torch_backend import SCRATCH_ELEMS
+__all__ = ["available", "build", "require", "unavailable_reason"]
 
-__all__ = ["available", "build", "nthr_advantages", "score_tokens", "unavailable_reason", "SCRATCH_ELEMS"]
+# The schemas of the native ops (implemented by the C++ library under TORCH_LIBRARY_IMPL(nthr, CPU)) and
+# their fake kernels, defined before the library loads so they exist either way.
+_lib = torch.library.Library("nthr", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
+_lib.define(
+    "native_score_tokens(Tensor h_pos, Tensor h_neg, Tensor err_pos, Tensor err_neg, int scratch_elems) -> Tensor"
+)
+_lib.define(
+    "native_advantages(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor tok_resp, "
+    "Tensor resp_group, Tensor positive, Tensor adv, Tensor group_active, Tensor eta_group, "
+    "Tensor? lm_head_weight, Tensor? logits, Tensor? logprobs, float temperature, float beta, "
+    "bool anchor_others, int scratch_elems) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("nthr::native_score_tokens")
+def _native_score_tokens_fake(h_pos, h_neg, err_pos, err_neg, scratch_elems):
+    return h_neg.new_empty((h_neg.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("nthr::native_advantages")
+def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group, positive, adv, group_active,
+                            eta_group, lm_head_weight, logits, logprobs, temperature, beta, anchor_others,
+                            scratch_elems):
+    n, g = tok_ids.shape[0], group_active.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (
+        tok_ids.new_empty((n,), **f32),
+        tok_ids.new_empty((n,), dtype=torch.bool),
+        tok_ids.new_empty((n,), **f32),
+        tok_ids.new_empty((g,), **f32),
+        tok_ids.new_empty((g,), **f32),
+    )
+
+
 
 _log = logging.getLogger("nthr_kernels")
 _NAME = "nthr_native"
@@ -174,50 +206,11 @@ def unavailable_reason() -> str:
     return _state.get("reason", "")
 
 
-def _require():
+def require():
     if not available():
         raise ValueError(f"backend: 'native' is not available ({unavailable_reason()})")
 
 
-# --------------------------------------------------------------------------------------------------
-def nthr_advantages(batch, budget: Optional[int] = None):
-    """``(scores [n] f32, selected [n] bool, token_adv [n] f32, tau [g] f32, eta [g] f32)`` of a
-    validated :class:`~nthr_kernels._validate.Batch`, canonical token order (like the torch backend)."""
-    _require()
-    if batch.device.type != "cpu":
-        raise ValueError(f"backend: 'native' runs on CPU tensors, got device {batch.device}")
-    from .._common import eta_per_group
-
-    p = batch.n_pos.to(torch.float64) / batch.n_resp.clamp_min(1).to(torch.float64)
-    eta_g = torch.where(batch.group_active, eta_per_group(batch.eta, p), torch.ones_like(p))
-    lp = batch.gather(batch.old_logprobs).to(torch.float32) if batch.old_logprobs is not None else None
-    return torch.ops.nthr.native_advantages(
-        batch.hidden,
-        batch.tok_a,
-        batch.tok_b,
-        batch.tok_ids,
-        batch.tok_resp,
-        batch.resp_group,
-        batch.positive,
-        batch.adv,
-        batch.group_active,
-        eta_g,
-        batch.lm_head_weight,
-        batch.logits,
-        lp,
-        float(batch.temperature),
-        float(batch.beta),
-        batch.anchor == "others",
-        int(budget or SCRATCH_ELEMS),
-    )
-
-
-def score_tokens(h_pos, h_neg, err_pos, err_neg, budget: Optional[int] = None):
-    """Float32 scores ``[T]`` of one group from dense prediction errors (factored or pairwise)."""
-    _require()
-    if h_neg.device.type != "cpu":
-        raise ValueError(f"backend: 'native' runs on CPU tensors, got device {h_neg.device}")
-    return torch.ops.nthr.native_score_tokens(h_pos, h_neg, err_pos, err_neg, int(budget or SCRATCH_ELEMS))
 
 
 def _main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Input validation and the canonical token list every backend consumes.
+"""Layer 1: input validation and the canonical token list every backend consumes.
 
 Every public entry point goes through here first: each bad input raises a ``ValueError`` or
 ``TypeError`` that names the argument and says what was expected. Nothing here writes to a caller's
@@ -6,6 +6,7 @@ tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -13,10 +14,8 @@ from typing import Optional
 
 import torch
 
-from ._common import EtaSpec, check_eta
+from .rules import ANCHORS, BACKENDS, Inputs, NTHRResult, Options, check_eta
 
-BACKENDS = ("auto", "reference", "torch", "triton", "native")
-ANCHORS = ("all", "others")
 
 # Rows per chunk for the finiteness scans: at most this many elements in one temporary bool tensor.
 _SCAN_ELEMS = 1 << 24
@@ -124,11 +123,7 @@ class Batch:
     lm_head_weight: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]
     old_logprobs: Optional[torch.Tensor]
-    temperature: float
-    beta: float
-    eta: EtaSpec
-    anchor: str
-    check_finite: bool
+    opts: Options  # validated: temperature > 0, beta finite or -inf, known eta and anchor
     tok_a: torch.Tensor
     tok_b: Optional[torch.Tensor]
     tok_resp: torch.Tensor  # [n] int64, non-decreasing
@@ -161,6 +156,18 @@ class Batch:
             return x[a]
         b = self.tok_b if idx is None else self.tok_b[idx]
         return x[a, b]
+
+    def result(self, scores, selected, token_adv, tau, eta) -> NTHRResult:
+        """The public result from canonical-order per-token and per-group outputs of an implementation."""
+        return NTHRResult(
+            token_advantages=self.scatter(token_adv.to(torch.float32)),
+            selected=self.scatter(selected, False),
+            scores=self.scatter(scores.to(torch.float32)),
+            group_ids=self.group_ids.clone(),
+            tau=tau.to(torch.float32),
+            eta=eta.to(torch.float32),
+            active=self.group_active.clone(),
+        )
 
     def scatter(self, values: torch.Tensor, fill=0) -> torch.Tensor:
         """Place per-token ``values [n]`` into a new tensor laid out like ``token_ids`` (``fill`` elsewhere)."""
@@ -225,34 +232,15 @@ class StaticInfo:
     lead_shape: tuple
     n_resp: int
     vocab: int
-    temperature: float
-    beta: float
-    reward_threshold: float
+    opts: Options  # validated, numbers as floats
     group_ids: Optional[torch.Tensor]
 
 
-def check_batch_static(
-    hidden,
-    token_ids,
-    rewards,
-    advantages,
-    *,
-    lm_head_weight,
-    logits,
-    old_logprobs,
-    temperature,
-    mask,
-    cu_seqlens,
-    group_size,
-    group_ids,
-    beta,
-    eta,
-    anchor,
-    reward_threshold,
-) -> StaticInfo:
+def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     """The checks of :func:`validate_batch` that read only types, shapes, dtypes, devices and Python
     scalars, never tensor values: ``torch.compile`` traces them without a graph break, so the public API
     runs them before the op and the op's eager kernel runs the value checks."""
+    hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens, group_size, group_ids = x
     check_float_tensor("hidden", hidden)
     check_int_tensor("token_ids", token_ids)
     dev = hidden.device
@@ -299,7 +287,6 @@ def check_batch_static(
         raise ValueError(f"token_ids: expected shape {lead_shape} (hidden without its last dim), got {tuple(token_ids.shape)}")
 
     # ---- rewards, advantages, groups ------------------------------------------------------------------
-    rt = check_real("reward_threshold", reward_threshold)
     for name, x in (("rewards", rewards), ("advantages", advantages)):
         if x.dim() != 1 or x.shape[0] != n_resp:
             raise ValueError(f"{name}: expected shape [{n_resp}] (one per response), got {tuple(x.shape)}")
@@ -337,9 +324,6 @@ def check_batch_static(
         vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError("lm_head_weight, logits: the vocabulary is empty")
-    temperature = check_real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
     if old_logprobs is not None:
         if logits is not None:
             raise ValueError("old_logprobs: only used with lm_head_weight (with logits the normaliser comes from the logits)")
@@ -347,38 +331,14 @@ def check_batch_static(
         if tuple(old_logprobs.shape) != lead_shape:
             raise ValueError(f"old_logprobs: expected shape {lead_shape} (the layout of token_ids), got {tuple(old_logprobs.shape)}")
 
-    # ---- scalars ---------------------------------------------------------------------------------------
-    beta = check_real("beta", beta, allow_neg_inf=True)
-    check_eta(eta)
-    if not isinstance(anchor, str) or anchor not in ANCHORS:
-        raise ValueError(f"anchor: expected one of {ANCHORS}, got {anchor!r}")
-    return StaticInfo(lead_shape, n_resp, vocab, temperature, beta, rt, group_ids)
+    return StaticInfo(lead_shape, n_resp, vocab, check_options(opts), group_ids)
 
 
-def validate_batch(
-    hidden,
-    token_ids,
-    rewards,
-    advantages,
-    *,
-    lm_head_weight,
-    logits,
-    old_logprobs,
-    temperature,
-    mask,
-    cu_seqlens,
-    group_size,
-    group_ids,
-    beta,
-    eta,
-    anchor,
-    reward_threshold,
-    check_finite,
-) -> Batch:
+def validate_batch(x: Inputs, opts: Options) -> Batch:
     """All checks (:func:`check_batch_static`, then the value checks) and the canonical token list."""
-    static_args = dict(locals())  # every parameter of this function, by name
-    del static_args["check_finite"]
-    st = check_batch_static(**static_args)
+    st = check_batch_static(x, opts)
+    opts = st.opts
+    hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens, group_size, _ = x
     dev = hidden.device
     lead_shape, n_resp, vocab, group_ids = st.lead_shape, st.n_resp, st.vocab, st.group_ids
 
@@ -406,7 +366,7 @@ def validate_batch(
         tok_resp = tok_a
 
     # ---- rewards, advantages, groups ------------------------------------------------------------------
-    rt = st.reward_threshold
+    rt = opts.reward_threshold
     if not bool(torch.isfinite(advantages).all()):
         raise ValueError("advantages: contains NaN or Inf")
     positive = _binary_positive(rewards, rt)
@@ -414,7 +374,6 @@ def validate_batch(
     n_groups = gids.numel()
 
     # ---- old policy -----------------------------------------------------------------------------------
-    temperature = st.temperature
     tok_ids = (token_ids[tok_a] if tok_b is None else token_ids[tok_a, tok_b]).to(torch.int64)
     if tok_ids.numel() and (int(tok_ids.min()) < 0 or int(tok_ids.max()) >= vocab):
         raise ValueError(
@@ -427,9 +386,8 @@ def validate_batch(
             raise ValueError("old_logprobs: contains NaN or Inf at a completion position")
         if lp.numel() and float(lp.max()) > 0:
             raise ValueError(f"old_logprobs: log-probabilities must be <= 0, got max {float(lp.max())}")
-    beta = st.beta
 
-    if check_finite:
+    if opts.check_finite:
         rows = m if (tok_b is not None and mask is not None) else None
         check_all_finite("hidden", hidden, rows)
         if logits is not None:
@@ -450,11 +408,7 @@ def validate_batch(
         lm_head_weight=lm_head_weight,
         logits=logits,
         old_logprobs=old_logprobs,
-        temperature=temperature,
-        beta=beta,
-        eta=eta,
-        anchor=anchor,
-        check_finite=check_finite,
+        opts=opts,
         tok_a=tok_a,
         tok_b=tok_b,
         tok_resp=tok_resp,
@@ -467,3 +421,78 @@ def validate_batch(
         n_resp=n_resp_g,
         group_active=active,
     )
+
+
+def check_options(opts: Options) -> Options:
+    """``opts`` with its numbers checked and converted to ``float``; ``ValueError``/``TypeError`` naming
+    the field otherwise."""
+    if not isinstance(opts, Options):
+        raise TypeError(f"options: expected nthr_kernels.core.rules.Options, got {type(opts).__name__}")
+    temperature = check_real("temperature", opts.temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    beta = check_real("beta", opts.beta, allow_neg_inf=True)
+    check_eta(opts.eta)
+    if not isinstance(opts.anchor, str) or opts.anchor not in ANCHORS:
+        raise ValueError(f"anchor: expected one of {ANCHORS}, got {opts.anchor!r}")
+    check_backend(opts.backend)
+    if not isinstance(opts.check_finite, bool):
+        raise TypeError(f"check_finite: expected a bool, got {type(opts.check_finite).__name__}")
+    return dataclasses.replace(
+        opts, temperature=temperature, beta=beta, reward_threshold=check_real("reward_threshold", opts.reward_threshold)
+    )
+
+
+def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logprobs, temperature, vocab, check_finite):
+    """Every check of :func:`nthr_kernels.prediction_errors`; returns ``(ids int64, vocab int64, temperature)``."""
+    check_int_tensor("token_ids", token_ids)
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids: expected a 1-D tensor [T], got shape {tuple(token_ids.shape)}")
+    n = token_ids.shape[0]
+    if (lm_head_weight is None) == (logits is None):
+        raise ValueError("lm_head_weight, logits: pass exactly one of the two")
+    if lm_head_weight is not None:
+        if hidden is None:
+            raise ValueError("hidden: required with lm_head_weight")
+        check_float_tensor("hidden", hidden)
+        check_float_tensor("lm_head_weight", lm_head_weight)
+        if hidden.dim() != 2 or hidden.shape[0] != n:
+            raise ValueError(f"hidden: expected shape [{n}, d], got {tuple(hidden.shape)}")
+        if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[1]:
+            raise ValueError(
+                f"lm_head_weight: expected [V, {hidden.shape[1]}] (hidden's size), got {tuple(lm_head_weight.shape)}"
+            )
+        v_size = lm_head_weight.shape[0]
+    else:
+        check_float_tensor("logits", logits)
+        if logits.dim() != 2 or logits.shape[0] != n:
+            raise ValueError(f"logits: expected shape [{n}, V], got {tuple(logits.shape)}")
+        if old_logprobs is not None:
+            raise ValueError("old_logprobs: only used with lm_head_weight")
+        v_size = logits.shape[1]
+    temperature = check_real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    ids = token_ids.to(torch.int64)
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= v_size):
+        raise ValueError(f"token_ids: ids must lie in [0, {v_size})")
+    if vocab is None:
+        vocab = torch.unique(ids)
+    else:
+        check_int_tensor("vocab", vocab)
+        vocab = vocab.to(torch.int64)
+        if vocab.dim() != 1 or (vocab.numel() and (int(vocab.min()) < 0 or int(vocab.max()) >= v_size)):
+            raise ValueError(f"vocab: expected a 1-D tensor of ids in [0, {v_size})")
+    if old_logprobs is not None:
+        check_float_tensor("old_logprobs", old_logprobs)
+        if tuple(old_logprobs.shape) != (n,):
+            raise ValueError(f"old_logprobs: expected shape [{n}], got {tuple(old_logprobs.shape)}")
+        if n and (float(old_logprobs.max()) > 0 or not bool(torch.isfinite(old_logprobs).all())):
+            raise ValueError("old_logprobs: expected finite log-probabilities <= 0")
+    if check_finite:
+        if logits is not None:
+            check_all_finite("logits", logits)
+        else:
+            check_all_finite("hidden", hidden)
+            check_all_finite("lm_head_weight", lm_head_weight)
+    return ids, vocab, temperature

@@ -1,0 +1,159 @@
+"""Layer 2: the plan of a validated batch (active tokens by group, ``V*`` per group, chunks) and the
+finishing step shared by the batched implementations (anchors, ``tau``, selection, rescale).
+
+Everything works on whole batches with segment reductions (no loop over groups or tokens).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .rules import group_eta, tau_from_min_anchor
+
+
+def runs(keys: torch.Tensor):
+    """Start index and length of each run of equal consecutive ``keys``."""
+    change = torch.ones_like(keys, dtype=torch.bool)
+    change[1:] = keys[1:] != keys[:-1]
+    firsts = change.nonzero().squeeze(1)
+    return firsts, torch.diff(torch.cat([firsts, firsts.new_tensor([keys.numel()])]))
+
+
+def run_means(values: torch.Tensor, keys: torch.Tensor):
+    """Means of the runs of equal consecutive ``keys`` (a deterministic float64 scan).
+
+    Returns ``(run_keys, means)``; ``keys`` must list each key in one contiguous run.
+    """
+    n = keys.numel()
+    if n == 0:
+        return keys, values.new_zeros(0, dtype=torch.float64)
+    first, lengths = runs(keys)
+    ends = first + lengths
+    csum = torch.cat([values.new_zeros(1, dtype=torch.float64), torch.cumsum(values.to(torch.float64), 0)])
+    return keys[first], (csum[ends] - csum[first]) / (ends - first).to(torch.float64)
+
+
+def group_tau(anchor_scores, tok_resp, resp_group, n_groups: int, beta: float, reduce_min_anchor=None) -> torch.Tensor:
+    """float64 ``tau`` per group from the anchor scores of positive tokens (``tok_resp`` in runs).
+
+    ``tau_g = beta * min_{i in P_g} mean_k s_{i,k}``; groups without an anchor get ``+inf * beta``
+    style garbage and must be masked by the caller's ``active`` flag.
+    """
+    resp, means = run_means(anchor_scores, tok_resp)
+    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=tok_resp.device)
+    min_anchor = min_anchor.scatter_reduce(0, resp_group[resp], means, reduce="amin", include_self=True)
+    if reduce_min_anchor is not None:
+        min_anchor = reduce_min_anchor(min_anchor)
+    return tau_from_min_anchor(min_anchor, beta)
+
+
+def finish(batch, scores: torch.Tensor, anchor_scores: torch.Tensor, reduce_min_anchor: Optional[Callable] = None):
+    """Anchors, tau, eta, selection and token advantages for a whole batch.
+
+    ``scores [n]`` (float32) are the per-token scores (0 for tokens of inactive groups);
+    ``anchor_scores [n]`` the scores that enter the positive anchors (the same tensor for
+    ``anchor="all"``, the scores without the response's own tokens for ``"others"``).
+    ``reduce_min_anchor`` (optional) maps the per-group float64 minimum anchor (``+inf`` where this
+    process holds no positive response with tokens) to the final one; the distributed path passes an
+    all-reduce-min over ranks.
+    Returns ``(selected [n], token_adv [n] float32, tau [g] float32, eta [g] float32)``.
+    """
+    tok_resp, resp_group, positive, adv, group_active = (batch.tok_resp, batch.resp_group, batch.positive, batch.adv,
+                                                         batch.group_active)
+    n_groups = group_active.numel()
+    tok_pos = positive[tok_resp]
+    tau = group_tau(anchor_scores[tok_pos], tok_resp[tok_pos], resp_group, n_groups, batch.opts.beta, reduce_min_anchor)
+    tau = torch.where(group_active, tau, torch.full_like(tau, math.nan))
+    eta_g = group_eta(batch.opts.eta, batch.n_pos, batch.n_resp, group_active)
+    tok_group = resp_group[tok_resp]
+    tau_tok = tau.to(torch.float32)[tok_group]
+    # Compare in float32 with tau rounded to float32, the same rule the fused kernels apply.
+    selected = group_active[tok_group] & ~tok_pos & (scores > tau_tok)
+    adv_tok = adv[tok_resp]
+    token_adv = torch.where(selected, adv_tok * eta_g.to(torch.float32)[tok_group], adv_tok)
+    return selected, token_adv, tau.to(torch.float32), eta_g.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# plan: active tokens ordered by group (positive responses first), V* per group
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    order: torch.Tensor  # [n_act] canonical token index, grouped by active group, positive tokens first
+    grp_of: torch.Tensor  # [n_act] dense active-group index of order[i]
+    g_start: torch.Tensor  # [n_g] first position in order of each active group
+    g_len: torch.Tensor  # [n_g] tokens of the group
+    g_pos: torch.Tensor  # [n_g] positive tokens of the group
+    g_batch: torch.Tensor  # [n_g] batch group index
+    vs_id: torch.Tensor  # [K] V* ids, concatenated over active groups (sorted within each)
+    vs_start: torch.Tensor  # [n_g]
+    vs_count: torch.Tensor  # [n_g]
+    log_z: torch.Tensor  # [n_act] float32, for order[i]
+
+
+def make_plan(batch, log_z: Callable, vstar: Optional[Callable] = None) -> Plan:
+    """Order the active tokens and build ``V*``. ``vstar(grp_of, ids, n_g)`` may replace the local
+    unique (the distributed path takes the union over ranks); it returns ``(vs_group, vs_id)`` sorted by
+    ``(group, id)``. ``log_z(order)`` gives ``log Z`` of the ordered tokens (each implementation brings its own)."""
+    dev = batch.device
+    tok_group = batch.resp_group[batch.tok_resp]
+    act_tok = batch.group_active[tok_group]
+    tok = act_tok.nonzero().squeeze(1)
+    act_groups = batch.group_active.nonzero().squeeze(1)
+    dense = torch.full_like(batch.group_active, -1, dtype=torch.int64)
+    dense[act_groups] = torch.arange(act_groups.numel(), device=dev)
+    g = dense[tok_group[tok]]
+    neg = (~batch.positive[batch.tok_resp[tok]]).to(torch.int64)
+    _, perm = torch.sort(g * 2 + neg, stable=True)
+    order = tok[perm]
+    grp_of = g[perm]
+    n_g = act_groups.numel()
+    g_len = torch.bincount(grp_of, minlength=n_g)
+    g_pos = torch.bincount(grp_of[neg[perm] == 0], minlength=n_g)
+    g_start = torch.cumsum(g_len, 0) - g_len
+    ids = batch.tok_ids[order]
+    if vstar is None:
+        vocab = batch.vocab_size
+        keys = torch.unique(grp_of * vocab + ids)
+        vs_group, vs_id = keys // vocab, keys % vocab
+    else:
+        vs_group, vs_id = vstar(grp_of, ids, n_g)
+    vs_count = torch.bincount(vs_group, minlength=n_g)
+    vs_start = torch.cumsum(vs_count, 0) - vs_count
+    return Plan(
+        order=order,
+        grp_of=grp_of,
+        g_start=g_start,
+        g_len=g_len,
+        g_pos=g_pos,
+        g_batch=act_groups,
+        vs_id=vs_id,
+        vs_start=vs_start,
+        vs_count=vs_count,
+        log_z=log_z(order),
+    )
+
+
+def chunks(vs_count: torch.Tensor, seg_group: torch.Tensor, d: int, budget: int):
+    """Consecutive segments packed so that ``n_seg * max|V*| * d <= budget``; a segment too large on its
+    own is split into ``V*`` column blocks. Yields ``(k0, k1, c0, c1)``. Depends only on ``V*`` sizes, so
+    every rank of a distributed run walks the same chunks."""
+    counts = vs_count[seg_group].tolist()
+    k, n = 0, len(counts)
+    while k < n:
+        vmax = max(counts[k], 1)
+        if vmax * d > budget:
+            vb = max(1, budget // d)
+            for c0 in range(0, vmax, vb):
+                yield k, k + 1, c0, min(vmax, c0 + vb)
+            k += 1
+            continue
+        k1 = k + 1
+        while k1 < n and (k1 + 1 - k) * max(vmax, counts[k1]) * d <= budget:
+            vmax = max(vmax, counts[k1])
+            k1 += 1
+        yield k, k1, 0, vmax
+        k = k1

@@ -1,0 +1,168 @@
+"""Layer 0: the definitions every other module imports, each stated once.
+
+Types (:data:`EtaSpec`, :class:`Options`), the eta table, the threshold rule, the accepted names of
+backends and anchors, the cost model between the factored and pairwise forms, the scratch budgets and
+the tolerance table of the tests and benchmarks. The maths they encode is ``docs/NTHR.md``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import torch
+
+EtaSpec = Union[str, float, int, Callable[[float], float]]
+
+ETA_NAMES = ("2|0.5-p|", "1-p", "p")
+BACKENDS = ("auto", "reference", "torch", "triton", "native")
+ANCHORS = ("all", "others")
+
+# Scratch budgets (see each implementation's docstring for how they bound its memory).
+SCRATCH_ELEMS = 1 << 22  # torch and native backends: float32 elements per block tensor (16 MiB)
+SCRATCH_BYTES = 1 << 30  # Triton backend: bytes of M plus error buffers for the groups in flight
+
+# Score error allowed against the float64 reference, relative to the largest |score| of the group, per
+# input dtype; a selection may differ from the reference's only for a token whose score lies within
+# twice this distance of tau. Used by the tests and by the GPU suite.
+# float32: every implementation accumulates in float32 from float32 inputs; the error is float32 rounding
+#   of sums over |V*| and d terms plus exp() of float32 logits (observed ~1e-6; 2e-4 leaves room for
+#   cancellation between positive and negative error products).
+# bfloat16 / float16: the fused Triton kernels round the float32 prediction errors (and M) to the input
+#   dtype before the tensor-core dots (unit roundoff 2^-8 for bf16, 2^-11 for fp16); summed with
+#   cancellation this gives a few units of roundoff relative to the group's score scale.
+# float64: the reference against itself (factored vs pairwise order of summation).
+SCORE_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-6}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The scalar settings of one NTHR call (validated by :func:`nthr_kernels.core.checks.check_options`)."""
+
+    beta: float = 1.0
+    eta: EtaSpec = "2|0.5-p|"
+    anchor: str = "all"
+    temperature: float = 1.0
+    reward_threshold: float = 0.5
+    backend: str = "auto"
+    check_finite: bool = True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_eta(eta: EtaSpec) -> None:
+    """Raise unless ``eta`` is a known name, a number in [0, 1], or a callable."""
+    if isinstance(eta, str):
+        if eta not in ETA_NAMES:
+            raise ValueError(f"eta: unknown name {eta!r}; expected one of {ETA_NAMES}, a number in [0, 1] or a callable p -> eta")
+        return
+    if isinstance(eta, bool):
+        raise TypeError("eta: expected a name, a number in [0, 1] or a callable, got a bool")
+    if isinstance(eta, (int, float)):
+        if not (0.0 <= float(eta) <= 1.0):  # also rejects NaN
+            raise ValueError(f"eta: a constant eta must lie in [0, 1], got {eta}")
+        return
+    if callable(eta):
+        return
+    raise TypeError(f"eta: expected a name {ETA_NAMES}, a number in [0, 1] or a callable, got {type(eta).__name__}")
+
+
+def eta_value(eta: EtaSpec, p: float) -> float:
+    """eta for a group with success rate ``p``: ``2|0.5-p|`` (default), ``1-p``, ``p``, a constant or ``eta(p)``."""
+    check_eta(eta)
+    if eta == "2|0.5-p|":
+        return 2.0 * abs(0.5 - p)
+    if eta == "1-p":
+        return 1.0 - p
+    if eta == "p":
+        return p
+    if callable(eta):
+        v = float(eta(p))
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"eta: the callable returned {v} for p={p}; expected a value in [0, 1]")
+        return v
+    return float(eta)
+
+
+def eta_per_group(eta: EtaSpec, p: torch.Tensor) -> torch.Tensor:
+    """Vectorised :func:`eta_value` over a float64 tensor of success rates (callables are called per group)."""
+    if eta == "2|0.5-p|":
+        return 2.0 * (0.5 - p).abs()
+    if eta == "1-p":
+        return 1.0 - p
+    if eta == "p":
+        return p.clone()
+    if callable(eta):
+        return torch.tensor([eta_value(eta, float(x)) for x in p.tolist()], dtype=p.dtype, device=p.device)
+    return torch.full_like(p, float(eta))
+
+
+def tau_from_min_anchor(min_anchor: torch.Tensor, beta: float) -> torch.Tensor:
+    """``tau = beta * min anchor`` with the conventions ``beta = 0 -> 0`` and ``beta = -inf -> -inf``."""
+    if beta == 0.0:
+        return torch.zeros_like(min_anchor)
+    if math.isinf(beta) and beta < 0:
+        return torch.full_like(min_anchor, -math.inf)
+    return beta * min_anchor
+
+
+def group_eta(eta: EtaSpec, n_pos: torch.Tensor, n_resp: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """float64 eta per group from the success rate ``p = N+ / G``; 1 for inactive groups."""
+    p = n_pos.to(torch.float64) / n_resp.clamp_min(1).to(torch.float64)
+    return torch.where(active, eta_per_group(eta, p), torch.ones_like(p))
+
+
+# --------------------------------------------------------------------------------------------------
+# score_tokens: one group, dense errors
+# --------------------------------------------------------------------------------------------------
+def factored_cost(t_pos: int, t_neg: int, v: int, d: int) -> int:
+    return 2 * v * d * (t_pos + t_neg)
+
+
+def pairwise_cost(t_pos: int, t_neg: int, v: int, d: int) -> int:
+    return 2 * t_pos * t_neg * (v + d)
+
+
+def cheaper_path(t_pos: int, t_all: int, v: int, d: int) -> str:
+    """``"pairwise"`` iff ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)``, else ``"factored"``."""
+    return "pairwise" if pairwise_cost(t_pos, t_all, v, d) < factored_cost(t_pos, t_all, v, d) else "factored"
+
+
+class Inputs(NamedTuple):
+    """The tensors of one ``nthr_advantages`` call, as the caller passed them (before any check)."""
+
+    hidden: torch.Tensor
+    token_ids: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    lm_head_weight: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    old_logprobs: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    group_size: Optional[int] = None
+    group_ids: Any = None
+
+
+@dataclass
+class NTHRResult:
+    """Output of :func:`nthr_advantages`.
+
+    Per token (layout of ``token_ids``): ``token_advantages`` (float32, 0 at padding), ``selected``
+    (bool), ``scores`` (float32; every completion token of an active group, 0 elsewhere).
+    Per group, ordered by sorted unique group id: ``group_ids``, ``tau`` (float32, NaN when inactive),
+    ``eta`` (float32, 1.0 when inactive), ``active`` (bool: mixed group whose positive responses have
+    at least one token).
+    """
+
+    token_advantages: torch.Tensor
+    selected: torch.Tensor
+    scores: torch.Tensor
+    group_ids: torch.Tensor
+    tau: torch.Tensor
+    eta: torch.Tensor
+    active: torch.Tensor
