@@ -118,6 +118,7 @@ def nthr_advantages(
     reward_threshold: float = 0.5,
     backend: str = "auto",
     check_finite: bool = True,
+    score_positive: bool = False,
     process_group=None,
 ) -> NTHRResult:
     """NTHR token advantages for a whole rollout batch (every group at once).
@@ -148,7 +149,7 @@ def nthr_advantages(
     """
     x = Inputs(hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens,
                group_size, group_ids)
-    opts = Options(beta, eta, anchor, temperature, reward_threshold, backend, check_finite)
+    opts = Options(beta, eta, anchor, temperature, reward_threshold, backend, check_finite, score_positive)
     if process_group is not None:
         from .ops.advantages.distributed import nthr_advantages_distributed
 
@@ -169,6 +170,6 @@ def nthr_advantages(
         out = torch.ops.nthr.nthr_advantages(
             hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, o.temperature, mask,
             cu_seqlens, group_size, st.group_ids, o.beta, eta_name, eta_const, eta_table, anchor,
-            o.reward_threshold, backend, bool(check_finite),
+            o.reward_threshold, backend, o.check_finite, o.score_positive,
         )
         return NTHRResult(*out)

@@ -84,11 +84,12 @@ def nthr_advantages(
     reward_threshold: float,
     backend: str,
     check_finite: bool,
+    score_positive: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     x = Inputs(hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens,
                group_size, group_ids)
     eta = eta_spec(eta_name, eta_const) if eta_table is None else 1.0
-    opts = Options(beta, eta, anchor, temperature, reward_threshold, backend, check_finite)
+    opts = Options(beta, eta, anchor, temperature, reward_threshold, backend, check_finite, score_positive)
     batch = validate_batch(x, opts)
     if eta_table is not None and eta_table.shape != batch.group_ids.shape:
         raise ValueError(f"eta: expected one value per group ({batch.group_ids.numel()}), got {tuple(eta_table.shape)}")
@@ -105,7 +106,7 @@ def nthr_advantages(
 @nthr_advantages.register_fake
 def _nthr_advantages_fake(hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, temperature,
                           mask, cu_seqlens, group_size, group_ids, beta, eta_name, eta_const, eta_table, anchor,
-                          reward_threshold, backend, check_finite):
+                          reward_threshold, backend, check_finite, score_positive):
     lead = token_ids.shape
     if group_size is not None:
         n_groups = rewards.shape[0] // group_size

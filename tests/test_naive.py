@@ -17,7 +17,8 @@ from nthr_kernels.synthetic import make_batch  # noqa: E402
 
 def _compare(rb, *, with_logprobs=True, **kw):
     ref = nthr_advantages(
-        rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="reference", **rb.kwargs(with_logprobs=with_logprobs), **kw
+        rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="reference", score_positive=True,
+        **rb.kwargs(with_logprobs=with_logprobs), **kw,
     )
     nv = naive_nthr_on(rb, with_logprobs=with_logprobs, **kw)
     scale = float(ref.scores.abs().max()) or 1.0

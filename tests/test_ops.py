@@ -39,7 +39,7 @@ def _adv_args(b, *, backend, group_ids=None, logits=False, eta_table=None, ancho
     gs = None if group_ids is not None else b.group_size
     return (
         b.hidden, b.token_ids, b.rewards, b.advantages, w, lg, lp, 0.9, lay_mask, b.cu_seqlens, gs, group_ids,
-        1.0, "" if eta_table is not None else "2|0.5-p|", 0.0, eta_table, anchor, 0.5, backend, True,
+        1.0, "" if eta_table is not None else "2|0.5-p|", 0.0, eta_table, anchor, 0.5, backend, True, False,
     )
 
 

@@ -159,10 +159,13 @@ class Batch:
 
     def result(self, scores, selected, token_adv, tau, eta) -> NTHRResult:
         """The public result from canonical-order per-token and per-group outputs of an implementation."""
+        scores = scores.to(torch.float32)
+        if not self.opts.score_positive:  # not computed by every implementation: one rule for all
+            scores = torch.where(self.positive[self.tok_resp], torch.zeros_like(scores), scores)
         return NTHRResult(
             token_advantages=self.scatter(token_adv.to(torch.float32)),
             selected=self.scatter(selected, False),
-            scores=self.scatter(scores.to(torch.float32)),
+            scores=self.scatter(scores),
             group_ids=self.group_ids.clone(),
             tau=tau.to(torch.float32),
             eta=eta.to(torch.float32),
@@ -436,8 +439,9 @@ def check_options(opts: Options) -> Options:
     if not isinstance(opts.anchor, str) or opts.anchor not in ANCHORS:
         raise ValueError(f"anchor: expected one of {ANCHORS}, got {opts.anchor!r}")
     check_backend(opts.backend)
-    if not isinstance(opts.check_finite, bool):
-        raise TypeError(f"check_finite: expected a bool, got {type(opts.check_finite).__name__}")
+    for name in ("check_finite", "score_positive"):
+        if not isinstance(getattr(opts, name), bool):
+            raise TypeError(f"{name}: expected a bool, got {type(getattr(opts, name)).__name__}")
     return dataclasses.replace(
         opts, temperature=temperature, beta=beta, reward_threshold=check_real("reward_threshold", opts.reward_threshold)
     )

@@ -47,6 +47,9 @@ class Options:
     reward_threshold: float = 0.5
     backend: str = "auto"
     check_finite: bool = True
+    # Scores of positive tokens are not needed for the threshold (each positive response's mean score is
+    # <M, N_i> / |y_i|, see docs/NTHR.md), so by default they are not computed and read 0 in the result.
+    score_positive: bool = False
 
 
 def interpreting() -> bool:
@@ -153,7 +156,8 @@ class NTHRResult:
     """Output of :func:`nthr_advantages`.
 
     Per token (layout of ``token_ids``): ``token_advantages`` (float32, 0 at padding), ``selected``
-    (bool), ``scores`` (float32; every completion token of an active group, 0 elsewhere).
+    (bool), ``scores`` (float32; every negative token of an active group, and its positive tokens too
+    with ``score_positive=True``; 0 elsewhere).
     Per group, ordered by sorted unique group id: ``group_ids``, ``tau`` (float32, NaN when inactive),
     ``eta`` (float32, 1.0 when inactive), ``active`` (bool: mixed group whose positive responses have
     at least one token).
