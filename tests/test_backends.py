@@ -167,3 +167,23 @@ def test_triton_paths_agree_and_cost_model_mixes():
         res[path] = batch.result(*triton_impl.nthr_advantages(batch, path=path))
     for path in ("pairwise", None):
         torch.testing.assert_close(res[path].scores, res["factored"].scores, rtol=1e-4, atol=1e-4 * float(res["factored"].scores.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("anchor", ["all", "others"])
+@pytest.mark.parametrize("source", ["weight+logprobs", "logits"])
+def test_score_positive(backend, anchor, source):
+    """score_positive=True scores every token like the reference; the default leaves positive tokens at 0
+    (their scores are not needed: anchors come from <M, N_i>) and changes nothing else."""
+    b = case(seed=stable_seed("score_positive", anchor, source), n_groups=4, group_size=5, lengths=(0, 17), d=20,
+             vocab=83, holes=True)
+    kw = dict(anchor=anchor, beta=0.7, use_logits=source == "logits")
+    full = run(b, backend, score_positive=True, **kw)
+    assert_matches_reference(full, run(b, "reference", score_positive=True, **kw), b)
+    default = run(b, backend, **kw)
+    assert_matches_reference(default, run(b, "reference", **kw), b)
+    pos = (b.rewards > 0.5)[:, None].expand_as(b.token_ids)
+    assert not bool(default.scores[pos].any())
+    torch.testing.assert_close(default.scores[~pos], full.scores[~pos], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(default.tau, full.tau, equal_nan=True)
+    assert torch.equal(default.selected, full.selected)

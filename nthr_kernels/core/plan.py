@@ -37,42 +37,45 @@ def run_means(values: torch.Tensor, keys: torch.Tensor):
 
 
 def group_tau(anchor_scores, tok_resp, resp_group, n_groups: int, beta: float, reduce_min_anchor=None) -> torch.Tensor:
-    """float64 ``tau`` per group from the anchor scores of positive tokens (``tok_resp`` in runs).
-
-    ``tau_g = beta * min_{i in P_g} mean_k s_{i,k}``; groups without an anchor get ``+inf * beta``
-    style garbage and must be masked by the caller's ``active`` flag.
-    """
+    """float64 ``tau`` per group from the anchor scores of positive tokens (``tok_resp`` in runs):
+    ``tau_g = beta * min_{i in P_g} mean_k s_{i,k}`` (see :func:`tau_from_anchors`)."""
     resp, means = run_means(anchor_scores, tok_resp)
-    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=tok_resp.device)
-    min_anchor = min_anchor.scatter_reduce(0, resp_group[resp], means, reduce="amin", include_self=True)
+    return tau_from_anchors(resp, means, resp_group, n_groups, beta, reduce_min_anchor)
+
+
+def tau_from_anchors(resp, anchors, resp_group, n_groups: int, beta: float, reduce_min_anchor=None) -> torch.Tensor:
+    """float64 ``tau`` per group from the anchors ``anchors[k]`` (float64) of positive responses ``resp[k]``.
+
+    ``tau_g = beta * min_{i in P_g} sbar_i``; groups without an anchor get ``+inf * beta`` style garbage
+    and must be masked by the caller's ``active`` flag. ``reduce_min_anchor`` (optional) maps the
+    per-group minimum anchor (``+inf`` where this process holds no anchor of the group) to the final
+    one; the distributed path passes an all-reduce-min over ranks.
+    """
+    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=resp_group.device)
+    min_anchor = min_anchor.scatter_reduce(0, resp_group[resp], anchors.to(torch.float64), reduce="amin",
+                                           include_self=True)
     if reduce_min_anchor is not None:
         min_anchor = reduce_min_anchor(min_anchor)
     return tau_from_min_anchor(min_anchor, beta)
 
 
-def finish(batch, scores: torch.Tensor, anchor_scores: torch.Tensor, reduce_min_anchor: Optional[Callable] = None):
-    """Anchors, tau, eta, selection and token advantages for a whole batch.
+def finish(batch, scores: torch.Tensor, anchors, reduce_min_anchor: Optional[Callable] = None):
+    """tau, eta, selection and token advantages for a whole batch.
 
-    ``scores [n]`` (float32) are the per-token scores (0 for tokens of inactive groups);
-    ``anchor_scores [n]`` the scores that enter the positive anchors (the same tensor for
-    ``anchor="all"``, the scores without the response's own tokens for ``"others"``).
-    ``reduce_min_anchor`` (optional) maps the per-group float64 minimum anchor (``+inf`` where this
-    process holds no positive response with tokens) to the final one; the distributed path passes an
-    all-reduce-min over ranks.
+    ``scores [n]`` (float32) are the per-token scores of the negative tokens (anything elsewhere);
+    ``anchors = (resp, values)``: the float64 anchor of each positive response ``resp[k]`` that has tokens.
+    ``reduce_min_anchor``: see :func:`tau_from_anchors`.
     Returns ``(selected [n], token_adv [n] float32, tau [g] float32, eta [g] float32)``.
     """
-    tok_resp, resp_group, positive, adv, group_active = (batch.tok_resp, batch.resp_group, batch.positive, batch.adv,
-                                                         batch.group_active)
-    n_groups = group_active.numel()
-    tok_pos = positive[tok_resp]
-    tau = group_tau(anchor_scores[tok_pos], tok_resp[tok_pos], resp_group, n_groups, batch.opts.beta, reduce_min_anchor)
+    tok_resp, resp_group, group_active = batch.tok_resp, batch.resp_group, batch.group_active
+    tau = tau_from_anchors(*anchors, resp_group, group_active.numel(), batch.opts.beta, reduce_min_anchor)
     tau = torch.where(group_active, tau, torch.full_like(tau, math.nan))
     eta_g = group_eta(batch.opts.eta, batch.n_pos, batch.n_resp, group_active)
     tok_group = resp_group[tok_resp]
     tau_tok = tau.to(torch.float32)[tok_group]
     # Compare in float32 with tau rounded to float32, the same rule the fused kernels apply.
-    selected = group_active[tok_group] & ~tok_pos & (scores > tau_tok)
-    adv_tok = adv[tok_resp]
+    selected = group_active[tok_group] & ~batch.positive[tok_resp] & (scores > tau_tok)
+    adv_tok = batch.adv[tok_resp]
     token_adv = torch.where(selected, adv_tok * eta_g.to(torch.float32)[tok_group], adv_tok)
     return selected, token_adv, tau.to(torch.float32), eta_g.to(torch.float32)
 
@@ -137,23 +140,25 @@ def make_plan(batch, log_z: Callable, vstar: Optional[Callable] = None) -> Plan:
     )
 
 
-def chunks(vs_count: torch.Tensor, seg_group: torch.Tensor, d: int, budget: int):
-    """Consecutive segments packed so that ``n_seg * max|V*| * d <= budget``; a segment too large on its
-    own is split into ``V*`` column blocks. Yields ``(k0, k1, c0, c1)``. Depends only on ``V*`` sizes, so
-    every rank of a distributed run walks the same chunks."""
-    counts = vs_count[seg_group].tolist()
+def chunks(counts: list, d: int, budget: int, copies: Optional[list] = None):
+    """Consecutive segments packed so that ``sum(copies) * max|V*| * d <= budget``, where segment ``k``
+    holds ``copies[k]`` (default 1) ``[|V*|, d]`` matrices; a segment too large on its own is split into
+    ``V*`` column blocks. ``counts``: ``|V*|`` per segment (host ints). Yields ``(k0, k1, c0, c1)``. Depends
+    only on its arguments, so every rank of a distributed run that passes global sizes walks the same chunks."""
+    copies = copies or [1] * len(counts)
     k, n = 0, len(counts)
     while k < n:
-        vmax = max(counts[k], 1)
-        if vmax * d > budget:
-            vb = max(1, budget // d)
+        vmax, held = max(counts[k], 1), copies[k]
+        if held * vmax * d > budget:
+            vb = max(1, budget // (d * held))
             for c0 in range(0, vmax, vb):
                 yield k, k + 1, c0, min(vmax, c0 + vb)
             k += 1
             continue
         k1 = k + 1
-        while k1 < n and (k1 + 1 - k) * max(vmax, counts[k1]) * d <= budget:
+        while k1 < n and (held + copies[k1]) * max(vmax, counts[k1]) * d <= budget:
             vmax = max(vmax, counts[k1])
+            held += copies[k1]
             k1 += 1
         yield k, k1, 0, vmax
         k = k1

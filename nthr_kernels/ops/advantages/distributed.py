@@ -285,11 +285,11 @@ def nthr_advantages_distributed(
             m[rows] = packed
             return m
 
-        scores, anchor_scores = torch_impl.nthr_scores(gb, budget, plan, reduce_m)
+        scores, anchors = torch_impl.nthr_scores(gb, budget, plan, reduce_m)
 
         # ---- 6. anchors, tau (min over ranks), selection -------------------------------------------------
         def reduce_min(min_anchor):
             return comm.all_reduce("min_anchor", min_anchor.contiguous(), dist.ReduceOp.MIN)
 
-        selected, token_adv, tau, eta_g = finish(gb, scores, anchor_scores, reduce_min)
+        selected, token_adv, tau, eta_g = finish(gb, scores, anchors, reduce_min)
         return gb.result(scores, selected, token_adv, tau, eta_g)

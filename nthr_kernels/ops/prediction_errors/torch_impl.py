@@ -13,17 +13,20 @@ def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, temperature: float, budget
     """``logsumexp_v (w_v . h_t) / T`` over the whole vocabulary for float32 rows ``h [n, d]`` (which
     it may scale in place), in vocabulary chunks: an online logsumexp, no ``[n, |V|]`` tensor.
 
-    Only the logits chunk and its exp are live here, so a chunk may take 3 of the 7 scratch slots of
-    the module's bound: fewer, larger chunks (fewer launches / thread-pool barriers), same peak.
+    One logits buffer of at most ``3 * budget`` elements is reused for every chunk (written by
+    ``torch.mm(out=...)``, exponentiated in place), so nothing else of that size is ever live.
     """
     vocab, d = w.shape
-    vc = max(1, min(vocab, 3 * budget // max(h.shape[0], 1), budget // d))
+    n = h.shape[0]
+    vc = max(1, min(vocab, 3 * budget // max(n, 1), budget // d))
     if temperature != 1.0:
         h /= temperature  # (h / T) @ W^T == (h @ W^T) / T: one [n, d] pass instead of one per chunk
-    m = torch.full((h.shape[0], 1), -math.inf, dtype=torch.float32, device=h.device)
-    s = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    m = torch.full((n, 1), -math.inf, dtype=torch.float32, device=h.device)
+    s = torch.zeros(n, dtype=torch.float32, device=h.device)
+    buf = torch.empty(n * vc, dtype=torch.float32, device=h.device)
     for v0 in range(0, vocab, vc):
-        z = h @ w[v0 : v0 + vc].float().T
+        wc = w[v0 : v0 + vc].float()
+        z = torch.mm(h, wc.T, out=buf[: n * wc.shape[0]].view(n, wc.shape[0]))
         m_new = torch.maximum(m, z.amax(-1, keepdim=True))  # online logsumexp: 3 passes over z
         s = s * torch.exp(m - m_new).squeeze(1) + z.sub_(m_new).exp_().sum(-1)
         m = m_new
