@@ -1,7 +1,7 @@
 """Named benchmark shapes, shared by the CPU suite (``test_nthr_cpu.py``), the GPU suite and the demo.
 
 ``small`` and ``medium`` run on CPU; ``qwen1.5b-step`` is a GPU shape (a Qwen2.5-1.5B GRPO step: bf16,
-|V| = 151936) and must not be built on CPU. FLOP floors follow ``shared/NTHR.md``: per active group
+|V| = 151936) and must not be built on CPU. FLOP floors follow ``docs/NTHR.md``: per active group
 ``2 |V*| d (2 T + T+)`` (errors on ``V*`` for every token, ``M`` from the positive tokens, ``g_t^T M``),
 plus ``2 N |V| d`` for the full-vocabulary normaliser when no ``old_logprobs`` are given.
 """
