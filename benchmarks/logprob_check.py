@@ -7,44 +7,22 @@ forward, rollout-engine noise) and for ones that do not (one position off, anoth
 
 Prints, per case, quantiles of the implied log-mass (nats; > 0: the slice holds more than probability 1),
 the fraction of tokens above LOGPROB_TOLERANCE (all tokens, and the check's sample), and whether the
-check (at most LOGPROB_MAX_BAD tokens of its LOGPROB_SAMPLE-token sample above the tolerance) accepts it. docs/NTHR.md quotes the result.
+check (at most LOGPROB_MAX_BAD tokens of its LOGPROB_SAMPLE-token sample above the tolerance) accepts
+the batch. docs/NTHR.md quotes the result.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
 from nthr_kernels.core.checks import implied_vstar_mass, logprob_sample, validate_batch
 from nthr_kernels.core.rules import LOGPROB_MAX_BAD, LOGPROB_TOLERANCE, Inputs, Options
 from nthr_kernels.grpo.model import DEFAULT_SPEC, QUICK_SPEC, load_default_model, torch_threads
-from nthr_kernels.grpo.rollout import collect_rollout, completion_logprobs
+from nthr_kernels.grpo.rollout import collect_rollout
+from nthr_kernels.testing import logprob_variants
 
 TEMPERATURE = 1.0
-
-
-def cases(model, ro, seed=0):
-    """``name -> (old_logprobs [R, L], temperature passed to the check)``."""
-    gen = torch.Generator().manual_seed(seed)
-    m = ro.mask
-    out = {"float32 (exact)": (ro.old_logprobs, TEMPERATURE)}
-    with torch.no_grad():
-        bf = completion_logprobs(model.to(torch.bfloat16), ro.prompt_ids, ro.completion_ids, temperature=TEMPERATURE)
-        model.float()
-    out["bf16 forward"] = (torch.where(m, bf.float(), 0.0), TEMPERATURE)
-    for sd in (0.01, 0.1, 0.3):
-        noise = torch.randn(m.shape, generator=gen) * sd
-        out[f"rollout noise N(0, {sd})"] = (torch.where(m, (ro.old_logprobs + noise).clamp_max(0.0), 0.0), TEMPERATURE)
-    shifted = torch.zeros_like(ro.old_logprobs)
-    shifted[:, :-1] = ro.old_logprobs[:, 1:]  # log-prob of token k+1 paired with the hidden state of token k
-    out["one position off"] = (torch.where(m, shifted, 0.0), TEMPERATURE)
-    shifted = torch.zeros_like(ro.old_logprobs)
-    shifted[:, 1:] = ro.old_logprobs[:, :-1]
-    out["one position off (other way)"] = (torch.where(m, shifted, 0.0), TEMPERATURE)
-    for t in (0.6, 0.8, 1.25):
-        out[f"temperature {t} passed, log-probs at {TEMPERATURE}"] = (ro.old_logprobs, t)
-    return out
 
 
 def main():
@@ -63,7 +41,7 @@ def main():
               f"{int(ro.mask.sum())} completion tokens, tolerance {LOGPROB_TOLERANCE} nats, at most "
               f"{LOGPROB_MAX_BAD} sampled tokens above it")
         print(f"{'case':42s} {'q50':>8s} {'q90':>8s} {'q99':>8s} {'max':>8s} {'>tol all':>9s} {'>tol sample':>12s}  check")
-        for name, (lp, t) in cases(model, ro).items():
+        for name, (lp, t) in logprob_variants(model, ro).items():
             x = Inputs(ro.hidden, ro.completion_ids, ro.rewards, ro.advantages, lm_head_weight=w, old_logprobs=lp,
                        mask=ro.mask, group_size=8)
             batch = validate_batch(x, Options(temperature=t, check_logprobs=False))
