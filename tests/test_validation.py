@@ -334,6 +334,10 @@ def test_eta_callable_returning_a_non_number(b, ret):  # finding 9: a bare float
     raises(TypeError, "eta", lambda: call(b, eta=lambda p: ret))
 
 
+def test_eta_callable_that_raises(b):
+    raises(ValueError, "eta", lambda: call(b, eta=lambda p: 1 / (p - p)))
+
+
 def test_meta_tensors_named(b):  # finding 9: prediction_errors failed inside Tensor.item()
     meta = lambda t: t.to("meta")  # noqa: E731
     raises(ValueError, "hidden", lambda: call(b, hidden=meta(b.hidden)))

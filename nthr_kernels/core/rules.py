@@ -104,7 +104,10 @@ def eta_value(eta: EtaSpec, p: float) -> float:
     if eta == "p":
         return p
     if callable(eta):
-        v = eta(p)
+        try:
+            v = eta(p)
+        except Exception as e:  # noqa: BLE001 - the caller's code: name the argument it came from
+            raise ValueError(f"eta: the callable raised {type(e).__name__} for p={p}: {e}") from e
         if isinstance(v, torch.Tensor) and v.numel() == 1:
             v = v.item()
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
