@@ -307,7 +307,7 @@ def _groups(n_resp: int, group_size, group_ids, device):
     return gids, resp_group
 
 
-def group_success_rates(rewards, reward_threshold: float, group_size, group_ids) -> torch.Tensor:
+def group_success_rates(rewards, reward_threshold: Optional[float], group_size, group_ids) -> torch.Tensor:
     """Float64 success rate ``p`` of every group (sorted by id) after the reward checks; for a callable
     ``eta``, which the public API evaluates before the op (arguments already statically checked)."""
     positive = binary_positive(rewards, reward_threshold)

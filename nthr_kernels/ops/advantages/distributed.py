@@ -52,7 +52,9 @@ shared): 3,264 bytes.
 Timeouts. The agreement above covers every rank that calls this function. A rank that dies, hangs or
 never calls (e.g. it raised in its own code before the call) leaves the others blocked in the first
 collective until the process group's timeout (``timeout=`` of ``torch.distributed.init_process_group``;
-30 minutes by default for gloo, 10 for NCCL), after which they raise torch.distributed's error.
+by default ``torch.distributed.constants.default_pg_timeout``, 30 minutes, for gloo and
+``default_pg_nccl_timeout``, 10 minutes per the PyTorch documentation, for NCCL), after which they raise
+torch.distributed's error. tests/test_distributed.py runs with a 20 s timeout.
 
 Tolerance. Groups held by one rank are computed by the same arithmetic as in one process (same chunks,
 same block order) when each rank keeps the global relative order of its responses; shared groups sum
