@@ -115,23 +115,31 @@ def nthr_advantages(
     beta: float = 1.0,
     eta: EtaSpec = "2|0.5-p|",
     anchor: str = "all",
-    reward_threshold: float = 0.5,
+    reward_threshold: Optional[float] = None,
     backend: str = "auto",
     check_finite: bool = True,
+    check_logprobs: bool = True,
     score_positive: bool = False,
     process_group=None,
 ) -> NTHRResult:
     """NTHR token advantages for a whole rollout batch (every group at once).
 
-    Layouts: padded (``hidden [R, L, d]``, ``token_ids [R, L]``, optional ``mask [R, L]`` marking the
-    completion tokens, holes allowed) or packed (``hidden [N, d]``, ``token_ids [N]``, ``cu_seqlens
-    [R+1]``). ``hidden`` at a token is the lm_head input that produced that token's distribution.
-    ``rewards [R]`` are binary (correct iff ``> reward_threshold``); ``advantages [R]`` the
-    response-level advantages (e.g. GRPO's). Groups: ``group_size`` (responses ``g*G .. g*G+G-1``) or
-    ``group_ids [R]`` (any integers, any order).
+    Layouts: padded (``hidden [R, L, d]``, ``token_ids [R, L]``, and the required ``mask [R, L]``
+    marking the completion tokens, holes allowed; pass an all-true mask when there is no padding) or
+    packed (``hidden [N, d]``, ``token_ids [N]``, ``cu_seqlens [R+1]``). ``hidden`` at a token is the
+    lm_head input that produced that token's distribution. ``rewards [R]`` are binary: 0/1 or bool by
+    default; with an explicit ``reward_threshold``, correct iff ``reward > reward_threshold`` (one
+    value on each side). ``advantages [R]`` the response-level advantages (e.g. GRPO's). Groups:
+    ``group_size`` (responses ``g*G .. g*G+G-1``) or ``group_ids [R]`` (any integers, any order).
+    Response and token counts may be 0; the hidden size and the vocabulary may not.
 
     Old policy: ``lm_head_weight [V, d]`` (with ``old_logprobs``, laid out like ``token_ids``, only the
     ``|V*|`` rows of the weight are read), or ``logits``; ``pi_old = softmax(. / temperature)``.
+    ``check_logprobs`` (default True): on a small deterministic sample of tokens, the probabilities that
+    ``old_logprobs`` imply on ``V*`` must not exceed 1 beyond a measured tolerance (docs/NTHR.md), which
+    catches log-probs taken one position off or at another temperature.
+    ``check_finite`` (default True): every float input must be finite and within float32 range (the
+    maths is float32) and ``|logits| / temperature`` within ``LOGIT_LIMIT`` (core/rules.py).
 
     For each mixed group: ``s_t = sum_{u in P} <g_u, g_t> <h_u, h_t>`` for every token,
     ``tau = beta * min_{i in P} mean_k s_{i,k}`` (``anchor="others"`` leaves response ``i``'s tokens out
@@ -145,11 +153,16 @@ def nthr_advantages(
 
     ``process_group``: a ``torch.distributed`` group whose ranks each hold some whole responses of the
     batch (a group may straddle ranks); every rank calls this with its own responses and their global
-    ``group_ids`` (``group_size`` is refused). See :mod:`nthr_kernels.ops.advantages.distributed`.
+    ``group_ids`` (``group_size`` is refused). Every rank validates its inputs and the ranks agree on the
+    outcome before any data moves: a bad argument on one rank raises on every rank. A rank that dies or
+    never calls leaves the others waiting for the process group's timeout. See
+    :mod:`nthr_kernels.ops.advantages.distributed`.
     """
     x = Inputs(hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens,
                group_size, group_ids)
-    opts = Options(beta, eta, anchor, temperature, reward_threshold, backend, check_finite, score_positive)
+    opts = Options(beta=beta, eta=eta, anchor=anchor, temperature=temperature, reward_threshold=reward_threshold,
+                   backend=backend, check_finite=check_finite, check_logprobs=check_logprobs,
+                   score_positive=score_positive)
     if process_group is not None:
         from .ops.advantages.distributed import nthr_advantages_distributed
 
@@ -170,6 +183,6 @@ def nthr_advantages(
         out = torch.ops.nthr.nthr_advantages(
             hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, o.temperature, mask,
             cu_seqlens, group_size, st.group_ids, o.beta, eta_name, eta_const, eta_table, anchor,
-            o.reward_threshold, backend, o.check_finite, o.score_positive,
+            o.reward_threshold, backend, o.check_finite, o.check_logprobs, o.score_positive,
         )
         return NTHRResult(*out)

@@ -12,7 +12,7 @@ shape inference, so ``torch.compile(fullgraph=True)`` sees each call as one opaq
   per-group ``eta_table`` (how a callable ``eta`` is passed: the API evaluates it before the op).
 
 The eager kernels run every value-dependent check (finiteness, id ranges, binary rewards, monotonic
-``cu_seqlens``, ``old_logprobs <= 0``) through :func:`nthr_kernels.core.checks.validate_batch`, resolve
+``cu_seqlens``, ``old_logprobs <= 0`` and their consistency, float32 range) through :func:`nthr_kernels.core.checks.validate_batch`, resolve
 ``backend`` (``"auto"``: Triton on CUDA, native C++ on CPU when built, else torch) and run it.
 
 The native C++ ops (``nthr::native_*``) are defined with the library that implements them, in
@@ -81,15 +81,18 @@ def nthr_advantages(
     eta_const: float,
     eta_table: Optional[Tensor],
     anchor: str,
-    reward_threshold: float,
+    reward_threshold: Optional[float],
     backend: str,
     check_finite: bool,
+    check_logprobs: bool,
     score_positive: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     x = Inputs(hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens,
                group_size, group_ids)
     eta = eta_spec(eta_name, eta_const) if eta_table is None else 1.0
-    opts = Options(beta, eta, anchor, temperature, reward_threshold, backend, check_finite, score_positive)
+    opts = Options(beta=beta, eta=eta, anchor=anchor, temperature=temperature, reward_threshold=reward_threshold,
+                   backend=backend, check_finite=check_finite, check_logprobs=check_logprobs,
+                   score_positive=score_positive)
     batch = validate_batch(x, opts)
     if eta_table is not None and eta_table.shape != batch.group_ids.shape:
         raise ValueError(f"eta: expected one value per group ({batch.group_ids.numel()}), got {tuple(eta_table.shape)}")
@@ -106,7 +109,7 @@ def nthr_advantages(
 @nthr_advantages.register_fake
 def _nthr_advantages_fake(hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, temperature,
                           mask, cu_seqlens, group_size, group_ids, beta, eta_name, eta_const, eta_table, anchor,
-                          reward_threshold, backend, check_finite, score_positive):
+                          reward_threshold, backend, check_finite, check_logprobs, score_positive):
     lead = token_ids.shape
     if group_size is not None:
         n_groups = rewards.shape[0] // group_size

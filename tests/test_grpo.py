@@ -16,7 +16,9 @@ from nthr_kernels.grpo import (AdditionTask, CharTokenizer, ModelSpec, Rollout, 
                                completion_logprobs, group_advantages, grpo_step, load_default_model,
                                policy_loss, pretrain, token_advantages)
 from nthr_kernels.grpo.lld import lld_delta, sequence_logprobs, summarize, topk_overlap, _spearman
+from nthr_kernels import nthr_advantages
 from nthr_kernels.grpo.loop import nthr_result
+from nthr_kernels.testing import logprob_variants
 
 TINY = ModelSpec(n_digits=2, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, steps=60, batch_size=32, lr=3e-3, warmup=10, seed=3)
@@ -197,6 +199,28 @@ def test_default_backend_masks_equal_reference_on_model_hidden_states(tiny, roll
     ref = nthr_result(model, rollout, backend="reference")
     n_neg = int((rollout.mask & (rollout.rewards <= 0.5).unsqueeze(1)).sum())
     assert 0 < int(ref.selected.sum()) < n_neg  # a non-trivial selection
+
+
+# The old_logprobs consistency check (check_logprobs) on a real model's hidden states: the cases and the
+# tolerance are those of benchmarks/logprob_check.py (docs/NTHR.md quotes its numbers).
+@pytest.mark.parametrize("variant, consistent", [
+    ("float32 (exact)", True), ("bf16 forward", True), ("rollout noise N(0, 0.01)", True),
+    ("rollout noise N(0, 0.1)", True), ("one position off", False), ("one position off (other way)", False),
+    ("temperature 0.6 x the sampling one passed", False), ("temperature 0.8 x the sampling one passed", False),
+])
+def test_old_logprobs_check_on_model_outputs(tiny, rollout, variant, consistent):
+    model, _ = tiny
+    lp, temperature = logprob_variants(model, rollout)[variant]
+    kw = dict(lm_head_weight=model.lm_head.weight.detach(), old_logprobs=lp, temperature=temperature,
+              mask=rollout.mask, group_size=rollout.group_size, backend="torch")
+    call = lambda **k: nthr_advantages(rollout.hidden, rollout.completion_ids, rollout.rewards,  # noqa: E731
+                                       rollout.advantages, **kw, **k)
+    if consistent:
+        call()
+    else:
+        with pytest.raises(ValueError, match=r"^old_logprobs: inconsistent with hidden"):
+            call()
+        call(check_logprobs=False)  # the switch
 
 
 def test_token_advantages_bad_input(tiny, rollout):

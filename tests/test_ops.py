@@ -39,7 +39,7 @@ def _adv_args(b, *, backend, group_ids=None, logits=False, eta_table=None, ancho
     gs = None if group_ids is not None else b.group_size
     return (
         b.hidden, b.token_ids, b.rewards, b.advantages, w, lg, lp, 0.9, lay_mask, b.cu_seqlens, gs, group_ids,
-        1.0, "" if eta_table is not None else "2|0.5-p|", 0.0, eta_table, anchor, 0.5, backend, True, False,
+        1.0, "" if eta_table is not None else "2|0.5-p|", 0.0, eta_table, anchor, None, backend, True, True, False,
     )
 
 
@@ -174,7 +174,7 @@ def test_torch_compile_raises_value_errors_from_inside_the_op():
     [
         (lambda k: k.update(cu_seqlens=k["cu_seqlens"][[0, 2, 1] + list(range(3, 13))]), ValueError, r"^cu_seqlens: expected non-decreasing"),
         (lambda k: k.update(old_logprobs=k["old_logprobs"] + 5.0), ValueError, r"^old_logprobs: log-probabilities must be <= 0"),
-        (lambda k: k.update(hidden=k["hidden"].index_fill(0, torch.tensor([1]), math.nan)), ValueError, r"^hidden: contains NaN or Inf"),
+        (lambda k: k.update(hidden=k["hidden"].index_fill(0, torch.tensor([1]), math.nan)), ValueError, r"^hidden: contains NaN, Inf or a value beyond float32 range"),
         (lambda k: k.update(token_ids=k["token_ids"] + 1000), ValueError, r"^token_ids: completion token ids must lie in"),
         (lambda k: k.update(group_size=5), ValueError, r"^group_size: must be a positive divisor"),
         (lambda k: k.update(eta=1.5), ValueError, r"^eta: a constant eta must lie in"),

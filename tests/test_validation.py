@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nthr_kernels as nk
-from _helpers import case
+from _helpers import backends, case
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,121 @@ def test_inputs_never_modified_on_error(b):
     with pytest.raises(ValueError):
         call(b, eta=2.0)
     assert torch.equal(snap, b.hidden)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 10: hostile inputs (findings 3, 5, 6, 8, 9); each raises before any work, on every backend
+# --------------------------------------------------------------------------------------------------
+ALL_BACKENDS = ["reference"] + backends()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_zero_feature_sizes(b, backend):  # finding 3: d = 0 crashed native (SIGFPE), torch (ZeroDivisionError)
+    R, L, _ = b.hidden.shape
+    raises(ValueError, "hidden", lambda: call(b, hidden=b.hidden[..., :0], lm_head_weight=b.lm_head_weight[:, :0],
+                                              backend=backend))
+    raises(ValueError, "hidden", lambda: call(b, hidden=b.hidden[..., :0], lm_head_weight=None, old_logprobs=None,
+                                              logits=torch.zeros(R, L, 23), backend=backend))
+    raises(ValueError, "logits", lambda: call(b, lm_head_weight=None, old_logprobs=None,
+                                              logits=torch.zeros(R, L, 0), backend=backend))
+    raises(ValueError, "lm_head_weight", lambda: call(b, lm_head_weight=b.lm_head_weight[:0], backend=backend))
+    hp, ep = torch.randn(4, 6), torch.randn(4, 5)
+    raises(ValueError, "h_pos", lambda: nk.score_tokens(hp[:, :0], hp[:, :0], ep, ep, backend=backend))
+    raises(ValueError, "err_pos", lambda: nk.score_tokens(hp, hp, ep[:, :0], ep[:, :0], backend=backend))
+
+
+def test_zero_sizes_in_prediction_errors():
+    ids = torch.tensor([1, 2])
+    raises(ValueError, "hidden", lambda: nk.prediction_errors(ids, hidden=torch.zeros(2, 0),
+                                                              lm_head_weight=torch.zeros(5, 0)))
+    raises(ValueError, "logits", lambda: nk.prediction_errors(ids[:0], logits=torch.zeros(0, 0)))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_batches_are_fine(b, backend):  # counts of responses and tokens may be 0 (a rank, a group)
+    res = call(b, hidden=b.hidden[:0], token_ids=b.token_ids[:0], rewards=b.rewards[:0],
+               advantages=b.advantages[:0], old_logprobs=b.old_logprobs[:0], mask=b.mask[:0], backend=backend)
+    assert res.token_advantages.shape == (0, b.token_ids.shape[1]) and res.group_ids.numel() == 0
+    res = call(b, mask=torch.zeros_like(b.mask), backend=backend)
+    assert not bool(res.active.any()) and not bool(res.token_advantages.any())
+
+
+def test_mask_required_with_padded_layout(b):  # finding 5: padding was scored and got advantages
+    raises(ValueError, "mask", lambda: call(b, mask=_DROP))
+    full = call(b, mask=torch.ones_like(b.mask), old_logprobs=None)  # no padding: an all-true mask
+    assert full.selected.shape == b.mask.shape
+
+
+def _bad_policy_value(b, where):
+    """Keyword overrides putting one value beyond float32 range (the float64 input itself is finite)."""
+    r, c = b.mask.nonzero()[0].tolist()
+    if where == "hidden":
+        h = b.hidden.double()
+        h[r, c, 0] = 1e39
+        return dict(hidden=h)
+    if where == "lm_head_weight":
+        w = b.lm_head_weight.double()
+        w[int(b.token_ids[r, c]), 1] = 1e39
+        return dict(lm_head_weight=w)
+    if where == "logits":
+        lg = (b.hidden @ b.lm_head_weight.T).double()
+        lg[r, c, 2] = 1e39
+        return dict(logits=lg, lm_head_weight=None, old_logprobs=None)
+    if where == "advantages":
+        a = b.advantages.double()
+        a[0] = 1e300
+        return dict(advantages=a)
+    if where == "old_logprobs":
+        lp = b.old_logprobs.double()
+        lp[r, c] = -1e300
+        return dict(old_logprobs=lp)
+    raise AssertionError(where)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("where", ["hidden", "lm_head_weight", "logits", "advantages", "old_logprobs"])
+def test_values_beyond_float32_range(b, backend, where):  # finding 6: they became inf/NaN in float32
+    raises(ValueError, where, lambda: call(b, backend=backend, **_bad_policy_value(b, where)))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_temperature_that_overflows_float32(b, backend):  # finding 6: T = 1e-8 gave NaN
+    R, L, _ = b.hidden.shape
+    raises(ValueError, "temperature", lambda: call(b, temperature=1e-8, old_logprobs=None, backend=backend))
+    logits = b.hidden @ b.lm_head_weight.T
+    raises(ValueError, "temperature", lambda: call(b, temperature=1e-8, lm_head_weight=None, old_logprobs=None,
+                                                   logits=logits, backend=backend))
+    ids = b.token_ids[b.mask]
+    raises(ValueError, "temperature", lambda: nk.prediction_errors(ids, logits=logits[b.mask], temperature=1e-8))
+    call(b, temperature=0.05, old_logprobs=None, backend=backend)  # small but representable: fine
+
+
+def test_rewards_binary_unless_threshold_given(b):  # finding 8: 0.3 / 0.7 were accepted silently
+    r = torch.where(b.rewards > 0.5, 0.7, 0.3)
+    raises(ValueError, "rewards", lambda: call(b, rewards=r))
+    explicit = call(b, rewards=r, reward_threshold=0.5)  # the caller states the rule: today's rule
+    assert torch.equal(explicit.selected, call(b).selected)
+    raises(ValueError, "reward_threshold", lambda: call(b, rewards=b.rewards.bool(), reward_threshold=0.5))
+    call(b, rewards=b.rewards.to(torch.int64))
+
+
+@pytest.mark.parametrize("ret", ["0.5", None, [0.5]])
+def test_eta_callable_returning_a_non_number(b, ret):  # finding 9: a bare float() failed without naming eta
+    raises(TypeError, "eta", lambda: call(b, eta=lambda p: ret))
+
+
+def test_eta_callable_that_raises(b):
+    raises(ValueError, "eta", lambda: call(b, eta=lambda p: 1 / (p - p)))
+
+
+def test_meta_tensors_named(b):  # finding 9: prediction_errors failed inside Tensor.item()
+    meta = lambda t: t.to("meta")  # noqa: E731
+    raises(ValueError, "hidden", lambda: call(b, hidden=meta(b.hidden)))
+    raises(ValueError, "token_ids", lambda: call(b, token_ids=meta(b.token_ids)))
+    ids = b.token_ids[b.mask]
+    h = b.hidden[b.mask]
+    raises(ValueError, "token_ids", lambda: nk.prediction_errors(meta(ids), hidden=h, lm_head_weight=b.lm_head_weight))
+    raises(ValueError, "hidden", lambda: nk.prediction_errors(ids, hidden=meta(h), lm_head_weight=b.lm_head_weight))
+    raises(ValueError, "lm_head_weight", lambda: nk.prediction_errors(ids, hidden=h, lm_head_weight=meta(b.lm_head_weight)))
+    raises(ValueError, "logits", lambda: nk.prediction_errors(ids, logits=meta(h @ b.lm_head_weight.T)))
+    raises(ValueError, "h_pos", lambda: nk.score_tokens(meta(h), h, h, h))

@@ -14,7 +14,19 @@ from typing import Optional
 
 import torch
 
-from .rules import ANCHORS, BACKENDS, Inputs, NTHRResult, Options, check_eta
+from .rules import (
+    ANCHORS,
+    BACKENDS,
+    FLOAT32_MAX,
+    LOGIT_LIMIT,
+    LOGPROB_MAX_BAD,
+    LOGPROB_SAMPLE,
+    LOGPROB_TOLERANCE,
+    Inputs,
+    NTHRResult,
+    Options,
+    check_eta,
+)
 
 
 # Rows per chunk for the finiteness scans: at most this many elements in one temporary bool tensor.
@@ -24,7 +36,15 @@ _SCAN_ELEMS = 1 << 24
 def _is_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: a meta tensor holds no values; pass a tensor on a real device (cpu, cuda)")
     return x
+
+
+def check_feature_size(name: str, size: int, what: str) -> None:
+    """Feature sizes (hidden size, vocabulary) must be positive; token and response counts may be 0."""
+    if size == 0:
+        raise ValueError(f"{name}: the {what} is 0; expected at least 1")
 
 
 def check_float_tensor(name: str, x) -> torch.Tensor:
@@ -60,33 +80,86 @@ def check_backend(backend) -> str:
     return backend
 
 
-def check_all_finite(name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
-    """Raise if ``x`` holds NaN/Inf; with ``rows`` (bool over the leading dims) only where it is True.
+def _in_range(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise: finite and within float32 range (NaN compares False)."""
+    return x.abs() <= FLOAT32_MAX
+
+
+_SKIP_HINT = "; pass check_finite=False to skip this check"
+
+
+def check_float32_range(name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None, hint: str = _SKIP_HINT) -> float:
+    """Raise unless every value of ``x`` is finite and within float32 range (the maths is float32: a
+    float64 1e39 would become inf); with ``rows`` (bool over the leading dims) only where it is True.
+    Returns the largest magnitude (over all of ``x``; 0 when empty).
 
     Fast path: one ``aminmax`` over the whole tensor (a single read, no temporary; NaN and Inf
-    propagate into min/max). Only if that finds a non-finite value and ``rows`` is given does a
-    row-wise scan decide whether it sits at a selected row; that scan works in chunks so its
-    temporary bool tensor stays below ``_SCAN_ELEMS`` elements.
+    propagate into min/max). Only if that finds a bad value and ``rows`` is given does a row-wise scan
+    decide whether it sits at a selected row; that scan works in chunks so its temporary bool tensor
+    stays below ``_SCAN_ELEMS`` elements.
     """
     if x.numel() == 0:
-        return
-    lo, hi = torch.aminmax(x.detach())
-    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        return
+        return 0.0
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if -FLOAT32_MAX <= lo and hi <= FLOAT32_MAX:  # NaN fails both comparisons
+        return max(-lo, hi)
     lead = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
     sel = rows.reshape(-1) if rows is not None else None
     step = max(1, _SCAN_ELEMS // max(1, lead.shape[1]))
     for r0 in range(0, lead.shape[0], step):
-        ok = torch.isfinite(lead[r0 : r0 + step]).all(-1)
+        ok = _in_range(lead[r0 : r0 + step]).all(-1)
         if sel is not None:
             ok |= ~sel[r0 : r0 + step]
         if not bool(ok.all()):
             bad = int(r0 + (~ok).nonzero()[0, 0])
             where = "at a completion position " if sel is not None else ""
             raise ValueError(
-                f"{name}: contains NaN or Inf {where}(first bad row {bad} of the flattened leading dims); "
-                "pass check_finite=False to skip this check"
+                f"{name}: contains NaN, Inf or a value beyond float32 range (|x| > {FLOAT32_MAX:.4g}) {where}"
+                f"(first bad row {bad} of the flattened leading dims){hint}"
             )
+    return math.inf  # bad values only at rows that are not read (padding)
+
+
+def check_logit_scale(temperature: float, max_logit: float, source: str) -> None:
+    """``max |logit| / temperature`` must stay within :data:`~nthr_kernels.core.rules.LOGIT_LIMIT`."""
+    if max_logit / temperature > LOGIT_LIMIT:
+        raise ValueError(
+            f"temperature: {temperature:g} scales the logits to |z| / T up to {max_logit / temperature:.3g} "
+            f"({source}); the float32 maths needs at most {LOGIT_LIMIT:g}: raise the temperature or check the inputs"
+        )
+
+
+def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> float:
+    if x.numel() == 0:
+        return 0.0
+    norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if rows is not None:
+        norms = norms[rows]
+    return float(norms.max()) if norms.numel() else 0.0
+
+
+def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows=None) -> None:
+    """The value checks of the old policy's inputs: float32 range, then the logit scale against the
+    temperature (exact with ``logits``; with ``hidden`` + ``lm_head_weight`` the Cauchy-Schwarz bound
+    ``max ||h_t|| * max ||w_v||``). ``rows``: the completion positions of a padded ``hidden``/``logits``."""
+    if hidden is not None:
+        check_float32_range("hidden", hidden, rows)
+    if logits is not None:
+        top = check_float32_range("logits", logits, rows)
+        if rows is not None and math.isinf(top):  # bad values at padding only: the scale of the read rows
+            top = float(logits.detach()[rows].abs().max()) if bool(rows.any()) else 0.0
+        check_logit_scale(temperature, top, "max |logits|")
+    else:
+        check_float32_range("lm_head_weight", lm_head_weight)
+        bound = _max_row_norm(hidden, rows) * _max_row_norm(lm_head_weight)
+        check_logit_scale(temperature, bound, "bounded by max ||hidden row|| * max ||lm_head_weight row||")
+
+
+def check_logprob_values(lp: torch.Tensor) -> None:
+    """``old_logprobs`` at the completion positions: finite, in float32 range, ``<= 0``."""
+    check_float32_range("old_logprobs", lp, hint="")
+    if lp.numel() and float(lp.max()) > 0:
+        raise ValueError(f"old_logprobs: log-probabilities must be <= 0, got max {float(lp.max())}")
 
 
 def check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite: bool):
@@ -102,12 +175,14 @@ def check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite: bool):
         raise ValueError(f"h_neg: hidden size {h_neg.shape[1]} differs from h_pos's {h_pos.shape[1]}")
     if err_pos.shape[1] != err_neg.shape[1]:
         raise ValueError(f"err_neg: vocabulary size {err_neg.shape[1]} differs from err_pos's {err_pos.shape[1]}")
+    check_feature_size("h_pos", h_pos.shape[1], "hidden size (columns)")
+    check_feature_size("err_pos", err_pos.shape[1], "vocabulary slice (columns)")
     devs = {x.device for x in (h_pos, h_neg, err_pos, err_neg)}
     if len(devs) != 1:
         raise ValueError(f"h_pos, h_neg, err_pos, err_neg: expected one device, got {sorted(map(str, devs))}")
     if check_finite:
         for name, x in (("h_pos", h_pos), ("h_neg", h_neg), ("err_pos", err_pos), ("err_neg", err_neg)):
-            check_all_finite(name, x)
+            check_float32_range(name, x)
 
 
 @dataclass
@@ -182,10 +257,24 @@ class Batch:
         return out
 
 
-def _binary_positive(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+def binary_positive(rewards: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+    """Which responses are correct: ``reward == 1`` of 0/1 rewards (``threshold`` None), else
+    ``reward > threshold`` with one value on each side."""
+    if rewards.dtype == torch.bool:
+        if threshold is not None:
+            raise ValueError("reward_threshold: not used with bool rewards (True is correct); leave it None")
+        return rewards.detach().clone()
     r = rewards.detach().to(torch.float64)
     if not bool(torch.isfinite(r).all()):
         raise ValueError("rewards: contains NaN or Inf")
+    if threshold is None:
+        off = (r != 0) & (r != 1)
+        if bool(off.any()):
+            raise ValueError(
+                f"rewards: expected binary rewards 0/1 (or bool), got {torch.unique(r[off])[:6].tolist()}; "
+                "for other encodings pass reward_threshold (correct iff reward > reward_threshold)"
+            )
+        return r == 1
     pos = r > threshold
     for side, name in ((pos, "above"), (~pos, "at or below")):
         vals = torch.unique(r[side])
@@ -218,10 +307,10 @@ def _groups(n_resp: int, group_size, group_ids, device):
     return gids, resp_group
 
 
-def group_success_rates(rewards, reward_threshold: float, group_size, group_ids) -> torch.Tensor:
+def group_success_rates(rewards, reward_threshold: Optional[float], group_size, group_ids) -> torch.Tensor:
     """Float64 success rate ``p`` of every group (sorted by id) after the reward checks; for a callable
     ``eta``, which the public API evaluates before the op (arguments already statically checked)."""
-    positive = _binary_positive(rewards, reward_threshold)
+    positive = binary_positive(rewards, reward_threshold)
     gids, resp_group = _groups(rewards.shape[0], group_size, group_ids, rewards.device)
     n_resp = torch.bincount(resp_group, minlength=gids.numel())
     n_pos = torch.bincount(resp_group, weights=positive.to(torch.float64), minlength=gids.numel())
@@ -246,6 +335,8 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens, group_size, group_ids = x
     check_float_tensor("hidden", hidden)
     check_int_tensor("token_ids", token_ids)
+    if hidden.dim() >= 1:
+        check_feature_size("hidden", hidden.shape[-1], "hidden size d (last dim)")
     dev = hidden.device
     for name, x in (
         ("token_ids", token_ids),
@@ -281,11 +372,15 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
             )
         n_resp = hidden.shape[0]
         lead_shape = tuple(hidden.shape[:2])
-        if mask is not None:
-            if tuple(mask.shape) != lead_shape:
-                raise ValueError(f"mask: expected shape {lead_shape} (hidden's [R, L]), got {tuple(mask.shape)}")
-            if mask.is_floating_point() or mask.is_complex():
-                raise TypeError(f"mask: expected a bool or 0/1 integer tensor, got dtype {mask.dtype}")
+        if mask is None:
+            raise ValueError(
+                "mask: required with the padded layout (True at completion tokens); pass "
+                "torch.ones_like(token_ids, dtype=torch.bool) when there is no padding"
+            )
+        if tuple(mask.shape) != lead_shape:
+            raise ValueError(f"mask: expected shape {lead_shape} (hidden's [R, L]), got {tuple(mask.shape)}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"mask: expected a bool or 0/1 integer tensor, got dtype {mask.dtype}")
     if tuple(token_ids.shape) != lead_shape:
         raise ValueError(f"token_ids: expected shape {lead_shape} (hidden without its last dim), got {tuple(token_ids.shape)}")
 
@@ -325,8 +420,7 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
         if logits.dim() != hidden.dim() or tuple(logits.shape[:-1]) != lead_shape:
             raise ValueError(f"logits: expected shape {lead_shape + ('V',)}, got {tuple(logits.shape)}")
         vocab = logits.shape[-1]
-    if vocab == 0:
-        raise ValueError("lm_head_weight, logits: the vocabulary is empty")
+    check_feature_size("lm_head_weight" if lm_head_weight is not None else "logits", vocab, "vocabulary size")
     if old_logprobs is not None:
         if logits is not None:
             raise ValueError("old_logprobs: only used with lm_head_weight (with logits the normaliser comes from the logits)")
@@ -343,7 +437,7 @@ def validate_batch(x: Inputs, opts: Options) -> Batch:
     opts = st.opts
     hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens, group_size, _ = x
     dev = hidden.device
-    lead_shape, n_resp, vocab, group_ids = st.lead_shape, st.n_resp, st.vocab, st.group_ids
+    n_resp, vocab, group_ids = st.n_resp, st.vocab, st.group_ids
 
     # ---- layout -------------------------------------------------------------------------------------
     if cu_seqlens is not None:
@@ -358,21 +452,16 @@ def validate_batch(x: Inputs, opts: Options) -> Batch:
         tok_resp = torch.repeat_interleave(torch.arange(n_resp, device=dev), lengths)
         tok_a, tok_b = torch.arange(n, device=dev), None
     else:
-        if mask is None:
-            m = torch.ones(lead_shape, dtype=torch.bool, device=dev)
-        else:
-            if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-                raise ValueError("mask: an integer mask must hold only 0 and 1")
-            m = mask.to(torch.bool)
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask: an integer mask must hold only 0 and 1")
+        m = mask.to(torch.bool)
         nz = m.nonzero()
         tok_a, tok_b = nz[:, 0], nz[:, 1]
         tok_resp = tok_a
 
     # ---- rewards, advantages, groups ------------------------------------------------------------------
-    rt = opts.reward_threshold
-    if not bool(torch.isfinite(advantages).all()):
-        raise ValueError("advantages: contains NaN or Inf")
-    positive = _binary_positive(rewards, rt)
+    check_float32_range("advantages", advantages)
+    positive = binary_positive(rewards, opts.reward_threshold)
     gids, resp_group = _groups(n_resp, group_size, group_ids, dev)
     n_groups = gids.numel()
 
@@ -385,18 +474,9 @@ def validate_batch(x: Inputs, opts: Options) -> Batch:
         )
     if old_logprobs is not None:
         lp = old_logprobs[tok_a] if tok_b is None else old_logprobs[tok_a, tok_b]
-        if not bool(torch.isfinite(lp).all()):
-            raise ValueError("old_logprobs: contains NaN or Inf at a completion position")
-        if lp.numel() and float(lp.max()) > 0:
-            raise ValueError(f"old_logprobs: log-probabilities must be <= 0, got max {float(lp.max())}")
-
+        check_logprob_values(lp)
     if opts.check_finite:
-        rows = m if (tok_b is not None and mask is not None) else None
-        check_all_finite("hidden", hidden, rows)
-        if logits is not None:
-            check_all_finite("logits", logits, rows)
-        else:
-            check_all_finite("lm_head_weight", lm_head_weight)
+        check_policy_values(hidden, lm_head_weight, logits, opts.temperature, m if tok_b is not None else None)
 
     # ---- group statistics ------------------------------------------------------------------------------
     n_resp_g = torch.bincount(resp_group, minlength=n_groups)
@@ -405,7 +485,7 @@ def validate_batch(x: Inputs, opts: Options) -> Batch:
     pos_tok_per_group = torch.bincount(resp_group[tok_resp][pos_tok], minlength=n_groups)
     active = (n_pos_g > 0) & (n_pos_g < n_resp_g) & (pos_tok_per_group > 0)
 
-    return Batch(
+    batch = Batch(
         hidden=hidden,
         token_ids=token_ids,
         lm_head_weight=lm_head_weight,
@@ -424,6 +504,58 @@ def validate_batch(x: Inputs, opts: Options) -> Batch:
         n_resp=n_resp_g,
         group_active=active,
     )
+    if old_logprobs is not None and opts.check_logprobs:
+        check_logprobs_consistent(batch)
+    return batch
+
+
+def logprob_sample(n: int) -> torch.Tensor:
+    """The deterministic sample of the ``old_logprobs`` check: ``LOGPROB_SAMPLE`` evenly spaced tokens."""
+    k = min(n, LOGPROB_SAMPLE)
+    return torch.arange(k, dtype=torch.int64) * n // max(k, 1)
+
+
+def implied_vstar_mass(batch: Batch, idx: torch.Tensor) -> torch.Tensor:
+    """float64 ``[k]``: the log of the probability mass that ``(hidden, lm_head_weight, old_logprobs,
+    temperature)`` imply on the token's group ``V*`` at canonical tokens ``idx``:
+    ``l_t + logsumexp_{v in V*} (w_v - w_{y_t}) . h_t / T``. At most 0 when ``l_t`` is the model's
+    log-probability of ``y_t`` at ``h_t``; above 0 means the slice would hold more than probability 1."""
+    vocab, w, t = batch.vocab_size, batch.lm_head_weight, batch.opts.temperature
+    idx = idx.to(batch.device)
+    g_tok = batch.resp_group[batch.tok_resp]
+    keys = torch.unique(g_tok * vocab + batch.tok_ids)  # V* of every group, sorted by (group, id)
+    g, y = g_tok[idx], batch.tok_ids[idx]
+    h = batch.gather(batch.hidden, idx).float()
+    lp = batch.gather(batch.old_logprobs, idx).double()
+    zy = (h * w[y].float()).sum(-1)
+    lo = torch.searchsorted(keys, g * vocab).tolist()
+    hi = torch.searchsorted(keys, (g + 1) * vocab).tolist()
+    out = torch.empty(idx.numel(), dtype=torch.float64, device=batch.device)
+    for gg in torch.unique(g).tolist():
+        at = (g == gg).nonzero().squeeze(1)
+        first = int(at[0])
+        ids = keys[lo[first] : hi[first]] - gg * vocab
+        z = h[at] @ w[ids].float().T  # [k_g, |V*_g|]
+        out[at] = lp[at] + torch.logsumexp((z - zy[at, None]).double() / t, dim=-1)
+    return out
+
+
+def check_logprobs_consistent(batch: Batch) -> None:
+    """Raise if ``old_logprobs`` do not belong to ``hidden`` (e.g. taken one position off, or at another
+    temperature): on the :func:`logprob_sample` tokens, the implied mass on ``V*`` may exceed
+    ``exp(LOGPROB_TOLERANCE)`` on at most ``LOGPROB_MAX_BAD`` tokens (docs/NTHR.md)."""
+    if batch.n_tokens == 0:
+        return
+    excess = implied_vstar_mass(batch, logprob_sample(batch.n_tokens))
+    bad = (excess > LOGPROB_TOLERANCE) & torch.isfinite(excess)  # non-finite inputs: check_finite's business
+    if int(bad.sum()) > LOGPROB_MAX_BAD:
+        raise ValueError(
+            f"old_logprobs: inconsistent with hidden, lm_head_weight and temperature={batch.opts.temperature:g}: "
+            f"on {int(bad.sum())} of {bad.numel()} sampled tokens the implied probabilities over the group's V* "
+            f"sum to more than exp({LOGPROB_TOLERANCE}) (largest: exp({float(excess[bad].max()):.3g})). Check the "
+            "alignment (hidden position t predicts token t+1) and the temperature; pass check_logprobs=False "
+            "to skip this check"
+        )
 
 
 def check_options(opts: Options) -> Options:
@@ -439,11 +571,12 @@ def check_options(opts: Options) -> Options:
     if not isinstance(opts.anchor, str) or opts.anchor not in ANCHORS:
         raise ValueError(f"anchor: expected one of {ANCHORS}, got {opts.anchor!r}")
     check_backend(opts.backend)
-    for name in ("check_finite", "score_positive"):
+    for name in ("check_finite", "check_logprobs", "score_positive"):
         if not isinstance(getattr(opts, name), bool):
             raise TypeError(f"{name}: expected a bool, got {type(getattr(opts, name)).__name__}")
+    rt = opts.reward_threshold
     return dataclasses.replace(
-        opts, temperature=temperature, beta=beta, reward_threshold=check_real("reward_threshold", opts.reward_threshold)
+        opts, temperature=temperature, beta=beta, reward_threshold=None if rt is None else check_real("reward_threshold", rt)
     )
 
 
@@ -462,11 +595,13 @@ def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logpr
         check_float_tensor("lm_head_weight", lm_head_weight)
         if hidden.dim() != 2 or hidden.shape[0] != n:
             raise ValueError(f"hidden: expected shape [{n}, d], got {tuple(hidden.shape)}")
+        check_feature_size("hidden", hidden.shape[1], "hidden size d (last dim)")
         if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[1]:
             raise ValueError(
                 f"lm_head_weight: expected [V, {hidden.shape[1]}] (hidden's size), got {tuple(lm_head_weight.shape)}"
             )
         v_size = lm_head_weight.shape[0]
+        check_feature_size("lm_head_weight", v_size, "vocabulary size")
     else:
         check_float_tensor("logits", logits)
         if logits.dim() != 2 or logits.shape[0] != n:
@@ -474,6 +609,7 @@ def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logpr
         if old_logprobs is not None:
             raise ValueError("old_logprobs: only used with lm_head_weight")
         v_size = logits.shape[1]
+        check_feature_size("logits", v_size, "vocabulary size")
     temperature = check_real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
@@ -491,12 +627,7 @@ def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logpr
         check_float_tensor("old_logprobs", old_logprobs)
         if tuple(old_logprobs.shape) != (n,):
             raise ValueError(f"old_logprobs: expected shape [{n}], got {tuple(old_logprobs.shape)}")
-        if n and (float(old_logprobs.max()) > 0 or not bool(torch.isfinite(old_logprobs).all())):
-            raise ValueError("old_logprobs: expected finite log-probabilities <= 0")
+        check_logprob_values(old_logprobs)
     if check_finite:
-        if logits is not None:
-            check_all_finite("logits", logits)
-        else:
-            check_all_finite("hidden", hidden)
-            check_all_finite("lm_head_weight", lm_head_weight)
+        check_policy_values(hidden, lm_head_weight, logits, temperature)
     return ids, vocab, temperature

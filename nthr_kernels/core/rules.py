@@ -7,6 +7,7 @@ the tolerance table of the tests and benchmarks. The maths they encode is ``docs
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -35,6 +36,23 @@ SCRATCH_BYTES = 1 << 30  # Triton backend: bytes of M plus error buffers for the
 # float64: the reference against itself (factored vs pairwise order of summation).
 SCORE_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-6}
 
+# The maths is float32: every value must lie in float32 range (float64 inputs beyond it would become
+# inf). And logits / temperature must stay below LOGIT_LIMIT in magnitude: float32 spacing at 2**16 is
+# 2**-7, so exp(z / T - log Z) keeps about 1 % relative accuracy; far beyond it (e.g. T = 1e-8) the
+# rounding of z / T alone is tens of nats and the probabilities become inf/NaN. With hidden +
+# lm_head_weight the check bounds |w_v . h_t| by max ||w_v|| * max ||h_t|| (Cauchy-Schwarz).
+FLOAT32_MAX = torch.finfo(torch.float32).max
+LOGIT_LIMIT = 2.0**16
+
+# old_logprobs consistency (Options.check_logprobs; docs/NTHR.md "Checking old_logprobs"): on a
+# deterministic sample of LOGPROB_SAMPLE completion tokens, the probabilities that (hidden,
+# lm_head_weight, old_logprobs, temperature) imply on the group's V* may sum to more than
+# exp(LOGPROB_TOLERANCE) (the tolerance is in nats: log of the implied mass) on at most LOGPROB_MAX_BAD
+# of them. Measured on the tiny Qwen2 of nthr_kernels.grpo: benchmarks/logprob_check.py, docs/NTHR.md.
+LOGPROB_SAMPLE = 1024
+LOGPROB_TOLERANCE = 0.5
+LOGPROB_MAX_BAD = 5
+
 
 @dataclass(frozen=True)
 class Options:
@@ -44,9 +62,11 @@ class Options:
     eta: EtaSpec = "2|0.5-p|"
     anchor: str = "all"
     temperature: float = 1.0
-    reward_threshold: float = 0.5
+    # None: rewards must be binary 0/1 (bool or numeric). A number: correct iff reward > threshold.
+    reward_threshold: Optional[float] = None
     backend: str = "auto"
     check_finite: bool = True
+    check_logprobs: bool = True
     # Scores of positive tokens are not needed for the threshold (each positive response's mean score is
     # <M, N_i> / |y_i|, see docs/NTHR.md), so by default they are not computed and read 0 in the result.
     score_positive: bool = False
@@ -84,7 +104,15 @@ def eta_value(eta: EtaSpec, p: float) -> float:
     if eta == "p":
         return p
     if callable(eta):
-        v = float(eta(p))
+        try:
+            v = eta(p)
+        except Exception as e:  # noqa: BLE001 - the caller's code: name the argument it came from
+            raise ValueError(f"eta: the callable raised {type(e).__name__} for p={p}: {e}") from e
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"eta: the callable returned a {type(v).__name__} for p={p}; expected a number in [0, 1]")
+        v = float(v)
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"eta: the callable returned {v} for p={p}; expected a value in [0, 1]")
         return v

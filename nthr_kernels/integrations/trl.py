@@ -32,7 +32,7 @@ import torch
 
 from .. import nthr_advantages
 from ..core.rules import ANCHORS, EtaSpec, check_eta
-from ..core.checks import check_backend, check_real
+from ..core.checks import binary_positive, check_backend, check_real
 
 try:
     from trl import GRPOTrainer
@@ -143,7 +143,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
     Extra keyword arguments (everything else goes to ``GRPOTrainer``): ``nthr_beta`` (threshold scale,
     default 1; ``-inf`` selects every negative token of a mixed group), ``nthr_eta`` (``"2|0.5-p|"``,
     ``"1-p"``, ``"p"``, a constant in [0, 1] or a callable), ``nthr_anchor`` (``"all"`` or ``"others"``),
-    ``nthr_reward_threshold`` (a response is correct iff its reward is above it; rewards must be binary),
+    ``nthr_reward_threshold`` (default None: the summed rewards must be 0/1; a number: a response is correct
+    iff its reward is above it, one value on each side),
     ``nthr_backend``. The last result is kept in ``self.nthr_last`` (an :class:`~nthr_kernels.NTHRResult`
     for the local rows).
     """
@@ -154,7 +155,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
         nthr_beta: float = 1.0,
         nthr_eta: EtaSpec = "2|0.5-p|",
         nthr_anchor: str = "all",
-        nthr_reward_threshold: float = 0.5,
+        nthr_reward_threshold: Optional[float] = None,
         nthr_backend: str = "auto",
         **kwargs: Any,
     ):
@@ -168,7 +169,9 @@ class NTHRGRPOTrainer(GRPOTrainer):
             raise ValueError(f"nthr_anchor: expected one of {ANCHORS}, got {nthr_anchor!r}")
         self.nthr_eta = nthr_eta
         self.nthr_anchor = nthr_anchor
-        self.nthr_reward_threshold = check_real("nthr_reward_threshold", nthr_reward_threshold)
+        self.nthr_reward_threshold = (
+            None if nthr_reward_threshold is None else check_real("nthr_reward_threshold", nthr_reward_threshold)
+        )
         try:
             self.nthr_backend = check_backend(nthr_backend)
         except ValueError as e:
@@ -245,7 +248,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
         )
         self.nthr_last = res
         n_sel = res.selected.sum().float()
-        n_neg_tok = (mask.bool() & (rewards <= self.nthr_reward_threshold)[:, None]).sum().float()
+        n_neg_tok = (mask.bool() & ~binary_positive(rewards, self.nthr_reward_threshold)[:, None]).sum().float()
         self._metrics["train"]["nthr/selected_frac_of_negative_tokens"].append(
             (n_sel / n_neg_tok.clamp_min(1)).item()
         )

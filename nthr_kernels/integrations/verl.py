@@ -102,13 +102,13 @@ def compute_nthr_outcome_advantage(
     beta: float = 1.0,
     eta: EtaSpec = "2|0.5-p|",
     anchor: str = "all",
-    reward_threshold: float = 0.5,
+    reward_threshold: Optional[float] = None,
     backend: str = "auto",
 ):
     """GRPO outcome advantages refined by NTHR, as ``(advantages [bs, R], returns [bs, R])`` (float32).
 
     ``token_level_rewards [bs, R]`` summed over the response give each response's outcome score (binary:
-    correct iff ``> reward_threshold``); ``index [bs]``: verl's ``uid`` per response (a prompt's responses
+    0/1 by default, or correct iff ``> reward_threshold`` when one is given); ``index [bs]``: verl's ``uid`` per response (a prompt's responses
     share it, in any order); ``responses [bs, R]`` the sampled ids; ``response_mask [bs, R]`` the tokens
     the policy generated (holes allowed, e.g. tool output). The response-level advantage is GRPO's
     (``norm_adv_by_std_in_grpo``, ``epsilon``); each selected negative token gets ``eta * A``. ``returns``

@@ -7,8 +7,12 @@ per-group outputs (``group_ids``, ``tau``, ``eta``, ``active``) of *all* groups,
 
 Algorithm (the factored form of the torch backend; every rank issues the same collectives in the same order):
 
-1. One ``all_gather`` of a small descriptor (validation status, ``d``, ``|V|``, temperature, beta, anchor, eta,
-   number of local groups): every rank raises together if any rank's inputs are invalid or inconsistent.
+1. Every rank runs every check (those of the single-process path and those of this one: ``group_ids``
+   required, ``group_size`` refused, backend, ``comm_stats``) without raising, then one ``all_gather`` of a
+   small descriptor (validation status, ``d``, ``|V|``, temperature, beta, anchor, eta, number of local
+   groups). If any rank failed, one more ``all_gather_object`` shares the first failing rank's error and
+   every rank raises it (same type, same message, with the rank named); if all agree, no rank raises
+   later on its inputs. Then every rank checks that the shared scalars agree.
 2. ``all_gather`` of the local sorted group ids: every rank knows the global sorted list of groups,
    including those it holds no response of.
 3. ``all_reduce(SUM)`` of the per-group statistics ``[responses, positive responses, positive tokens,
@@ -44,6 +48,13 @@ responses placed at random (every group shared): 802,435,612 bytes per rank at d
 multiple of G): 16,967,216 bytes (one shared group, |V*| = 2,760); whole groups per rank (no group
 shared): 3,264 bytes.
 :class:`CommStats` records what was actually sent.
+
+Timeouts. The agreement above covers every rank that calls this function. A rank that dies, hangs or
+never calls (e.g. it raised in its own code before the call) leaves the others blocked in the first
+collective until the process group's timeout (``timeout=`` of ``torch.distributed.init_process_group``;
+by default ``torch.distributed.constants.default_pg_timeout``, 30 minutes, for gloo and
+``default_pg_nccl_timeout``, 10 minutes per the PyTorch documentation, for NCCL), after which they raise
+torch.distributed's error. tests/test_distributed.py runs with a 20 s timeout.
 
 Tolerance. Groups held by one rank are computed by the same arithmetic as in one process (same chunks,
 same block order) when each rank keeps the global relative order of its responses; shared groups sum
@@ -160,12 +171,47 @@ def _descriptor(batch, dev) -> torch.Tensor:
     )
 
 
-def _check_consistent(desc: torch.Tensor, rank: int) -> None:
-    """Raise (on every rank alike) unless every rank validated and all agree on the shared scalars."""
+def _check_call(x: Inputs, opts: Options, comm_stats) -> None:
+    """The checks of this path on top of :func:`validate_batch`'s."""
+    if x.group_size is not None:
+        raise ValueError(
+            "group_size: not accepted with process_group; pass the global group id of every local response in "
+            "group_ids"
+        )
+    if x.group_ids is None:
+        raise ValueError("group_ids: required with process_group (global group id of every local response)")
+    backend = check_backend(opts.backend)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend: the distributed path runs on the torch backend ('auto' or 'torch'), got {backend!r}")
+    if comm_stats is not None and not isinstance(comm_stats, CommStats):
+        raise TypeError(f"comm_stats: expected a CommStats, got {type(comm_stats).__name__}")
+
+
+def _comm_device(process_group, hidden) -> torch.device:
+    """Where the descriptor lives: the device NCCL needs, else hidden's (cpu if hidden is unusable)."""
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if isinstance(hidden, torch.Tensor) and hidden.device.type != "meta":
+        return hidden.device
+    return torch.device("cpu")
+
+
+def _agree(comm: "_Comm", desc: torch.Tensor, err: Optional[BaseException]) -> None:
+    """Raise the same error on every rank if any rank's validation failed: the first failing rank's
+    ``ValueError``/``TypeError`` (any other exception becomes a ``ValueError``) with its rank named."""
     bad = (desc[:, 0] == 0).nonzero().squeeze(1).tolist()
-    if bad:
-        others = [r for r in bad if r != rank]
-        raise ValueError(f"process_group: rank(s) {others or bad} rejected their inputs (see the error on that rank)")
+    if not bad:
+        return
+    mine = None if err is None else (type(err).__name__, str(err))
+    got = [None] * comm.world
+    dist.all_gather_object(got, mine, group=comm.group)
+    kind, msg = got[bad[0]]
+    exc = TypeError if kind == "TypeError" else ValueError
+    raise exc(f"{msg} [rank {bad[0]} of process_group; failing ranks: {bad}]") from err
+
+
+def _check_consistent(desc: torch.Tensor) -> None:
+    """Raise (on every rank alike) unless every rank agrees on the shared scalars."""
     names = ("hidden (d)", "lm_head_weight/logits (|V|)", "temperature", "beta", "anchor", "eta", "eta")
     for j, name in enumerate(names, start=1):
         col = desc[:, j]
@@ -190,39 +236,27 @@ def nthr_advantages_distributed(
     receives every collective this rank issued. The eta rule must be the same on every rank (a callable
     cannot be compared across ranks; names and numbers are checked).
     """
-    hidden, group_size, group_ids = x.hidden, x.group_size, x.group_ids
-    if group_size is not None:
-        raise ValueError(
-            "group_size, process_group: group_size is not accepted with process_group; pass the global "
-            "group id of every local response in group_ids"
-        )
+    # Only what makes communicating impossible raises before the first collective (no peer can be told).
     if process_group is None:
         raise ValueError("process_group: required (pass torch.distributed.group.WORLD for the default group)")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialised")
-    if group_ids is None:
-        raise ValueError("group_ids: required with process_group (global group id of every local response)")
-    backend = check_backend(opts.backend)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend: the distributed path runs on the torch backend ('auto' or 'torch'), got {backend!r}")
-    if comm_stats is not None and not isinstance(comm_stats, CommStats):
-        raise TypeError(f"comm_stats: expected a CommStats, got {type(comm_stats).__name__}")
-    stats = comm_stats if comm_stats is not None else CommStats()
+    stats = comm_stats if isinstance(comm_stats, CommStats) else CommStats()
     comm = _Comm(process_group, stats)
-    dev = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    dev = _comm_device(process_group, x.hidden)
     budget = budget or SCRATCH_ELEMS
 
     with torch.no_grad():
         # ---- 1. validate locally; every rank learns whether all succeeded --------------------------------
         err, batch = None, None
         try:
+            _check_call(x, opts, comm_stats)
             batch = validate_batch(x, opts)
-        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+        except Exception as e:  # noqa: BLE001 - raised below on every rank, after every rank has heard of it
             err = e
         desc = comm.all_gather("descriptor", _descriptor(batch, dev))
-        if err is not None:
-            raise err
-        _check_consistent(desc, comm.rank)
+        _agree(comm, desc, err)
+        _check_consistent(desc)
 
         # ---- 2. global group list ----------------------------------------------------------------------
         sizes = [int(x) for x in desc[:, _DESC - 1].tolist()]
