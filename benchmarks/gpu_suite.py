@@ -114,6 +114,123 @@ def bench_events(fn, reps: int) -> float:
     return times[len(times) // 2]
 
 
+# --------------------------------------------------------------------------------------------------
+# host synchronisations and the measured code
+# --------------------------------------------------------------------------------------------------
+# Target of issue 12: host synchronisations per call of the Triton implementation (one sizes the plan).
+HOST_SYNCS_PER_CALL = 2
+
+# aten ops that make the host wait for a CUDA device (data-dependent output sizes or values read back).
+SYNC_OPS = frozenset({
+    "aten::_local_scalar_dense",  # .item(), int(t), float(t), bool(t), t.__index__()
+    "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim",
+    "aten::bincount", "aten::histc",
+})
+
+
+def _is_sync(func, args, kwargs) -> bool:
+    name = func._schema.name
+    if name in SYNC_OPS:
+        return True
+    if name == "aten::repeat_interleave" and kwargs.get("output_size") is None:
+        return True
+    if name in ("aten::index", "aten::index_put", "aten::index_put_"):  # a bool mask index becomes nonzero()
+        idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in idx)
+    return False
+
+
+def count_host_syncs(fn) -> tuple:
+    """``(count, events)``: host synchronisations of one ``fn()``.
+
+    On a GPU the count comes from ``torch.cuda.set_sync_debug_mode`` (every synchronising CUDA call,
+    device-to-host copies and blocking host-to-device copies included). On the CPU it counts what would
+    synchronise there: reads of values to the host (``tolist``, ``numpy``, ``cpu``) and the aten ops of
+    ``SYNC_OPS`` (``item``, ``bool``, ``nonzero``, bool-mask indexing, ...), seen by a dispatch mode.
+    """
+    import traceback
+    import warnings
+
+    events = []
+    if torch.cuda.is_available() and DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        events = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        return len(events), events
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if _is_sync(func, args, kwargs):
+                events.append(f"{func._schema.name} at {_caller()}")
+            return func(*args, **kwargs)
+
+    def _caller() -> str:
+        here = [f for f in traceback.extract_stack()[:-2] if "nthr_kernels" in f.filename]
+        return f"{Path(here[-1].filename).name}:{here[-1].lineno}" if here else "?"
+
+    reads = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+
+    def wrap(name, orig):
+        def read(self, *a, **k):
+            events.append(f"Tensor.{name} at {_caller()}")
+            return orig(self, *a, **k)
+        return read
+
+    try:
+        for name, orig in reads.items():
+            setattr(torch.Tensor, name, wrap(name, orig))
+        with Mode():
+            fn()
+    finally:
+        for name, orig in reads.items():
+            setattr(torch.Tensor, name, orig)
+    return len(events), events
+
+
+def kernel_sources(root: Path = ROOT) -> dict:
+    """sha256 of every source file of the Triton path: the package files with ``@triton.jit``, the files
+    that import them (their host code), and the package modules those import (the rules they apply).
+    Recorded with the results, so that anyone can tell which code was measured."""
+    import ast
+    import hashlib
+
+    pkg = root / "nthr_kernels"
+    files = sorted(pkg.rglob("*.py"))
+
+    def imports(path: Path) -> set:
+        mod = path.relative_to(root).with_suffix("").parts
+        if mod[-1] == "__init__":
+            mod = mod[:-1]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = list(mod[:len(mod) - node.level]) if node.level else []
+                name = base + (node.module.split(".") if node.module else [])
+                out.add(".".join(name))
+                out.update(".".join(name + [a.name]) for a in node.names)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        return out
+
+    def name(path: Path) -> str:
+        parts = path.relative_to(root).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    by_name = {name(f): f for f in files}
+    jit = {f for f in files if "@triton.jit" in f.read_text()}
+    host = {f for f in files if any(by_name.get(m) in jit for m in imports(f))}
+    deps = {by_name[m] for f in jit | host for m in imports(f) if m in by_name and m != "nthr_kernels"}
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(jit | host | deps)}
+
+
 def kernel_breakdown(fn) -> dict:
     """Device time per kernel name (ms) for one call, largest first (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -174,6 +291,19 @@ def compare(res, ref, rb, dtype) -> dict:
     }
 
 
+def validated_batch(rb, kw):
+    """The validated batch of the public call ``nthr_advantages(rb..., **kw)`` (the Triton implementation's input)."""
+    import dataclasses
+
+    from nthr_kernels.core.checks import validate_batch
+    from nthr_kernels.core.rules import Inputs, Options
+
+    opt_names = {f.name for f in dataclasses.fields(Options)}
+    opts = Options(backend="triton", **{k: v for k, v in kw.items() if k in opt_names})
+    inputs = Inputs(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, **{k: v for k, v in kw.items() if k not in opt_names})
+    return validate_batch(inputs, opts)
+
+
 def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, log) -> dict:
     t0 = time.time()
     extra = dict(extra)
@@ -210,6 +340,18 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, l
         tres = call("torch")
         out["torch_vs_reference"] = compare(tres, ref, rb, shape.dtype)
     del ref, res2
+    # ---- host synchronisations (after the calls above: autotuning synchronises on first use) -------
+    from nthr_kernels.ops.advantages import triton_impl
+
+    batch = validated_batch(rb, kw)
+    triton_impl.nthr_advantages(batch)
+    out["host_syncs"], events = count_host_syncs(lambda: triton_impl.nthr_advantages(batch))
+    out["host_sync_events"] = events[:8]
+    out["host_syncs_public_call"], events = count_host_syncs(lambda: call("triton"))  # validation included
+    out["host_sync_events_public_call"] = events[:8]
+    log(f"[{name}] host syncs: {out['host_syncs']} in the Triton implementation, {out['host_syncs_public_call']} "
+        f"in the public call (validation included)")
+    del batch
     # ---- timing ------------------------------------------------------------------------------------
     floor_flops = work.floor(with_lp and not use_logits)
     out["floor_flops"] = floor_flops
@@ -309,6 +451,9 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "matmul_tflops": rate,
+        "kernel_sources": kernel_sources(),
+        "host_syncs_method": ("torch.cuda.set_sync_debug_mode" if DEVICE == "cuda"
+                              else "CPU proxy: host reads and synchronising aten ops (count_host_syncs)"),
         "configs": {},
     }
     out_dir = Path(args.out)
@@ -338,11 +483,13 @@ def main(argv=None) -> int:
 
         traceback.print_exc()
         results["score_tokens"] = {"error": f"{type(e).__name__}: {e}"}
+    counts = [r["host_syncs"] for r in results["configs"].values() if "host_syncs" in r]
+    results["host_syncs"] = max(counts) if counts else None  # per call of the Triton implementation, worst config
     path.write_text(json.dumps(results, indent=2))
     md = [f"# GPU suite on {card} ({results['date']})", "",
           f"torch {results['torch']}, triton {results['triton']}, matmul {rate:.1f} TFLOP/s (bf16 8192^3 on GPU, measured in the same run)", "",
-          "| config | floor ms | triton ms | x floor | torch ms | naive ms | vs torch | vs naive | sel. agreement | outside margin | max score err | share of 1.5B fwd+bwd |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| config | floor ms | triton ms | x floor | torch ms | naive ms | vs torch | vs naive | sel. agreement | outside margin | max score err | share of 1.5B fwd+bwd | host syncs |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["configs"].items():
         if "error" in r:
             md.append(f"| {name} | error: {r['error']} |")
@@ -351,7 +498,7 @@ def main(argv=None) -> int:
         md.append(
             f"| {name} | {f('floor_ms')} | {f('triton_ms')} | {f('triton_vs_floor')} | {f('torch_ms')} | {f('naive_ms')} | "
             f"{f('speedup_vs_torch', '{:.1f}x')} | {f('speedup_vs_naive', '{:.0f}x')} | {f('selection_agreement', '{:.5f}')} | "
-            f"{r.get('disagreements_outside_margin', '-')} | {f('max_score_err_rel', '{:.1e}')} | {f('share_of_fwd_bwd', '{:.2%}')} |"
+            f"{r.get('disagreements_outside_margin', '-')} | {f('max_score_err_rel', '{:.1e}')} | {f('share_of_fwd_bwd', '{:.2%}')} | {r.get('host_syncs', '-')} |"
         )
     (out_dir / f"{slug}-{results['date']}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
