@@ -231,6 +231,75 @@ def kernel_sources(root: Path = ROOT) -> dict:
     return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(jit | host | deps)}
 
 
+def compile_check(arch: int, quick: bool, log) -> dict:
+    """Compile every kernel variant the Triton path launches for a CUDA target (``sm_<arch>``), without a
+    GPU: the host code runs on CPU tensors with each launch replaced by a compile (first autotune config
+    of the dtype's table), so kernels that only the interpreter has seen are known to build before GPU
+    time is spent. Needs ``TRITON_INTERPRET`` unset. Returns ``{variant: seconds}``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from nthr_kernels.ops import triton_kernels as tk
+    from nthr_kernels.ops.advantages import triton_impl
+    from nthr_kernels.ops.score_tokens import triton_impl as st_triton
+    from nthr_kernels.synthetic import make_batch
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    done = {}
+
+    def compile_launch(name, wide, args, flags):
+        kernel = tk._KERNELS[name]
+        names, table = (tk._TUNE_16 if wide else tk._TUNE_32)[name]
+        heuristics = kernel.values if isinstance(kernel, triton.runtime.Heuristics) else {}
+        jit = kernel.fn if heuristics else kernel
+        c = table[0]
+        kw = dict(flags, **dict(zip(names, c[:-2])))
+        for flag, rule in heuristics.items():
+            kw[flag] = rule({**dict(zip(jit.arg_names, args)), **kw})
+        opts = dict(num_warps=c[-2], num_stages=c[-1])
+        bound, spec, options = create_function_from_signature(jit.signature, jit.params, backend)(*args, **kw, **opts)
+        options, signature, constexprs, attrs = jit._pack_args(backend, {**kw, **opts}, bound, spec, options)
+        flags_set = ",".join(f"{jit.arg_names[p[0]]}={v}" for p, v in constexprs.items() if v is not None)
+        variant = f"{name}[{flags_set}; {','.join(str(t) for t in signature.values() if t != 'constexpr')}]"
+        if variant not in done:
+            t0 = time.time()
+            triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
+            done[variant] = time.time() - t0
+            log(f"[compile sm_{arch}] {variant}: {done[variant]:.1f}s")
+
+    class Compiler:  # stands in for the autotuned kernel: kernel[grid](*args, **flags) compiles
+        def __init__(self, name, wide):
+            self.name, self.wide = name, wide
+
+        def __getitem__(self, grid):
+            return lambda *args, **flags: compile_launch(self.name, self.wide, args, flags)
+
+    tuned, tk._tuned = tk._tuned, Compiler
+    try:
+        dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+        sources = ("weight+logprobs",) if quick else ("weight+logprobs", "weight", "logits")
+        for dtype in dtypes:
+            rb = make_batch(3, 4, (1, 12), 64, 101, seed=1, dtype=dtype)
+            for source in sources:
+                kw = rb.kwargs(with_logprobs=source == "weight+logprobs")
+                if source == "logits":
+                    kw["logits"] = (rb.hidden.float() @ kw.pop("lm_head_weight").float().T).to(dtype)
+                for anchor in ("others",) if quick else ("all", "others"):
+                    batch = validated_batch(rb, dict(kw, anchor=anchor))
+                    for path in ("factored", "pairwise"):
+                        triton_impl.nthr_advantages(batch, path=path)
+            if not quick:
+                x = torch.randn(20, 64, dtype=dtype)
+                for path in ("factored", "pairwise"):
+                    st_triton.score_tokens(x[:9], x[9:], x[:9, :40], x[9:, :40], path=path)
+    finally:
+        tk._tuned = tuned
+    return done
+
+
 def kernel_breakdown(fn) -> dict:
     """Device time per kernel name (ms) for one call, largest first (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -423,8 +492,21 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-reps", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="CPU self-test: Triton interpreter, tiny shapes")
     ap.add_argument("--no-baselines", action="store_true", help="skip the torch and naive timings (correctness + triton only)")
+    ap.add_argument("--compile-only", type=int, metavar="ARCH", help="no GPU needed: compile every kernel variant for sm_ARCH (e.g. 90), then exit")
+    ap.add_argument("--quick", action="store_true", help="with --compile-only: bf16 variants only")
     args = ap.parse_args(argv)
     global DEVICE
+    if args.compile_only:
+        from nthr_kernels.core.rules import interpreting
+
+        if interpreting():
+            print("gpu_suite: --compile-only needs TRITON_INTERPRET unset", file=sys.stderr)
+            return 2
+        DEVICE = "cpu"
+        t0 = time.time()
+        done = compile_check(args.compile_only, args.quick, print)
+        print(f"compiled {len(done)} kernel variants for sm_{args.compile_only} in {time.time() - t0:.0f}s")
+        return 0
     configs = CONFIGS
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"

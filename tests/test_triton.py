@@ -107,6 +107,25 @@ def batch_result(b, **kw):
 
 
 # --------------------------------------------------------------------------------------------------
+# the kernels build for a GPU (compiled for sm_90 on the CPU: the interpreter does not compile them)
+# --------------------------------------------------------------------------------------------------
+@needs_triton
+def test_kernels_compile_for_a_gpu_target():
+    """The bf16 kernel variants of both paths (``gpu_suite.py --compile-only 90 --quick``) compile to
+    cubin for sm_90 without a GPU; the full matrix (every dtype and source) is the same command without
+    ``--quick``."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--compile-only", "90", "--quick"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"compiled [1-9]\d* kernel variants for sm_90", done.stdout)
+
+
+# --------------------------------------------------------------------------------------------------
 # the record of the measured code
 # --------------------------------------------------------------------------------------------------
 def test_newest_gpu_results_match_the_code_or_the_readme_says_they_predate_it():

@@ -482,6 +482,7 @@ def round16(n: int) -> int:
 # Autotuning (GPU only; the interpreter uses the small fixed blocks). Each entry: tuned block sizes,
 # num_warps, num_stages. Keyed on the hidden size, the mode flags and (implicitly) the dtypes.
 _TUNE_16 = {
+    "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
     "score": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]),
     "err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
@@ -490,6 +491,7 @@ _TUNE_16 = {
     "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]),
 }
 _TUNE_32 = {
+    "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
     "score": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "err": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
@@ -497,9 +499,10 @@ _TUNE_32 = {
     "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
 }
-_KERNELS = {"score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "lse": _lse_kernel, "pair": _pair_kernel,
+_KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "lse": _lse_kernel, "pair": _pair_kernel,
             "seg_pair": _seg_pair_kernel}
 _KEYS = {
+    "zy": ["D"],
     "score": ["D", "FROM_LOGITS", "FROM_BUFFER", "FUSE_SELECT", "M_F32"],
     "err": ["D", "FROM_LOGITS"],
     "m": ["D"],
@@ -507,8 +510,8 @@ _KEYS = {
     "pair": ["V", "D"],
     "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
-# Fixed blocks under the interpreter (and for the untuned shortcut kernel).
-_SMALL = {"m": dict(BV=16, BD=16, BU=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
+# Fixed blocks under the interpreter.
+_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
 _SMALL_DEFAULT = dict(BT=16, BV=16, BK=16)
 _tuned_cache: dict = {}
 
@@ -520,7 +523,7 @@ def _tuned(name: str, wide: bool):
     if key not in _tuned_cache:
         kernel = _KERNELS[name]
         names, table = (_TUNE_16 if wide else _TUNE_32)[name]
-        configs = [triton.Config(dict(zip(names, c[:3])), num_warps=c[3], num_stages=c[4]) for c in table]
+        configs = [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in table]
         if isinstance(kernel, triton.runtime.Heuristics):
             _tuned_cache[key] = triton.heuristics(kernel.values)(triton.autotune(configs=configs, key=_KEYS[name])(kernel.fn))
         else:

@@ -14,9 +14,9 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from ...core.rules import SCRATCH_BYTES, cheaper_path, group_eta, interpreting, tau_from_min_anchor
+from ...core.rules import SCRATCH_BYTES, cheaper_path, group_eta, tau_from_min_anchor
 from ..triton_kernels import (
-    SEG_WIDTH, Kernels, Segment, Segments, _zy_kernel, launch, m_dtype, round16, row_offsets, upload, work_dtype,
+    SEG_WIDTH, Kernels, Segment, Segments, launch, m_dtype, round16, row_offsets, upload, work_dtype,
 )
 from .torch_impl import log_normaliser
 
@@ -107,11 +107,9 @@ def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd) -> torch.Tensor:
     inv_t, d = 1.0 / batch.opts.temperature, h.shape[-1]
     if batch.old_logprobs is not None:
         lp = batch.old_logprobs
-        bt, bk = (16, 16) if interpreting() else (32, 128)
-        _zy_kernel[(triton.cdiv(n, bt),)](
-            h, row_h, w, batch.tok_ids[order].contiguous(), lp, row_offsets(lp, tok_a, tok_b), out,
-            n, d, h.stride(-1), w.stride(0), w.stride(1), inv_t, BT=bt, BK=bk,
-        )
+        launch("zy", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
+               h, row_h, w, batch.tok_ids[order].contiguous(), lp, row_offsets(lp, tok_a, tok_b), out,
+               n, d, h.stride(-1), w.stride(0), w.stride(1), inv_t)
         return out
     launch("lse", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
            h, row_h, w, out, n, w.shape[0], d, h.stride(-1), w.stride(0), w.stride(1), inv_t)
