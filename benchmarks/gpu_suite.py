@@ -326,8 +326,8 @@ def compile_check(arch: int, quick: bool, log) -> dict:
                 kw = rb.kwargs(with_logprobs=source == "weight+logprobs")
                 if source == "logits":
                     kw["logits"] = (rb.hidden.float() @ kw.pop("lm_head_weight").float().T).to(dtype)
-                for anchor in ("others",) if quick else ("all", "others"):
-                    batch = validated_batch(rb, dict(kw, anchor=anchor))
+                for anchor, score_positive in [("others", True)] + ([] if quick else [("all", False), ("all", True)]):
+                    batch = validated_batch(rb, dict(kw, anchor=anchor, score_positive=score_positive))
                     for path in ("factored", "pairwise"):
                         triton_impl.nthr_advantages(batch, path=path)
             if not quick:

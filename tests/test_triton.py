@@ -42,6 +42,29 @@ def triton_call(batch, **kw):
 
 
 # --------------------------------------------------------------------------------------------------
+# anchors from the M pass, positive scores only when asked
+# --------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+@pytest.mark.parametrize("score_positive", [False, True])
+def test_anchors_and_positive_scores(path, anchor, score_positive):
+    """The factored path takes each positive response's anchor from the M pass (``<M, N_i>``, minus
+    ``<N_i, N_i>`` for "others") and scores positive tokens only with ``score_positive=True``; tau and
+    every score (positive ones included when asked) match the reference, also with one chunk per group."""
+    b = on_device(case(seed=stable_seed(path, anchor, score_positive), n_groups=4, group_size=5, lengths=(0, 15), d=16,
+                       vocab=61, holes=True))
+    kw = dict(anchor=anchor, score_positive=score_positive, beta=0.7)
+    ref = run(b, "reference", **kw)
+    batch = validated(b, **kw)
+    for budget in (None, 1):
+        got = batch.result(*triton_call(batch, path=path, budget=budget))
+        assert_matches_reference(got, ref, b)
+        if score_positive:
+            assert bool((got.scores[ref.scores != 0] != 0).all())
+
+
+# --------------------------------------------------------------------------------------------------
 # host synchronisations
 # --------------------------------------------------------------------------------------------------
 @needs_triton

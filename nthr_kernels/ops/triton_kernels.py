@@ -11,13 +11,17 @@ plans the chunks and calls the launchers of :class:`Kernels`):
    on its ``V*`` (``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of ``W``, or gathered from
    logits), written in the input dtype, transposed, to a scratch buffer ``[|V*|, roundup16(rows)]``.
 3. :func:`_m_kernel`: ``M = G+^T H+`` per segment (``[|V*|, d]``, float32 accumulation), a varlen
-   grouped GEMM over the transposed error buffer.
+   grouped GEMM over the transposed error buffer. With the tile of ``M`` still in registers it forms
+   each positive response's ``N_i = G_i^T H_i`` tile and writes the partial sums of ``<M, N_i>`` (the
+   sum of the response's scores, so its anchor is that over ``|y_i|``) and ``<N_i, N_i>`` (its own part,
+   removed for ``anchor="others"``): positive tokens need no score of their own, and ``tau`` follows on
+   the device.
 4. :func:`_score_kernel`: for a block of tokens, loop over ``V*`` tiles; one K-loop over ``d`` forms
    both ``z = h W*^T`` and ``q = h M^T`` and accumulates ``s_t += sum_v g_t[v] q_t[v]``, so
-   ``s_t = g_t^T M h_t`` without storing ``g`` or ``G M``. Pass 1 scores the positive tokens, reading
-   their errors back from the buffer of step 2 (their means are the anchors; ``tau`` follows on the
-   device); pass 2 scores the negative tokens and, in the same pass, applies the threshold and writes
-   the selection and token advantages.
+   ``s_t = g_t^T M h_t`` without storing ``g`` or ``G M``. It scores the negative tokens and, in the
+   same pass, applies the threshold and writes the selection and token advantages. Positive tokens are
+   scored only when their scores are asked for (``score_positive``), reading their errors back from the
+   buffer of step 2.
 5. The pairwise path, flash-attention style: :func:`_seg_pair_kernel` accumulates row sums of
    ``[BT, BU]`` tiles of ``G G+^T`` and ``H H+^T`` from the group's error buffer (every token's errors,
    written by step 2), never materialising tokens x tokens; the cost model sends a group there when
@@ -34,15 +38,16 @@ Segments: the groups (or responses) a launch works on are rows of one int64 tabl
 ``[n_seg, SEG_WIDTH]`` (:class:`Segment`, columns ``SEG_*``): where the segment's ``V*``, error rows,
 scratch and scored tokens are. Optional inputs arrive as ``None`` and become compile-time flags
 (``@triton.heuristics``): ``LG`` (z from logits), ``GP`` in the score kernel (errors from the buffer),
-``THR`` (threshold and rescale fused), ``RESP`` (pairwise, only pairs within a response).
+``THR`` (threshold and rescale fused), ``RESP`` (pairwise: only pairs within a response), ``PART`` (the
+M pass writes the anchors' partial sums).
 
 Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements; bf16 for bf16 inputs,
 float32 otherwise, since fp16 lacks the range) plus the transposed positive-error buffer
 (``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype), bounded together by
 ``SCRATCH_BYTES`` (groups are processed in chunks that fit; a group larger than the bound on its own is
 processed alone); a pairwise group holds its error buffer for all its tokens, ``|V*_g| *
-roundup16(T_g)`` elements, within the same bound. ``anchor="others"`` adds one ``M`` per positive
-response of the chunk. Plus ``O(N)`` per-token vectors (about 80 bytes per completion token). No
+roundup16(T_g)`` elements, within the same bound. The anchors' partial sums take 8 bytes per tile of
+``M`` and positive response. Plus ``O(N)`` per-token vectors (about 100 bytes per completion token). No
 ``[N, |V|]`` or ``[N, N]`` tensor is formed.
 
 Determinism: every output element is written by exactly one program, with a fixed reduction order
@@ -81,9 +86,11 @@ class Segment(NamedTuple):
     sc0: int  # first scored token
     nsc: int  # scored tokens
     group: int  # batch group: row of THR (tau, eta)
+    r0: int = 0  # first of the segment's positive responses in RESP (anchors from the M pass)
+    nr: int = 0  # its positive responses
 
 
-SEG_VS0, SEG_NV, SEG_ROW0, SEG_NERR, SEG_NPOS, SEG_GP, SEG_M, SEG_SC0, SEG_NSC, SEG_GROUP = (
+SEG_VS0, SEG_NV, SEG_ROW0, SEG_NERR, SEG_NPOS, SEG_GP, SEG_M, SEG_SC0, SEG_NSC, SEG_GROUP, SEG_R0, SEG_NR = (
     tl.constexpr(i) for i in range(len(Segment._fields)))
 SEG_WIDTH = tl.constexpr(len(Segment._fields))
 
@@ -260,22 +267,44 @@ def _err_kernel(
 
 
 @triton.jit
+def _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, u0, n_u, o_d, m_d, h_sd,
+             BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr):
+    """``[BV, BD]`` tile of ``G^T H`` over the error rows ``u0 .. u0 + n_u`` of a segment: the transposed
+    errors ``[|V*|, ld]`` from its buffer times the same tokens' rows of ``H`` (float32 accumulation)."""
+    b_acc = tl.zeros([BV, BD], dtype=tl.float32)
+    for k0 in range(0, n_u, BU):
+        o_u = u0 + k0 + tl.arange(0, BU).to(tl.int64)  # [BU] error rows
+        m_u = k0 + tl.arange(0, BU) < n_u
+        b_g = tl.load(GP + o_gp + o_v[:, None] * ld + o_u[None, :], mask=m_v[:, None] & m_u[None, :], other=0.0)  # [BV, BU]
+        o_h = _rows(ROW_H, row0 + o_u, m_u, ALIGN)
+        b_h = tl.load(H + o_h[:, None] + o_d[None, :] * h_sd, mask=m_u[:, None] & m_d[None, :], other=0.0)  # [BU, BD]
+        b_acc += _dot(b_g, b_h)
+    return b_acc
+
+
+@triton.heuristics({"ANCHORS": lambda args: args["PART"] is not None})
+@triton.jit
 def _m_kernel(
     # data pointers
-    GP, H, ROW_H, SEG, M,
+    GP, H, ROW_H, SEG, M, RESP, PART,
     # shapes
-    D,
+    D, n_resp,
     # strides
     h_sd,
     # constants
-    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr,
+    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr, ANCHORS: tl.constexpr,
 ):
     """``M = G+^T H+`` per segment: an NN GEMM of the transposed errors of its first ``npos`` rows
-    ``[|V*|, ld]`` and the same rows of ``H`` (float32 accumulation)."""
+    ``[|V*|, ld]`` and the same rows of ``H`` (float32 accumulation).
+
+    ANCHORS: the positive responses of the segment (rows ``(first token, tokens)`` of ``RESP``, columns
+    ``r0``, ``nr`` of the table) get ``<M, N_i>`` and ``<N_i, N_i>`` with ``N_i = G_i^T H_i`` (docs/NTHR.md:
+    the sum of response i's scores and its own part of it), one partial sum per tile of ``M`` written to
+    ``PART [tiles, n_resp, 2]``, so no positive token needs a score of its own.
+    """
     i_s, i_v, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     n_v = _seg(SEG, i_s, SEG_NV)
     if i_v * BV < n_v:
-        n_pos = _seg(SEG, i_s, SEG_NPOS)
         ld = _round16(_seg(SEG, i_s, SEG_NERR))
         row0 = _seg(SEG, i_s, SEG_ROW0)
         o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
@@ -283,18 +312,20 @@ def _m_kernel(
         m_v = o_v < n_v
         o_d = i_d * BD + tl.arange(0, BD).to(tl.int64)  # [BD]
         m_d = o_d < D
-        b_m = tl.zeros([BV, BD], dtype=tl.float32)
-        for u0 in range(0, n_pos, BU):
-            o_u = u0 + tl.arange(0, BU).to(tl.int64)  # [BU] positive rows
-            m_u = o_u < n_pos
-            b_g = tl.load(GP + o_gp + o_v[:, None] * ld + o_u[None, :], mask=m_v[:, None] & m_u[None, :], other=0.0)  # [BV, BU]
-            o_h = _rows(ROW_H, row0 + o_u, m_u, ALIGN)
-            b_h = tl.load(H + o_h[:, None] + o_d[None, :] * h_sd, mask=m_u[:, None] & m_d[None, :], other=0.0)  # [BU, BD]
-            b_m += _dot(b_g, b_h)
+        b_m = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, 0, _seg(SEG, i_s, SEG_NPOS), o_d, m_d, h_sd,
+                       BV, BD, BU, ALIGN)  # [BV, BD]
         o_m = _seg(SEG, i_s, SEG_M)
         if ALIGN:
             o_m = tl.multiple_of(o_m, 16)
         tl.store(M + o_m + o_v[:, None] * D + o_d[None, :], b_m.to(M.dtype.element_ty), mask=m_v[:, None] & m_d[None, :])
+        if ANCHORS:
+            o_part = (i_v * tl.num_programs(2) + i_d) * n_resp * 2
+            r0 = _seg(SEG, i_s, SEG_R0)
+            for i_r in range(r0, r0 + _seg(SEG, i_s, SEG_NR)):
+                b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(RESP + 2 * i_r) - row0,
+                               tl.load(RESP + 2 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
+                tl.store(PART + o_part + 2 * i_r, tl.sum(tl.sum(b_m * b_n, axis=1), axis=0))
+                tl.store(PART + o_part + 2 * i_r + 1, tl.sum(tl.sum(b_n * b_n, axis=1), axis=0))
 
 
 @triton.heuristics({
@@ -531,6 +562,14 @@ def _tuned(name: str, wide: bool):
     return _tuned_cache[key]
 
 
+def min_blocks(name: str, dtype: torch.dtype, names: tuple) -> tuple:
+    """The smallest value of each block size ``names`` that a launch of kernel ``name`` may use."""
+    if interpreting():
+        return tuple(_SMALL.get(name, _SMALL_DEFAULT)[n] for n in names)
+    keys, table = (_TUNE_16 if dtype != torch.float32 else _TUNE_32)[name]
+    return tuple(min(c[keys.index(n)] for c in table) for n in names)
+
+
 def launch(name: str, grid, dtype: torch.dtype, *args, **flags):
     """Launch kernel ``name``: autotuned over the table for ``dtype`` on a GPU, with the small fixed
     blocks under the interpreter. ``grid(META)`` receives the block sizes."""
@@ -600,16 +639,27 @@ class Kernels:
             )
         return gp
 
-    def build_m(self, seg: Segments, gp: torch.Tensor) -> torch.Tensor:
-        """``M_k = G+_k^T H+_k`` per segment from the error buffer ``gp`` (``M`` in ``self.md``, at offsets ``m``)."""
+    def build_m(self, seg: Segments, gp: torch.Tensor, resp: Optional[torch.Tensor] = None):
+        """``M_k = G+_k^T H+_k`` per segment from the error buffer ``gp`` (``M`` in ``self.md``, at offsets ``m``).
+
+        ``resp`` (int64 ``[n_resp, 2]``: first token, tokens of each positive response; the segments'
+        ``r0``/``nr`` point into it): also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per
+        response. Returns ``(m, anchors or None)``.
+        """
         max_nv = seg.max("nv")
         m = torch.empty(max(sum(r.nv for r in seg.rows) * self.d, 1), dtype=self.md, device=self.dev)
+        n_resp = resp.shape[0] if resp is not None else 0
+        # one partial sum per tile of M and response: room for the smallest tiles the launcher may pick
+        bv, bd = min_blocks("m", self.wd, ("BV", "BD"))
+        part = torch.zeros(triton.cdiv(max_nv, bv) * triton.cdiv(self.d, bd) * n_resp * 2, dtype=torch.float32,
+                           device=self.dev) if resp is not None else None
         if max_nv:
             launch(
                 "m", lambda meta: (len(seg.rows), triton.cdiv(max_nv, meta["BV"]), triton.cdiv(self.d, meta["BD"])),
-                self.wd, gp, self.h, self.row_h, seg.table, m, self.d, self.h.stride(-1), ALIGN=self.align,
+                self.wd, gp, self.h, self.row_h, seg.table, m, resp, part, self.d, n_resp, self.h.stride(-1),
+                ALIGN=self.align,
             )
-        return m
+        return m, (part.view(-1, n_resp, 2).sum(0) if part is not None else None)
 
     def scores(self, seg: Segments, m: torch.Tensor, out: torch.Tensor, gp=None, select=None):
         """Score kernel over the segments' scored tokens into ``out``: errors from ``gp`` (the buffer

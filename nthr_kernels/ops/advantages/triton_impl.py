@@ -1,6 +1,8 @@
 """``nthr_advantages`` on the fused Triton kernels of :mod:`nthr_kernels.ops.triton_kernels` (the pipeline
 is described there): a plan made on the device with one host synchronisation, chunks within
-``SCRATCH_BYTES``, two score passes per chunk with ``tau`` computed on the device in between.
+``SCRATCH_BYTES``; per chunk the errors, ``M`` with the positive responses' anchor sums (factored) or
+the positive tokens' scores (pairwise), ``tau`` on the device, then the negative tokens' scores with the
+threshold fused.
 
 Host synchronisations per call: one (``plan_on_device`` reads the per-group and per-response sizes);
 grids, buffer sizes and every segment table follow from that host copy, and the tables reach the
@@ -158,12 +160,11 @@ class _Chunk(NamedTuple):
     kind: str  # "factored" or "pairwise"
     pos: list  # [Segment]: error rows (positive tokens; every token for pairwise), scored: positive tokens
     neg: list  # [Segment]: scored: negative tokens
-    own: list  # [Segment] per positive response (factored, anchor="others")
     groups: list  # batch group indices
-    spans: tuple  # (start, end, batch group) lists of the chunk's positive responses
+    spans: tuple  # (start, end, batch group) lists of the chunk's positive responses (RESP rows: start, n)
 
 
-def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, budget: int, others: bool) -> list:
+def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, budget: int) -> list:
     """Host-side chunking (groups whose scratch fits ``budget`` bytes together) and the segment rows
     of each chunk's launches."""
     by_group = [[] for _ in plan.groups]
@@ -178,34 +179,35 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
         else:
             need = [g.nv * round16(g.n) * elem for g in gs]
         for c0, c1 in _chunks(need, budget):
-            pos, neg, own, spans = [], [], [], ([], [], [])
-            gp = m = gp_own = m_own = 0
+            pos, neg, spans = [], [], ([], [], [])
+            gp = m = 0
             for i in ids[c0:c1]:
                 g = plan.groups[i]
                 nerr = g.npos if kind == "factored" else g.n
-                pos.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start, g.npos, g.batch))
+                r0, nr = len(spans[0]), len(by_group[i])
+                pos.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start, g.npos, g.batch, r0, nr))
                 neg.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start + g.npos, g.n - g.npos, g.batch))
                 gp += g.nv * round16(nerr)
                 m += g.nv * d if kind == "factored" else 0
                 for r in by_group[i]:
                     spans[0].append(r.start)
-                    spans[1].append(r.start + r.n)
+                    spans[1].append(r.n)
                     spans[2].append(g.batch)
-                    if others and kind == "factored":
-                        own.append(Segment(g.vs0, g.nv, r.start, r.n, r.n, gp_own, m_own, r.start, r.n, g.batch))
-                        gp_own += g.nv * round16(r.n)
-                        m_own += g.nv * d
-            chunks.append(_Chunk(kind, pos, neg, own, [plan.groups[i].batch for i in ids[c0:c1]], spans))
+            chunks.append(_Chunk(kind, pos, neg, [plan.groups[i].batch for i in ids[c0:c1]], spans))
     return chunks
 
 
-def _chunk_tau(anchor, spans, groups, thr, n_groups: int, beta: float) -> None:
-    """``tau`` of a chunk's groups into ``thr[:, 0]``: each positive response's mean anchor score (a
-    float64 prefix sum over the token spans), the minimum per group, times beta; all on the device."""
-    start, end, grp = spans
-    csum = torch.cat([anchor.new_zeros(1, dtype=torch.float64), torch.cumsum(anchor.to(torch.float64), 0)])
-    means = (csum[end] - csum[start]) / (end - start).to(torch.float64)
-    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=anchor.device)
+def _span_sums(scores, start, n):
+    """Sums of ``scores`` over the token spans ``start .. start + n`` (a float64 prefix sum)."""
+    csum = torch.cat([scores.new_zeros(1, dtype=torch.float64), torch.cumsum(scores.to(torch.float64), 0)])
+    return csum[start + n] - csum[start]
+
+
+def _chunk_tau(sums, n, grp, groups, thr, n_groups: int, beta: float) -> None:
+    """``tau`` of a chunk's groups into ``thr[:, 0]`` from the anchor-score sums of its positive
+    responses (``n`` tokens each, batch group ``grp``): the minimum mean per group, times beta; on the device."""
+    means = sums.to(torch.float64) / n.to(torch.float64)
+    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=sums.device)
     min_anchor = min_anchor.scatter_reduce(0, grp, means, reduce="amin", include_self=True)
     thr[groups, 0] = tau_from_min_anchor(min_anchor, beta)[groups].to(torch.float32)
 
@@ -252,33 +254,32 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     paths = [path] * len(gs) if path else choose_paths([g.nv for g in gs], [g.npos for g in gs], [g.n for g in gs], k.d)
     elem = torch.empty(0, dtype=wd).element_size()
     m_elem = torch.empty(0, dtype=m_dtype(wd)).element_size()
-    chunks = _plan_chunks(plan, paths, k.d, elem, m_elem, budget or SCRATCH_BYTES, others)
+    chunks = _plan_chunks(plan, paths, k.d, elem, m_elem, budget or SCRATCH_BYTES)
     staging = _Staging()
-    parts = [(staging.segments(c.pos), staging.segments(c.neg), staging.segments(c.own), staging.put(c.groups),
-              *(staging.put(s) for s in c.spans)) for c in chunks]
+    parts = [(staging.segments(c.pos), staging.segments(c.neg), staging.put(c.groups),
+              staging.put([x for r in zip(*c.spans[:2]) for x in r]), staging.put(c.spans[2])) for c in chunks]
     dev_parts = staging.upload(dev)
     table = lambda i, rows: Segments(dev_parts[i].view(-1, int(SEG_WIDTH)), rows)  # noqa: E731
 
-    for c, (i_pos, i_neg, i_own, i_groups, *i_spans) in zip(chunks, parts):
+    for c, (i_pos, i_neg, i_groups, i_resp, i_grp) in zip(chunks, parts):
         pos, neg = table(i_pos, c.pos), table(i_neg, c.neg)
+        resp = dev_parts[i_resp].view(-1, 2)  # positive responses: (first token, tokens)
         gp = k.errors(pos)
         if c.kind == "factored":
-            # pass 1: positive tokens (errors read back from the buffer the M pass used) -> anchors -> tau
-            m = k.build_m(pos, gp)
-            k.scores(pos, m, scores_o, gp=gp)
+            # anchors from the M pass: response i's score sum is <M, N_i>, its own part <N_i, N_i>
+            m, sums = k.build_m(pos, gp, resp=resp)
+            sums = sums[:, 0] - sums[:, 1] if others else sums[:, 0]
+            if batch.opts.score_positive:  # errors read back from the buffer the M pass used
+                k.scores(pos, m, scores_o, gp=gp)
             del gp
-            if others:  # each positive response's own contribution: segments = responses, V* of their group
-                own = table(i_own, c.own)
-                gp_own = k.errors(own)
-                k.scores(own, k.build_m(own, gp_own), own_buf, gp=gp_own)
-                del gp_own
         else:  # errors of every token of the group, then the pairwise kernel (positive tokens first)
             k.pair_scores(pos, gp, scores_o)
+            anchor = scores_o
             if others:
                 k.pair_scores(pos, gp, own_buf, resp=resp_o)
-        anchor = scores_o - own_buf if others else scores_o
-        _chunk_tau(torch.where(is_pos, anchor, 0.0), [dev_parts[i] for i in i_spans], dev_parts[i_groups], thr, n_groups,
-                   batch.opts.beta)
+                anchor = scores_o - own_buf
+            sums = _span_sums(torch.where(is_pos, anchor, 0.0), resp[:, 0], resp[:, 1])
+        _chunk_tau(sums, resp[:, 1], dev_parts[i_grp], dev_parts[i_groups], thr, n_groups, batch.opts.beta)
         # pass 2: negative tokens, threshold and rescale fused
         if c.kind == "factored":
             k.scores(neg, m, scores_o, select=select)

@@ -39,5 +39,6 @@ def score_tokens(h_pos, h_neg, err_pos, err_neg, path: str = "auto"):
     row = Segment(vs0=0, nv=v, row0=0, nerr=tp + tn, npos=tp, gp=0, m=0, sc0=tp, nsc=tn, group=0)
     seg = Segments(upload(list(row), dev).view(1, -1), [row])
     buf = torch.zeros(tp + tn, dtype=torch.float32, device=dev)
-    k.scores(seg, k.build_m(seg, gp.reshape(-1)), buf, gp=gp.reshape(-1))
+    m, _ = k.build_m(seg, gp.reshape(-1))
+    k.scores(seg, m, buf, gp=gp.reshape(-1))
     return buf[tp:]
