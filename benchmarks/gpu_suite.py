@@ -45,6 +45,7 @@ from shapes import SHAPES, Shape, batch_work  # noqa: E402
 # Margin of tau within which a selection may differ from the float64 reference, relative to the
 # group's largest |score|: the one tolerance table (nthr_kernels/core/rules.py).
 from nthr_kernels.core.rules import SCORE_TOLERANCE as MARGIN  # noqa: E402
+from nthr_kernels.core.rules import SCRATCH_BYTES  # noqa: E402
 
 CONFIGS = {
     # name: (shape, with old_logprobs, extra nthr_advantages kwargs, time torch/naive too)
@@ -471,6 +472,8 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
     out["triton_ms"] = bench(lambda: call("triton"), args.rep_ms)
     if DEVICE == "cuda":
         out["triton_peak_scratch_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        # the documented bound (ops/triton_kernels.py): SCRATCH_BYTES plus about 100 bytes per token
+        out["scratch_bound_mb"] = (SCRATCH_BYTES + 100 * rb.n_tokens) / 2**20
     kw_nocheck = dict(kw, check_finite=False)
     out["triton_ms_no_finite_check"] = bench(
         lambda: nk.nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="triton", **kw_nocheck),
