@@ -86,7 +86,7 @@ class Segment(NamedTuple):
     sc0: int  # first scored token
     nsc: int  # scored tokens
     group: int  # batch group: row of THR (tau, eta)
-    r0: int = 0  # first of the segment's positive responses in RESP (anchors from the M pass)
+    r0: int = 0  # first of the segment's positive responses in SPANS (anchors from the M pass)
     nr: int = 0  # its positive responses
 
 
@@ -286,7 +286,7 @@ def _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, u0, n_u, o_d, m_d, h_sd,
 @triton.jit
 def _m_kernel(
     # data pointers
-    GP, H, ROW_H, SEG, M, RESP, PART,
+    GP, H, ROW_H, SEG, M, SPANS, PART,
     # shapes
     D, n_resp,
     # strides
@@ -297,7 +297,7 @@ def _m_kernel(
     """``M = G+^T H+`` per segment: an NN GEMM of the transposed errors of its first ``npos`` rows
     ``[|V*|, ld]`` and the same rows of ``H`` (float32 accumulation).
 
-    ANCHORS: the positive responses of the segment (rows ``(first token, tokens)`` of ``RESP``, columns
+    ANCHORS: the positive responses of the segment (rows ``(first token, tokens)`` of ``SPANS``, columns
     ``r0``, ``nr`` of the table) get ``<M, N_i>`` and ``<N_i, N_i>`` with ``N_i = G_i^T H_i`` (docs/NTHR.md:
     the sum of response i's scores and its own part of it), one partial sum per tile of ``M`` written to
     ``PART [tiles, n_resp, 2]``, so no positive token needs a score of its own.
@@ -322,8 +322,8 @@ def _m_kernel(
             o_part = (i_v * tl.num_programs(2) + i_d) * n_resp * 2
             r0 = _seg(SEG, i_s, SEG_R0)
             for i_r in range(r0, r0 + _seg(SEG, i_s, SEG_NR)):
-                b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(RESP + 2 * i_r) - row0,
-                               tl.load(RESP + 2 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
+                b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(SPANS + 2 * i_r) - row0,
+                               tl.load(SPANS + 2 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
                 tl.store(PART + o_part + 2 * i_r, tl.sum(tl.sum(b_m * b_n, axis=1), axis=0))
                 tl.store(PART + o_part + 2 * i_r + 1, tl.sum(tl.sum(b_n * b_n, axis=1), axis=0))
 
@@ -639,24 +639,24 @@ class Kernels:
             )
         return gp
 
-    def build_m(self, seg: Segments, gp: torch.Tensor, resp: Optional[torch.Tensor] = None):
+    def build_m(self, seg: Segments, gp: torch.Tensor, spans: Optional[torch.Tensor] = None):
         """``M_k = G+_k^T H+_k`` per segment from the error buffer ``gp`` (``M`` in ``self.md``, at offsets ``m``).
 
-        ``resp`` (int64 ``[n_resp, 2]``: first token, tokens of each positive response; the segments'
+        ``spans`` (int64 ``[n_resp, 2]``: first token, tokens of each positive response; the segments'
         ``r0``/``nr`` point into it): also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per
         response. Returns ``(m, anchors or None)``.
         """
         max_nv = seg.max("nv")
         m = torch.empty(max(sum(r.nv for r in seg.rows) * self.d, 1), dtype=self.md, device=self.dev)
-        n_resp = resp.shape[0] if resp is not None else 0
+        n_resp = spans.shape[0] if spans is not None else 0
         # one partial sum per tile of M and response: room for the smallest tiles the launcher may pick
         bv, bd = min_blocks("m", self.wd, ("BV", "BD"))
         part = torch.zeros(triton.cdiv(max_nv, bv) * triton.cdiv(self.d, bd) * n_resp * 2, dtype=torch.float32,
-                           device=self.dev) if resp is not None else None
+                           device=self.dev) if spans is not None else None
         if max_nv:
             launch(
                 "m", lambda meta: (len(seg.rows), triton.cdiv(max_nv, meta["BV"]), triton.cdiv(self.d, meta["BD"])),
-                self.wd, gp, self.h, self.row_h, seg.table, m, resp, part, self.d, n_resp, self.h.stride(-1),
+                self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, self.d, n_resp, self.h.stride(-1),
                 ALIGN=self.align,
             )
         return m, (part.view(-1, n_resp, 2).sum(0) if part is not None else None)

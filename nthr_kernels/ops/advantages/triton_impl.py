@@ -161,7 +161,7 @@ class _Chunk(NamedTuple):
     pos: list  # [Segment]: error rows (positive tokens; every token for pairwise), scored: positive tokens
     neg: list  # [Segment]: scored: negative tokens
     groups: list  # batch group indices
-    spans: tuple  # (start, end, batch group) lists of the chunk's positive responses (RESP rows: start, n)
+    spans: tuple  # (first token, tokens, batch group) lists of the chunk's positive responses
 
 
 def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, budget: int) -> list:
@@ -261,13 +261,13 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     dev_parts = staging.upload(dev)
     table = lambda i, rows: Segments(dev_parts[i].view(-1, int(SEG_WIDTH)), rows)  # noqa: E731
 
-    for c, (i_pos, i_neg, i_groups, i_resp, i_grp) in zip(chunks, parts):
+    for c, (i_pos, i_neg, i_groups, i_spans, i_grp) in zip(chunks, parts):
         pos, neg = table(i_pos, c.pos), table(i_neg, c.neg)
-        resp = dev_parts[i_resp].view(-1, 2)  # positive responses: (first token, tokens)
+        spans = dev_parts[i_spans].view(-1, 2)  # positive responses: (first token, tokens)
         gp = k.errors(pos)
         if c.kind == "factored":
             # anchors from the M pass: response i's score sum is <M, N_i>, its own part <N_i, N_i>
-            m, sums = k.build_m(pos, gp, resp=resp)
+            m, sums = k.build_m(pos, gp, spans=spans)
             sums = sums[:, 0] - sums[:, 1] if others else sums[:, 0]
             if batch.opts.score_positive:  # errors read back from the buffer the M pass used
                 k.scores(pos, m, scores_o, gp=gp)
@@ -278,8 +278,8 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
             if others:
                 k.pair_scores(pos, gp, own_buf, resp=resp_o)
                 anchor = scores_o - own_buf
-            sums = _span_sums(torch.where(is_pos, anchor, 0.0), resp[:, 0], resp[:, 1])
-        _chunk_tau(sums, resp[:, 1], dev_parts[i_grp], dev_parts[i_groups], thr, n_groups, batch.opts.beta)
+            sums = _span_sums(torch.where(is_pos, anchor, 0.0), spans[:, 0], spans[:, 1])
+        _chunk_tau(sums, spans[:, 1], dev_parts[i_grp], dev_parts[i_groups], thr, n_groups, batch.opts.beta)
         # pass 2: negative tokens, threshold and rescale fused
         if c.kind == "factored":
             k.scores(neg, m, scores_o, select=select)
