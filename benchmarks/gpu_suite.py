@@ -271,11 +271,11 @@ def kernel_sources(root: Path = ROOT) -> dict:
     return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(jit | host | deps)}
 
 
-def compile_check(arch: int, quick: bool, log) -> dict:
+def compile_check(arch: int, quick: bool, all_configs: bool, log) -> dict:
     """Compile every kernel variant the Triton path launches for a CUDA target (``sm_<arch>``), without a
     GPU: the host code runs on CPU tensors with each launch replaced by a compile (first autotune config
-    of the dtype's table), so kernels that only the interpreter has seen are known to build before GPU
-    time is spent. Needs ``TRITON_INTERPRET`` unset. Returns ``{variant: seconds}``."""
+    of the dtype's table, or every config), so kernels that only the interpreter has seen are known to
+    build before GPU time is spent. Needs ``TRITON_INTERPRET`` unset. Returns ``{variant: seconds}``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -295,20 +295,21 @@ def compile_check(arch: int, quick: bool, log) -> dict:
         names, table = (tk._TUNE_16 if wide else tk._TUNE_32)[name]
         heuristics = kernel.values if isinstance(kernel, triton.runtime.Heuristics) else {}
         jit = kernel.fn if heuristics else kernel
-        c = table[0]
-        kw = dict(flags, **dict(zip(names, c[:-2])))
-        for flag, rule in heuristics.items():
-            kw[flag] = rule({**dict(zip(jit.arg_names, args)), **kw})
-        opts = dict(num_warps=c[-2], num_stages=c[-1])
-        bound, spec, options = create_function_from_signature(jit.signature, jit.params, backend)(*args, **kw, **opts)
-        options, signature, constexprs, attrs = jit._pack_args(backend, {**kw, **opts}, bound, spec, options)
-        flags_set = ",".join(f"{jit.arg_names[p[0]]}={v}" for p, v in constexprs.items() if v is not None)
-        variant = f"{name}[{flags_set}; {','.join(str(t) for t in signature.values() if t != 'constexpr')}]"
-        if variant not in done:
-            t0 = time.time()
-            triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
-            done[variant] = time.time() - t0
-            log(f"[compile sm_{arch}] {variant}: {done[variant]:.1f}s")
+        for c in table if all_configs else table[:1]:
+            kw = dict(flags, **dict(zip(names, c[:-2])))
+            for flag, rule in heuristics.items():
+                kw[flag] = rule({**dict(zip(jit.arg_names, args)), **kw})
+            opts = dict(num_warps=c[-2], num_stages=c[-1])
+            bound, spec, options = create_function_from_signature(jit.signature, jit.params, backend)(*args, **kw, **opts)
+            options, signature, constexprs, attrs = jit._pack_args(backend, {**kw, **opts}, bound, spec, options)
+            flags_set = ",".join(f"{jit.arg_names[p[0]]}={v}" for p, v in constexprs.items() if v is not None)
+            variant = (f"{name}[{flags_set}; {','.join(str(t) for t in signature.values() if t != 'constexpr')}; "
+                       f"warps={c[-2]},stages={c[-1]}]")
+            if variant not in done:
+                t0 = time.time()
+                triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
+                done[variant] = time.time() - t0
+                log(f"[compile sm_{arch}] {variant}: {done[variant]:.1f}s")
 
     class Compiler:  # stands in for the autotuned kernel: kernel[grid](*args, **flags) compiles
         def __init__(self, name, wide):
@@ -541,6 +542,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true", help="skip the torch and naive timings (correctness + triton only)")
     ap.add_argument("--compile-only", type=int, metavar="ARCH", help="no GPU needed: compile every kernel variant for sm_ARCH (e.g. 90), then exit")
     ap.add_argument("--quick", action="store_true", help="with --compile-only: bf16 variants only")
+    ap.add_argument("--all-configs", action="store_true", help="with --compile-only: every autotune config, not the first")
     args = ap.parse_args(argv)
     global DEVICE
     if args.compile_only:
@@ -551,7 +553,7 @@ def main(argv=None) -> int:
             return 2
         DEVICE = "cpu"
         t0 = time.time()
-        done = compile_check(args.compile_only, args.quick, print)
+        done = compile_check(args.compile_only, args.quick, args.all_configs, print)
         print(f"compiled {len(done)} kernel variants for sm_{args.compile_only} in {time.time() - t0:.0f}s")
         return 0
     configs = CONFIGS

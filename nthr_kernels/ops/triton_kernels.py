@@ -152,14 +152,14 @@ def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t):
 
 
 @triton.jit
-def _select(b_s, o_t, m_t, SEG, i_s, THR, OUT_ADV, OUT_SEL):
-    """The threshold and rescale of negative tokens: ``selected = s > tau``; the advantage (read from
-    ``OUT_ADV``) is multiplied by eta where selected."""
+def _select(b_s, o_t, m_t, SEG, i_s, THR, ADV, OUT_ADV, OUT_SEL):
+    """The threshold and rescale of negative tokens: ``selected = s > tau``; the advantage (``ADV``) is
+    multiplied by eta where selected. (Inputs and outputs apart: the autotuner may run a launch repeatedly.)"""
     i_g = _seg(SEG, i_s, SEG_GROUP)
     tau = tl.load(THR + 2 * i_g)
     eta = tl.load(THR + 2 * i_g + 1)
     b_sel = b_s > tau
-    b_adv = tl.load(OUT_ADV + o_t, mask=m_t, other=0.0)
+    b_adv = tl.load(ADV + o_t, mask=m_t, other=0.0)
     tl.store(OUT_ADV + o_t, tl.where(b_sel, b_adv * eta, b_adv), mask=m_t)
     tl.store(OUT_SEL + o_t, b_sel.to(tl.int8), mask=m_t)
 
@@ -288,19 +288,22 @@ def _m_kernel(
     # data pointers
     GP, H, ROW_H, SEG, M, SPANS, PART,
     # shapes
-    D, n_resp,
+    D, n_resp, n_slot_d,
     # strides
     h_sd,
     # constants
-    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr, ANCHORS: tl.constexpr,
+    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, GV: tl.constexpr, GD: tl.constexpr,
+    ALIGN: tl.constexpr, ANCHORS: tl.constexpr,
 ):
     """``M = G+^T H+`` per segment: an NN GEMM of the transposed errors of its first ``npos`` rows
     ``[|V*|, ld]`` and the same rows of ``H`` (float32 accumulation).
 
     ANCHORS: the positive responses of the segment (rows ``(first token, tokens)`` of ``SPANS``, columns
     ``r0``, ``nr`` of the table) get ``<M, N_i>`` and ``<N_i, N_i>`` with ``N_i = G_i^T H_i`` (docs/NTHR.md:
-    the sum of response i's scores and its own part of it), one partial sum per tile of ``M`` written to
-    ``PART [tiles, n_resp, 2]``, so no positive token needs a score of its own.
+    the sum of response i's scores and its own part of it), so no positive token needs a score of its
+    own. The partial sums of a tile go to ``PART [slots_v, n_slot_d, n_resp, 2]``, slots of the smallest
+    tile any launch may use (``GV x GD``): the tile's first slot gets them, the other slots it covers get
+    zeros, so a launch leaves the same sum whatever tiles earlier (autotuning) launches used.
     """
     i_s, i_v, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     n_v = _seg(SEG, i_s, SEG_NV)
@@ -319,13 +322,21 @@ def _m_kernel(
             o_m = tl.multiple_of(o_m, 16)
         tl.store(M + o_m + o_v[:, None] * D + o_d[None, :], b_m.to(M.dtype.element_ty), mask=m_v[:, None] & m_d[None, :])
         if ANCHORS:
-            o_part = (i_v * tl.num_programs(2) + i_d) * n_resp * 2
             r0 = _seg(SEG, i_s, SEG_R0)
             for i_r in range(r0, r0 + _seg(SEG, i_s, SEG_NR)):
                 b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(SPANS + 2 * i_r) - row0,
                                tl.load(SPANS + 2 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
-                tl.store(PART + o_part + 2 * i_r, tl.sum(tl.sum(b_m * b_n, axis=1), axis=0))
-                tl.store(PART + o_part + 2 * i_r + 1, tl.sum(tl.sum(b_n * b_n, axis=1), axis=0))
+                mn = tl.sum(tl.sum(b_m * b_n, axis=1), axis=0)
+                nn = tl.sum(tl.sum(b_n * b_n, axis=1), axis=0)
+                for j in tl.static_range(BV // GV):
+                    for k in tl.static_range(BD // GD):
+                        o_part = (((i_v * (BV // GV) + j) * n_slot_d + i_d * (BD // GD) + k) * n_resp + i_r) * 2
+                        if j == 0 and k == 0:
+                            tl.store(PART + o_part, mn)
+                            tl.store(PART + o_part + 1, nn)
+                        else:
+                            tl.store(PART + o_part, 0.0)
+                            tl.store(PART + o_part + 1, 0.0)
 
 
 @triton.heuristics({
@@ -337,7 +348,7 @@ def _m_kernel(
 @triton.jit
 def _score_kernel(
     # data pointers
-    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, M, GP, THR, OUT_S, OUT_ADV, OUT_SEL,
+    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, M, GP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
     # shapes
     D,
     # strides
@@ -405,7 +416,7 @@ def _score_kernel(
             b_s += tl.sum(b_g * b_q, axis=1)
         tl.store(OUT_S + o_t, b_s, mask=m_t)
         if FUSE_SELECT:
-            _select(b_s, o_t, m_t, SEG, i_s, THR, OUT_ADV, OUT_SEL)
+            _select(b_s, o_t, m_t, SEG, i_s, THR, ADV, OUT_ADV, OUT_SEL)
 
 
 @triton.heuristics({
@@ -415,7 +426,7 @@ def _score_kernel(
 @triton.jit
 def _seg_pair_kernel(
     # data pointers
-    H, ROW_H, GP, SEG, RESP, THR, OUT_S, OUT_ADV, OUT_SEL,
+    H, ROW_H, GP, SEG, RESP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
     # shapes
     D,
     # strides
@@ -464,7 +475,7 @@ def _seg_pair_kernel(
             b_s += tl.sum(b_p, axis=1)
         tl.store(OUT_S + o_t, b_s, mask=m_t)
         if FUSE_SELECT:
-            _select(b_s, o_t, m_t, SEG, i_s, THR, OUT_ADV, OUT_SEL)
+            _select(b_s, o_t, m_t, SEG, i_s, THR, ADV, OUT_ADV, OUT_SEL)
 
 
 @triton.jit
@@ -562,12 +573,18 @@ def _tuned(name: str, wide: bool):
     return _tuned_cache[key]
 
 
-def min_blocks(name: str, dtype: torch.dtype, names: tuple) -> tuple:
-    """The smallest value of each block size ``names`` that a launch of kernel ``name`` may use."""
+def block_range(name: str, dtype: torch.dtype, block: str) -> tuple:
+    """``(smallest, largest)`` value of the block size ``block`` a launch of kernel ``name`` may use; every
+    value divides the largest and is a multiple of the smallest (powers of two)."""
     if interpreting():
-        return tuple(_SMALL.get(name, _SMALL_DEFAULT)[n] for n in names)
-    keys, table = (_TUNE_16 if dtype != torch.float32 else _TUNE_32)[name]
-    return tuple(min(c[keys.index(n)] for c in table) for n in names)
+        sizes = [_SMALL.get(name, _SMALL_DEFAULT)[block]]
+    else:
+        keys, table = (_TUNE_16 if dtype != torch.float32 else _TUNE_32)[name]
+        sizes = [c[keys.index(block)] for c in table]
+    lo, hi = min(sizes), max(sizes)
+    if any(hi % b or b % lo for b in sizes):
+        raise AssertionError(f"{name}: {block} sizes {sizes} are not nested powers of two")
+    return lo, hi
 
 
 def launch(name: str, grid, dtype: torch.dtype, *args, **flags):
@@ -649,30 +666,31 @@ class Kernels:
         max_nv = seg.max("nv")
         m = torch.empty(max(sum(r.nv for r in seg.rows) * self.d, 1), dtype=self.md, device=self.dev)
         n_resp = spans.shape[0] if spans is not None else 0
-        # one partial sum per tile of M and response: room for the smallest tiles the launcher may pick
-        bv, bd = min_blocks("m", self.wd, ("BV", "BD"))
-        part = torch.zeros(triton.cdiv(max_nv, bv) * triton.cdiv(self.d, bd) * n_resp * 2, dtype=torch.float32,
+        # partial sums per response in slots of the smallest tile (g) over the area the largest covers
+        (gv, bv), (gd, bd) = block_range("m", self.wd, "BV"), block_range("m", self.wd, "BD")
+        n_slot_d = triton.cdiv(self.d, bd) * (bd // gd)
+        part = torch.zeros(triton.cdiv(max_nv, bv) * (bv // gv) * n_slot_d * n_resp * 2, dtype=torch.float32,
                            device=self.dev) if spans is not None else None
         if max_nv:
             launch(
                 "m", lambda meta: (len(seg.rows), triton.cdiv(max_nv, meta["BV"]), triton.cdiv(self.d, meta["BD"])),
-                self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, self.d, n_resp, self.h.stride(-1),
-                ALIGN=self.align,
+                self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, self.d, n_resp, n_slot_d, self.h.stride(-1),
+                GV=gv, GD=gd, ALIGN=self.align,
             )
         return m, (part.view(-1, n_resp, 2).sum(0) if part is not None else None)
 
     def scores(self, seg: Segments, m: torch.Tensor, out: torch.Tensor, gp=None, select=None):
         """Score kernel over the segments' scored tokens into ``out``: errors from ``gp`` (the buffer
-        :meth:`errors` wrote; scored tokens must be error rows) or recomputed; ``select = (thr, out_adv,
+        :meth:`errors` wrote; scored tokens must be error rows) or recomputed; ``select = (thr, adv, out_adv,
         out_sel)`` fuses the threshold and the rescale."""
         max_sc = seg.max("nsc")
         if max_sc == 0:
             return
-        thr, out_adv, out_sel = select if select is not None else (None, None, None)
+        thr, adv, out_adv, out_sel = select if select is not None else (None, None, None, None)
         src = (None, None, None, None, None) if gp is not None else (self.w, self.lg, self.row_lg, self.ids, self.log_z)
         launch(
             "score", lambda meta: (len(seg.rows), triton.cdiv(max_sc, meta["BT"])),
-            self.wd, self.h, self.row_h, *src, self.vs if gp is None else None, seg.table, m, gp, thr, out, out_adv,
+            self.wd, self.h, self.row_h, *src, self.vs if gp is None else None, seg.table, m, gp, thr, adv, out, out_adv,
             out_sel, self.d, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
         )
 
@@ -683,9 +701,9 @@ class Kernels:
         max_sc = seg.max("nsc")
         if max_sc == 0:
             return
-        thr, out_adv, out_sel = select if select is not None else (None, None, None)
+        thr, adv, out_adv, out_sel = select if select is not None else (None, None, None, None)
         launch(
             "seg_pair", lambda meta: (len(seg.rows), triton.cdiv(max_sc, meta["BT"])),
-            self.wd, self.h, self.row_h, gp, seg.table, resp, thr, out, out_adv, out_sel, self.d, self.h.stride(-1),
+            self.wd, self.h, self.row_h, gp, seg.table, resp, thr, adv, out, out_adv, out_sel, self.d, self.h.stride(-1),
             ALIGN=self.align,
         )

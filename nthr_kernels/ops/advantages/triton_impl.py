@@ -242,13 +242,14 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     resp_o = batch.tok_resp[order].contiguous()
     is_pos = batch.positive[resp_o]
     scores_o = torch.zeros(order.numel(), dtype=torch.float32, device=dev)
-    out_adv = batch.adv[resp_o].contiguous()
+    adv_o = batch.adv[resp_o].contiguous()
+    out_adv = adv_o.clone()  # positive tokens keep theirs; the fused threshold writes the negative ones
     out_sel = torch.zeros(order.numel(), dtype=torch.int8, device=dev)
     own_buf = torch.zeros_like(scores_o) if others else None
     thr = torch.empty(n_groups, 2, dtype=torch.float32, device=dev)
     thr[:, 0] = math.nan
     thr[:, 1] = group_eta(batch.opts.eta, batch.n_pos, batch.n_resp, batch.group_active)
-    select = (thr, out_adv, out_sel)
+    select = (thr, adv_o, out_adv, out_sel)
 
     gs = plan.groups
     paths = [path] * len(gs) if path else choose_paths([g.nv for g in gs], [g.npos for g in gs], [g.n for g in gs], k.d)
