@@ -677,7 +677,9 @@ class Kernels:
                 self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, self.d, n_resp, n_slot_d, self.h.stride(-1),
                 GV=gv, GD=gd, ALIGN=self.align,
             )
-        return m, (part.view(-1, n_resp, 2).sum(0) if part is not None else None)
+        if part is None:
+            return m, None
+        return m, part.view(-1, n_resp, 2).sum(0) if n_resp else part.new_zeros(0, 2)
 
     def scores(self, seg: Segments, m: torch.Tensor, out: torch.Tensor, gp=None, select=None):
         """Score kernel over the segments' scored tokens into ``out``: errors from ``gp`` (the buffer
