@@ -366,9 +366,11 @@ def tuned_configs() -> dict:
     """The block sizes the autotuner chose, per kernel and key."""
     from nthr_kernels.ops import triton_kernels as tb
 
-    tuners = {k: getattr(at, "cache", None) or at.fn.cache for k, at in tb._tuned_cache.items()}  # heuristics wrap some
-    return {f"{k[0]}{'' if k[1] else '-fp32'}": {str(key): str(cfg) for key, cfg in cache.items()}
-            for k, cache in tuners.items()}
+    import triton
+
+    tuners = {k: at.fn if isinstance(at, triton.runtime.Heuristics) else at for k, at in tb._tuned_cache.items()}
+    return {f"{k[0]}{'' if k[1] else '-fp32'}": {str(key): str(cfg) for key, cfg in at.cache.items()}
+            for k, at in tuners.items()}
 
 
 def compare(res, ref, rb, dtype) -> dict:
