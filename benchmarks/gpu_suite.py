@@ -12,8 +12,13 @@ One process, one GPU. For each config it
    inputs (``triton.testing.do_bench`` medians after warm-up; CUDA events for the slow naive runs);
 3. measures the bf16 matmul rate in the same run and puts each time beside the FLOP floor
    ``sum_g 2 |V*| d (2 T + T+)`` (plus ``2 N |V| d`` without old log-probs) over that rate, and beside
-   the estimated forward+backward time of a 1.5B model on the batch (``6 * 1.5e9 * N`` FLOPs).
+   the forward+backward time of a Qwen2.5-1.5B-shaped model (random weights) on the batch's tokens,
+   measured per token in the same run (the ``6 * 1.5e9 * N`` FLOPs estimate is recorded too);
+4. counts the host synchronisations of one call (``host_syncs``: the Triton implementation on a
+   validated batch; ``host_syncs_public_call``: validation included) and profiles one call.
 
+The results record ``kernel_sources`` (sha256 of the Triton path's files), so anyone can tell which
+code was measured. ``--compile-only ARCH`` compiles every kernel variant for ``sm_ARCH`` without a GPU.
 It prints a short table last and writes JSON and a markdown table.
 """
 from __future__ import annotations
@@ -40,6 +45,7 @@ from shapes import SHAPES, Shape, batch_work  # noqa: E402
 # Margin of tau within which a selection may differ from the float64 reference, relative to the
 # group's largest |score|: the one tolerance table (nthr_kernels/core/rules.py).
 from nthr_kernels.core.rules import SCORE_TOLERANCE as MARGIN  # noqa: E402
+from nthr_kernels.core.rules import SCRATCH_BYTES  # noqa: E402
 
 CONFIGS = {
     # name: (shape, with old_logprobs, extra nthr_advantages kwargs, time torch/naive too)
@@ -69,6 +75,40 @@ def matmul_tflops() -> float:
     b = torch.randn(n, n, device=DEVICE, dtype=dt)
     ms = bench(lambda: a @ b, 500)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+# The model NTHR runs beside: Qwen2.5-1.5B's architecture (random weights); --smoke uses a tiny one.
+MODEL = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6)
+MODEL_SMOKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+
+
+def model_fwd_bwd_ms_per_token(log) -> dict:
+    """Forward+backward of the model (bf16 on the GPU, sdpa attention, loss on every token, no optimizer
+    step), measured on micro-batches of ``8 x 1024`` tokens (``2 x 16`` in smoke mode); per token."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    smoke = DEVICE != "cuda"
+    cfg = Qwen2Config(**(MODEL_SMOKE if smoke else MODEL), max_position_embeddings=4096)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    with torch.device(DEVICE):
+        model = Qwen2ForCausalLM(cfg).to(dtype)
+    n_seq, seq_len = (2, 16) if smoke else (8, 1024)
+    ids = torch.randint(0, cfg.vocab_size, (n_seq, seq_len), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    ms = bench_events(step, 3)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    log(f"model fwd+bwd: {ms:.1f} ms per {n_seq} x {seq_len} tokens ({n_params / 1e9:.2f}B parameters)")
+    return {"ms_per_token": ms / (n_seq * seq_len), "micro_batch": [n_seq, seq_len], "parameters": n_params,
+            "dtype": str(dtype).replace("torch.", "")}
 
 
 def bench(fn, rep_ms: int) -> float:
@@ -114,6 +154,193 @@ def bench_events(fn, reps: int) -> float:
     return times[len(times) // 2]
 
 
+# --------------------------------------------------------------------------------------------------
+# host synchronisations and the measured code
+# --------------------------------------------------------------------------------------------------
+# Target of issue 12: host synchronisations per call of the Triton implementation (one sizes the plan).
+HOST_SYNCS_PER_CALL = 2
+
+# aten ops that make the host wait for a CUDA device (data-dependent output sizes or values read back).
+SYNC_OPS = frozenset({
+    "aten::_local_scalar_dense",  # .item(), int(t), float(t), bool(t), t.__index__()
+    "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim",
+    "aten::bincount", "aten::histc",
+})
+
+
+def _is_sync(func, args, kwargs) -> bool:
+    name = func._schema.name
+    if name in SYNC_OPS:
+        return True
+    if name == "aten::repeat_interleave" and kwargs.get("output_size") is None:
+        return True
+    if name in ("aten::index", "aten::index_put", "aten::index_put_"):  # a bool mask index becomes nonzero()
+        idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in idx)
+    return False
+
+
+def count_host_syncs(fn) -> tuple:
+    """``(count, events)``: host synchronisations of one ``fn()``.
+
+    On a GPU the count comes from ``torch.cuda.set_sync_debug_mode`` (every synchronising CUDA call,
+    device-to-host copies and blocking host-to-device copies included). On the CPU it counts what would
+    synchronise there: reads of values to the host (``tolist``, ``numpy``, ``cpu``) and the aten ops of
+    ``SYNC_OPS`` (``item``, ``bool``, ``nonzero``, bool-mask indexing, ...), seen by a dispatch mode.
+    """
+    import traceback
+    import warnings
+
+    events = []
+    if torch.cuda.is_available() and DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        events = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        return len(events), events
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if _is_sync(func, args, kwargs):
+                events.append(f"{func._schema.name} at {_caller()}")
+            return func(*args, **kwargs)
+
+    def _caller() -> str:
+        here = [f for f in traceback.extract_stack()[:-2] if "nthr_kernels" in f.filename]
+        return f"{Path(here[-1].filename).name}:{here[-1].lineno}" if here else "?"
+
+    reads = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+
+    def wrap(name, orig):
+        def read(self, *a, **k):
+            events.append(f"Tensor.{name} at {_caller()}")
+            return orig(self, *a, **k)
+        return read
+
+    try:
+        for name, orig in reads.items():
+            setattr(torch.Tensor, name, wrap(name, orig))
+        with Mode():
+            fn()
+    finally:
+        for name, orig in reads.items():
+            setattr(torch.Tensor, name, orig)
+    return len(events), events
+
+
+def kernel_sources(root: Path = ROOT) -> dict:
+    """sha256 of every source file of the Triton path: the package files with ``@triton.jit``, the files
+    that import them (their host code), and the package modules those import (the rules they apply).
+    Recorded with the results, so that anyone can tell which code was measured."""
+    import ast
+    import hashlib
+
+    pkg = root / "nthr_kernels"
+    files = sorted(pkg.rglob("*.py"))
+
+    def imports(path: Path) -> set:
+        mod = path.relative_to(root).with_suffix("").parts
+        if mod[-1] == "__init__":
+            mod = mod[:-1]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = list(mod[:len(mod) - node.level]) if node.level else []
+                name = base + (node.module.split(".") if node.module else [])
+                out.add(".".join(name))
+                out.update(".".join(name + [a.name]) for a in node.names)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        return out
+
+    def name(path: Path) -> str:
+        parts = path.relative_to(root).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    by_name = {name(f): f for f in files}
+    jit = {f for f in files if "@triton.jit" in f.read_text()}
+    host = {f for f in files if any(by_name.get(m) in jit for m in imports(f))}
+    deps = {by_name[m] for f in jit | host for m in imports(f) if m in by_name and m != "nthr_kernels"}
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(jit | host | deps)}
+
+
+def compile_check(arch: int, quick: bool, all_configs: bool, log) -> dict:
+    """Compile every kernel variant the Triton path launches for a CUDA target (``sm_<arch>``), without a
+    GPU: the host code runs on CPU tensors with each launch replaced by a compile (first autotune config
+    of the dtype's table, or every config), so kernels that only the interpreter has seen are known to
+    build before GPU time is spent. Needs ``TRITON_INTERPRET`` unset. Returns ``{variant: seconds}``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from nthr_kernels.ops import triton_kernels as tk
+    from nthr_kernels.ops.advantages import triton_impl
+    from nthr_kernels.ops.score_tokens import triton_impl as st_triton
+    from nthr_kernels.synthetic import make_batch
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    done = {}
+
+    def compile_launch(name, wide, args, flags):
+        kernel = tk._KERNELS[name]
+        names, table = (tk._TUNE_16 if wide else tk._TUNE_32)[name]
+        heuristics = kernel.values if isinstance(kernel, triton.runtime.Heuristics) else {}
+        jit = kernel.fn if heuristics else kernel
+        for c in table if all_configs else table[:1]:
+            kw = dict(flags, **dict(zip(names, c[:-2])))
+            for flag, rule in heuristics.items():
+                kw[flag] = rule({**dict(zip(jit.arg_names, args)), **kw})
+            opts = dict(num_warps=c[-2], num_stages=c[-1])
+            bound, spec, options = create_function_from_signature(jit.signature, jit.params, backend)(*args, **kw, **opts)
+            options, signature, constexprs, attrs = jit._pack_args(backend, {**kw, **opts}, bound, spec, options)
+            flags_set = ",".join(f"{jit.arg_names[p[0]]}={v}" for p, v in constexprs.items() if v is not None)
+            variant = (f"{name}[{flags_set}; {','.join(str(t) for t in signature.values() if t != 'constexpr')}; "
+                       f"warps={c[-2]},stages={c[-1]}]")
+            if variant not in done:
+                t0 = time.time()
+                triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
+                done[variant] = time.time() - t0
+                log(f"[compile sm_{arch}] {variant}: {done[variant]:.1f}s")
+
+    class Compiler:  # stands in for the autotuned kernel: kernel[grid](*args, **flags) compiles
+        def __init__(self, name, wide):
+            self.name, self.wide = name, wide
+
+        def __getitem__(self, grid):
+            return lambda *args, **flags: compile_launch(self.name, self.wide, args, flags)
+
+    tuned, tk._tuned = tk._tuned, Compiler
+    try:
+        dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+        sources = ("weight+logprobs",) if quick else ("weight+logprobs", "weight", "logits")
+        for dtype in dtypes:
+            rb = make_batch(3, 4, (1, 12), 64, 101, seed=1, dtype=dtype)
+            for source in sources:
+                kw = rb.kwargs(with_logprobs=source == "weight+logprobs")
+                if source == "logits":
+                    kw["logits"] = (rb.hidden.float() @ kw.pop("lm_head_weight").float().T).to(dtype)
+                for anchor, score_positive in [("others", True)] + ([] if quick else [("all", False), ("all", True)]):
+                    batch = validated_batch(rb, dict(kw, anchor=anchor, score_positive=score_positive))
+                    for path in ("factored", "pairwise"):
+                        triton_impl.nthr_advantages(batch, path=path)
+            if not quick:
+                x = torch.randn(20, 64, dtype=dtype)
+                for path in ("factored", "pairwise"):
+                    st_triton.score_tokens(x[:9], x[9:], x[:9, :40], x[9:, :40], path=path)
+    finally:
+        tk._tuned = tuned
+    return done
+
+
 def kernel_breakdown(fn) -> dict:
     """Device time per kernel name (ms) for one call, largest first (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -139,8 +366,11 @@ def tuned_configs() -> dict:
     """The block sizes the autotuner chose, per kernel and key."""
     from nthr_kernels.ops import triton_kernels as tb
 
+    import triton
+
+    tuners = {k: at.fn if isinstance(at, triton.runtime.Heuristics) else at for k, at in tb._tuned_cache.items()}
     return {f"{k[0]}{'' if k[1] else '-fp32'}": {str(key): str(cfg) for key, cfg in at.cache.items()}
-            for k, at in tb._tuned_cache.items()}
+            for k, at in tuners.items()}
 
 
 def compare(res, ref, rb, dtype) -> dict:
@@ -174,7 +404,20 @@ def compare(res, ref, rb, dtype) -> dict:
     }
 
 
-def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, log) -> dict:
+def validated_batch(rb, kw):
+    """The validated batch of the public call ``nthr_advantages(rb..., **kw)`` (the Triton implementation's input)."""
+    import dataclasses
+
+    from nthr_kernels.core.checks import validate_batch
+    from nthr_kernels.core.rules import Inputs, Options
+
+    opt_names = {f.name for f in dataclasses.fields(Options)}
+    opts = Options(backend="triton", **{k: v for k, v in kw.items() if k in opt_names})
+    inputs = Inputs(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, **{k: v for k, v in kw.items() if k not in opt_names})
+    return validate_batch(inputs, opts)
+
+
+def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, args, log) -> dict:
     t0 = time.time()
     extra = dict(extra)
     use_logits = extra.pop("use_logits", False)
@@ -210,6 +453,19 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, l
         tres = call("torch")
         out["torch_vs_reference"] = compare(tres, ref, rb, shape.dtype)
     del ref, res2
+    # ---- host synchronisations (after the calls above: autotuning synchronises on first use) -------
+    from nthr_kernels.ops.advantages import triton_impl
+
+    batch = validated_batch(rb, kw)
+    triton_impl.nthr_advantages(batch)
+    out["host_syncs"], events = count_host_syncs(lambda: triton_impl.nthr_advantages(batch))
+    out["host_sync_events"] = events[:8]
+    if DEVICE == "cuda":  # validation included (the CPU proxy cannot see inside the torch.library op)
+        out["host_syncs_public_call"], events = count_host_syncs(lambda: call("triton"))
+        out["host_sync_events_public_call"] = events[:8]
+    log(f"[{name}] host syncs: {out['host_syncs']} in the Triton implementation, "
+        f"{out.get('host_syncs_public_call', '-')} in the public call (validation included)")
+    del batch
     # ---- timing ------------------------------------------------------------------------------------
     floor_flops = work.floor(with_lp and not use_logits)
     out["floor_flops"] = floor_flops
@@ -220,6 +476,8 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, l
     out["triton_ms"] = bench(lambda: call("triton"), args.rep_ms)
     if DEVICE == "cuda":
         out["triton_peak_scratch_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        # the documented bound (ops/triton_kernels.py): SCRATCH_BYTES plus about 100 bytes per token
+        out["scratch_bound_mb"] = (SCRATCH_BYTES + 100 * rb.n_tokens) / 2**20
     kw_nocheck = dict(kw, check_finite=False)
     out["triton_ms_no_finite_check"] = bench(
         lambda: nk.nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="triton", **kw_nocheck),
@@ -230,7 +488,11 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, args, l
     if DEVICE == "cuda":
         out["kernel_breakdown_ms"] = kernel_breakdown(lambda: call("triton"))
         log(f"[{name}] kernels: " + ", ".join(f"{k} {v:.2f}" for k, v in list(out["kernel_breakdown_ms"].items())[:8]))
-    out["model_fwd_bwd_ms"] = 6 * 1.5e9 * rb.n_tokens / (rate_tflops * 1e12) * 1e3
+    out["model_fwd_bwd_ms_estimate"] = 6 * 1.5e9 * rb.n_tokens / (rate_tflops * 1e12) * 1e3
+    if "ms_per_token" in model:  # measured in this run, else the 6 * 1.5e9 * N FLOPs estimate
+        out["model_fwd_bwd_ms"] = model["ms_per_token"] * rb.n_tokens
+    else:
+        out["model_fwd_bwd_ms"] = out["model_fwd_bwd_ms_estimate"]
     out["share_of_fwd_bwd"] = out["triton_ms"] / out["model_fwd_bwd_ms"]
     if time_baselines:
         out["torch_ms"] = bench_events(lambda: call("torch"), args.torch_reps)
@@ -281,8 +543,22 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-reps", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="CPU self-test: Triton interpreter, tiny shapes")
     ap.add_argument("--no-baselines", action="store_true", help="skip the torch and naive timings (correctness + triton only)")
+    ap.add_argument("--compile-only", type=int, metavar="ARCH", help="no GPU needed: compile every kernel variant for sm_ARCH (e.g. 90), then exit")
+    ap.add_argument("--quick", action="store_true", help="with --compile-only: bf16 variants only")
+    ap.add_argument("--all-configs", action="store_true", help="with --compile-only: every autotune config, not the first")
     args = ap.parse_args(argv)
     global DEVICE
+    if args.compile_only:
+        from nthr_kernels.core.rules import interpreting
+
+        if interpreting():
+            print("gpu_suite: --compile-only needs TRITON_INTERPRET unset", file=sys.stderr)
+            return 2
+        DEVICE = "cpu"
+        t0 = time.time()
+        done = compile_check(args.compile_only, args.quick, args.all_configs, print)
+        print(f"compiled {len(done)} kernel variants for sm_{args.compile_only} in {time.time() - t0:.0f}s")
+        return 0
     configs = CONFIGS
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -302,6 +578,11 @@ def main(argv=None) -> int:
     log = (lambda m: tqdm.write(m)) if tqdm else print
     log(f"device: {card}; torch {torch.__version__}; triton {triton.__version__}")
     rate = matmul_tflops()
+    try:
+        model = model_fwd_bwd_ms_per_token(log)
+    except Exception as e:  # reported, and the share falls back to the FLOP estimate
+        model = {"error": f"{type(e).__name__}: {e}"}
+        log(f"model fwd+bwd not measured: {model['error']}")
     log(f"matmul rate: {rate:.1f} TFLOP/s")
     results = {
         "device": card,
@@ -309,6 +590,10 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "matmul_tflops": rate,
+        "model_fwd_bwd": model,
+        "kernel_sources": kernel_sources(),
+        "host_syncs_method": ("torch.cuda.set_sync_debug_mode" if DEVICE == "cuda"
+                              else "CPU proxy: host reads and synchronising aten ops (count_host_syncs)"),
         "configs": {},
     }
     out_dir = Path(args.out)
@@ -320,7 +605,7 @@ def main(argv=None) -> int:
     for name in it:
         shape, with_lp, extra, baselines = configs[name]
         try:
-            results["configs"][name] = run_config(name, shape, with_lp, extra, baselines and not args.no_baselines, rate, args, log)
+            results["configs"][name] = run_config(name, shape, with_lp, extra, baselines and not args.no_baselines, rate, model, args, log)
         except Exception as e:  # keep the other configs' numbers; the failure is reported, not hidden
             import traceback
 
@@ -338,11 +623,13 @@ def main(argv=None) -> int:
 
         traceback.print_exc()
         results["score_tokens"] = {"error": f"{type(e).__name__}: {e}"}
+    counts = [r["host_syncs"] for r in results["configs"].values() if "host_syncs" in r]
+    results["host_syncs"] = max(counts) if counts else None  # per call of the Triton implementation, worst config
     path.write_text(json.dumps(results, indent=2))
     md = [f"# GPU suite on {card} ({results['date']})", "",
           f"torch {results['torch']}, triton {results['triton']}, matmul {rate:.1f} TFLOP/s (bf16 8192^3 on GPU, measured in the same run)", "",
-          "| config | floor ms | triton ms | x floor | torch ms | naive ms | vs torch | vs naive | sel. agreement | outside margin | max score err | share of 1.5B fwd+bwd |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| config | floor ms | triton ms | x floor | torch ms | naive ms | vs torch | vs naive | sel. agreement | outside margin | max score err | share of 1.5B fwd+bwd | host syncs |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["configs"].items():
         if "error" in r:
             md.append(f"| {name} | error: {r['error']} |")
@@ -351,7 +638,7 @@ def main(argv=None) -> int:
         md.append(
             f"| {name} | {f('floor_ms')} | {f('triton_ms')} | {f('triton_vs_floor')} | {f('torch_ms')} | {f('naive_ms')} | "
             f"{f('speedup_vs_torch', '{:.1f}x')} | {f('speedup_vs_naive', '{:.0f}x')} | {f('selection_agreement', '{:.5f}')} | "
-            f"{r.get('disagreements_outside_margin', '-')} | {f('max_score_err_rel', '{:.1e}')} | {f('share_of_fwd_bwd', '{:.2%}')} |"
+            f"{r.get('disagreements_outside_margin', '-')} | {f('max_score_err_rel', '{:.1e}')} | {f('share_of_fwd_bwd', '{:.2%}')} | {r.get('host_syncs', '-')} |"
         )
     (out_dir / f"{slug}-{results['date']}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -1,45 +1,61 @@
-"""Fused Triton kernels for NTHR on a whole rollout batch.
+"""Fused Triton kernels for NTHR (``docs/NTHR.md``), shared by the Triton implementations of
+``nthr_advantages`` and ``score_tokens``.
 
-Pipeline (factored path, ``docs/NTHR.md``), for all active groups of the batch at once:
+Pipeline of the factored path, for all groups of a chunk at once (``ops/advantages/triton_impl.py``
+plans the chunks and calls the launchers of :class:`Kernels`):
 
-1. ``log Z_t``: the old-log-prob shortcut ``z_t[y_t] / T - l_t`` (one gathered dot per token), or
-   :func:`_lse_kernel`, a chunked online logsumexp over the vocabulary (tensor-core tiles of ``W h``,
-   never storing logits), or a logsumexp of the given logits rows.
-2. :func:`_pos_err_kernel`: prediction errors of the positive tokens on the group's ``V*``,
-   ``g = onehot - exp(z / T - log Z)`` with ``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of
-   ``W`` (or gathered logits), written in the input dtype, transposed, to a scratch buffer
-   ``[|V*_g|, roundup16(T+_g)]`` for the groups in flight.
-3. :func:`_m_kernel`: ``M_g = G+_g^T H+_g`` (``[|V*_g|, d]``, float32 accumulation), a varlen grouped
-   GEMM over the transposed error buffer.
-4. :func:`_score_kernel`: for a block of tokens, loop over ``V*`` tiles; in one K-loop over ``d`` it
-   forms both ``z = h W*^T`` and ``q = h M^T`` and accumulates ``s_t += sum_v g_t[v] q_t[v]``, so
-   ``s_t = g_t^T M h_t`` without ever storing ``g`` or ``G M``. The first launch scores the positive
-   tokens (their means are the anchors, ``tau`` follows); the second scores the negative tokens and,
-   in the same pass, applies the threshold and writes the selection and token advantages. The positive
-   tokens' errors are read back from the buffer of step 2 instead of being recomputed.
-5. The pairwise path, flash-attention style (``[BT, BU]`` tiles of ``G G+^T`` and ``H H+^T``, row sums
-   accumulated, never materialising tokens x tokens): the cost model picks it per group when
-   ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)`` (short groups); :func:`_seg_pair_kernel` then scores the
-   group's tokens from its error buffer (every token's errors, written by step 2), with the same two
-   passes and the same fused threshold. ``_pair_kernel`` is the dense-error version for
+1. ``log Z_t``: :func:`_zy_kernel`, the old-log-prob shortcut ``z_t[y_t] / T - l_t`` (one gathered dot
+   per token), or :func:`_lse_kernel`, a chunked online logsumexp over the vocabulary (tensor-core
+   tiles of ``W h``, logits never stored), or a logsumexp of given logits rows (torch).
+2. :func:`_err_kernel`: prediction errors ``g = onehot - exp(z / T - log Z)`` of a segment's error rows
+   on its ``V*`` (``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of ``W``, or gathered from
+   logits), written in the input dtype, transposed, to a scratch buffer ``[|V*|, roundup16(rows)]``.
+3. :func:`_m_kernel`: ``M = G+^T H+`` per segment (``[|V*|, d]``, float32 accumulation), a varlen
+   grouped GEMM over the transposed error buffer. With the tile of ``M`` still in registers it forms
+   each positive response's ``N_i = G_i^T H_i`` tile and writes the partial sums of ``<M, N_i>`` (the
+   sum of the response's scores, so its anchor is that over ``|y_i|``) and ``<N_i, N_i>`` (its own part,
+   removed for ``anchor="others"``): positive tokens need no score of their own, and ``tau`` follows on
+   the device.
+4. :func:`_score_kernel`: for a block of tokens, loop over ``V*`` tiles; one K-loop over ``d`` forms
+   both ``z = h W*^T`` and ``q = h M^T`` and accumulates ``s_t += sum_v g_t[v] q_t[v]``, so
+   ``s_t = g_t^T M h_t`` without storing ``g`` or ``G M``. It scores the negative tokens and, in the
+   same pass, applies the threshold and writes the selection and token advantages. Positive tokens are
+   scored only when their scores are asked for (``score_positive``), reading their errors back from the
+   buffer of step 2.
+5. The pairwise path, flash-attention style: :func:`_seg_pair_kernel` accumulates row sums of
+   ``[BT, BU]`` tiles of ``G G+^T`` and ``H H+^T`` from the group's error buffer (every token's errors,
+   written by step 2), never materialising tokens x tokens; the cost model sends a group there when
+   ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)``. :func:`_pair_kernel` is the dense-error version for
    ``score_tokens``.
+
+Addressing: every kernel reads token rows through an int64 row offset per token (``ROW_H`` for the
+hidden states, ``ROW_LG`` for logits, ``ROW_LP`` for old log-probs; computed once per call from the
+caller's strides) plus the feature/vocabulary stride, and forms every offset in int64, so views with
+strides beyond 2^31 elements are read correctly. ``ALIGN`` (``d % 16 == 0`` and every row offset a
+multiple of 16) lets the compiler vectorise the row loads and the ``M`` rows.
+
+Segments: the groups (or responses) a launch works on are rows of one int64 table
+``[n_seg, SEG_WIDTH]`` (:class:`Segment`, columns ``SEG_*``): where the segment's ``V*``, error rows,
+scratch and scored tokens are. Optional inputs arrive as ``None`` and become compile-time flags
+(``@triton.heuristics``): ``LG`` (z from logits), ``GP`` in the score kernel (errors from the buffer),
+``THR`` (threshold and rescale fused), ``RESP`` (pairwise: only pairs within a response), ``PART`` (the
+M pass writes the anchors' partial sums).
 
 Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements; bf16 for bf16 inputs,
 float32 otherwise, since fp16 lacks the range) plus the transposed positive-error buffer
 (``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype), bounded together by
-``SCRATCH_BYTES`` (default 1 GiB; groups are processed in chunks that fit; a group larger than the
-bound on its own is processed alone); a pairwise group holds its error buffer for all its tokens,
-``|V*_g| * roundup16(T_g)`` elements, within the same bound. ``anchor="others"`` adds one ``M`` per
-positive response of the chunk. Plus ``O(N)`` per-token vectors (about 60 bytes per completion token) and, without old
-log-probs, nothing more: the vocabulary logsumexp keeps its logits in registers. No ``[N, |V|]`` or
-``[N, N]`` tensor is formed.
+``SCRATCH_BYTES`` (groups are processed in chunks that fit; a group larger than the bound on its own is
+processed alone); a pairwise group holds its error buffer for all its tokens, ``|V*_g| *
+roundup16(T_g)`` elements, within the same bound. The anchors' partial sums take 8 bytes per tile of
+``M`` and positive response. Plus ``O(N)`` per-token vectors (about 100 bytes per completion token). No
+``[N, |V|]`` or ``[N, N]`` tensor is formed.
 
 Determinism: every output element is written by exactly one program, with a fixed reduction order
 (no atomics), so the same inputs give the same bits.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -47,562 +63,649 @@ import triton.language as tl
 
 from ..core.rules import interpreting
 
+# The interpreter's bf16 tl.dot is wrong: bf16 tiles are upcast there (a compile-time constant, like
+# Triton's own choice between interpreter and compiler, which is made when this module is imported).
+_INTERPRET = tl.constexpr(interpreting())
+# Precision of q = h M^T when fp16 inputs meet a float32 M: TF32 on a GPU.
+_Q_PRECISION = tl.constexpr("ieee" if interpreting() else "tf32")
+
+
+class Segment(NamedTuple):
+    """One row of the packed segment table (int64 ``[n_seg, SEG_WIDTH]``, columns ``SEG_*`` in this order).
+
+    Positions count tokens in the plan's order (the order of the per-token arrays ``ROW_H``, ``IDS``...).
+    """
+
+    vs0: int  # first entry of the segment's V* in VS
+    nv: int  # |V*|
+    row0: int  # first token of the error rows (the buffer's rows, and the rows of M)
+    nerr: int  # error rows; the buffer is [nv, roundup16(nerr)], transposed
+    npos: int  # positive rows: the first npos error rows (rows of M, partners of the pairwise sum)
+    gp: int  # offset of the segment's error buffer in GP (a multiple of 16)
+    m: int  # offset of the segment's M [nv, D] in M
+    sc0: int  # first scored token
+    nsc: int  # scored tokens
+    group: int  # batch group: row of THR (tau, eta)
+    r0: int = 0  # first of the segment's positive responses in SPANS (anchors from the M pass)
+    nr: int = 0  # its positive responses
+
+
+SEG_VS0, SEG_NV, SEG_ROW0, SEG_NERR, SEG_NPOS, SEG_GP, SEG_M, SEG_SC0, SEG_NSC, SEG_GROUP, SEG_R0, SEG_NR = (
+    tl.constexpr(i) for i in range(len(Segment._fields)))
+SEG_WIDTH = tl.constexpr(len(Segment._fields))
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _seg(SEG, i_s, FIELD: tl.constexpr):
+    """Column ``FIELD`` of segment ``i_s`` of the segment table."""
+    return tl.load(SEG + i_s * SEG_WIDTH + FIELD)
+
+
+@triton.jit
+def _round16(n):
+    return tl.multiple_of((n + 15) // 16 * 16, 16)
+
+
+@triton.jit
+def _dot(b_a, b_b):
+    """Tile product with float32 accumulation: exact IEEE products for float32 tiles (no TF32); bf16
+    tiles are upcast under the interpreter."""
+    if _INTERPRET and b_a.dtype == tl.bfloat16:
+        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), input_precision="ieee")
+    elif b_a.dtype == tl.float32:
+        return tl.dot(b_a, b_b, input_precision="ieee")
+    else:
+        return tl.dot(b_a, b_b, input_precision="tf32")
+
+
+@triton.jit
+def _gram_tile(X, o_x, m_x, x_sk, Y, o_y, m_y, y_sk, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``[BM, BN]`` tile of ``X Y^T``: the rows of ``X`` at offsets ``o_x`` and of ``Y`` at ``o_y``, summed
+    over ``K`` features (strides ``x_sk``, ``y_sk``) in steps of ``BK``."""
+    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK).to(tl.int64)
+        m_k = o_k < K
+        b_x = tl.load(X + o_x[:, None] + o_k[None, :] * x_sk, mask=m_x[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        b_y = tl.load(Y + o_y[:, None] + o_k[None, :] * y_sk, mask=m_y[:, None] & m_k[None, :], other=0.0)  # [BN, BK]
+        b_acc += _dot(b_x, tl.trans(b_y))
+    return b_acc
+
+
+@triton.jit
+def _rows(ROW, o_t, m_t, ALIGN: tl.constexpr):
+    """int64 row offsets of the tokens ``o_t`` (0 where masked)."""
+    o_row = tl.load(ROW + o_t, mask=m_t, other=0)
+    if ALIGN:
+        o_row = tl.multiple_of(o_row, 16)
+    return o_row
+
+
+@triton.jit
+def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t):
+    """Prediction errors ``1[v == y_t] - exp(z / T - log Z_t)`` of a ``[BT, BV]`` logits tile (0 where masked)."""
+    b_g = (b_id[:, None] == b_vid[None, :]).to(tl.float32) - tl.exp(b_z * inv_t - b_logz[:, None])
+    return tl.where(m_tv, b_g, 0.0)
+
+
+@triton.jit
+def _select(b_s, o_t, m_t, SEG, i_s, THR, ADV, OUT_ADV, OUT_SEL):
+    """The threshold and rescale of negative tokens: ``selected = s > tau``; the advantage (``ADV``) is
+    multiplied by eta where selected. (Inputs and outputs apart: the autotuner may run a launch repeatedly.)"""
+    i_g = _seg(SEG, i_s, SEG_GROUP)
+    tau = tl.load(THR + 2 * i_g)
+    eta = tl.load(THR + 2 * i_g + 1)
+    b_sel = b_s > tau
+    b_adv = tl.load(ADV + o_t, mask=m_t, other=0.0)
+    tl.store(OUT_ADV + o_t, tl.where(b_sel, b_adv * eta, b_adv), mask=m_t)
+    tl.store(OUT_SEL + o_t, b_sel.to(tl.int8), mask=m_t)
+
 
 # --------------------------------------------------------------------------------------------------
 # kernels
-#
-# Token rows are addressed as ``base + TA[p] * s0 + TB[p] * s1`` (padded layout: response, position;
-# packed: row, with s1 = 0), so that the strides, specialised by Triton when divisible by 16, let the
-# compiler vectorise the row loads. ALIGN marks ``D % 16 == 0`` (M offsets are multiples of D).
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _zy_kernel(
-    H, TA, TB, h_s0, h_s1, h_sd, W, w_sv, w_sd, IDS, LP, lp_s0, lp_s1, OUT, n, inv_t, D,
+    # data pointers
+    H, ROW_H, W, IDS, LP, ROW_LP, OUT,
+    # shapes
+    n, D,
+    # strides
+    h_sd, w_sv, w_sd,
+    # constants
+    inv_t,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
     """Old-log-prob shortcut: ``log Z_t = (w_{y_t} . h_t) / T - l_t``."""
-    tb = tl.program_id(0).to(tl.int64)
-    rows = tb * BT + tl.arange(0, BT).to(tl.int64)
-    rm = rows < n
-    ta = tl.load(TA + rows, mask=rm, other=0)
-    tb_ = tl.load(TB + rows, mask=rm, other=0)
-    ids = tl.load(IDS + rows, mask=rm, other=0)
-    acc = tl.zeros([BT], dtype=tl.float32)
+    i_t = tl.program_id(0).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
+    m_t = o_t < n
+    o_h = _rows(ROW_H, o_t, m_t, False)
+    b_id = tl.load(IDS + o_t, mask=m_t, other=0)
+    b_acc = tl.zeros([BT], dtype=tl.float32)
     for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        km = rm[:, None] & (kk < D)[None, :]
-        h = tl.load(H + ta[:, None] * h_s0 + tb_[:, None] * h_s1 + kk[None, :] * h_sd, mask=km, other=0.0)
-        w = tl.load(W + ids[:, None] * w_sv + kk[None, :] * w_sd, mask=km, other=0.0)
-        acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
-    lp = tl.load(LP + ta * lp_s0 + tb_ * lp_s1, mask=rm, other=0.0).to(tl.float32)
-    tl.store(OUT + rows, acc * inv_t - lp, mask=rm)
-
-
-@triton.jit
-def _pos_err_kernel(
-    H, TA, TB, h_s0, h_s1, h_sd,
-    IDS, LOGZ,
-    W, w_sv, w_sd,
-    LG, lg_s0, lg_s1, lg_sv,
-    VS, SEG_VS0, SEG_NV, SEG_POS0, SEG_NPOS, SEG_GP,
-    GP,
-    inv_t, D,
-    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-):
-    """Prediction errors of a segment's positive tokens on ``V*``, stored transposed (``[|V*|, ld]``,
-    ``ld`` = positive tokens rounded up to 16) for the M GEMM."""
-    s = tl.program_id(0).to(tl.int64)
-    tb = tl.program_id(1).to(tl.int64)
-    vb = tl.program_id(2).to(tl.int64)
-    npos = tl.load(SEG_NPOS + s)
-    nv = tl.load(SEG_NV + s)
-    if (tb * BT < npos) & (vb * BV < nv):
-        ld = tl.multiple_of((npos + 15) // 16 * 16, 16)
-        rows = tb * BT + tl.arange(0, BT).to(tl.int64)
-        rm = rows < npos
-        pos = tl.load(SEG_POS0 + s) + rows
-        ta = tl.load(TA + pos, mask=rm, other=0)
-        tb_ = tl.load(TB + pos, mask=rm, other=0)
-        cols = vb * BV + tl.arange(0, BV).to(tl.int64)
-        cm = cols < nv
-        vid = tl.load(VS + tl.load(SEG_VS0 + s) + cols, mask=cm, other=0)
-        if FROM_LOGITS:
-            z = tl.load(LG + ta[:, None] * lg_s0 + tb_[:, None] * lg_s1 + vid[None, :] * lg_sv,
-                        mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        else:
-            z = tl.zeros([BT, BV], dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                kk = k0 + tl.arange(0, BK)
-                km = kk < D
-                h = tl.load(H + ta[:, None] * h_s0 + tb_[:, None] * h_s1 + kk[None, :] * h_sd,
-                            mask=rm[:, None] & km[None, :], other=0.0)
-                w = tl.load(W + vid[:, None] * w_sv + kk[None, :] * w_sd, mask=cm[:, None] & km[None, :], other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                    w = w.to(tl.float32)
-                z += tl.dot(h, tl.trans(w), input_precision=PREC)
-        logz = tl.load(LOGZ + pos, mask=rm, other=0.0)
-        ids = tl.load(IDS + pos, mask=rm, other=-1)
-        g = (ids[:, None] == vid[None, :]).to(tl.float32) - tl.exp(z * inv_t - logz[:, None])
-        ok = rm[:, None] & cm[None, :]
-        g = tl.where(ok, g, 0.0)
-        gp = tl.multiple_of(tl.load(SEG_GP + s), 16)
-        tl.store(GP + gp + cols[None, :] * ld + rows[:, None], g.to(GP.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _m_kernel(
-    GP, H, TA, TB, h_s0, h_s1, h_sd,
-    SEG_NV, SEG_POS0, SEG_NPOS, SEG_GP, SEG_M,
-    M, D,
-    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
-):
-    """``M = G+^T H+`` per segment: an NN GEMM of the transposed errors ``[|V*|, ld]`` and the
-    positive rows of ``H`` (float32 accumulation)."""
-    s = tl.program_id(0).to(tl.int64)
-    vb = tl.program_id(1).to(tl.int64)
-    db = tl.program_id(2).to(tl.int64)
-    nv = tl.load(SEG_NV + s)
-    if vb * BV < nv:
-        npos = tl.load(SEG_NPOS + s)
-        ld = tl.multiple_of((npos + 15) // 16 * 16, 16)
-        pos0 = tl.load(SEG_POS0 + s)
-        gp = tl.multiple_of(tl.load(SEG_GP + s), 16)
-        cols = vb * BV + tl.arange(0, BV).to(tl.int64)
-        cm = cols < nv
-        dd = db * BD + tl.arange(0, BD)
-        dm = dd < D
-        acc = tl.zeros([BV, BD], dtype=tl.float32)
-        for u0 in range(0, npos, BU):
-            u = u0 + tl.arange(0, BU).to(tl.int64)
-            um = u < npos
-            gt = tl.load(GP + gp + cols[:, None] * ld + u[None, :], mask=cm[:, None] & um[None, :], other=0.0)
-            ta = tl.load(TA + pos0 + u, mask=um, other=0)
-            tb_ = tl.load(TB + pos0 + u, mask=um, other=0)
-            h = tl.load(H + ta[:, None] * h_s0 + tb_[:, None] * h_s1 + dd[None, :] * h_sd,
-                        mask=um[:, None] & dm[None, :], other=0.0)
-            if UPCAST:
-                gt = gt.to(tl.float32)
-                h = h.to(tl.float32)
-            acc += tl.dot(gt, h, input_precision=PREC)
-        m_off = tl.load(SEG_M + s)
-        if ALIGN:
-            m_off = tl.multiple_of(m_off, 16)
-        tl.store(M + m_off + cols[:, None] * D + dd[None, :], acc.to(M.dtype.element_ty), mask=cm[:, None] & dm[None, :])
-
-
-@triton.jit
-def _score_kernel(
-    H, TA, TB, h_s0, h_s1, h_sd,
-    IDS, LOGZ,
-    W, w_sv, w_sd,
-    LG, lg_s0, lg_s1, lg_sv,
-    VS, SEG_VS0, SEG_NV, SEG_M, M,
-    SEG_SC0, SEG_NSC,
-    OUT_S,
-    SEG_TAU, SEG_ETA, ADV, OUT_ADV, OUT_SEL,
-    GP, SEG_GP,
-    inv_t, D,
-    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    SRC: tl.constexpr, FUSE_SELECT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    M_F32: tl.constexpr, PREC_Q: tl.constexpr, ALIGN: tl.constexpr,
-):
-    """``s_t = sum_v g_t[v] (M h_t)[v]`` for a block of tokens of one segment.
-
-    SRC 0: ``g`` from ``z = h W*^T`` (same K-loop as ``q = h M^T``); 1: ``z`` gathered from logits;
-    2: ``g`` read from a dense error matrix (``LG``, columns = ``V*`` positions, ``VS`` = identity);
-    3: ``g`` read back from the transposed positive-error scratch the M pass wrote (the scored tokens
-    are then exactly that segment's positive tokens), which saves recomputing their logits.
-    With FUSE_SELECT the threshold and the rescale of the advantages happen here too.
-    """
-    s = tl.program_id(0).to(tl.int64)
-    tb = tl.program_id(1).to(tl.int64)
-    n = tl.load(SEG_NSC + s)
-    if tb * BT < n:
-        rows = tb * BT + tl.arange(0, BT).to(tl.int64)
-        rm = rows < n
-        pos = tl.load(SEG_SC0 + s) + rows
-        ta = tl.load(TA + pos, mask=rm, other=0)
-        tb_ = tl.load(TB + pos, mask=rm, other=0)
-        hrow = ta * h_s0 + tb_ * h_s1
-        if SRC < 2:
-            ids = tl.load(IDS + pos, mask=rm, other=-1)
-            logz = tl.load(LOGZ + pos, mask=rm, other=0.0)
-        if (SRC == 1) | (SRC == 2):
-            lrow = ta * lg_s0 + tb_ * lg_s1
-        if SRC == 3:
-            gp = tl.multiple_of(tl.load(SEG_GP + s), 16)
-            ld = tl.multiple_of((n + 15) // 16 * 16, 16)
-        nv = tl.load(SEG_NV + s)
-        vs0 = tl.load(SEG_VS0 + s)
-        m_off = tl.load(SEG_M + s)
-        if ALIGN:
-            m_off = tl.multiple_of(m_off, 16)
-        score = tl.zeros([BT], dtype=tl.float32)
-        for v0 in range(0, nv, BV):
-            cols = v0 + tl.arange(0, BV).to(tl.int64)
-            cm = cols < nv
-            vid = tl.load(VS + vs0 + cols, mask=cm, other=0)
-            q = tl.zeros([BT, BV], dtype=tl.float32)
-            z = tl.zeros([BT, BV], dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                kk = k0 + tl.arange(0, BK)
-                km = kk < D
-                h = tl.load(H + hrow[:, None] + kk[None, :] * h_sd, mask=rm[:, None] & km[None, :], other=0.0)
-                mt = tl.load(M + m_off + cols[:, None] * D + kk[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                    mt = mt.to(tl.float32)
-                if M_F32:
-                    q += tl.dot(h.to(tl.float32), tl.trans(mt), input_precision=PREC_Q)
-                else:
-                    q += tl.dot(h, tl.trans(mt), input_precision=PREC)
-                if SRC == 0:
-                    w = tl.load(W + vid[:, None] * w_sv + kk[None, :] * w_sd, mask=cm[:, None] & km[None, :], other=0.0)
-                    if UPCAST:
-                        w = w.to(tl.float32)
-                    z += tl.dot(h, tl.trans(w), input_precision=PREC)
-            if SRC == 3:
-                g = tl.load(GP + gp + cols[None, :] * ld + rows[:, None], mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-            elif SRC == 2:
-                g = tl.load(LG + lrow[:, None] + vid[None, :] * lg_sv, mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-            else:
-                if SRC == 1:
-                    z = tl.load(LG + lrow[:, None] + vid[None, :] * lg_sv, mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-                g = (ids[:, None] == vid[None, :]).to(tl.float32) - tl.exp(z * inv_t - logz[:, None])
-                g = tl.where(rm[:, None] & cm[None, :], g, 0.0)
-            score += tl.sum(g * q, axis=1)
-        tl.store(OUT_S + pos, score, mask=rm)
-        if FUSE_SELECT:
-            tau = tl.load(SEG_TAU + s)
-            eta = tl.load(SEG_ETA + s)
-            sel = score > tau
-            a = tl.load(ADV + pos, mask=rm, other=0.0)
-            tl.store(OUT_ADV + pos, tl.where(sel, a * eta, a), mask=rm)
-            tl.store(OUT_SEL + pos, sel.to(tl.int8), mask=rm)
+        o_k = k0 + tl.arange(0, BK).to(tl.int64)
+        m_tk = m_t[:, None] & (o_k < D)[None, :]
+        b_h = tl.load(H + o_h[:, None] + o_k[None, :] * h_sd, mask=m_tk, other=0.0)  # [BT, BK]
+        b_w = tl.load(W + b_id[:, None] * w_sv + o_k[None, :] * w_sd, mask=m_tk, other=0.0)  # [BT, BK]
+        b_acc += tl.sum(b_h.to(tl.float32) * b_w.to(tl.float32), axis=1)
+    b_lp = tl.load(LP + _rows(ROW_LP, o_t, m_t, False), mask=m_t, other=0.0).to(tl.float32)
+    tl.store(OUT + o_t, b_acc * inv_t - b_lp, mask=m_t)
 
 
 @triton.jit
 def _lse_kernel(
-    H, TA, TB, h_s0, h_s1, h_sd, W, w_sv, w_sd, OUT, n, V, inv_t, D,
-    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    # data pointers
+    H, ROW_H, W, OUT,
+    # shapes
+    n, V, D,
+    # strides
+    h_sd, w_sv, w_sd,
+    # constants
+    inv_t,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
 ):
     """Online logsumexp of ``W h / T`` over the whole vocabulary for a block of tokens."""
-    tb = tl.program_id(0).to(tl.int64)
-    rows = tb * BT + tl.arange(0, BT).to(tl.int64)
-    rm = rows < n
-    ta = tl.load(TA + rows, mask=rm, other=0)
-    tb_ = tl.load(TB + rows, mask=rm, other=0)
-    hrow = ta * h_s0 + tb_ * h_s1
-    run_max = tl.full([BT], -float("inf"), dtype=tl.float32)
-    run_sum = tl.zeros([BT], dtype=tl.float32)
+    i_t = tl.program_id(0).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
+    m_t = o_t < n
+    o_h = _rows(ROW_H, o_t, m_t, False)
+    b_max = tl.full([BT], -float("inf"), dtype=tl.float32)
+    b_sum = tl.zeros([BT], dtype=tl.float32)
     for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV).to(tl.int64)
-        cm = cols < V
-        z = tl.zeros([BT, BV], dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < D
-            h = tl.load(H + hrow[:, None] + kk[None, :] * h_sd, mask=rm[:, None] & km[None, :], other=0.0)
-            w = tl.load(W + cols[:, None] * w_sv + kk[None, :] * w_sd, mask=cm[:, None] & km[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            z += tl.dot(h, tl.trans(w), input_precision=PREC)
-        z = tl.where(cm[None, :], z * inv_t, -float("inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        run_max = new_max
-    tl.store(OUT + rows, run_max + tl.log(run_sum), mask=rm)
+        o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV]
+        m_v = o_v < V
+        b_z = _gram_tile(H, o_h, m_t, h_sd, W, o_v * w_sv, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
+        b_z = tl.where(m_v[None, :], b_z * inv_t, -float("inf"))
+        b_new = tl.maximum(b_max, tl.max(b_z, axis=1))
+        b_sum = b_sum * tl.exp(b_max - b_new) + tl.sum(tl.exp(b_z - b_new[:, None]), axis=1)
+        b_max = b_new
+    tl.store(OUT + o_t, b_max + tl.log(b_sum), mask=m_t)
+
+
+@triton.heuristics({"FROM_LOGITS": lambda args: args["LG"] is not None})
+@triton.jit
+def _err_kernel(
+    # data pointers
+    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, GP,
+    # shapes
+    D,
+    # strides
+    h_sd, w_sv, w_sd, lg_sv,
+    # constants
+    inv_t,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, FROM_LOGITS: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Prediction errors of a segment's error rows on its ``V*``, stored transposed in the segment's
+    buffer (``[|V*|, ld]``, ``ld`` = rows rounded up to 16) for the M GEMM and the pairwise kernel."""
+    i_s, i_t, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    n_err = _seg(SEG, i_s, SEG_NERR)
+    n_v = _seg(SEG, i_s, SEG_NV)
+    if (i_t * BT < n_err) & (i_v * BV < n_v):
+        ld = _round16(n_err)
+        o_r = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT] rows of the buffer
+        m_r = o_r < n_err
+        o_t = _seg(SEG, i_s, SEG_ROW0) + o_r  # [BT] tokens
+        o_v = i_v * BV + tl.arange(0, BV).to(tl.int64)  # [BV] positions in V*
+        m_v = o_v < n_v
+        m_tv = m_r[:, None] & m_v[None, :]
+        b_vid = tl.load(VS + _seg(SEG, i_s, SEG_VS0) + o_v, mask=m_v, other=0)  # [BV] token ids
+        if FROM_LOGITS:
+            o_lg = _rows(ROW_LG, o_t, m_r, False)
+            b_z = tl.load(LG + o_lg[:, None] + b_vid[None, :] * lg_sv, mask=m_tv, other=0.0).to(tl.float32)
+        else:
+            o_h = _rows(ROW_H, o_t, m_r, ALIGN)
+            b_z = _gram_tile(H, o_h, m_r, h_sd, W, b_vid * w_sv, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
+        b_logz = tl.load(LOGZ + o_t, mask=m_r, other=0.0)
+        b_id = tl.load(IDS + o_t, mask=m_r, other=-1)
+        b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t)  # [BT, BV]
+        o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
+        tl.store(GP + o_gp + o_v[None, :] * ld + o_r[:, None], b_g.to(GP.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
-def _seg_pair_kernel(
-    H, TA, TB, h_s0, h_s1, h_sd,
-    GP, SEG_GP, SEG_NV, SEG_G0, SEG_NT, SEG_NPOS, SEG_SC0, SEG_NSC, RESP,
-    OUT_S, SEG_TAU, SEG_ETA, ADV, OUT_ADV, OUT_SEL,
-    D,
-    BT: tl.constexpr, BU: tl.constexpr, BK: tl.constexpr,
-    FUSE_SELECT: tl.constexpr, SELF_ONLY: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+def _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, u0, n_u, o_d, m_d, h_sd,
+             BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr):
+    """``[BV, BD]`` tile of ``G^T H`` over the error rows ``u0 .. u0 + n_u`` of a segment: the transposed
+    errors ``[|V*|, ld]`` from its buffer times the same tokens' rows of ``H`` (float32 accumulation)."""
+    b_acc = tl.zeros([BV, BD], dtype=tl.float32)
+    for k0 in range(0, n_u, BU):
+        o_u = u0 + k0 + tl.arange(0, BU).to(tl.int64)  # [BU] error rows
+        m_u = k0 + tl.arange(0, BU) < n_u
+        b_g = tl.load(GP + o_gp + o_v[:, None] * ld + o_u[None, :], mask=m_v[:, None] & m_u[None, :], other=0.0)  # [BV, BU]
+        o_h = _rows(ROW_H, row0 + o_u, m_u, ALIGN)
+        b_h = tl.load(H + o_h[:, None] + o_d[None, :] * h_sd, mask=m_u[:, None] & m_d[None, :], other=0.0)  # [BU, BD]
+        b_acc += _dot(b_g, b_h)
+    return b_acc
+
+
+@triton.heuristics({"ANCHORS": lambda args: args["PART"] is not None})
+@triton.jit
+def _m_kernel(
+    # data pointers
+    GP, H, ROW_H, SEG, M, SPANS, PART,
+    # shapes
+    D, n_resp, n_slot_d,
+    # strides
+    h_sd,
+    # constants
+    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, GV: tl.constexpr, GD: tl.constexpr,
+    ALIGN: tl.constexpr, ANCHORS: tl.constexpr,
 ):
-    """Pairwise path of a group, flash-attention style: for a block of its tokens, stream the group's
-    positive tokens in blocks of BU and accumulate the row sums of ``(G_t G_u^T) * (H_t H_u^T)``.
+    """``M = G+^T H+`` per segment: an NN GEMM of the transposed errors of its first ``npos`` rows
+    ``[|V*|, ld]`` and the same rows of ``H`` (float32 accumulation).
+
+    ANCHORS: the positive responses of the segment (rows ``(first token, tokens)`` of ``SPANS``, columns
+    ``r0``, ``nr`` of the table) get ``<M, N_i>`` and ``<N_i, N_i>`` with ``N_i = G_i^T H_i`` (docs/NTHR.md:
+    the sum of response i's scores and its own part of it), so no positive token needs a score of its
+    own. The partial sums of a tile go to ``PART [slots_v, n_slot_d, n_resp, 2]``, slots of the smallest
+    tile any launch may use (``GV x GD``): the tile's first slot gets them, the other slots it covers get
+    zeros, so a launch leaves the same sum whatever tiles earlier (autotuning) launches used.
+    """
+    i_s, i_v, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    n_v = _seg(SEG, i_s, SEG_NV)
+    if i_v * BV < n_v:
+        ld = _round16(_seg(SEG, i_s, SEG_NERR))
+        row0 = _seg(SEG, i_s, SEG_ROW0)
+        o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
+        o_v = i_v * BV + tl.arange(0, BV).to(tl.int64)  # [BV]
+        m_v = o_v < n_v
+        o_d = i_d * BD + tl.arange(0, BD).to(tl.int64)  # [BD]
+        m_d = o_d < D
+        b_m = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, 0, _seg(SEG, i_s, SEG_NPOS), o_d, m_d, h_sd,
+                       BV, BD, BU, ALIGN)  # [BV, BD]
+        o_m = _seg(SEG, i_s, SEG_M)
+        if ALIGN:
+            o_m = tl.multiple_of(o_m, 16)
+        tl.store(M + o_m + o_v[:, None] * D + o_d[None, :], b_m.to(M.dtype.element_ty), mask=m_v[:, None] & m_d[None, :])
+        if ANCHORS:
+            r0 = _seg(SEG, i_s, SEG_R0)
+            for i_r in range(r0, r0 + _seg(SEG, i_s, SEG_NR)):
+                b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(SPANS + 2 * i_r) - row0,
+                               tl.load(SPANS + 2 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
+                mn = tl.sum(tl.sum(b_m * b_n, axis=1), axis=0)
+                nn = tl.sum(tl.sum(b_n * b_n, axis=1), axis=0)
+                for j in tl.static_range(BV // GV):
+                    for k in tl.static_range(BD // GD):
+                        o_part = (((i_v * (BV // GV) + j) * n_slot_d + i_d * (BD // GD) + k) * n_resp + i_r) * 2
+                        if j == 0 and k == 0:
+                            tl.store(PART + o_part, mn)
+                            tl.store(PART + o_part + 1, nn)
+                        else:
+                            tl.store(PART + o_part, 0.0)
+                            tl.store(PART + o_part + 1, 0.0)
+
+
+@triton.heuristics({
+    "FROM_LOGITS": lambda args: args["LG"] is not None,
+    "FROM_BUFFER": lambda args: args["GP"] is not None,
+    "FUSE_SELECT": lambda args: args["THR"] is not None,
+    "M_F32": lambda args: args["M"].dtype == torch.float32 and args["H"].dtype != torch.float32,
+})
+@triton.jit
+def _score_kernel(
+    # data pointers
+    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, M, GP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
+    # shapes
+    D,
+    # strides
+    h_sd, w_sv, w_sd, lg_sv,
+    # constants
+    inv_t,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, FROM_BUFFER: tl.constexpr, FUSE_SELECT: tl.constexpr, M_F32: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
+    """``s_t = sum_v g_t[v] (M h_t)[v]`` for a block of a segment's scored tokens.
+
+    ``g`` comes from ``z = h W*^T`` (in the same K-loop as ``q = h M^T``), from logits rows
+    (FROM_LOGITS), or from the segment's transposed error buffer (FROM_BUFFER; the scored tokens are
+    then error rows of the segment), which saves recomputing the logits of positive tokens.
+    FUSE_SELECT applies the threshold and the rescale of the advantages too.
+    """
+    i_s, i_t = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    n_sc = _seg(SEG, i_s, SEG_NSC)
+    if i_t * BT < n_sc:
+        o_t = _seg(SEG, i_s, SEG_SC0) + i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT] tokens
+        m_t = i_t * BT + tl.arange(0, BT) < n_sc
+        o_h = _rows(ROW_H, o_t, m_t, ALIGN)
+        if FROM_BUFFER:
+            o_r = o_t - _seg(SEG, i_s, SEG_ROW0)  # [BT] rows of the error buffer
+            ld = _round16(_seg(SEG, i_s, SEG_NERR))
+            o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
+        else:
+            b_id = tl.load(IDS + o_t, mask=m_t, other=-1)
+            b_logz = tl.load(LOGZ + o_t, mask=m_t, other=0.0)
+            vs0 = _seg(SEG, i_s, SEG_VS0)
+        if FROM_LOGITS:
+            o_lg = _rows(ROW_LG, o_t, m_t, False)
+        n_v = _seg(SEG, i_s, SEG_NV)
+        o_m = _seg(SEG, i_s, SEG_M)
+        if ALIGN:
+            o_m = tl.multiple_of(o_m, 16)
+        b_s = tl.zeros([BT], dtype=tl.float32)
+        for v0 in range(0, n_v, BV):
+            o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV] positions in V*
+            m_v = o_v < n_v
+            m_tv = m_t[:, None] & m_v[None, :]
+            if not FROM_BUFFER:
+                b_vid = tl.load(VS + vs0 + o_v, mask=m_v, other=0)  # [BV] token ids
+            b_q = tl.zeros([BT, BV], dtype=tl.float32)
+            b_z = tl.zeros([BT, BV], dtype=tl.float32)
+            for k0 in range(0, D, BK):
+                o_k = k0 + tl.arange(0, BK).to(tl.int64)
+                m_k = o_k < D
+                b_h = tl.load(H + o_h[:, None] + o_k[None, :] * h_sd, mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
+                b_mt = tl.load(M + o_m + o_v[:, None] * D + o_k[None, :], mask=m_v[:, None] & m_k[None, :], other=0.0)  # [BV, BK]
+                if M_F32:  # fp16 inputs keep M in float32
+                    b_q += tl.dot(b_h.to(tl.float32), tl.trans(b_mt), input_precision=_Q_PRECISION)
+                else:
+                    b_q += _dot(b_h, tl.trans(b_mt))
+                if not FROM_BUFFER and not FROM_LOGITS:
+                    b_w = tl.load(W + b_vid[:, None] * w_sv + o_k[None, :] * w_sd, mask=m_v[:, None] & m_k[None, :], other=0.0)  # [BV, BK]
+                    b_z += _dot(b_h, tl.trans(b_w))
+            if FROM_BUFFER:
+                b_g = tl.load(GP + o_gp + o_v[None, :] * ld + o_r[:, None], mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+            else:
+                if FROM_LOGITS:
+                    b_z = tl.load(LG + o_lg[:, None] + b_vid[None, :] * lg_sv, mask=m_tv, other=0.0).to(tl.float32)
+                b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t)  # [BT, BV]
+            b_s += tl.sum(b_g * b_q, axis=1)
+        tl.store(OUT_S + o_t, b_s, mask=m_t)
+        if FUSE_SELECT:
+            _select(b_s, o_t, m_t, SEG, i_s, THR, ADV, OUT_ADV, OUT_SEL)
+
+
+@triton.heuristics({
+    "SELF_ONLY": lambda args: args["RESP"] is not None,
+    "FUSE_SELECT": lambda args: args["THR"] is not None,
+})
+@triton.jit
+def _seg_pair_kernel(
+    # data pointers
+    H, ROW_H, GP, SEG, RESP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
+    # shapes
+    D,
+    # strides
+    h_sd,
+    # constants
+    BT: tl.constexpr, BU: tl.constexpr, BK: tl.constexpr,
+    SELF_ONLY: tl.constexpr, FUSE_SELECT: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Pairwise path of a group, flash-attention style: for a block of its scored tokens, stream the
+    group's positive tokens in blocks of BU and accumulate the row sums of ``(G_t G_u^T) * (H_t H_u^T)``.
 
     The group's errors (every token, positive first) were written transposed, ``[|V*|, ld]``, by the
-    error kernel. SELF_ONLY keeps only pairs of the same response (``anchor="others"``)."""
-    s = tl.program_id(0).to(tl.int64)
-    tb = tl.program_id(1).to(tl.int64)
-    n = tl.load(SEG_NSC + s)
-    if tb * BT < n:
-        loc = tl.load(SEG_SC0 + s) + tb * BT + tl.arange(0, BT).to(tl.int64)
-        rm = tb * BT + tl.arange(0, BT) < n
-        g0 = tl.load(SEG_G0 + s)
-        nt = tl.load(SEG_NT + s)
-        ld = tl.multiple_of((nt + 15) // 16 * 16, 16)
-        nv = tl.load(SEG_NV + s)
-        npos = tl.load(SEG_NPOS + s)
-        gp = tl.multiple_of(tl.load(SEG_GP + s), 16)
-        pos = g0 + loc
-        ta = tl.load(TA + pos, mask=rm, other=0)
-        tb_ = tl.load(TB + pos, mask=rm, other=0)
-        hrow = ta * h_s0 + tb_ * h_s1
+    error kernel. SELF_ONLY keeps only pairs of the same response (``RESP``: response per token), the
+    own contribution that ``anchor="others"`` removes."""
+    i_s, i_t = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    n_sc = _seg(SEG, i_s, SEG_NSC)
+    if i_t * BT < n_sc:
+        o_t = _seg(SEG, i_s, SEG_SC0) + i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT] tokens
+        m_t = i_t * BT + tl.arange(0, BT) < n_sc
+        row0 = _seg(SEG, i_s, SEG_ROW0)
+        o_r = o_t - row0  # [BT] rows of the error buffer
+        ld = _round16(_seg(SEG, i_s, SEG_NERR))
+        n_v = _seg(SEG, i_s, SEG_NV)
+        n_pos = _seg(SEG, i_s, SEG_NPOS)
+        o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
+        o_h = _rows(ROW_H, o_t, m_t, ALIGN)
         if SELF_ONLY:
-            resp_t = tl.load(RESP + pos, mask=rm, other=-1)
-        acc = tl.zeros([BT], dtype=tl.float32)
-        for u0 in range(0, npos, BU):
-            u = u0 + tl.arange(0, BU).to(tl.int64)
-            um = u < npos
-            ua = tl.load(TA + g0 + u, mask=um, other=0)
-            ub = tl.load(TB + g0 + u, mask=um, other=0)
-            urow = ua * h_s0 + ub * h_s1
-            a = tl.zeros([BT, BU], dtype=tl.float32)
-            for v0 in range(0, nv, BK):
-                vv = v0 + tl.arange(0, BK).to(tl.int64)
-                vm = vv < nv
-                gt = tl.load(GP + gp + vv[None, :] * ld + loc[:, None], mask=rm[:, None] & vm[None, :], other=0.0)
-                gu = tl.load(GP + gp + vv[:, None] * ld + u[None, :], mask=vm[:, None] & um[None, :], other=0.0)
-                if UPCAST:
-                    gt = gt.to(tl.float32)
-                    gu = gu.to(tl.float32)
-                a += tl.dot(gt, gu, input_precision=PREC)
-            b = tl.zeros([BT, BU], dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                kk = k0 + tl.arange(0, BK)
-                km = kk < D
-                ht = tl.load(H + hrow[:, None] + kk[None, :] * h_sd, mask=rm[:, None] & km[None, :], other=0.0)
-                hu = tl.load(H + urow[:, None] + kk[None, :] * h_sd, mask=um[:, None] & km[None, :], other=0.0)
-                if UPCAST:
-                    ht = ht.to(tl.float32)
-                    hu = hu.to(tl.float32)
-                b += tl.dot(ht, tl.trans(hu), input_precision=PREC)
-            prod = a * b
+            b_resp_t = tl.load(RESP + o_t, mask=m_t, other=-1)
+        b_s = tl.zeros([BT], dtype=tl.float32)
+        for u0 in range(0, n_pos, BU):
+            o_u = u0 + tl.arange(0, BU).to(tl.int64)  # [BU] positive rows
+            m_u = o_u < n_pos
+            o_hu = _rows(ROW_H, row0 + o_u, m_u, ALIGN)
+            b_gg = tl.zeros([BT, BU], dtype=tl.float32)  # G_t G_u^T
+            for v0 in range(0, n_v, BK):
+                o_v = v0 + tl.arange(0, BK).to(tl.int64)
+                m_v = o_v < n_v
+                b_gt = tl.load(GP + o_gp + o_v[None, :] * ld + o_r[:, None], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [BT, BK]
+                b_gu = tl.load(GP + o_gp + o_v[:, None] * ld + o_u[None, :], mask=m_v[:, None] & m_u[None, :], other=0.0)  # [BK, BU]
+                b_gg += _dot(b_gt, b_gu)
+            b_hh = _gram_tile(H, o_h, m_t, h_sd, H, o_hu, m_u, h_sd, D, BT, BU, BK)  # [BT, BU] H_t H_u^T
+            b_p = b_gg * b_hh
             if SELF_ONLY:
-                resp_u = tl.load(RESP + g0 + u, mask=um, other=-2)
-                prod = tl.where(resp_t[:, None] == resp_u[None, :], prod, 0.0)
-            acc += tl.sum(prod, axis=1)
-        tl.store(OUT_S + pos, acc, mask=rm)
+                b_resp_u = tl.load(RESP + row0 + o_u, mask=m_u, other=-2)
+                b_p = tl.where(b_resp_t[:, None] == b_resp_u[None, :], b_p, 0.0)
+            b_s += tl.sum(b_p, axis=1)
+        tl.store(OUT_S + o_t, b_s, mask=m_t)
         if FUSE_SELECT:
-            tau = tl.load(SEG_TAU + s)
-            eta = tl.load(SEG_ETA + s)
-            sel = acc > tau
-            adv = tl.load(ADV + pos, mask=rm, other=0.0)
-            tl.store(OUT_ADV + pos, tl.where(sel, adv * eta, adv), mask=rm)
-            tl.store(OUT_SEL + pos, sel.to(tl.int8), mask=rm)
+            _select(b_s, o_t, m_t, SEG, i_s, THR, ADV, OUT_ADV, OUT_SEL)
 
 
 @triton.jit
 def _pair_kernel(
-    HP, hp_s0, hp_sd, HN, hn_s0, hn_sd, EP, ep_s0, ep_sv, EN, en_s0, en_sv,
-    OUT, TP, TN, V, D,
-    BT: tl.constexpr, BU: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    # data pointers
+    HP, HN, EP, EN, OUT,
+    # shapes
+    TP, TN, V, D,
+    # strides
+    hp_s0, hp_sd, hn_s0, hn_sd, ep_s0, ep_sv, en_s0, en_sv,
+    # constants
+    BT: tl.constexpr, BU: tl.constexpr, BK: tl.constexpr,
 ):
-    """Pairwise scores: for a block of BT tokens, stream the positive tokens in blocks of BU and
-    accumulate the row sums of (E_n E_p^T) * (H_n H_p^T)."""
-    tb = tl.program_id(0).to(tl.int64)
-    rows = tb * BT + tl.arange(0, BT).to(tl.int64)
-    rm = rows < TN
-    acc = tl.zeros([BT], dtype=tl.float32)
+    """Pairwise scores from dense errors: for a block of BT negative tokens, stream the positive tokens
+    in blocks of BU and accumulate the row sums of ``(E_n E_p^T) * (H_n H_p^T)``."""
+    i_t = tl.program_id(0).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
+    m_t = o_t < TN
+    b_s = tl.zeros([BT], dtype=tl.float32)
     for u0 in range(0, TP, BU):
-        u = u0 + tl.arange(0, BU).to(tl.int64)
-        um = u < TP
-        a = tl.zeros([BT, BU], dtype=tl.float32)
-        for k0 in range(0, V, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < V
-            en = tl.load(EN + rows[:, None] * en_s0 + kk[None, :] * en_sv, mask=rm[:, None] & km[None, :], other=0.0)
-            ep = tl.load(EP + u[:, None] * ep_s0 + kk[None, :] * ep_sv, mask=um[:, None] & km[None, :], other=0.0)
-            if UPCAST:
-                en = en.to(tl.float32)
-                ep = ep.to(tl.float32)
-            a += tl.dot(en, tl.trans(ep), input_precision=PREC)
-        b = tl.zeros([BT, BU], dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < D
-            hn = tl.load(HN + rows[:, None] * hn_s0 + kk[None, :] * hn_sd, mask=rm[:, None] & km[None, :], other=0.0)
-            hp = tl.load(HP + u[:, None] * hp_s0 + kk[None, :] * hp_sd, mask=um[:, None] & km[None, :], other=0.0)
-            if UPCAST:
-                hn = hn.to(tl.float32)
-                hp = hp.to(tl.float32)
-            b += tl.dot(hn, tl.trans(hp), input_precision=PREC)
-        acc += tl.sum(a * b, axis=1)
-    tl.store(OUT + rows, acc, mask=rm)
+        o_u = u0 + tl.arange(0, BU).to(tl.int64)  # [BU]
+        m_u = o_u < TP
+        b_ee = _gram_tile(EN, o_t * en_s0, m_t, en_sv, EP, o_u * ep_s0, m_u, ep_sv, V, BT, BU, BK)  # [BT, BU]
+        b_hh = _gram_tile(HN, o_t * hn_s0, m_t, hn_sd, HP, o_u * hp_s0, m_u, hp_sd, D, BT, BU, BK)  # [BT, BU]
+        b_s += tl.sum(b_ee * b_hh, axis=1)
+    tl.store(OUT + o_t, b_s, mask=m_t)
 
 
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
-def _dot_prec(dtype: torch.dtype) -> str:
-    # float32 inputs (and bf16 upcast under the interpreter): exact IEEE float32 products, no TF32.
-    return "ieee" if dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16) else "tf32"
-
-
-def _m_dtype(wd: torch.dtype) -> torch.dtype:
-    # fp16 has too little range for M (sums of g h^T over thousands of tokens): keep it in float32.
+def m_dtype(wd: torch.dtype) -> torch.dtype:
+    """dtype of ``M``: fp16 has too little range (sums of g h^T over thousands of tokens): float32."""
     return torch.bfloat16 if wd == torch.bfloat16 else torch.float32
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels read: the input's for fp32/bf16/fp16, float32 otherwise (fp64)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def round16(n: int) -> int:
+    return (n + 15) // 16 * 16
 
 
 # Autotuning (GPU only; the interpreter uses the small fixed blocks). Each entry: tuned block sizes,
 # num_warps, num_stages. Keyed on the hidden size, the mode flags and (implicitly) the dtypes.
 _TUNE_16 = {
+    "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
     "score": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]),
-    "pos_err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
+    "err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
     "lse": (("BT", "BV", "BK"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]),
     "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]),
 }
 _TUNE_32 = {
+    "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
     "score": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
-    "pos_err": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
+    "err": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2)]),
     "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
 }
-_KERNELS = {"score": _score_kernel, "pos_err": _pos_err_kernel, "m": _m_kernel, "lse": _lse_kernel, "pair": _pair_kernel,
+_KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "lse": _lse_kernel, "pair": _pair_kernel,
             "seg_pair": _seg_pair_kernel}
 _KEYS = {
-    "score": ["D", "SRC", "FUSE_SELECT", "M_F32"],
-    "pos_err": ["D", "FROM_LOGITS"],
+    "zy": ["D"],
+    "score": ["D", "FROM_LOGITS", "FROM_BUFFER", "FUSE_SELECT", "M_F32"],
+    "err": ["D", "FROM_LOGITS"],
     "m": ["D"],
     "lse": ["D", "V"],
     "pair": ["V", "D"],
     "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
+# Fixed blocks under the interpreter.
+_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
+_SMALL_DEFAULT = dict(BT=16, BV=16, BK=16)
 _tuned_cache: dict = {}
 
 
-def _launch(name: str, grid, args: tuple, flags: dict, dtype: torch.dtype, small: dict):
-    """Launch kernel ``name``: autotuned over the table for ``dtype`` on a GPU, with the ``small``
-    fixed blocks under the interpreter. ``grid(META)`` receives the block sizes."""
-    if interpreting():
-        _KERNELS[name][grid(small)](*args, **flags, **small)
-        return
-    wide = dtype != torch.float32
+def _tuned(name: str, wide: bool):
+    """Kernel ``name`` autotuned over the table for 16-bit (``wide``) or float32 inputs, built once.
+    The heuristics stay outermost, so the flags they derive from ``None`` inputs key the tuning."""
     key = (name, wide)
     if key not in _tuned_cache:
+        kernel = _KERNELS[name]
         names, table = (_TUNE_16 if wide else _TUNE_32)[name]
-        configs = [triton.Config(dict(zip(names, c[:3])), num_warps=c[3], num_stages=c[4]) for c in table]
-        _tuned_cache[key] = triton.autotune(configs=configs, key=_KEYS[name])(_KERNELS[name])
-    _tuned_cache[key][grid](*args, **flags)
-
-
-class _Rows:
-    """Where each token's row lives: ``TA``/``TB`` index arrays (per position of the token list) and,
-    per tensor laid out like ``token_ids``, its two leading strides."""
-
-    def __init__(self, ta: torch.Tensor, tb: Optional[torch.Tensor]):
-        self.ta = ta.contiguous()
-        self.tb = tb.contiguous() if tb is not None else self.ta
-        self.padded = tb is not None
-
-    def strides(self, x: torch.Tensor):
-        return (x.stride(0), x.stride(1) if self.padded else 0)
-
-
-class _Kernels:
-    """Arguments shared by the launches of one batch (or one dense score_tokens call)."""
-
-    def __init__(self, h, rows: _Rows, ids, log_z, w, lg, src, wd, inv_t, dev):
-        self.h, self.rows, self.inv_t, self.dev = h, rows, inv_t, dev
-        self.hs = rows.strides(h) + (h.stride(-1),)
-        # unused arguments of a mode still need a tensor to point at
-        self.ids = ids if ids is not None else rows.ta
-        self.log_z = log_z if log_z is not None else torch.zeros(1, dtype=torch.float32, device=dev)
-        self.w = w if w is not None else h
-        self.w_sv, self.w_sd = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
-        self.lg = lg if lg is not None else h
-        self.ls = (rows.strides(lg) + (lg.stride(-1),)) if lg is not None else (0, 0, 0)
-        self.src, self.wd, self.md = src, wd, _m_dtype(wd)
-        self.d = h.shape[-1]
-        self.align = self.d % 16 == 0
-        self.upcast = interpreting() and wd == torch.bfloat16
-        self.prec = _dot_prec(wd)
-        self.prec_q = "ieee" if (wd == torch.float32 or interpreting()) else "tf32"
-        # fixed blocks for the interpreter; on a GPU ``_launch`` autotunes
-        self.bl = dict(BT=16, BV=16, BK=16)
-        self.bm = dict(BV=16, BD=16, BU=16)
-
-    def errors(self, vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, nv_host, np_host):
-        """Prediction errors of each segment's ``seg_npos`` tokens from ``seg_pos0`` on its ``V*``,
-        transposed: ``[|V*|, roundup16(n)]`` per segment. Returns ``(gp, seg_gp)``."""
-        n_seg = seg_nv.numel()
-        ld = (seg_npos + 15) // 16 * 16
-        sizes = ld * seg_nv
-        seg_gp = (torch.cumsum(sizes, 0) - sizes).contiguous()
-        gp_elems = sum(a * ((b + 15) // 16 * 16) for a, b in zip(nv_host, np_host))
-        gp = torch.empty(max(gp_elems, 1), dtype=self.wd, device=self.dev)
-        max_nv, max_np = max(nv_host, default=0), max(np_host, default=0)
-        if max_nv and max_np:
-            _launch(
-                "pos_err",
-                lambda m_: (n_seg, triton.cdiv(max_np, m_["BT"]), triton.cdiv(max_nv, m_["BV"])),
-                (self.h, self.rows.ta, self.rows.tb) + self.hs
-                + (self.ids, self.log_z, self.w, self.w_sv, self.w_sd, self.lg) + self.ls
-                + (vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, seg_gp, gp, self.inv_t, self.d),
-                dict(FROM_LOGITS=self.src == 1, UPCAST=self.upcast, PREC=self.prec),
-                self.wd, self.bl,
-            )
-        return gp, seg_gp
-
-    def pair_scores(self, gp, seg_gp, seg_nv, seg_g0, seg_nt, seg_npos, seg_sc0, seg_nsc, max_sc, resp, out,
-                    select=None, self_only=False):
-        """Pairwise scores of the tokens ``seg_sc0 .. seg_sc0 + seg_nsc`` (group-local) of each group
-        from its error buffer (every token, positive first); ``select`` as in :meth:`scores`."""
-        n_seg = seg_nv.numel()
-        if max_sc == 0 or n_seg == 0:
-            return
-        fuse = select is not None
-        tau, eta, adv, out_adv, out_sel = select if fuse else (out, out, out, out, out)
-        _launch(
-            "seg_pair",
-            lambda m_: (n_seg, triton.cdiv(max_sc, m_["BT"])),
-            (self.h, self.rows.ta, self.rows.tb) + self.hs
-            + (gp, seg_gp, seg_nv, seg_g0, seg_nt, seg_npos, seg_sc0, seg_nsc, resp, out, tau, eta, adv, out_adv,
-               out_sel, self.d),
-            dict(FUSE_SELECT=fuse, SELF_ONLY=self_only, UPCAST=self.upcast, PREC=self.prec),
-            self.wd, dict(BT=16, BU=16, BK=16),
-        )
-
-    def build_m(self, vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, nv_host, np_host, gp=None):
-        """``M_k = G+_k^T H+_k`` per segment (``M`` in ``self.md``, segments back to back).
-
-        ``nv_host``/``np_host``: the same sizes as host lists (grids and exact buffer sizes without a
-        device sync).
-        ``gp`` (dense transposed errors laid out as the error kernel writes them) skips that kernel.
-        Returns ``(m, seg_m, (gp, seg_gp))``; the last pair lets the score pass reuse the errors.
-        """
-        n_seg = seg_nv.numel()
-        d = self.d
-        m_sizes = seg_nv * d
-        seg_m = (torch.cumsum(m_sizes, 0) - m_sizes).contiguous()
-        max_nv = max(nv_host, default=0)
-        m = torch.empty(max(sum(nv_host) * d, 1), dtype=self.md, device=self.dev)
-        rows = (self.h, self.rows.ta, self.rows.tb) + self.hs
-        if gp is None:
-            gp, seg_gp = self.errors(vs_id, seg_vs0, seg_nv, seg_pos0, seg_npos, nv_host, np_host)
+        configs = [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in table]
+        if isinstance(kernel, triton.runtime.Heuristics):
+            _tuned_cache[key] = triton.heuristics(kernel.values)(triton.autotune(configs=configs, key=_KEYS[name])(kernel.fn))
         else:
-            ld = (seg_npos + 15) // 16 * 16
-            seg_gp = (torch.cumsum(ld * seg_nv, 0) - ld * seg_nv).contiguous()
-        if max_nv:
-            _launch(
-                "m",
-                lambda m_: (n_seg, triton.cdiv(max_nv, m_["BV"]), triton.cdiv(d, m_["BD"])),
-                (gp,) + rows + (seg_nv, seg_pos0, seg_npos, seg_gp, seg_m, m, d),
-                dict(UPCAST=self.upcast, PREC=self.prec, ALIGN=self.align),
-                self.wd, self.bm,
+            _tuned_cache[key] = triton.autotune(configs=configs, key=_KEYS[name])(kernel)
+    return _tuned_cache[key]
+
+
+def block_range(name: str, dtype: torch.dtype, block: str) -> tuple:
+    """``(smallest, largest)`` value of the block size ``block`` a launch of kernel ``name`` may use; every
+    value divides the largest and is a multiple of the smallest (powers of two)."""
+    if interpreting():
+        sizes = [_SMALL.get(name, _SMALL_DEFAULT)[block]]
+    else:
+        keys, table = (_TUNE_16 if dtype != torch.float32 else _TUNE_32)[name]
+        sizes = [c[keys.index(block)] for c in table]
+    lo, hi = min(sizes), max(sizes)
+    if any(hi % b or b % lo for b in sizes):
+        raise AssertionError(f"{name}: {block} sizes {sizes} are not nested powers of two")
+    return lo, hi
+
+
+def launch(name: str, grid, dtype: torch.dtype, *args, **flags):
+    """Launch kernel ``name``: autotuned over the table for ``dtype`` on a GPU, with the small fixed
+    blocks under the interpreter. ``grid(META)`` receives the block sizes."""
+    if interpreting():
+        small = _SMALL.get(name, _SMALL_DEFAULT)
+        _KERNELS[name][grid(small)](*args, **flags, **small)
+        return
+    _tuned(name, dtype != torch.float32)[grid](*args, **flags)
+
+
+def row_offsets(x: torch.Tensor, tok_a: torch.Tensor, tok_b: Optional[torch.Tensor]) -> torch.Tensor:
+    """int64 element offset of each token's row in ``x`` (laid out like ``token_ids``: padded
+    ``[R, T, ...]`` when ``tok_b`` is given, packed ``[N, ...]`` otherwise)."""
+    off = tok_a * x.stride(0)
+    return (off + tok_b * x.stride(1) if tok_b is not None else off).contiguous()
+
+
+class Segments(NamedTuple):
+    """A segment table on the device and the same rows on the host (grids and buffer sizes)."""
+
+    table: torch.Tensor  # int64 [n, SEG_WIDTH]
+    rows: list  # [Segment]
+
+    def max(self, field: str) -> int:
+        return max((getattr(r, field) for r in self.rows), default=0)
+
+
+def upload(values: list, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of host ``values`` on ``device``, copied asynchronously (pinned) on a GPU, so no
+    host synchronisation."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class Kernels:
+    """The token data of one batch in plan order, shared by the launches of one call.
+
+    ``h`` with ``row_h`` (row offset per token); the logits source: ``w`` (lm_head, ``z = h W^T``) or
+    ``lg`` with ``row_lg``; ``ids`` and ``log_z`` per token and ``vs`` (V* ids by segment) when errors
+    are computed from logits; ``wd``: the dtype the kernels read.
+    """
+
+    def __init__(self, h, row_h, wd, *, w=None, lg=None, row_lg=None, ids=None, log_z=None, vs=None, inv_t=1.0):
+        self.h, self.row_h, self.wd, self.inv_t = h, row_h, wd, inv_t
+        self.w, self.lg, self.row_lg, self.ids, self.log_z, self.vs = w, lg, row_lg, ids, log_z, vs
+        self.d = h.shape[-1]
+        self.md = m_dtype(wd)
+        self.w_strides = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
+        self.lg_sv = lg.stride(-1) if lg is not None else 0
+        # hints: row offsets (stride multiples) and M rows (multiples of d) are multiples of 16 elements
+        self.align = self.d % 16 == 0 and all(s % 16 == 0 for s in h.stride()[:-1])
+        self.dev = h.device
+
+    def errors(self, seg: Segments, gp: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Transposed errors of every segment's error rows (``[nv, roundup16(nerr)]`` at offset ``gp``);
+        ``gp``: a buffer to write into (else one of the exact size is allocated)."""
+        if gp is None:
+            gp = torch.empty(max(sum(r.nv * round16(r.nerr) for r in seg.rows), 1), dtype=self.wd, device=self.dev)
+        max_nv, max_rows = seg.max("nv"), seg.max("nerr")
+        if max_nv and max_rows:
+            launch(
+                "err", lambda meta: (len(seg.rows), triton.cdiv(max_rows, meta["BT"]), triton.cdiv(max_nv, meta["BV"])),
+                self.wd, self.h, self.row_h, self.w, self.lg, self.row_lg, self.ids, self.log_z, self.vs, seg.table, gp,
+                self.d, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
             )
-        return m, seg_m, (gp, seg_gp)
+        return gp
 
-    def scores(self, vs_id, seg_vs0, seg_nv, seg_m, m, seg_sc0, seg_nsc, max_sc, out, select=None, errors=None):
-        """Score kernel over segments (``max_sc``: host-side max of ``seg_nsc``).
+    def build_m(self, seg: Segments, gp: torch.Tensor, spans: Optional[torch.Tensor] = None):
+        """``M_k = G+_k^T H+_k`` per segment from the error buffer ``gp`` (``M`` in ``self.md``, at offsets ``m``).
 
-        ``select = (seg_tau, seg_eta, adv, out_adv, out_sel)`` fuses the threshold and the rescale;
-        ``errors = (gp, seg_gp)`` from :meth:`build_m` reads the positive tokens' errors back instead
-        of recomputing them (the scored ranges must then be the segments' positive tokens).
+        ``spans`` (int64 ``[n_resp, 2]``: first token, tokens of each positive response; the segments'
+        ``r0``/``nr`` point into it): also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per
+        response. Returns ``(m, anchors or None)``.
         """
-        n_seg = seg_nv.numel()
-        if max_sc == 0 or n_seg == 0:
+        max_nv = seg.max("nv")
+        m = torch.empty(max(sum(r.nv for r in seg.rows) * self.d, 1), dtype=self.md, device=self.dev)
+        n_resp = spans.shape[0] if spans is not None else 0
+        # partial sums per response in slots of the smallest tile (g) over the area the largest covers
+        (gv, bv), (gd, bd) = block_range("m", self.wd, "BV"), block_range("m", self.wd, "BD")
+        n_slot_d = triton.cdiv(self.d, bd) * (bd // gd)
+        part = torch.zeros(triton.cdiv(max_nv, bv) * (bv // gv) * n_slot_d * n_resp * 2, dtype=torch.float32,
+                           device=self.dev) if spans is not None else None
+        if max_nv:
+            launch(
+                "m", lambda meta: (len(seg.rows), triton.cdiv(max_nv, meta["BV"]), triton.cdiv(self.d, meta["BD"])),
+                self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, self.d, n_resp, n_slot_d, self.h.stride(-1),
+                GV=gv, GD=gd, ALIGN=self.align,
+            )
+        if part is None:
+            return m, None
+        return m, part.view(-1, n_resp, 2).sum(0) if n_resp else part.new_zeros(0, 2)
+
+    def scores(self, seg: Segments, m: torch.Tensor, out: torch.Tensor, gp=None, select=None):
+        """Score kernel over the segments' scored tokens into ``out``: errors from ``gp`` (the buffer
+        :meth:`errors` wrote; scored tokens must be error rows) or recomputed; ``select = (thr, adv, out_adv,
+        out_sel)`` fuses the threshold and the rescale."""
+        max_sc = seg.max("nsc")
+        if max_sc == 0:
             return
-        fuse = select is not None
-        tau, eta, adv, out_adv, out_sel = select if fuse else (out, out, out, out, out)
-        gp, seg_gp = errors if errors is not None else (out, seg_m)
-        src = 3 if errors is not None else self.src
-        _launch(
-            "score",
-            lambda m_: (n_seg, triton.cdiv(max_sc, m_["BT"])),
-            (self.h, self.rows.ta, self.rows.tb) + self.hs
-            + (self.ids, self.log_z, self.w, self.w_sv, self.w_sd, self.lg) + self.ls
-            + (vs_id, seg_vs0, seg_nv, seg_m, m, seg_sc0, seg_nsc, out, tau, eta, adv, out_adv, out_sel, gp, seg_gp,
-               self.inv_t, self.d),
-            dict(SRC=src, FUSE_SELECT=fuse, UPCAST=self.upcast, PREC=self.prec,
-                 M_F32=self.md == torch.float32 and self.wd != torch.float32, PREC_Q=self.prec_q, ALIGN=self.align),
-            self.wd, self.bl,
+        thr, adv, out_adv, out_sel = select if select is not None else (None, None, None, None)
+        src = (None, None, None, None, None) if gp is not None else (self.w, self.lg, self.row_lg, self.ids, self.log_z)
+        launch(
+            "score", lambda meta: (len(seg.rows), triton.cdiv(max_sc, meta["BT"])),
+            self.wd, self.h, self.row_h, *src, self.vs if gp is None else None, seg.table, m, gp, thr, adv, out, out_adv,
+            out_sel, self.d, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
         )
 
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    def pair_scores(self, seg: Segments, gp: torch.Tensor, out: torch.Tensor, resp=None, select=None):
+        """Pairwise scores of the segments' scored tokens from the error buffer (every token of the group,
+        positive first); ``resp`` (response per token) keeps only pairs within a response; ``select`` as
+        in :meth:`scores`."""
+        max_sc = seg.max("nsc")
+        if max_sc == 0:
+            return
+        thr, adv, out_adv, out_sel = select if select is not None else (None, None, None, None)
+        launch(
+            "seg_pair", lambda meta: (len(seg.rows), triton.cdiv(max_sc, meta["BT"])),
+            self.wd, self.h, self.row_h, gp, seg.table, resp, thr, adv, out, out_adv, out_sel, self.d, self.h.stride(-1),
+            ALIGN=self.align,
+        )

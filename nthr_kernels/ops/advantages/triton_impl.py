@@ -1,20 +1,104 @@
 """``nthr_advantages`` on the fused Triton kernels of :mod:`nthr_kernels.ops.triton_kernels` (the pipeline
-is described there): planning, chunking within ``SCRATCH_BYTES``, the two score passes per chunk."""
+is described there): a plan made on the device with one host synchronisation, chunks within
+``SCRATCH_BYTES``; per chunk the errors, ``M`` with the positive responses' anchor sums (factored) or
+the positive tokens' scores (pairwise), ``tau`` on the device, then the negative tokens' scores with the
+threshold fused.
+
+Host synchronisations per call: one (``plan_on_device`` reads the per-group and per-response sizes);
+grids, buffer sizes and every segment table follow from that host copy, and the tables reach the
+device in one asynchronous copy.
+"""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 
-from ...core.plan import group_tau, make_plan, runs
-from ...core.rules import SCRATCH_BYTES, cheaper_path, group_eta, interpreting
-from ..triton_kernels import _Kernels, _Rows, _dot_prec, _launch, _work_dtype, _zy_kernel
+from ...core.rules import SCRATCH_BYTES, cheaper_path, group_eta, tau_from_min_anchor
+from ..triton_kernels import (
+    SEG_WIDTH, Kernels, Segment, Segments, launch, m_dtype, round16, row_offsets, upload, work_dtype,
+)
 from .torch_impl import log_normaliser
 
 
-def _log_z(batch, order: torch.Tensor, rows: _Rows, h: torch.Tensor, w, wd) -> torch.Tensor:
+class Group(NamedTuple):
+    """Host sizes of one active group in plan order."""
+
+    batch: int  # batch group index
+    start: int  # first token (plan order)
+    n: int  # tokens
+    npos: int  # positive tokens (the first ``npos``)
+    vs0: int  # first entry of its V* in vs_id
+    nv: int  # |V*|
+
+
+class Response(NamedTuple):
+    """Host span of one positive response with tokens (plan order)."""
+
+    group: int  # index into the plan's groups
+    start: int
+    n: int
+
+
+class DevicePlan(NamedTuple):
+    order: torch.Tensor  # [n_act] canonical token index: active groups in batch order, positive tokens first
+    vs_id: torch.Tensor  # [K] V* ids, by group, sorted within each
+    groups: list  # [Group]
+    responses: list  # [Response]
+
+
+def plan_on_device(batch) -> DevicePlan:
+    """Order the active tokens and build ``V*`` with sorts and segment sums on the device; the sizes
+    (per group: tokens, positive tokens, ``|V*|``; per response: tokens, group, positive) come to the
+    host in one read, the only host synchronisation of the call."""
+    dev = batch.device
+    n_groups, n_resp = batch.group_ids.numel(), batch.positive.numel()
+    vocab = batch.vocab_size
+    tok_group = batch.resp_group[batch.tok_resp]
+    tok_pos = batch.positive[batch.tok_resp]
+    act = batch.group_active[tok_group]
+    zeros = lambda k: torch.zeros(k, dtype=torch.int64, device=dev)  # noqa: E731
+    # active tokens by batch group, positive tokens first, by response and position within (stable); the rest last
+    key = torch.where(act, tok_group * 2 + (~tok_pos).to(torch.int64), torch.full_like(tok_group, 2 * n_groups))
+    _, perm = torch.sort(key, stable=True)
+    g_len = zeros(n_groups).scatter_add_(0, tok_group, act.to(torch.int64))
+    g_pos = zeros(n_groups).scatter_add_(0, tok_group, (act & tok_pos).to(torch.int64))
+    # V*: the distinct (group, id) pairs of active tokens, sorted
+    sentinel = n_groups * vocab
+    vkey, _ = torch.sort(torch.where(act, tok_group * vocab + batch.tok_ids, torch.full_like(tok_group, sentinel)))
+    valid = vkey < sentinel
+    first = valid.clone()
+    first[1:] &= vkey[1:] != vkey[:-1]
+    vs_count = zeros(n_groups).scatter_add_(0, torch.where(valid, vkey // vocab, 0), first.to(torch.int64))
+    resp_len = zeros(n_resp).scatter_add_(0, batch.tok_resp, torch.ones_like(batch.tok_resp))
+    host = torch.cat([g_len, g_pos, vs_count, resp_len, batch.resp_group, batch.positive.to(torch.int64)]).tolist()
+    g_len, g_pos, vs_count = (host[i * n_groups:(i + 1) * n_groups] for i in range(3))
+    resp_len, resp_group, positive = (host[3 * n_groups + i * n_resp:3 * n_groups + (i + 1) * n_resp] for i in range(3))
+
+    groups, where, start, vs0 = [], {}, 0, 0
+    for g in range(n_groups):
+        if g_len[g]:  # an active group (inactive ones have no active token and no V*)
+            where[g] = len(groups)
+            groups.append(Group(g, start, g_len[g], g_pos[g], vs0, vs_count[g]))
+        start += g_len[g]
+        vs0 += vs_count[g]
+    # positive responses keep their order within the group's positive run (the sort is stable)
+    nxt = {g: groups[i].start for g, i in where.items()}
+    responses = []
+    for r in range(n_resp):
+        g = resp_group[r]
+        if positive[r] and resp_len[r] and g in where:
+            responses.append(Response(where[g], nxt[g], resp_len[r]))
+            nxt[g] += resp_len[r]
+    n_vs = vs0
+    slot = torch.where(valid, torch.cumsum(first, 0) - 1, n_vs)  # duplicates write the same id; slot n_vs is dropped
+    vs_id = zeros(n_vs + 1).scatter_(0, slot, vkey % vocab)[:n_vs]
+    return DevicePlan(perm[:start], vs_id, groups, responses)
+
+
+def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd) -> torch.Tensor:
     """``log Z`` per token of ``order``: shortcut kernel, vocabulary logsumexp kernel, or (logits) torch."""
     n = order.numel()
     if batch.lm_head_weight is None:
@@ -22,23 +106,15 @@ def _log_z(batch, order: torch.Tensor, rows: _Rows, h: torch.Tensor, w, wd) -> t
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     if n == 0:
         return out
-    inv_t = 1.0 / batch.opts.temperature
-    hs = rows.strides(h) + (h.stride(-1),)
+    inv_t, d = 1.0 / batch.opts.temperature, h.shape[-1]
     if batch.old_logprobs is not None:
         lp = batch.old_logprobs
-        bt, bk = (16, 16) if interpreting() else (32, 128)
-        _zy_kernel[(triton.cdiv(n, bt),)](
-            h, rows.ta, rows.tb, *hs, w, w.stride(0), w.stride(1), batch.tok_ids[order].contiguous(),
-            lp, *rows.strides(lp), out, n, inv_t, h.shape[-1], BT=bt, BK=bk,
-        )
+        launch("zy", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
+               h, row_h, w, batch.tok_ids[order].contiguous(), lp, row_offsets(lp, tok_a, tok_b), out,
+               n, d, h.stride(-1), w.stride(0), w.stride(1), inv_t)
         return out
-    _launch(
-        "lse",
-        lambda m_: (triton.cdiv(n, m_["BT"]),),
-        (h, rows.ta, rows.tb) + hs + (w, w.stride(0), w.stride(1), out, n, w.shape[0], inv_t, h.shape[-1]),
-        dict(UPCAST=interpreting() and wd == torch.bfloat16, PREC=_dot_prec(wd)),
-        wd, dict(BT=16, BV=16, BK=16),
-    )
+    launch("lse", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
+           h, row_h, w, out, n, w.shape[0], d, h.stride(-1), w.stride(0), w.stride(1), inv_t)
     return out
 
 
@@ -60,13 +136,80 @@ def choose_paths(nv: list, t_pos: list, t_all: list, d: int) -> list:
     return [cheaper_path(p, t, v, d) for v, p, t in zip(nv, t_pos, t_all)]
 
 
-def _ranges(start: torch.Tensor, length: torch.Tensor, total: int) -> torch.Tensor:
-    """Concatenation of ``arange(start[i], start[i] + length[i])`` (``total = sum(length)``)."""
-    if total == 0:
-        return start.new_zeros(0)
-    seg = torch.repeat_interleave(torch.arange(length.numel(), device=start.device), length)
-    first = torch.cumsum(length, 0) - length
-    return start[seg] + torch.arange(total, device=start.device) - first[seg]
+class _Staging:
+    """Host integers of one call (segment tables, response spans), sent to the device in one copy."""
+
+    def __init__(self):
+        self.values: list = []
+        self.parts: list = []
+
+    def put(self, values: list) -> int:
+        self.parts.append((len(self.values), len(values)))
+        self.values.extend(values)
+        return len(self.parts) - 1
+
+    def segments(self, rows: list) -> int:
+        return self.put([x for r in rows for x in r])
+
+    def upload(self, device) -> list:
+        flat = upload(self.values, device)
+        return [flat[o:o + n] for o, n in self.parts]
+
+
+class _Chunk(NamedTuple):
+    kind: str  # "factored" or "pairwise"
+    pos: list  # [Segment]: error rows (positive tokens; every token for pairwise), scored: positive tokens
+    neg: list  # [Segment]: scored: negative tokens
+    groups: list  # batch group indices
+    spans: tuple  # (first token, tokens, batch group) lists of the chunk's positive responses
+
+
+def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, budget: int) -> list:
+    """Host-side chunking (groups whose scratch fits ``budget`` bytes together) and the segment rows
+    of each chunk's launches."""
+    by_group = [[] for _ in plan.groups]
+    for r in plan.responses:
+        by_group[r.group].append(r)
+    chunks = []
+    for kind in ("factored", "pairwise"):
+        ids = [i for i, pth in enumerate(paths) if pth == kind]
+        gs = [plan.groups[i] for i in ids]
+        if kind == "factored":
+            need = [g.nv * d * m_elem + g.nv * round16(g.npos) * elem for g in gs]
+        else:
+            need = [g.nv * round16(g.n) * elem for g in gs]
+        for c0, c1 in _chunks(need, budget):
+            pos, neg, spans = [], [], ([], [], [])
+            gp = m = 0
+            for i in ids[c0:c1]:
+                g = plan.groups[i]
+                nerr = g.npos if kind == "factored" else g.n
+                r0, nr = len(spans[0]), len(by_group[i])
+                pos.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start, g.npos, g.batch, r0, nr))
+                neg.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start + g.npos, g.n - g.npos, g.batch))
+                gp += g.nv * round16(nerr)
+                m += g.nv * d if kind == "factored" else 0
+                for r in by_group[i]:
+                    spans[0].append(r.start)
+                    spans[1].append(r.n)
+                    spans[2].append(g.batch)
+            chunks.append(_Chunk(kind, pos, neg, [plan.groups[i].batch for i in ids[c0:c1]], spans))
+    return chunks
+
+
+def _span_sums(scores, start, n):
+    """Sums of ``scores`` over the token spans ``start .. start + n`` (a float64 prefix sum)."""
+    csum = torch.cat([scores.new_zeros(1, dtype=torch.float64), torch.cumsum(scores.to(torch.float64), 0)])
+    return csum[start + n] - csum[start]
+
+
+def _chunk_tau(sums, n, grp, groups, thr, n_groups: int, beta: float) -> None:
+    """``tau`` of a chunk's groups into ``thr[:, 0]`` from the anchor-score sums of its positive
+    responses (``n`` tokens each, batch group ``grp``): the minimum mean per group, times beta; on the device."""
+    means = sums.to(torch.float64) / n.to(torch.float64)
+    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=sums.device)
+    min_anchor = min_anchor.scatter_reduce(0, grp, means, reduce="amin", include_self=True)
+    thr[groups, 0] = tau_from_min_anchor(min_anchor, beta)[groups].to(torch.float32)
 
 
 def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = None):
@@ -76,97 +219,81 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     every group instead of the cost model (the tests compare both).
     """
     dev = batch.device
-    wd = _work_dtype(batch.hidden.dtype)
+    wd = work_dtype(batch.hidden.dtype)
     h = batch.hidden if batch.hidden.dtype == wd else batch.hidden.to(wd)
     w = batch.lm_head_weight
     if w is not None and w.dtype != wd:
         w = w.to(wd)
-    rows_of = lambda order: _Rows(batch.tok_a[order], None if batch.tok_b is None else batch.tok_b[order])  # noqa: E731
-    plan = make_plan(batch, lambda order: _log_z(batch, order, rows_of(order), h, w, wd))
-    n_act = plan.order.numel()
     n_groups = batch.group_ids.numel()
+    others = batch.opts.anchor == "others"
+    plan = plan_on_device(batch)  # the host synchronisation
+    order = plan.order
+    tok_a = batch.tok_a[order]
+    tok_b = batch.tok_b[order] if batch.tok_b is not None else None
+    row_h = row_offsets(h, tok_a, tok_b)
     lg = batch.logits
-    k = _Kernels(h, rows_of(plan.order), batch.tok_ids[plan.order].contiguous(), plan.log_z, w, lg,
-                 1 if lg is not None else 0, wd, 1.0 / batch.opts.temperature, dev)
+    k = Kernels(
+        h, row_h, wd, w=w if lg is None else None, lg=lg, row_lg=row_offsets(lg, tok_a, tok_b) if lg is not None else None,
+        ids=batch.tok_ids[order].contiguous(), log_z=_log_z(batch, order, tok_a, tok_b, h, row_h, w, wd),
+        vs=plan.vs_id, inv_t=1.0 / batch.opts.temperature,
+    )
+
+    # per token in plan order; per group (tau, eta) in THR
+    resp_o = batch.tok_resp[order].contiguous()
+    is_pos = batch.positive[resp_o]
+    scores_o = torch.zeros(order.numel(), dtype=torch.float32, device=dev)
+    adv_o = batch.adv[resp_o].contiguous()
+    out_adv = adv_o.clone()  # positive tokens keep theirs; the fused threshold writes the negative ones
+    out_sel = torch.zeros(order.numel(), dtype=torch.int8, device=dev)
+    own_buf = torch.zeros_like(scores_o) if others else None
+    thr = torch.empty(n_groups, 2, dtype=torch.float32, device=dev)
+    thr[:, 0] = math.nan
+    thr[:, 1] = group_eta(batch.opts.eta, batch.n_pos, batch.n_resp, batch.group_active)
+    select = (thr, adv_o, out_adv, out_sel)
+
+    gs = plan.groups
+    paths = [path] * len(gs) if path else choose_paths([g.nv for g in gs], [g.npos for g in gs], [g.n for g in gs], k.d)
     elem = torch.empty(0, dtype=wd).element_size()
-    m_elem = torch.empty(0, dtype=k.md).element_size()
+    m_elem = torch.empty(0, dtype=m_dtype(wd)).element_size()
+    chunks = _plan_chunks(plan, paths, k.d, elem, m_elem, budget or SCRATCH_BYTES)
+    staging = _Staging()
+    parts = [(staging.segments(c.pos), staging.segments(c.neg), staging.put(c.groups),
+              staging.put([x for r in zip(*c.spans[:2]) for x in r]), staging.put(c.spans[2])) for c in chunks]
+    dev_parts = staging.upload(dev)
+    table = lambda i, rows: Segments(dev_parts[i].view(-1, int(SEG_WIDTH)), rows)  # noqa: E731
 
-    is_pos = batch.positive[batch.tok_resp[plan.order]]
-    adv_o = batch.adv[batch.tok_resp[plan.order]].contiguous()
-    scores_o = torch.zeros(n_act, dtype=torch.float32, device=dev)
-    out_adv = adv_o.clone()
-    out_sel = torch.zeros(n_act, dtype=torch.int8, device=dev)
-    self_buf = torch.zeros(n_act, dtype=torch.float32, device=dev) if batch.opts.anchor == "others" else None
-    eta_all = group_eta(batch.opts.eta, batch.n_pos, batch.n_resp, batch.group_active).to(torch.float32)
-    tau_all = torch.full((n_groups,), math.nan, dtype=torch.float32, device=dev)
-
-    # per-group sizes on the host once: launch grids and buffer sizes need no further device syncs
-    h_nv, h_pos, h_len = plan.vs_count.tolist(), plan.g_pos.tolist(), plan.g_len.tolist()
-    paths = [path] * len(h_nv) if path else choose_paths(h_nv, h_pos, h_len, k.d)
-    resp_o = batch.tok_resp[plan.order].contiguous()
-    r16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
-    for kind in ("factored", "pairwise"):
-        ids = [i for i, pth in enumerate(paths) if pth == kind]
-        if kind == "factored":
-            need = [h_nv[i] * k.d * m_elem + h_nv[i] * r16(h_pos[i]) * elem for i in ids]
+    for c, (i_pos, i_neg, i_groups, i_spans, i_grp) in zip(chunks, parts):
+        pos, neg = table(i_pos, c.pos), table(i_neg, c.neg)
+        spans = dev_parts[i_spans].view(-1, 2)  # positive responses: (first token, tokens)
+        gp = k.errors(pos)
+        if c.kind == "factored":
+            # anchors from the M pass: response i's score sum is <M, N_i>, its own part <N_i, N_i>
+            m, sums = k.build_m(pos, gp, spans=spans)
+            sums = sums[:, 0] - sums[:, 1] if others else sums[:, 0]
+            if batch.opts.score_positive:  # errors read back from the buffer the M pass used
+                k.scores(pos, m, scores_o, gp=gp)
+            del gp
+        else:  # errors of every token of the group, then the pairwise kernel (positive tokens first)
+            k.pair_scores(pos, gp, scores_o)
+            anchor = scores_o
+            if others:
+                k.pair_scores(pos, gp, own_buf, resp=resp_o)
+                anchor = scores_o - own_buf
+            sums = _span_sums(torch.where(is_pos, anchor, 0.0), spans[:, 0], spans[:, 1])
+        _chunk_tau(sums, spans[:, 1], dev_parts[i_grp], dev_parts[i_groups], thr, n_groups, batch.opts.beta)
+        # pass 2: negative tokens, threshold and rescale fused
+        if c.kind == "factored":
+            k.scores(neg, m, scores_o, select=select)
+            del m
         else:
-            need = [h_nv[i] * r16(h_len[i]) * elem for i in ids]
-        for c0, c1 in _chunks(need, budget or SCRATCH_BYTES):
-            ix = ids[c0:c1]
-            ixt = torch.tensor(ix, dtype=torch.int64, device=dev)
-            vs0, nv = plan.vs_start[ixt].contiguous(), plan.vs_count[ixt].contiguous()
-            g0, gpos, glen = plan.g_start[ixt].contiguous(), plan.g_pos[ixt].contiguous(), plan.g_len[ixt].contiguous()
-            nv_h, pos_h, len_h = [h_nv[i] for i in ix], [h_pos[i] for i in ix], [h_len[i] for i in ix]
-            pos_idx = _ranges(g0, gpos, sum(pos_h))
-            resp = resp_o[pos_idx]
-            zero = torch.zeros_like(gpos)
-            if kind == "factored":
-                m, seg_m, errs = k.build_m(plan.vs_id, vs0, nv, g0, gpos, nv_h, pos_h)
-                # pass 1: positive tokens (errors read back from the M pass) -> anchors -> tau
-                k.scores(plan.vs_id, vs0, nv, seg_m, m, g0, gpos, max(pos_h), scores_o, errors=errs)
-                del errs
-                if batch.opts.anchor == "others" and pos_idx.numel():
-                    # each positive response's own contribution: segments = responses, V* of their group
-                    firsts, r_len = runs(resp)
-                    r_start = pos_idx[firsts].contiguous()
-                    where = torch.full((plan.g_start.numel(),), -1, dtype=torch.int64, device=dev)
-                    where[ixt] = torch.arange(len(ix), device=dev)
-                    loc = where[plan.grp_of[r_start]]
-                    r_vs0, r_nv, r_len = vs0[loc].contiguous(), nv[loc].contiguous(), r_len.contiguous()
-                    r_len_h, r_nv_h = r_len.tolist(), r_nv.tolist()
-                    m_r, seg_m_r, errs_r = k.build_m(plan.vs_id, r_vs0, r_nv, r_start, r_len, r_nv_h, r_len_h)
-                    k.scores(plan.vs_id, r_vs0, r_nv, seg_m_r, m_r, r_start, r_len, max(r_len_h), self_buf, errors=errs_r)
-                    del m_r, errs_r
-            else:
-                # errors of every token of the group, then the pairwise kernel (positive tokens first)
-                gp, seg_gp = k.errors(plan.vs_id, vs0, nv, g0, glen, nv_h, len_h)
-                k.pair_scores(gp, seg_gp, nv, g0, glen, gpos, zero, gpos, max(pos_h), resp_o, scores_o)
-                if batch.opts.anchor == "others" and pos_idx.numel():
-                    k.pair_scores(gp, seg_gp, nv, g0, glen, gpos, zero, gpos, max(pos_h), resp_o, self_buf,
-                                  self_only=True)
-            anchor_vals = scores_o[pos_idx]
-            if batch.opts.anchor == "others" and pos_idx.numel():
-                anchor_vals = anchor_vals - self_buf[pos_idx]
-            gb = plan.g_batch[ixt]
-            tau_c = group_tau(anchor_vals, resp, batch.resp_group, n_groups, batch.opts.beta)[gb].to(torch.float32)
-            tau_all[gb] = tau_c
-            # pass 2: negative tokens, threshold and rescale fused
-            select = (tau_c.contiguous(), eta_all[gb].contiguous(), adv_o, out_adv, out_sel)
-            max_neg = max(a - b for a, b in zip(len_h, pos_h))
-            if kind == "factored":
-                k.scores(plan.vs_id, vs0, nv, seg_m, m, (g0 + gpos).contiguous(), (glen - gpos).contiguous(), max_neg,
-                         scores_o, select)
-                del m
-            else:
-                k.pair_scores(gp, seg_gp, nv, g0, glen, gpos, gpos, (glen - gpos).contiguous(), max_neg, resp_o,
-                              scores_o, select)
-                del gp
+            k.pair_scores(neg, gp, scores_o, select=select)
+            del gp
 
     n = batch.n_tokens
     scores = torch.zeros(n, dtype=torch.float32, device=dev)
-    scores[plan.order] = scores_o
+    scores[order] = scores_o
     selected = torch.zeros(n, dtype=torch.bool, device=dev)
-    selected[plan.order] = out_sel.to(torch.bool) & ~is_pos
+    selected[order] = out_sel.to(torch.bool)
     token_adv = batch.adv[batch.tok_resp]
-    token_adv[plan.order] = torch.where(is_pos, adv_o, out_adv)
-    return scores, selected, token_adv, tau_all, eta_all
+    token_adv[order] = out_adv
+    return scores, selected, token_adv, thr[:, 0].contiguous(), thr[:, 1].contiguous()

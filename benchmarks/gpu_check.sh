@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU check (issue 12) in one run, well under 10 minutes on one H100/H200: install the checkout, run
+# the CUDA tests (tests/test_triton.py: every GPU path against float64, ops layer, torch.compile, host
+# syncs), then the GPU suite (correctness against float64; timings of triton with the naive and torch
+# baselines and the model in the same process; host syncs; the kernel profile). JSON, Markdown and the
+# log go to one folder: $OUT when set, else benchmarks/results/.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine
+#   bash benchmarks/gpu_check.sh --smoke    # CPU self-test: Triton interpreter, tiny shapes
+#
+# Every step runs even when an earlier one fails; the exit status is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=()
+[ "${1:-}" = "--smoke" ] && SMOKE=(--smoke)
+OUT_DIR="${OUT:-benchmarks/results}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout is what runs, installed or not
+export PYTHONUNBUFFERED=1
+[ ${#SMOKE[@]} -gt 0 ] && export TRITON_INTERPRET=1
+exec > >(tee "$LOG") 2>&1
+status=0
+step() {  # step NAME TIMEOUT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "== $name: $*"
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "== $name: exit $rc in $((SECONDS - t0))s"
+    [ $rc -eq 0 ] || status=1
+}
+echo "== gpu_check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+if [ ${#SMOKE[@]} -eq 0 ]; then
+    step install 60 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
+fi
+step cuda-tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py
+step suite 330 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" --out "$OUT_DIR"
+echo "== gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in ${SECONDS}s; results in $OUT_DIR"
+exit $status

@@ -1,0 +1,277 @@
+"""The Triton path itself: host synchronisations per call, int64 offsets for huge strides, the record of
+the measured code in the GPU results; on a CUDA machine also every GPU path against float64.
+
+On a CPU-only machine the kernels run in the interpreter (``conftest.py``); with CUDA the same tests run
+the compiled kernels on the GPU (``benchmarks/gpu_check.sh`` runs this file there).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nthr_kernels as nk
+from nthr_kernels.registry import triton_available
+
+from _helpers import assert_matches_reference, case, run, stable_seed, validated
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_suite  # noqa: E402  (the sync counter and the kernel-source record the GPU suite writes)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not available")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def on_device(b):
+    """The synthetic batch with its tensors on ``DEVICE``."""
+    return dataclasses.replace(b, **{k: v.to(DEVICE) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
+
+
+def triton_call(batch, **kw):
+    from nthr_kernels.ops.advantages import triton_impl
+
+    return triton_impl.nthr_advantages(batch, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# anchors from the M pass, positive scores only when asked
+# --------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+@pytest.mark.parametrize("score_positive", [False, True])
+def test_anchors_and_positive_scores(path, anchor, score_positive):
+    """The factored path takes each positive response's anchor from the M pass (``<M, N_i>``, minus
+    ``<N_i, N_i>`` for "others") and scores positive tokens only with ``score_positive=True``; tau and
+    every score (positive ones included when asked) match the reference, also with one chunk per group."""
+    b = on_device(case(seed=stable_seed(path, anchor, score_positive), n_groups=4, group_size=5, lengths=(0, 15), d=16,
+                       vocab=61, holes=True))
+    kw = dict(anchor=anchor, score_positive=score_positive, beta=0.7)
+    ref = run(b, "reference", **kw)
+    batch = validated(b, **kw)
+    for budget in (None, 1):
+        got = batch.result(*triton_call(batch, path=path, budget=budget))
+        assert_matches_reference(got, ref, b)
+        if score_positive:
+            assert bool((got.scores[ref.scores != 0] != 0).all())
+
+
+@needs_triton
+def test_anchor_partial_sums_survive_autotuning():
+    """The M pass writes each tile's anchor partial sums into slots of the smallest tile (zeros in the
+    other slots it covers): launches with other tiles before it (what the autotuner does) leave the
+    same sums, bit for bit, and they equal float64 ``<M, N_i>`` and ``<N_i, N_i>``."""
+    import triton
+
+    from nthr_kernels.ops import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(3)
+    nv, npos, d, ld = 40, 21, 48, tk.round16(21)
+    gp, h = torch.randn(nv * ld, generator=g), torch.randn(npos, d, generator=g)
+    table = torch.tensor([list(tk.Segment(0, nv, 0, npos, npos, 0, 0, 0, npos, 0, r0=0, nr=2))])
+    spans = torch.tensor([[0, 9], [9, 12]])
+    (gv, bv_max), (gd, bd_max) = (16, 64), (16, 64)
+    n_slot_d = triton.cdiv(d, bd_max) * (bd_max // gd)
+    n_part = triton.cdiv(nv, bv_max) * (bv_max // gv) * n_slot_d * 2 * 2
+
+    def m_pass(part, bv, bd):
+        tk._KERNELS["m"][(1, triton.cdiv(nv, bv), triton.cdiv(d, bd))](
+            gp, h, torch.arange(npos) * d, table, torch.empty(nv * d), spans, part, d, 2, n_slot_d, 1,
+            BV=bv, BD=bd, BU=16, GV=gv, GD=gd, ALIGN=False)
+        return part.view(-1, 2, 2).sum(0)
+
+    tuned = torch.zeros(n_part)
+    for bv, bd in ((64, 32), (16, 64), (64, 64), (32, 16)):
+        got = m_pass(tuned, bv, bd)
+    assert torch.equal(got, m_pass(torch.zeros(n_part), 32, 16))
+    e = gp.view(nv, ld)[:, :npos].double()
+    m = e @ h.double()
+    for i, (a, n) in enumerate(spans.tolist()):
+        n_i = e[:, a:a + n] @ h[a:a + n].double()
+        want = torch.tensor([(m * n_i).sum(), (n_i * n_i).sum()], dtype=torch.float64)
+        torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# host synchronisations
+# --------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("path", ["factored", "pairwise", None])
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+def test_host_syncs_per_call(path, source, anchor):
+    """One host read plans the call; nothing else in the Triton implementation waits for the device
+    (validation, which reads values by design, is outside: the batch is validated first)."""
+    b = on_device(case(seed=stable_seed(path, source, anchor), n_groups=4, group_size=4, lengths=(0, 12), d=16,
+                       vocab=53, holes=True))
+    batch = validated(b, anchor=anchor, with_logprobs=source == "weight+logprobs", use_logits=source == "logits")
+    for budget in (None, 1):  # one chunk, and one chunk per group
+        triton_call(batch, path=path, budget=budget)  # warm-up (autotuning synchronises on a GPU)
+        n, events = gpu_suite.count_host_syncs(lambda: triton_call(batch, path=path, budget=budget))
+        assert n <= gpu_suite.HOST_SYNCS_PER_CALL, events
+
+
+def test_sync_counter_sees_device_reads():
+    """The counter of the test above counts each kind of read (so that test can fail)."""
+    x = torch.arange(6.0, device=DEVICE)
+    reads = [lambda: x.sum().item(), lambda: bool(x.any()), lambda: x[x > 2], lambda: torch.nonzero(x),
+             lambda: x.tolist(), lambda: torch.unique(x), lambda: x[: int(x[2])]]
+    for read in reads:
+        n, _ = gpu_suite.count_host_syncs(read)
+        assert n >= 1
+    assert gpu_suite.count_host_syncs(lambda: torch.cumsum(x, 0) * 2)[0] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# int64 offsets
+# --------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("feature_stride", [1 << 30, (1 << 31) + 64])
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight"])
+def test_huge_strides_read_the_right_rows(feature_stride, source):
+    """Hidden states and lm_head as views whose feature stride is 2^30 (an int32 offset overflows from
+    the third feature on) or above 2^31 elements, in one big empty storage (virtual memory: only the
+    used elements are touched): the results equal the contiguous call's, bit for bit."""
+    d = 3 if feature_stride < 1 << 31 else 2
+    b = on_device(case(seed=81, n_groups=2, group_size=4, lengths=(1, 9), d=d, vocab=37, dtype=torch.float16))
+    kw = dict(with_logprobs=source == "weight+logprobs")
+    want = batch_result(b, **kw)
+    r, t, _ = b.hidden.shape
+    v = b.lm_head_weight.shape[0]
+    storage = torch.empty((d - 1) * feature_stride + r * t + v, dtype=b.hidden.dtype, device=DEVICE)
+    hidden = storage.as_strided((r, t, d), (t, 1, feature_stride))
+    weight = storage.as_strided((v, d), (1, feature_stride), r * t)
+    hidden.copy_(b.hidden)
+    weight.copy_(b.lm_head_weight)
+    strided = validated(dataclasses.replace(b, hidden=hidden, lm_head_weight=weight), **kw)
+    assert strided.hidden.stride(-1) == strided.lm_head_weight.stride(-1) == feature_stride  # no copy on the way
+    got = strided.result(*triton_call(strided))
+    for name in ("scores", "selected", "token_advantages", "tau", "eta"):
+        a, c = getattr(want, name), getattr(got, name)
+        assert torch.equal(a.nan_to_num(7.0), c.nan_to_num(7.0)), name
+    del storage, hidden, weight
+
+
+def batch_result(b, **kw):
+    batch = validated(b, **kw)
+    return batch.result(*triton_call(batch))
+
+
+# --------------------------------------------------------------------------------------------------
+# the kernels build for a GPU (compiled for sm_90 on the CPU: the interpreter does not compile them)
+# --------------------------------------------------------------------------------------------------
+@needs_triton
+def test_kernels_compile_for_a_gpu_target():
+    """The bf16 kernel variants of both paths (``gpu_suite.py --compile-only 90 --quick``) compile to
+    cubin for sm_90 without a GPU; the full matrix (every dtype and source) is the same command without
+    ``--quick``."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--compile-only", "90", "--quick"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"compiled [1-9]\d* kernel variants for sm_90", done.stdout)
+
+
+# --------------------------------------------------------------------------------------------------
+# the record of the measured code
+# --------------------------------------------------------------------------------------------------
+def test_newest_gpu_results_match_the_code_or_the_readme_says_they_predate_it():
+    """The newest committed GPU results either record ``kernel_sources`` equal to the Triton path's
+    sources now, or the README's GPU figures, which must come from that file, say they predate the code."""
+    results = sorted((ROOT / "benchmarks" / "results").glob("*.json"),
+                     key=lambda p: (json.loads(p.read_text()).get("date", ""), p.name))
+    if not results:
+        pytest.skip("no GPU results committed")
+    newest = results[-1]
+    recorded = json.loads(newest.read_text()).get("kernel_sources")
+    readme = (ROOT / "README.md").read_text()
+    perf = readme.split("## Performance", 1)[-1].split("\n## ", 1)[0]
+    gpu_part = re.split(r"\n\nCPU\b", perf, maxsplit=1)[0]
+    assert f"benchmarks/results/{newest.stem}" in gpu_part, f"the README's GPU figures do not come from {newest.name}"
+    if recorded != gpu_suite.kernel_sources():
+        assert "predate" in gpu_part, (
+            f"{newest.name} measured other Triton sources than the code's (kernel_sources "
+            f"{'missing' if recorded is None else 'differ'}) and the README does not say its GPU figures predate the code")
+
+
+def test_kernel_sources_cover_the_triton_path():
+    src = gpu_suite.kernel_sources()
+    for path in ("nthr_kernels/ops/triton_kernels.py", "nthr_kernels/ops/advantages/triton_impl.py",
+                 "nthr_kernels/ops/score_tokens/triton_impl.py", "nthr_kernels/core/rules.py"):
+        assert re.fullmatch(r"[0-9a-f]{64}", src.pop(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# every GPU path on the GPU (compiled kernels; skipped on CPU, where tests/test_backends.py runs them in
+# the interpreter)
+# --------------------------------------------------------------------------------------------------
+GPU_CASES = [  # (path, anchor, dtype, source): every path, dtype, source and anchor at least once
+    ("factored", "all", torch.bfloat16, "weight+logprobs"),
+    ("factored", "others", torch.float16, "weight"),
+    ("factored", "all", torch.float32, "logits"),
+    ("pairwise", "others", torch.bfloat16, "weight+logprobs"),
+    ("pairwise", "all", torch.float32, "weight"),
+    ("pairwise", "all", torch.float16, "logits"),
+    (None, "others", torch.float32, "weight+logprobs"),
+    (None, "all", torch.bfloat16, "logits"),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("path,anchor,dtype,source", GPU_CASES,
+                         ids=[f"{p}-{a}-{str(t)[6:]}-{s}" for p, a, t, s in GPU_CASES])
+def test_gpu_paths_match_reference_and_repeat_bitwise(path, anchor, dtype, source):
+    b = on_device(case(seed=stable_seed(path, anchor, str(dtype), source), n_groups=6, group_size=8, lengths=(0, 90),
+                       d=64, vocab=500, dtype=dtype, holes=True))
+    kw = dict(anchor=anchor, with_logprobs=source == "weight+logprobs", use_logits=source == "logits", beta=0.5)
+    batch = validated(b, **kw)
+    got = batch.result(*triton_call(batch, path=path))
+    again = batch.result(*triton_call(batch, path=path))
+    assert_matches_reference(got, run(b, "reference", **kw), b)
+    for name in ("scores", "selected", "token_advantages"):
+        assert torch.equal(getattr(got, name), getattr(again, name)), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+def test_gpu_score_tokens(path):
+    from nthr_kernels.ops.score_tokens import reference, triton_impl
+
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=g, device=DEVICE).to(torch.bfloat16)  # noqa: E731
+    hp, hn, ep, en = mk(70, 64), mk(90, 64), mk(70, 300) * 0.1, mk(90, 300) * 0.1
+    want = reference.factored_scores(hp, hn, ep, en)
+    got = triton_impl.score_tokens(hp, hn, ep, en, path=path)
+    assert float((got.double() - want).abs().max()) <= gpu_suite.MARGIN[torch.bfloat16] * float(want.abs().max())
+
+
+@needs_cuda
+def test_gpu_ops_layer_and_torch_compile():
+    """``torch.ops.nthr.*`` on CUDA reaches the Triton implementation; ``torch.compile(fullgraph=True)``
+    gives the eager bits."""
+    b = on_device(case(seed=91, n_groups=3, group_size=4, lengths=(1, 20), d=32, vocab=101))
+
+    def pipeline(hidden, w, lp):
+        r = nk.nthr_advantages(hidden, b.token_ids, b.rewards, b.advantages, lm_head_weight=w, old_logprobs=lp,
+                               mask=b.mask, group_size=b.group_size)
+        return r.scores, r.selected, r.token_advantages, r.tau
+
+    args = (b.hidden, b.lm_head_weight, b.old_logprobs)
+    eager = pipeline(*args)
+    assert_matches_reference(run(b, "triton"), run(b, "reference"), b)
+    torch._dynamo.reset()
+    compiled = torch.compile(pipeline, fullgraph=True)
+    for e, c in zip(eager, compiled(*args)):
+        assert torch.equal(e.nan_to_num(7.0), c.nan_to_num(7.0))
