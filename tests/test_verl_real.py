@@ -162,3 +162,47 @@ def test_worker_scale_then_verl_compute_advantage_equals_library(tmp_path):
     assert bool(ref.selected[torch.as_tensor(straddling)].any()), "NTHR must select tokens in a straddling group"
     assert torch.equal(batch.batch["advantages"], ref.token_advantages)
     assert torch.equal(batch.batch["returns"], ref.token_advantages)
+
+
+def test_worker_method_uses_verls_registration():
+    ours = getattr(NTHRActorRolloutRefWorker.compute_log_prob, MAGIC_ATTR)
+    theirs = getattr(ActorRolloutRefWorker.compute_log_prob, MAGIC_ATTR)
+    assert {k: v for k, v in ours.items() if k != "dispatch_mode"} == {k: v for k, v in theirs.items() if k != "dispatch_mode"}
+    for fn in ("dispatch_fn", "collect_fn"):
+        a, b = ours["dispatch_mode"][fn], theirs["dispatch_mode"][fn]
+        assert (a.func, a.args) == (b.func, b.args)  # make_nd_compute_dataproto_dispatch_fn(mesh_name="actor")
+    with pytest.raises(ValueError, match="eta"):
+        nthr_actor_worker(eta=2.0)
+    with pytest.raises(ValueError, match="gamma: not an NTHR option"):
+        nthr_actor_worker(gamma=1.0)
+
+
+def test_one_worker_scale_equals_driver_fallback():
+    """One worker (no process group): worker side and the driver-side fallback (hidden states and the
+    weight shipped to the driver) through verl's compute_advantage agree token for token."""
+    model = _model()
+    worker = object.__new__(nthr_actor_worker(beta=0.0, eta="1-p"))
+    worker.enable_routing_replay = False
+    worker.actor = _Actor(_Engine(model, None))
+    batch = _batch(seed=1)
+    td = _worker_td(batch)
+    out = worker.compute_log_prob(td)
+    with nv.LMHeadInputCapture(model) as cap:
+        worker.actor.infer_batch(td)
+    hidden = no_padding_2_padding(torch.cat([c.reshape(-1, c.shape[-1]) for c in cap.captured]), td)
+    mask = batch.batch["response_mask"]
+    old_lp = no_padding_2_padding(tu.get(out, "log_probs"), td).float() * mask
+    batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
+    worker_side = batch.union(DataProto.from_dict(tensors={"old_log_probs": old_lp, nv.SCALE_KEY: out[nv.SCALE_KEY]}))
+    driver_side = _batch(seed=1).union(DataProto.from_dict(tensors={"old_log_probs": old_lp, nv.HIDDEN_KEY: hidden}))
+    driver_side.batch["token_level_rewards"] = driver_side.batch["token_level_scores"]
+    with nv.nthr_inputs(worker_side):
+        a = compute_advantage(worker_side, adv_estimator="nthr").batch["advantages"]
+    with nv.nthr_inputs(driver_side, lm_head_weight=model.lm_head.weight.detach(), beta=0.0, eta="1-p"):
+        b = compute_advantage(driver_side, adv_estimator="nthr").batch["advantages"]
+    assert bool((out[nv.SCALE_KEY] != 1).any())
+    assert torch.equal(a, b)
+    # without outcome scores in the batch the method is the parent's: no nthr_scale
+    plain = _batch(seed=1)
+    td = _worker_td(plain.select(batch_keys=[k for k in plain.batch.keys() if k != "token_level_scores"]))
+    assert nv.SCALE_KEY not in worker.compute_log_prob(td).keys()
