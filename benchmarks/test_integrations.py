@@ -12,7 +12,8 @@
   groups straddling the cut, and ships only that). Bytes moved are reported for the tiny shape
   (measured serialised sizes) and, from the formula, for qwen1.5b-step.
 
-Rounds are interleaved (baseline, NTHR, baseline, ...) after one warm-up each; the ratio is of medians.
+Rounds are interleaved (baseline, NTHR, NTHR, baseline, ...) after one warm-up each, one torch thread per
+process; the ratio is of medians.
 
     pytest benchmarks/test_integrations.py --benchmark-only -s
 """
@@ -30,7 +31,7 @@ import warnings
 import pytest
 import torch
 
-ROUNDS = 5  # timed rounds per variant (after one warm-up); 1 untimed round under --benchmark-disable
+ROUNDS = 6  # timed rounds per variant (after one warm-up); 1 untimed round under --benchmark-disable
 
 
 def _rounds(benchmark) -> int:
@@ -38,15 +39,15 @@ def _rounds(benchmark) -> int:
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
-    """Median seconds of each zero-argument function over ``rounds`` interleaved calls, after one warm-up
-    (nothing with 0 rounds)."""
+    """Median seconds of each zero-argument function over ``rounds`` interleaved calls (the order reversed
+    every other round), after one warm-up (nothing with 0 rounds)."""
     if rounds == 0:
         return {}
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
+    for i in range(rounds):
+        for k, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -114,13 +115,13 @@ def test_trl_step(benchmark, tmp_path, one_thread, mode):
     nthr = _trl_trainer(NTHRGRPOTrainer, tmp_path / "n", cfg, nthr_beta=0.0, nthr_capture=mode)
     rows = [{"prompt": p} for p in PROMPTS for _ in range(G)]
     med = _interleaved({"grpo": _trl_step(grpo, rows), "nthr": _trl_step(nthr, rows)}, _rounds(benchmark))
-    assert nthr.nthr_last is not None and nthr.nthr_capture == mode
     if med:
         ratio = med["nthr"] / med["grpo"]
         benchmark.extra_info.update(mode=mode, grpo_s=med["grpo"], nthr_s=med["nthr"], ratio=ratio)
         print(f"\nTRL step, capture={mode}: GRPOTrainer {med['grpo'] * 1e3:.0f} ms, NTHRGRPOTrainer "
               f"{med['nthr'] * 1e3:.0f} ms, ratio {ratio:.3f}")
     benchmark.pedantic(_trl_step(nthr, rows), rounds=1, iterations=1)
+    assert nthr.nthr_last is not None and nthr.nthr_capture == mode
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,13 +169,13 @@ def _ship(*tensors, dtype=None) -> tuple:
     return [t.float() for t in torch.load(buf)], n
 
 
-def _driver_side(data):
+def _driver_side(data, backend="auto"):
     from nthr_kernels.integrations.verl import compute_nthr_outcome_advantage
 
     (hidden, weight), n = _ship(data["hidden"], data["weight"], dtype=torch.bfloat16)
     adv, _ = compute_nthr_outcome_advantage(data["tlr"], data["mask"], data["uid"], responses=data["responses"],
                                             old_hidden_states=hidden, old_log_probs=data["old_log_probs"],
-                                            lm_head_weight=weight, temperature=1.0, beta=0.0)
+                                            lm_head_weight=weight, temperature=1.0, beta=0.0, backend=backend)
     return adv, n
 
 
@@ -219,7 +220,9 @@ def test_verl_driver_vs_worker(benchmark, tmp_path, one_thread):
     data = _verl_data()
     with torch.inference_mode():
         adv, n_driver = _driver_side(data)
-        med = _interleaved({"driver": lambda: _driver_side(data)}, rounds)
+        # "auto" picks the native CPU kernels; the distributed path on the workers runs the torch backend
+        med = _interleaved({"driver": lambda: _driver_side(data), "driver_torch": lambda: _driver_side(data, "torch")},
+                           rounds)
     worker_adv, _ = scaled_grpo_advantage(data["tlr"], data["mask"], data["uid"],
                                           nthr_scale=torch.cat([r["scale"] for r in ranks]))
     assert torch.equal(worker_adv, adv)  # the two paths give the same advantages
@@ -228,9 +231,11 @@ def test_verl_driver_vs_worker(benchmark, tmp_path, one_thread):
     benchmark.extra_info.update(bytes_driver_tiny=n_driver, bytes_worker_tiny=n_worker, qwen_formula=formula)
     if med:
         worker_s = statistics.median(max(ts) for ts in zip(*(r["times"] for r in ranks)))
-        benchmark.extra_info.update(driver_s=med["driver"], worker_s=worker_s, ratio=med["driver"] / worker_s)
-        print(f"\nverl advantages, {VERL_SHAPE}: driver side {med['driver'] * 1e3:.1f} ms "
-              f"({n_driver / 1e6:.2f} MB shipped), worker side (2 ranks) {worker_s * 1e3:.1f} ms "
-              f"({n_worker / 1e6:.3f} MB shipped), driver/worker {med['driver'] / worker_s:.2f}")
+        benchmark.extra_info.update(driver_s=med["driver"], driver_torch_s=med["driver_torch"], worker_s=worker_s,
+                                    ratio=med["driver"] / worker_s)
+        print(f"\nverl advantages, {VERL_SHAPE}: driver side {med['driver'] * 1e3:.1f} ms (native backend; torch "
+              f"backend {med['driver_torch'] * 1e3:.1f} ms), {n_driver / 1e6:.2f} MB shipped; worker side (2 ranks, "
+              f"torch backend) {worker_s * 1e3:.1f} ms, {n_worker / 1e6:.3f} MB shipped; driver/worker "
+              f"{med['driver'] / worker_s:.2f} (torch backend on both: {med['driver_torch'] / worker_s:.2f})")
         print("qwen1.5b-step bytes per step (formula): " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in formula.items()))
     benchmark.pedantic(lambda: _driver_side(data), rounds=1, iterations=1)
