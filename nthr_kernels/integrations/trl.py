@@ -312,8 +312,9 @@ class NTHRGRPOTrainer(GRPOTrainer):
         if mode == "generate":
             hidden, lse = _fit_columns(hidden, c), _fit_columns(extra, c)
             w = _lm_head_weight(check_lm_head(self._nthr_base_model()))
-            w_y = w[out["completion_ids"]].to(hidden.device)  # [B, C, d]: only the sampled tokens' rows
-            logit = (hidden.float() * w_y.float()).sum(-1)
+            # the sampled tokens' logits, one row at a time (scratch [C, d], not [B, C, d])
+            logit = torch.stack([(h.float() * w[y].to(h.device, torch.float32)).sum(-1)
+                                 for h, y in zip(hidden, out["completion_ids"])])
             return hidden, (logit / self.temperature - lse) * out["completion_mask"]
         return capture_old_policy(
             self.accelerator.unwrap_model(self.model),
