@@ -81,8 +81,8 @@ def main(argv=None):
                               train_dataset=data, processing_class=tok, nthr_beta=a.beta, nthr_eta=eta)
     trainer.train()
     res = trainer.nthr_last
-    print(f"last batch: {int(res.selected.sum())} negative tokens selected; active groups {res.active.tolist()}; "
-          f"eta {res.eta.tolist()}")
+    print(f"hidden states from: {trainer.nthr_capture}; last batch: {int(res.selected.sum())} negative tokens "
+          f"selected; active groups {res.active.tolist()}; eta {res.eta.tolist()}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Worker-side capture of the old policy's hidden states for the verl ``"nthr"`` estimator.
+"""Driver-side fallback for verl: ship the old policy's hidden states to the driver.
+
+Prefer the worker side (``nthr_kernels.integrations.verl_worker.NTHRActorRolloutRefWorker``): it computes
+NTHR on the workers and ships only ``nthr_scale [bs, R]``. This file is for trainers that cannot change the
+actor worker class but can add a tensor to its output.
 
 verl's actor computes ``old_log_probs`` with a no-grad forward of the policy over ``prompt + response``.
 NTHR also needs the LM-head *inputs* of that forward at the response positions. This file shows how to
@@ -8,7 +12,7 @@ advantages with :mod:`nthr_kernels.integrations.verl`.
 What the worker must do (verl 0.9 layout: prompts left-padded, responses right-padded, ``seq = P + R``):
 
 1. Around the forward that produces ``old_log_probs`` (the actor's ``compute_log_prob`` /
-   ``infer_batch``), register :class:`LMHeadInputCapture` on the *unwrapped* HF model. It records the
+   ``infer_batch``), enter :class:`~nthr_kernels.integrations.verl.LMHeadInputCapture` on the *unwrapped* HF model. It records the
    tensor entering ``lm_head`` (a forward pre-hook gives exactly its inputs). When verl's fused kernels
    compute log-probs without calling ``lm_head`` (``use_fused_kernels=True``), it records the backbone's
    ``last_hidden_state`` instead (the same tensor).
@@ -39,50 +43,9 @@ model in verl's padded and remove-padding layouts, on CPU, and runs the estimato
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-
-class LMHeadInputCapture:
-    """Context manager recording the lm_head input of every forward of ``model`` (in call order).
-
-    ``captured``: a list of tensors ``[..., d]`` (detached). Uses a forward pre-hook on
-    ``model.get_output_embeddings()``; if a forward ends without the head being called (fused log-prob
-    kernels), the backbone's ``last_hidden_state`` of that forward is recorded instead.
-    """
-
-    def __init__(self, model):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.head = base.get_output_embeddings()
-        self.backbone = base.base_model
-        if self.head is None or self.backbone is base:
-            raise ValueError("model: expected a Hugging Face causal LM with an lm_head and a backbone")
-        self.captured: list = []
-        self._pending: Optional[torch.Tensor] = None
-        self._handles: list = []
-
-    def __enter__(self):
-        def on_backbone(_m, _a, out):
-            if self._pending is not None:  # the head was never called on the previous backbone output
-                self.captured.append(self._pending)
-            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            self._pending = h.detach()
-
-        def on_head(_m, args):
-            self.captured.append(args[0].detach())
-            self._pending = None
-
-        self._handles = [self.backbone.register_forward_hook(on_backbone), self.head.register_forward_pre_hook(on_head)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        if self._pending is not None:
-            self.captured.append(self._pending)
-            self._pending = None
-        return False
+from nthr_kernels.integrations.verl import LMHeadInputCapture
 
 
 def response_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from nthr_kernels import nthr_advantages  # noqa: E402
-from nthr_kernels.integrations.trl import NTHRGRPOTrainer, capture_old_policy, check_lm_head  # noqa: E402
+from nthr_kernels.integrations.trl import CAPTURE_MODES, NTHRGRPOTrainer, capture_old_policy, check_lm_head  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 G = 4
@@ -46,7 +46,7 @@ def _args(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G, max_completion_length=12,
         max_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0, temperature=TEMPERATURE,
-        logging_steps=1,
+        logging_steps=1, bf16=False,  # float32 everywhere: the comparisons below are exact up to float32 rounding
     )
     base.update(kw)
     return GRPOConfig(**base)
@@ -199,6 +199,55 @@ def test_non_binary_rewards_refused(tmp_path):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="rewards: expected binary"):
         tr._generate_and_score_completions(_rows(PROMPTS[:2]))
+
+
+# --------------------------------------------------------------------------------------------------
+# capture modes: no forward GRPOTrainer does not run, advantages as with the extra forward
+# --------------------------------------------------------------------------------------------------
+# the GRPOConfig fields that select each mode on CPU (vLLM, the other way to "old_logps", needs a GPU)
+MODE_CONFIGS = {"generate": {}, "old_logps": {"num_iterations": 2}}
+
+
+def _counted_step(cls, tmp_path, model, cfg, **kw):
+    """One training step; returns (trainer, number of forward calls of the policy's backbone)."""
+    calls = []
+    handle = model.base_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        tr = _trainer(cls, tmp_path, model=model, args=_args(tmp_path, **cfg), **kw)
+        tr.train()
+    finally:
+        handle.remove()
+    return tr, len(calls)
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_CONFIGS))
+def test_capture_runs_no_extra_forward_and_keeps_advantages(tmp_path, mode):
+    cfg = MODE_CONFIGS[mode]
+    model = _model(3)
+    _, n_grpo = _counted_step(GRPOTrainer, tmp_path / "g", copy.deepcopy(model), cfg)
+    auto, n_auto = _counted_step(NTHRGRPOTrainer, tmp_path / "a", copy.deepcopy(model), cfg, nthr_beta=0.0)
+    extra, n_extra = _counted_step(NTHRGRPOTrainer, tmp_path / "f", copy.deepcopy(model), cfg, nthr_beta=0.0,
+                                   nthr_capture="forward")
+    assert auto.nthr_capture == mode and extra.nthr_capture == "forward"
+    assert n_auto == n_grpo, f"{mode}: NTHRGRPOTrainer ran {n_auto - n_grpo} forward(s) GRPOTrainer does not"
+    assert n_extra == n_grpo + 1  # the extra forward (one chunk of per_device_train_batch_size rows)
+    a, f = auto.nthr_last, extra.nthr_last
+    assert bool(f.selected.any()) and not bool(f.selected.all()), "the comparison needs a non-trivial selection"
+    torch.testing.assert_close(a.scores, f.scores, rtol=0, atol=SCORE_TOLERANCE[torch.float32] * float(f.scores.abs().max()))
+    assert torch.equal(a.selected, f.selected)
+    assert torch.equal(a.token_advantages, f.token_advantages)
+
+
+def test_capture_mode_choice(tmp_path):
+    assert set(CAPTURE_MODES) == {"auto", *MODE_CONFIGS, "forward"}
+    with pytest.raises(ValueError, match="nthr_capture: 'old_logps' is not available"):
+        _trainer(NTHRGRPOTrainer, tmp_path, nthr_capture="old_logps")
+    with pytest.raises(ValueError, match="nthr_capture: expected one of"):
+        _trainer(NTHRGRPOTrainer, tmp_path, nthr_capture="vllm")
+    # with both available, TRL's own old-log-prob forward is preferred (the same forward as the loss's)
+    tr = _trainer(NTHRGRPOTrainer, tmp_path, args=_args(tmp_path, **MODE_CONFIGS["old_logps"]))
+    assert tr.nthr_capture == "old_logps"
+    assert _trainer(NTHRGRPOTrainer, tmp_path, nthr_capture="generate").nthr_capture == "generate"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The verl estimator on verl-shaped tensors (uid strings, response_mask, token_level_rewards), without Ray.
+"""The verl estimator on verl-shaped tensors (uid strings, response_mask, token_level_rewards), without verl.
 
-verl itself is not installed in CI (it pulls Ray and pins another transformers); its registry is exercised
-with a stand-in module that has verl's ``register_adv_est`` / ``get_adv_estimator_fn`` interface.
+verl pins another transformers and pulls Ray, so it lives in a venv of its own (``scripts/verl_env.sh``);
+``tests/test_verl_real.py`` runs there against real verl. Here its registry is exercised with a stand-in
+module that has verl's ``register_adv_est`` / ``get_adv_estimator_fn`` interface.
 """
 from __future__ import annotations
 
@@ -197,3 +198,49 @@ def test_worker_capture_example_runs():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod._demo()  # asserts the capture reproduces the model's log-probs in both layouts, then runs the estimator
+
+
+# --------------------------------------------------------------------------------------------------
+# worker side: nthr_scale on the workers, GRPO times the scale on the driver
+# --------------------------------------------------------------------------------------------------
+def _scale_data(data, b):
+    scale = nv.compute_nthr_scale(
+        data.batch["token_level_rewards"], data.batch["response_mask"], data.non_tensor_batch["uid"],
+        responses=data.batch["responses"], old_hidden_states=data.batch[nv.HIDDEN_KEY],
+        old_log_probs=data.batch["old_log_probs"], lm_head_weight=b.lm_head_weight, temperature=T)
+    worker = FakeDataProto({k: v for k, v in data.batch.items() if k != nv.HIDDEN_KEY}, data.non_tensor_batch, {})
+    worker.batch[nv.SCALE_KEY] = scale
+    return worker, scale
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_worker_scale_equals_driver_path(holes):
+    data, b, group, reward = _data(holes, seed=int(holes))
+    worker, scale = _scale_data(data, b)
+    m = data.batch["response_mask"].bool()
+    exp = _expected(data, b, group, reward)
+    assert bool(exp.selected.any())
+    # 1 on every token but the selected ones, which carry their group's eta
+    assert torch.equal(scale != 1, exp.selected & (exp.eta[group][:, None] != 1))
+    assert bool((scale[~m] == 1).all())
+    out = nv.compute_nthr_advantage(worker)  # no hidden states, no weight
+    assert torch.equal(out.batch["advantages"], exp.token_advantages)
+    assert torch.equal(out.batch["advantages"], nv.compute_nthr_advantage(data, b.lm_head_weight).batch["advantages"])
+
+
+def test_worker_scale_refuses_driver_options():
+    data, b, _, _ = _data(seed=0)
+    worker, _ = _scale_data(data, b)
+    for kw in (dict(lm_head_weight=b.lm_head_weight), dict(beta=0.0), dict(temperature=T)):
+        with pytest.raises(ValueError, match="computed on the workers"):
+            nv.compute_nthr_advantage(worker, **kw)
+    with pytest.raises(ValueError, match="lm_head_weight: required"):
+        nv.compute_nthr_advantage(data)
+
+
+def test_global_group_ids_agree_across_shares():
+    uid = np.array(["p-3", "p-1", "p-3", "p-2", "p-1", "p-2"], dtype=object)
+    whole = nv.global_group_ids(uid)
+    assert torch.equal(torch.cat([nv.global_group_ids(uid[:3]), nv.global_group_ids(uid[3:])]), whole)
+    assert whole.unique().numel() == 3 and bool((whole >= 0).all())
+    assert torch.equal(nv.global_group_ids([5, 5, 6]), nv.global_group_ids(["5", "5", "6"]))

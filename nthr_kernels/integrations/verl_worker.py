@@ -1,0 +1,145 @@
+"""NTHR on verl's actor workers (verl 0.9, engine workers): only ``nthr_scale [bs, R]`` reaches the driver.
+
+Use :func:`nthr_actor_worker` (or :class:`NTHRActorRolloutRefWorker` with the default options) as the
+actor class of the ``ActorRollout`` role in place of ``verl.workers.engine_workers.ActorRolloutRefWorker``.
+Its ``compute_log_prob`` is registered with verl's own decorator and dispatch mode (the parent's:
+``make_nd_compute_dataproto_dispatch_fn(mesh_name="actor")``), so the driver calls it as before. When the
+batch carries outcome scores (``token_level_scores``, or ``token_level_rewards``; verl 0.9's ``fit()``
+computes the reward before the old log-probs) it
+
+1. runs the actor's usual ``infer_batch`` inside :class:`~nthr_kernels.integrations.verl.LMHeadInputCapture`,
+   which records the LM-head inputs of the forward (packed ``[total_nnz, d]`` in verl's no-padding layout);
+2. lays them out as ``[bs, R, d]`` with verl's own ``no_padding_2_padding`` (the same call that turns the
+   log-probs into ``old_log_probs``);
+3. calls :func:`~nthr_kernels.integrations.verl.compute_nthr_scale` with the LM-head weight (gathered from
+   FSDP2's DTensor shards), the batch's ``temperature`` and ``process_group=`` the engine's data-parallel
+   group: verl's dispatch cuts the batch into contiguous shares, so a prompt group can straddle workers,
+   and the distributed path scores it over all of its responses;
+4. returns the usual output plus ``nthr_scale [bs, R]`` (``eta`` or 1, padded layout).
+
+Without outcome scores in the batch it is the parent's ``compute_log_prob``. The driver then needs
+``batch.batch["nthr_scale"]`` next to ``old_log_probs`` (with the legacy ``RayPPOTrainer``, add it where
+``_compute_old_log_prob`` picks ``log_probs`` from the output; with the v1 trainer, add ``"nthr_scale"``
+to the fields it reads back) and computes advantages with
+``with nthr_inputs(batch): compute_advantage(batch, adv_estimator="nthr", ...)``.
+
+Limits (each raises a ``ValueError`` naming it): micro-batches must keep the batch order
+(``use_dynamic_bsz=False``), the head must not be sharded by FSDP1 (use FSDP2 or an unsharded head), one
+temperature per batch. Ulysses sequence parallelism is not supported (the captured rows would be split).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine_workers import ActorRolloutRefWorker
+from verl.workers.utils.padding import no_padding_2_padding
+
+from ..core.checks import check_backend, check_real
+from ..core.rules import ANCHORS, check_eta
+from .verl import SCALE_KEY, LMHeadInputCapture, compute_nthr_scale
+
+__all__ = ["NTHRActorRolloutRefWorker", "nthr_actor_worker", "nthr_scale_on_worker", "SCORE_KEYS"]
+
+SCORE_KEYS = ("token_level_scores", "token_level_rewards")  # outcome scores, in order of preference
+
+
+def _check_options(options: dict) -> dict:
+    known = {"beta", "eta", "anchor", "reward_threshold", "backend"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an NTHR option (expected some of {sorted(known)})")
+    if "beta" in options:
+        check_real("beta", options["beta"], allow_neg_inf=True)
+    if "eta" in options:
+        check_eta(options["eta"])
+    if options.get("anchor", "all") not in ANCHORS:
+        raise ValueError(f"anchor: expected one of {ANCHORS}, got {options['anchor']!r}")
+    if "reward_threshold" in options:
+        check_real("reward_threshold", options["reward_threshold"])
+    if "backend" in options:
+        check_backend(options["backend"])
+    return dict(options)
+
+
+def _full_weight(module: torch.nn.Module) -> torch.Tensor:
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    head = base.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError("model: expected an lm_head without bias (NTHR assumes logits = W h / T)")
+    w = head.weight
+    if hasattr(w, "full_tensor"):  # FSDP2 DTensor shards
+        w = w.full_tensor()
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError("model: the lm_head weight is sharded by FSDP1; use FSDP2 (strategy=fsdp2) or an unsharded head")
+    return w.detach()
+
+
+def nthr_scale_on_worker(data, output, captured: list, lm_head_weight: torch.Tensor, process_group,
+                         options: Optional[dict] = None) -> torch.Tensor:
+    """``nthr_scale [bs, R]`` of one worker's share: ``data`` the TensorDict ``compute_log_prob`` received
+    (verl's no-padding layout), ``output`` what ``infer_batch`` returned (nested ``log_probs``),
+    ``captured`` the LM-head inputs of that forward in call order."""
+    key = next((k for k in SCORE_KEYS if k in data.keys()), None)
+    if key is None:
+        raise ValueError(f"data: no outcome scores ({' or '.join(SCORE_KEYS)}) on the worker")
+    uid = tu.get(data, "uid")
+    if uid is None:
+        raise ValueError("data: no 'uid' on the worker (the prompt group of each response)")
+    temperature = tu.get(data, "temperature")
+    if temperature is None:
+        raise ValueError("temperature: not in the batch sent to compute_log_prob")
+    if tu.get(data, "use_dynamic_bsz", default=False):
+        raise ValueError("use_dynamic_bsz: reorders micro-batches, so the captured rows would not follow the batch")
+    hidden = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+    n_tok = data["input_ids"].values().shape[0] if data["input_ids"].is_nested else int(data["attention_mask"].sum())
+    if hidden.shape[0] != n_tok:
+        raise ValueError(
+            f"captured: {hidden.shape[0]} LM-head input rows for {n_tok} tokens (padded forward or sequence "
+            "parallelism?); the worker extension needs verl's remove-padding forward"
+        )
+    mask = data["response_mask"].bool()
+    old_log_probs = no_padding_2_padding(tu.get(output, "log_probs"), data).float() * mask
+    return compute_nthr_scale(
+        data[key].float(),
+        mask,
+        list(uid),
+        responses=data["responses"],
+        old_hidden_states=no_padding_2_padding(hidden, data),
+        old_log_probs=old_log_probs,
+        lm_head_weight=lm_head_weight.to(hidden.device),
+        temperature=float(temperature),
+        process_group=process_group,
+        **(options or {}),
+    )
+
+
+class NTHRActorRolloutRefWorker(ActorRolloutRefWorker):
+    """verl's ``ActorRolloutRefWorker`` whose ``compute_log_prob`` also returns ``nthr_scale`` (see the
+    module docstring). ``nthr_options``: ``beta``, ``eta``, ``anchor``, ``reward_threshold``, ``backend``."""
+
+    nthr_options: dict = {}
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def compute_log_prob(self, data):
+        if self.enable_routing_replay:  # as the parent's _with_routing_replay_flag(enabled=True)
+            tu.assign_non_tensor_data(data, "enable_routing_replay", True)
+        if not any(k in data.keys() for k in SCORE_KEYS):
+            output = self.actor.infer_batch(data)
+            return output.cpu() if output is not None else None
+        engine = self.actor.engine
+        with torch.no_grad(), LMHeadInputCapture(engine.module) as cap:
+            output = self.actor.infer_batch(data)
+        scale = nthr_scale_on_worker(data, output, cap.captured, _full_weight(engine.module),
+                                     engine.get_data_parallel_group(), self.nthr_options)
+        if output is None:  # a model-parallel rank without outputs: it took part in the collectives
+            return None
+        output[SCALE_KEY] = scale.to(output["log_probs"].device if "log_probs" in output.keys() else scale.device)
+        return output.cpu()
+
+
+def nthr_actor_worker(**options: Any) -> type:
+    """A :class:`NTHRActorRolloutRefWorker` subclass with these NTHR options (checked here, once)."""
+    return type("NTHRActorRolloutRefWorker", (NTHRActorRolloutRefWorker,), {"nthr_options": _check_options(options)})
