@@ -144,7 +144,7 @@ def run_demo(out_dir: str = "nthr_results", quick: bool = False, json_path: str 
     from .highlight import render_ansi, render_html, use_colour
     from .lld import run_lld_study
     from .loop import nthr_result
-    from .model import WEIGHTS_DIR, load_default_model
+    from .model import WEIGHTS_DIR, load_default_model, torch_threads
     from .plots import plot_lld
 
     if not isinstance(out_dir, (str, Path)):
@@ -158,7 +158,7 @@ def run_demo(out_dir: str = "nthr_results", quick: bool = False, json_path: str 
     if backend_table is not None and not isinstance(backend_table, dict):
         raise TypeError(f"backend_table must be a dict or None, got {type(backend_table).__name__}")
     size = size or (QUICK_STUDY if quick else FULL_STUDY)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     model, task = load_default_model(progress=progress)
     t_model = time.perf_counter()
@@ -166,7 +166,8 @@ def run_demo(out_dir: str = "nthr_results", quick: bool = False, json_path: str 
                                      progress=progress)
     report["model"] = {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                        "weights": str(WEIGHTS_DIR), "task": f"{task.n_digits}-digit addition"}
-    report["machine"] = machine_description()
+    with torch_threads():  # the machine as the study saw it (its thread count)
+        report["machine"] = machine_description()
     report["quick"] = quick
     report["backend_table"] = backend_table
     report["seconds"]["model"] = t_model - t0
@@ -179,6 +180,7 @@ def run_demo(out_dir: str = "nthr_results", quick: bool = False, json_path: str 
                             note=f"{report['model']['task']}, tiny Qwen2, beta=1, 8 responses per question")
     png_path = plot_lld(report, out / "lld_deltas.png")
     report["seconds"]["total"] = time.perf_counter() - t0
+    report["seconds"]["cpu"] = time.process_time() - cpu0  # CPU time of the study; with one thread about its wall time on an idle core
     report = json_safe(report)
     paths = [out / "report.json"] + ([Path(json_path)] if json_path is not None else [])
     text = json.dumps(report, indent=1) + "\n"

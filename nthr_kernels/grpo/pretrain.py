@@ -30,7 +30,8 @@ from dataclasses import asdict
 import torch
 
 from .files import atomic_path, write_text_atomic
-from .model import CONFIG_FILE, DEFAULT_SPEC, TOKENIZER_FILE, WEIGHTS_DIR, WEIGHTS_FILE, ModelSpec, pretrain
+from .model import (CONFIG_FILE, DEFAULT_SPEC, TOKENIZER_FILE, WEIGHTS_DIR, WEIGHTS_FILE, ModelSpec, pretrain,
+                    torch_threads)
 from .task import AdditionTask
 
 __all__ = ["save_weights", "main"]
@@ -46,9 +47,11 @@ def save_weights(model, spec: ModelSpec, folder, *, train_seconds: float | None 
         raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
     with atomic_path(f"{folder}/{WEIGHTS_FILE}") as tmp:
         save_model(model, str(tmp), metadata={"spec_key": spec.key()})
+    with torch_threads() as threads:  # the thread count pretrain ran with
+        machine = machine_description()
     config = {"spec": asdict(spec), "spec_key": spec.key(), "architecture": type(model).__name__,
               "parameters": sum(p.numel() for p in model.parameters()),
-              "made_by": "python -m nthr_kernels.grpo.pretrain", "machine": machine_description(),
+              "made_by": "python -m nthr_kernels.grpo.pretrain", "machine": machine, "torch_threads": threads.n,
               "torch": torch.__version__, "train_seconds": train_seconds}
     write_text_atomic(f"{folder}/{CONFIG_FILE}", json.dumps(config, indent=1) + "\n")
     tok = AdditionTask(spec.n_digits).tokenizer.definition()

@@ -42,14 +42,20 @@ def _study_table(rep: dict) -> list[str]:
 
 
 def _threads_table(runs: list[dict]) -> list[str]:
-    head = "| torch threads | " + " | ".join(f"{NAMES.get(m, m)}: LLD, mean Delta" for m in runs[0]["methods"]) + \
-        " | questions sampled | seconds |"
-    rows = [head, "|" + " --- |" + " ---: |" * (len(runs[0]["methods"]) + 2)]
+    """One row per run: LLD fraction and mean Delta per method, NTHR paired with GRPO, and the share of
+    questions whose GRPO Delta equals the first run's (to 1e-6: the same responses were sampled)."""
+    methods = list(runs[0]["methods"])
+    head = ("| torch threads | " + " | ".join(f"{NAMES.get(m, m)}: LLD, mean Delta" for m in methods) +
+            " | NTHR - GRPO: mean Delta | same questions as row 1 | seconds (wall / CPU) |")
+    rows = [head, "| ---: |" + " ---: |" * (len(methods) + 3)]
+    first = runs[0]["methods"]["grpo"]["deltas"]
     for rep in runs:
         cells = [f"{100 * r['lld_fraction']:.1f} %, {r['mean_delta']:.3f}" for r in rep["methods"].values()]
-        sec = rep["seconds"]
+        p, sec = rep["paired_vs_grpo"]["nthr"], rep["seconds"]
+        same = sum(abs(a - b) <= 1e-6 for a, b in zip(first, rep["methods"]["grpo"]["deltas"])) / len(first)
         rows.append(f"| {rep['setup']['torch_threads']} | " + " | ".join(cells) +
-                    f" | {rep['setup']['questions_sampled']} | {sec['sampling'] + sec['updates']:.0f} |")
+                    f" | {p['mean_diff']:+.3f} {format_ci(p['ci95'])} | {100 * same:.0f} % | "
+                    f"{sec['total']:.0f} / {sec['cpu']:.0f} |")
     return rows
 
 
@@ -63,6 +69,9 @@ def readme_block(results: dict, compared: list[dict]) -> str:
              f"{s['lr']} per question and method, {s['torch_threads']} torch thread(s), backend "
              f"`{results['backend']}`; measured on {results['machine']}. Brackets: 95 % bootstrap intervals "
              f"(`benchmarks/results/lld-study.json`).", ""]
+    sec = results["seconds"]
+    lines += [f"The study took {sec['total']:.0f} s of wall time and {sec['cpu']:.0f} s of CPU time on that machine "
+              f"(shared with other jobs; the CPU time is about the wall time on an idle core).", ""]
     lines += _study_table(results)
     lines += ["", f"> {verdict(results)}", ""]
     if compared:
