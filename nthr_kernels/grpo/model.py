@@ -37,8 +37,9 @@ class ModelSpec:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    # Stopped part-way on purpose: at ~300 steps the sampled accuracy (T = 1) is about 40-50 %, so most
-    # groups of 8 responses are mixed, which is what the LLD study needs. Trained longer, it reaches ~98 %.
+    # Stopped part-way on purpose: after 300 steps the shipped weights answer about a quarter of the sampled
+    # questions right (T = 1; "sample_accuracy" in benchmarks/results/lld-study.json), so many groups of 8
+    # responses are mixed, which is what the LLD study needs. Trained longer, it reaches ~98 %.
     steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3

@@ -59,6 +59,29 @@ def _threads_table(runs: list[dict]) -> list[str]:
     return rows
 
 
+def _identical(a: dict, b: dict) -> bool:
+    return all(a["methods"][m]["deltas"] == b["methods"][m]["deltas"] for m in a["methods"])
+
+
+def _compared_text(results: dict, compared: list[dict]) -> list[str]:
+    threads = ", ".join(str(c["setup"]["torch_threads"]) for c in compared)
+    if all(_identical(results, c) for c in compared):
+        what = "every Delta of every method is bit-identical, so the thread count changes only the time."
+    else:
+        what = ("the Deltas differ: the thread count splits matrix products differently, so the last bits of "
+                "the probabilities differ and, once one sampled token differs, so do the responses.")
+    return [f"The same study with {threads} torch threads on the same machine: {what}"]
+
+
+def _seeds_table(rep: dict) -> list[str]:
+    rows = ["| seed | GRPO: LLD | NTHR: LLD | GRPO: mean Delta | NTHR: mean Delta |", "| ---: |" + " ---: |" * 4]
+    for seed, r in rep["per_seed"].items():
+        g, t = r["grpo"], r["nthr"]
+        rows.append(f"| {seed} | {100 * g['lld_fraction']:.1f} % | {100 * t['lld_fraction']:.1f} % | "
+                    f"{g['mean_delta']:.3f} | {t['mean_delta']:.3f} |")
+    return rows
+
+
 def readme_block(results: dict, compared: list[dict]) -> str:
     """The generated README text (markers included) for the committed run and the runs compared with it."""
     s = results["setup"]
@@ -66,20 +89,31 @@ def readme_block(results: dict, compared: list[dict]) -> str:
              f"`python -m nthr_kernels demo`: {results['questions']} questions with mixed groups "
              f"({len(results['seeds'])} seeds x {s['questions_per_seed']}, 8 responses each, sampled accuracy "
              f"{100 * s['sample_accuracy']:.1f} %), one {s['optimizer'].replace('adamw', 'AdamW')} step with lr "
-             f"{s['lr']} per question and method, {s['torch_threads']} torch thread(s), backend "
+             f"{s['lr']} per question and method, {s['torch_threads']} torch thread{'s' * (s['torch_threads'] > 1)}, backend "
              f"`{results['backend']}`; measured on {results['machine']}. Brackets: 95 % bootstrap intervals "
              f"(`benchmarks/results/lld-study.json`).", ""]
     sec = results["seconds"]
     lines += [f"The study took {sec['total']:.0f} s of wall time and {sec['cpu']:.0f} s of CPU time on that machine "
               f"(shared with other jobs; the CPU time is about the wall time on an idle core).", ""]
     lines += _study_table(results)
+    gw = results["gwhes"]
+    k = min(gw["topk_overlap"], key=int)
+    o = gw["topk_overlap"][k]
+    lines += ["", f"GWHES (Eq. 5) ranks the questions where GRPO loses most likelihood: of the {k} questions with the "
+              f"largest GWHES, {100 * o['gwhes']:.0f} % are among the {k} with the lowest GRPO Delta (random ranking: "
+              f"{100 * o['random_mean']:.0f} % +- {100 * o['random_std']:.0f} %); Spearman correlation "
+              f"{gw['spearman_vs_grpo_delta']:.2f}. NTHR (beta = 1) selects "
+              f"{100 * results['selected_fraction']:.1f} % of the negative tokens; backend `{results['backend']}` "
+              f"selects exactly what `reference` selects on {100 * results['kernel_agreement']:.2f} % of them."]
     lines += ["", f"> {verdict(results)}", ""]
     if compared:
-        lines += ["The same study at another torch thread count on the same machine (the thread count changes "
-                  "how matrix products are split, hence the last bits of every float, hence which tokens are "
-                  "sampled once two runs diverge):", ""]
+        lines += _compared_text(results, compared) + [""]
         lines += _threads_table([results] + compared)
         lines.append("")
+    lines += [f"Per seed ({s['questions_per_seed']} questions each; a run that samples other responses, e.g. on a "
+              "CPU that rounds differently, varies like one seed against another):", ""]
+    lines += _seeds_table(results)
+    lines.append("")
     lines.append(END)
     return "\n".join(lines)
 
