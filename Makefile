@@ -3,7 +3,8 @@
 # own .venv, created on first use, so a system Python that refuses pip (PEP 668) is never touched.
 VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
-EXTRAS ?= dev  # make setup EXTRAS=dev,trl adds TRL (its tests are skipped without it); one stamp per set
+# make setup EXTRAS=dev,trl adds TRL (its tests are skipped without it); one stamp per set of extras
+EXTRAS ?= dev
 STAMP := $(VENV)/.nthr-kernels-setup-$(EXTRAS)
 
 .PHONY: setup demo test bench gpu-suite
