@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
-# One-time set-up of a fresh machine: torch (the CPU build on disk, only if no torch is importable
-# yet, so an existing CUDA torch is kept), then the package with its dev and TRL extras, then the native CPU
-# ops (optional: a machine without a compiler keeps the torch backend).
+# One-time set-up of an environment, saying what it does at each step:
+#   1. the environment: $VENV (default: the active virtual environment, else the project's .venv, created
+#      here with `python3 -m venv`, so an externally-managed system Python is never pip-installed into);
+#   2. torch==2.13.0 (the CPU build), only if no torch is importable there (an existing CUDA torch is kept);
+#   3. this package, editable, with the extras in $EXTRAS (default "dev": tests, transformers, matplotlib;
+#      the demo needs nothing more; EXTRAS=dev,trl adds TRL, whose tests are skipped without it);
+#   4. the native CPU ops (optional: a machine without a compiler keeps the torch backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    "$PY" -m pip install --quiet "torch==2.13.0"
+VENV=${VENV:-${VIRTUAL_ENV:-.venv}}
+EXTRAS=${EXTRAS:-dev}
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating the virtual environment $VENV with $(command -v python3) ($(python3 --version 2>&1))"
+    python3 -m venv "$VENV" || {
+        echo "setup: python3 -m venv failed; on Debian/Ubuntu install it with: sudo apt install python3-venv" >&2
+        exit 1
+    }
 fi
-"$PY" -m pip install --quiet -e ".[dev,trl]"
+PY="$VENV/bin/python"
+echo "setup: using $PY ($("$PY" --version 2>&1))"
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch==2.13.0 (CPU build)"
+    "$PY" -m pip install --progress-bar on "torch==2.13.0"
+else
+    echo "setup: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+fi
+echo "setup: installing nthr-kernels (editable) with the extras [$EXTRAS] and their dependencies"
+"$PY" -m pip install --progress-bar on -e ".[$EXTRAS]"
 # Build (or load from the cache) the C++ CPU ops once, so the first test or demo does not pay for it.
+echo "setup: building the native CPU ops (C++, about a minute the first time)"
 "$PY" -m nthr_kernels.ops.native_lib || echo "setup: native CPU ops not built; the torch backend serves CPU tensors"
+echo "setup: done; run Python from this environment: $PY"

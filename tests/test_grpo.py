@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -12,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nthr_kernels.grpo import (AdditionTask, CharTokenizer, ModelSpec, Rollout, build_model, collect_rollout,
-                               completion_logprobs, group_advantages, grpo_step, load_default_model,
-                               policy_loss, pretrain, token_advantages)
-from nthr_kernels.grpo.lld import lld_delta, sequence_logprobs, summarize, topk_overlap, _spearman
+from nthr_kernels.grpo import (DEFAULT_SPEC, AdditionTask, CharTokenizer, ModelSpec, Rollout, build_model,
+                               collect_rollout, completion_logprobs, group_advantages, grpo_step, load_default_model,
+                               load_weights, policy_loss, pretrain, token_advantages)
+from nthr_kernels.grpo.lld import lld_delta, sequence_logprobs, topk_overlap, _spearman
+from nthr_kernels.grpo.stats import summarize
 from nthr_kernels import nthr_advantages
 from nthr_kernels.grpo.loop import nthr_result
 from nthr_kernels.testing import logprob_variants
@@ -346,22 +348,56 @@ def test_summary_and_rank_statistics():
 
 # --- the default model ----------------------------------------------------------------------------
 
-def test_pretraining_is_deterministic_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("NTHR_KERNELS_CACHE", str(tmp_path))
+def test_pretrain_writes_weights_that_load_without_pickle(tmp_path):
+    from nthr_kernels.grpo.model import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+    from nthr_kernels.grpo.pretrain import save_weights
+
     spec = ModelSpec(n_digits=1, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, steps=3, batch_size=4, warmup=2, seed=5)
-    m1, _ = load_default_model(spec, progress=False)
-    files = list(tmp_path.glob("*.pt"))
-    assert len(files) == 1 and spec.key() in files[0].name
-    m2, _ = load_default_model(spec, progress=False)  # from the cache
+    m1 = pretrain(spec, progress=False)
+    save_weights(m1, spec, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE])
+    assert not (tmp_path / WEIGHTS_FILE).read_bytes().startswith(b"\x80")  # safetensors, not a pickle
+    m2, task, config = load_weights(tmp_path)
     m3 = pretrain(spec, progress=False)  # trained again from the seed
     for a, b, c in zip(m1.state_dict().values(), m2.state_dict().values(), m3.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight  # the tied head stays tied
+    assert config["spec_key"] == spec.key() and task.n_digits == 1
     other = ModelSpec(**{**spec.__dict__, "seed": 6})
     assert other.key() != spec.key()
     assert not torch.equal(build_model(other).lm_head.weight, build_model(spec).lm_head.weight)
-    with pytest.raises(TypeError, match="spec"):
-        load_default_model("tiny")
+    # an edited config or vocabulary is refused, a missing file named
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**cfg, "spec": {**cfg["spec"], "steps": 4}}))
+    with pytest.raises(ValueError, match="spec_key"):
+        load_weights(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    (tmp_path / TOKENIZER_FILE).write_text(json.dumps({"type": "char", "chars": "0123456789"}))
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_weights(tmp_path)
+    (tmp_path / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
+        load_weights(tmp_path)
+    with pytest.raises(TypeError, match="folder"):
+        load_weights(3)
+
+
+def test_shipped_weights_load_and_nothing_is_trained(monkeypatch):
+    import nthr_kernels.grpo.model as model_mod
+    from nthr_kernels.grpo.model import WEIGHTS_DIR
+
+    def no_training(*a, **k):
+        raise AssertionError("load_default_model must not train")
+
+    monkeypatch.setattr(model_mod, "pretrain", no_training)
+    monkeypatch.setattr(model_mod, "_pretrain", no_training)
+    before = {p: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()}
+    model, task = load_default_model(progress=False)
+    assert {p: p.stat().st_mtime_ns for p in WEIGHTS_DIR.iterdir()} == before  # nothing written
+    assert task.n_digits == DEFAULT_SPEC.n_digits
+    assert model.config.hidden_size == DEFAULT_SPEC.hidden_size
+    assert sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir()) < 8 << 20  # a few MB at most
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -380,8 +416,11 @@ def test_lld_study_validates_before_sampling(tiny):
         run_lld_study(model, task, optimizer="lion", progress=False)
     with pytest.raises(ValueError, match="lr"):
         run_lld_study(model, task, lr=-1.0, progress=False)
-    with pytest.raises(ValueError, match="n_questions"):
-        run_lld_study(model, task, n_questions=0, progress=False)
+    with pytest.raises(ValueError, match="questions_per_seed"):
+        run_lld_study(model, task, questions_per_seed=0, progress=False)
+    for bad in ([], [0, 0], [-1], (1.5,), "0"):
+        with pytest.raises(ValueError, match="seeds"):
+            run_lld_study(model, task, seeds=bad, progress=False)
 
 
 def test_highlight_marks_exactly_the_selected_tokens(tiny, rollout, tmp_path):

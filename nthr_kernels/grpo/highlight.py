@@ -2,20 +2,22 @@
 
 Selected tokens are the negative tokens whose penalty would most lower the likelihood of the group's
 correct responses; NTHR down-weights them. :func:`render_html` writes a self-contained HTML page,
-:func:`render_ansi` returns the same view with ANSI colours for a terminal.
+:func:`render_ansi` returns the same view for a terminal (ANSI colours, or brackets without them).
 """
 
 from __future__ import annotations
 
 import html
+import os
+import sys
 from pathlib import Path
-
 import torch
 
+from .files import write_text_atomic
 from .rollout import Rollout
 from .task import AdditionTask
 
-__all__ = ["highlight_groups", "render_html", "render_ansi"]
+__all__ = ["highlight_groups", "render_html", "render_ansi", "use_colour"]
 
 
 def highlight_groups(task: AdditionTask, rollout: Rollout, selected: torch.Tensor, groups=None,
@@ -73,21 +75,31 @@ def render_html(task: AdditionTask, rollout: Rollout, selected: torch.Tensor, pa
                            for t, s in r["tokens"])
             parts.append(f"<div class='r'><span class='lab'>incorrect</span>{text}</div>")
         parts.append("</div>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(path, "\n".join(parts) + "\n")
+
+
+def use_colour(stream=None) -> bool:
+    """ANSI colours only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org)."""
+    stream = sys.stdout if stream is None else stream
+    return "NO_COLOR" not in os.environ and bool(getattr(stream, "isatty", lambda: False)())
+
+
+ANSI_SELECTED, ANSI_CORRECT, ANSI_OFF = "\x1b[1;30;48;5;215m", "\x1b[32m", "\x1b[0m"
 
 
 def render_ansi(task: AdditionTask, rollout: Rollout, selected: torch.Tensor, *, groups=None,
-                max_negatives: int | None = 3) -> str:
-    """The same view for a terminal: selected tokens on an orange background, correct responses green."""
-    sel_on, ok_on, off = "\x1b[1;30;48;5;215m", "\x1b[32m", "\x1b[0m"
+                max_negatives: int | None = 3, colour: bool = True) -> str:
+    """The same view for a terminal: selected tokens on an orange background, correct responses green;
+    ``colour=False`` (a log file, ``NO_COLOR``): no escape codes, selected tokens in brackets."""
+    if not isinstance(colour, bool):
+        raise TypeError(f"colour must be a bool, got {type(colour).__name__}")
+    sel_on, ok_on, off = (ANSI_SELECTED, ANSI_CORRECT, ANSI_OFF) if colour else ("[", "", "]")
+    ok_off = off if colour else ""
     lines = []
     for k, q in enumerate(highlight_groups(task, rollout, selected, groups, max_negatives)):
         lines.append(f"question {k}: {q['prompt']}   reference {q['solution']}")
         for r in q["correct"][:1]:
-            lines.append(f"  correct    {ok_on}{''.join(t for t, _ in r['tokens'])}{off}")
+            lines.append(f"  correct    {ok_on}{''.join(t for t, _ in r['tokens'])}{ok_off}")
         for r in q["incorrect"]:
             lines.append("  incorrect  " + "".join(f"{sel_on}{t}{off}" if s else t for t, s in r["tokens"]))
     return "\n".join(lines)

@@ -23,10 +23,11 @@ import torch
 from .loop import METHODS, grpo_step, nthr_result, token_advantages
 from .model import torch_threads
 from .rollout import Rollout, collect_rollout, completion_logprobs
+from .stats import paired, summarize
 from .task import AdditionTask
 
 __all__ = ["sequence_logprobs", "lld_delta", "concat_rollouts", "collect_mixed_groups", "question_gwhes",
-           "topk_overlap", "summarize", "run_lld_study", "BETAS"]
+           "topk_overlap", "run_lld_study", "BETAS"]
 
 BETAS = (float("-inf"), 0.0, 0.1, 1.0)
 
@@ -157,38 +158,49 @@ def topk_overlap(predictor, deltas, k: int) -> float:
     return len(set(by_pred) & set(laziest)) / k
 
 
-def summarize(deltas) -> dict:
-    d = [float(x) for x in deltas]
-    return {"mean_delta": statistics.fmean(d), "median_delta": statistics.median(d),
-            "lld_fraction": sum(x <= 0 for x in d) / len(d), "deltas": d}
-
-
-def run_lld_study(model, task: AdditionTask, *, n_questions: int = 64, group_size: int = 8,
+def run_lld_study(model, task: AdditionTask, *, seeds=(0,), questions_per_seed: int = 64, group_size: int = 8,
                   temperature: float = 1.0, lr: float = 1e-4, optimizer: str = "adamw", nthr_eta=0.0,
-                  betas=BETAS, backend: str = "auto", seed: int = 0, ks=None,
-                  progress: bool = True) -> tuple[dict, Rollout]:
-    """The LLD study on ``n_questions`` mixed groups; returns ``(report, rollout of those groups)``.
+                  betas=BETAS, backend: str = "auto", ks=None, progress: bool = True) -> tuple[dict, list[Rollout]]:
+    """The LLD study on ``questions_per_seed`` mixed groups for each seed of ``seeds``; returns
+    ``(report, [rollout of each seed's groups])``.
 
     Methods: GRPO, Pos Only, GRPO + Random and GRPO + NTHR (``eta = nthr_eta``, 0 as in the paper for this
-    measurement, ``beta = 1``). Also: GWHES-vs-Delta(GRPO) top-K overlap against random ranking, a beta
+    measurement, ``beta = 1``). The questions of all seeds are pooled: per method mean and median Delta and
+    the LLD fraction with bootstrap intervals, and each method paired with GRPO question by question
+    (:mod:`nthr_kernels.grpo.stats`). Also: GWHES-vs-Delta(GRPO) top-K overlap against random ranking, a beta
     ablation of NTHR (same eta), the agreement of ``backend`` with ``backend="reference"`` on the
-    selected tokens, and the time of one ``nthr_advantages`` call on the whole batch.
+    selected tokens, and the time of one ``nthr_advantages`` call on a seed's batch.
     """
     _make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], 1.0)  # fail before sampling, not after
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive finite float, got {lr!r}")
-    if not isinstance(n_questions, int) or n_questions < 1:
-        raise ValueError(f"n_questions must be a positive int, got {n_questions!r}")
-    with torch_threads():
-        return _run_lld_study(model, task, n_questions, group_size, temperature, lr, optimizer, nthr_eta, betas,
-                              backend, seed, ks, progress)
+    if not isinstance(questions_per_seed, int) or isinstance(questions_per_seed, bool) or questions_per_seed < 1:
+        raise ValueError(f"questions_per_seed must be a positive int, got {questions_per_seed!r}")
+    seeds = list(seeds) if isinstance(seeds, (list, tuple)) else seeds
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ValueError(f"seeds must be a non-empty list of distinct non-negative ints, got {seeds!r}")
+    with torch_threads() as threads:
+        per_seed = [_measure_seed(model, task, s, questions_per_seed, group_size, temperature, lr, optimizer,
+                                  nthr_eta, betas, backend, progress) for s in seeds]
+    report = _pool(per_seed, ks)
+    report["setup"] = {"group_size": group_size, "temperature": temperature, "optimizer": optimizer, "lr": lr,
+                       "nthr_eta": nthr_eta, "nthr_beta": 1.0, "seeds": seeds, "questions_per_seed": questions_per_seed,
+                       "torch_threads": threads.n,
+                       **{k: sum(p["setup"][k] for p in per_seed)
+                          for k in ("tokens", "negative_tokens", "questions_sampled", "mixed_found")},
+                       "sample_accuracy": statistics.fmean(p["setup"]["sample_accuracy"] for p in per_seed)}
+    report["backend"] = per_seed[0]["backend"]
+    report["backend_requested"] = backend
+    return report, [p["rollout"] for p in per_seed]
 
 
-def _run_lld_study(model, task, n_questions, group_size, temperature, lr, optimizer, nthr_eta, betas, backend,
-                   seed, ks, progress):
+def _measure_seed(model, task, seed, n_questions, group_size, temperature, lr, optimizer, nthr_eta, betas, backend,
+                  progress) -> dict:
+    """One seed: sample its mixed groups, then Delta(x) of every method and beta on every question."""
     from tqdm.auto import tqdm
 
-    from nthr_kernels import available_backends
+    from nthr_kernels.registry import resolve
 
     t_start = time.perf_counter()
     ro, stats = collect_mixed_groups(model, task, n_questions, group_size=group_size, temperature=temperature,
@@ -205,26 +217,25 @@ def _run_lld_study(model, task, n_questions, group_size, temperature, lr, optimi
     ablation_adv, ablation_sel = {}, {}
     for b in betas:
         res = nthr_result(model, ro, eta=nthr_eta, beta=b, backend=backend)
-        ablation_adv[b], ablation_sel[b] = res.token_advantages.float(), res.selected
+        ablation_adv[b], ablation_sel[b] = res.token_advantages.float(), int(res.selected.sum())
 
-    # the kernels on the real model's hidden states: default backend vs float64 reference
+    # the kernels on the real model's hidden states: the backend vs the float64 reference
     res_fast = nthr_result(model, ro, eta=nthr_eta, backend=backend)
     res_ref = nthr_result(model, ro, eta=nthr_eta, backend="reference")
     agree = (res_fast.selected == res_ref.selected)[neg_tok]
-    kernel_agreement = float(agree.float().mean()) if agree.numel() else 1.0
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
         nthr_result(model, ro, backend=backend)
         times.append(time.perf_counter() - t0)
-    nthr_ms = 1e3 * statistics.median(times)
 
     # one update per question and method
     deltas = {m: [] for m in METHODS}
     abl = {b: [] for b in betas}
     gw = []
     G = group_size
-    for q in tqdm(range(n), desc="LLD: one update per question and method", disable=not progress, leave=False):
+    for q in tqdm(range(n), desc=f"LLD seed {seed}: one update per question and method", disable=not progress,
+                  leave=False):
         sub = ro.select_groups([q])
         rows = slice(q * G, (q + 1) * G)
         before = sequence_logprobs(model, sub)
@@ -243,34 +254,50 @@ def _run_lld_study(model, task, n_questions, group_size, temperature, lr, optimi
         for b in betas:
             abl[b].append(delta(ablation_adv[b][rows]))
         gw.append(question_gwhes(model, ro, q))
-    t_updates = time.perf_counter()
+    return {"seed": seed, "rollout": ro, "deltas": deltas, "ablation": abl, "ablation_selected": ablation_sel,
+            "gwhes": gw, "agree": int(agree.sum()), "selected": int(res_fast.selected.sum()),
+            "backend": resolve(backend, ro.hidden.device), "nthr_ms": 1e3 * statistics.median(times),
+            "setup": {"tokens": int(ro.mask.sum()), "negative_tokens": int(neg_tok.sum()), **stats},
+            "seconds": {"sampling": t_sampled - t_start, "updates": time.perf_counter() - t_sampled}}
 
+
+def _pool(per_seed: list[dict], ks) -> dict:
+    """The report over the questions of every seed (see :func:`run_lld_study`)."""
+    from nthr_kernels import available_backends
+
+    pool = lambda get: [x for p in per_seed for x in get(p)]  # noqa: E731
+    deltas = {m: pool(lambda p: p["deltas"][m]) for m in METHODS}
+    betas = list(per_seed[0]["ablation"])
+    gw = pool(lambda p: p["gwhes"])
+    n = len(gw)
+    n_neg = max(1, sum(p["setup"]["negative_tokens"] for p in per_seed))
     ks = sorted({k for k in (ks or (max(1, n // 8), max(1, n // 4), max(1, n // 2))) if 1 <= k <= n})
-    rng = torch.Generator().manual_seed(seed + 2)
+    rng = torch.Generator().manual_seed(per_seed[0]["seed"] + 2)
     overlap = {}
     for k in ks:
         rand = [topk_overlap(torch.rand(n, generator=rng).tolist(), deltas["grpo"], k) for _ in range(1000)]
         overlap[str(k)] = {"gwhes": topk_overlap(gw, deltas["grpo"], k), "random_expected": k / n,
                            "random_mean": statistics.fmean(rand), "random_std": statistics.pstdev(rand)}
-    n_neg = max(1, int(neg_tok.sum()))
-    report = {
+    grpo = deltas["grpo"]
+    return {
         "questions": n,
+        "seeds": [p["seed"] for p in per_seed],
         "methods": {m: summarize(deltas[m]) for m in METHODS},
-        "kernel_agreement": kernel_agreement,
-        "nthr_ms": nthr_ms,
-        "backend": backend,
+        "paired_vs_grpo": {m: paired(deltas[m], grpo) for m in METHODS if m != "grpo"},
+        "per_seed": {str(p["seed"]): {m: {"lld_fraction": sum(x <= 0 for x in p["deltas"][m]) / len(p["deltas"][m]),
+                                          "mean_delta": statistics.fmean(p["deltas"][m])} for m in METHODS}
+                     for p in per_seed},
+        "kernel_agreement": sum(p["agree"] for p in per_seed) / n_neg,
+        "nthr_ms": statistics.median(p["nthr_ms"] for p in per_seed),
         "available_backends": available_backends(),
-        "selected_fraction": float(res_fast.selected.sum()) / n_neg,
-        "beta_ablation": {str(b): {**summarize(abl[b]), "selected_fraction": float(ablation_sel[b].sum()) / n_neg}
+        "selected_fraction": sum(p["selected"] for p in per_seed) / n_neg,
+        "beta_ablation": {str(b): {**summarize(pool(lambda p: p["ablation"][b])),
+                                   "paired_vs_grpo": paired(pool(lambda p: p["ablation"][b]), grpo),
+                                   "selected_fraction": sum(p["ablation_selected"][b] for p in per_seed) / n_neg}
                           for b in betas},
-        "gwhes": {"scores": gw, "topk_overlap": overlap,
-                  "spearman_vs_grpo_delta": _spearman(gw, deltas["grpo"])},
-        "setup": {"group_size": group_size, "temperature": temperature, "optimizer": optimizer, "lr": lr,
-                  "nthr_eta": nthr_eta, "nthr_beta": 1.0, "seed": seed, "tokens": int(ro.mask.sum()),
-                  "negative_tokens": n_neg, **stats},
-        "seconds": {"sampling": t_sampled - t_start, "updates": t_updates - t_sampled},
+        "gwhes": {"scores": gw, "topk_overlap": overlap, "spearman_vs_grpo_delta": _spearman(gw, grpo)},
+        "seconds": {k: sum(p["seconds"][k] for p in per_seed) for k in ("sampling", "updates")},
     }
-    return report, ro
 
 
 def _spearman(x, y) -> float:

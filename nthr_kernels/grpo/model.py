@@ -1,10 +1,10 @@
-"""The embedded default model: a tiny Qwen2 built from a config and pretrained here, on CPU.
+"""The embedded default model: a tiny Qwen2 whose weights ship in the package (``grpo/weights/``).
 
-Nothing is downloaded. :func:`load_default_model` trains the model on the synthetic addition task
-(:mod:`nthr_kernels.grpo.task`) the first time and caches the weights under
-``$NTHR_KERNELS_CACHE`` (default ``$XDG_CACHE_HOME/nthr_kernels`` or ``~/.cache/nthr_kernels``).
-The cache key is a hash of everything that determines the weights (architecture, task, training
-hyper-parameters, seed), so a changed recipe never loads stale weights.
+Nothing is downloaded and nothing is trained on use: :func:`load_default_model` reads
+``weights/model.safetensors`` (no pickle), checks ``weights/config.json`` (the recipe that made it) and
+``weights/tokenizer.json`` (the vocabulary) against the code, and returns the model. The weights were
+made by ``python -m nthr_kernels.grpo.pretrain`` (:mod:`nthr_kernels.grpo.pretrain`), which runs
+:func:`pretrain` on :data:`DEFAULT_SPEC` and writes the three files; rerun it after changing the recipe.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,10 +19,12 @@ import torch
 
 from .task import AdditionTask
 
-__all__ = ["ModelSpec", "DEFAULT_SPEC", "QUICK_SPEC", "build_model", "pretrain", "load_default_model", "cache_dir",
-           "torch_threads"]
+__all__ = ["ModelSpec", "DEFAULT_SPEC", "WEIGHTS_DIR", "build_model", "pretrain", "load_default_model",
+           "load_weights", "torch_threads"]
 
 _RECIPE_VERSION = 1
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ class ModelSpec:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    # Stopped part-way on purpose: at ~300 steps the sampled accuracy (T = 1) is about 40-50 %, so most
-    # groups of 8 responses are mixed, which is what the LLD study needs. Trained longer, it reaches ~98 %.
+    # Stopped part-way on purpose: after 300 steps the shipped weights answer about a quarter of the sampled
+    # questions right (T = 1; "sample_accuracy" in benchmarks/results/lld-study.json), so many groups of 8
+    # responses are mixed, which is what the LLD study needs. Trained longer, it reaches ~98 %.
     steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
@@ -52,10 +53,6 @@ class ModelSpec:
 
 
 DEFAULT_SPEC = ModelSpec()
-# Small enough to train in a few seconds; used by the demo's quick mode and by tests.
-QUICK_SPEC = ModelSpec(n_digits=2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, steps=400, batch_size=64, lr=3e-3,
-                       warmup=25)
 
 
 class torch_threads:
@@ -78,14 +75,6 @@ class torch_threads:
     def __exit__(self, *exc):
         torch.set_num_threads(self.prev)
         return False
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("NTHR_KERNELS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nthr_kernels"
 
 
 def build_model(spec: ModelSpec, seed: int | None = None):
@@ -119,7 +108,8 @@ def build_model(spec: ModelSpec, seed: int | None = None):
 
 
 def pretrain(spec: ModelSpec, *, progress: bool = True, desc: str = "pretraining tiny Qwen2"):
-    """Supervised pretraining on worked solutions; returns the model (deterministic from the seed)."""
+    """Supervised pretraining on worked solutions; returns the model (deterministic from the seed on a
+    given machine; another CPU may round differently, which is why the default weights are shipped)."""
     with torch_threads():
         return _pretrain(spec, progress, desc)
 
@@ -150,31 +140,42 @@ def _pretrain(spec: ModelSpec, progress: bool, desc: str):
     return model
 
 
-def load_default_model(spec: ModelSpec = DEFAULT_SPEC, *, cache: bool = True, progress: bool = True):
-    """Return ``(model, task)``: the cached pretrained model, training (and caching) it if needed."""
-    if not isinstance(spec, ModelSpec):
-        raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+def load_weights(folder) -> tuple[torch.nn.Module, AdditionTask, dict]:
+    """``(model, task, config)`` from a weights folder written by :mod:`nthr_kernels.grpo.pretrain`.
+
+    Checks that the recorded spec hashes to the recorded key and that the tokenizer definition is the
+    code's; loads the tensors with ``safetensors`` (no pickle), every parameter required.
+    """
+    from safetensors.torch import load_model
+
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path, got {type(folder).__name__}")
+    folder = Path(folder)
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"weights folder {folder} lacks {missing}: run python -m nthr_kernels.grpo.pretrain")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    spec = ModelSpec(**config["spec"])
+    if spec.key() != config["spec_key"]:
+        raise ValueError(f"{folder / CONFIG_FILE}: spec_key {config['spec_key']} does not match the spec "
+                         f"({spec.key()}); the file was edited or the recipe version changed")
     task = AdditionTask(spec.n_digits)
-    path = cache_dir() / f"tiny-qwen2-addition-{spec.key()}.pt"
-    if cache and path.is_file():
-        model = build_model(spec)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        model.eval()
-        return model, task
-    t0 = time.perf_counter()
-    model = pretrain(spec, progress=progress)
-    elapsed = time.perf_counter() - t0
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"model": model.state_dict(), "spec": asdict(spec), "train_seconds": elapsed}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        if progress:
-            print(f"[nthr_kernels] pretrained the default model in {elapsed:.0f} s; cached at {path}")
+    shipped_tok = json.loads((folder / TOKENIZER_FILE).read_text())
+    if shipped_tok != task.tokenizer.definition():
+        raise ValueError(f"{folder / TOKENIZER_FILE} differs from the code's CharTokenizer: regenerate the weights")
+    model = build_model(spec)
+    load_model(model, str(folder / WEIGHTS_FILE), strict=True)
+    model.eval()
+    return model, task, config
+
+
+def load_default_model(*, progress: bool = True):
+    """Return ``(model, task)``: the shipped pretrained model (:data:`DEFAULT_SPEC`). Trains nothing."""
+    model, task, config = load_weights(WEIGHTS_DIR)
+    if config["spec_key"] != DEFAULT_SPEC.key():
+        raise ValueError(f"the shipped weights were made with spec {config['spec']}, not DEFAULT_SPEC: "
+                         f"run python -m nthr_kernels.grpo.pretrain")
+    if progress:
+        print(f"[nthr_kernels] loaded the embedded tiny Qwen2 ({sum(p.numel() for p in model.parameters())} "
+              f"parameters) from {WEIGHTS_DIR / WEIGHTS_FILE}")
     return model, task

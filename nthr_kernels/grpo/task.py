@@ -39,6 +39,11 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.itos)
 
+    def definition(self) -> dict:
+        """The vocabulary as plain data (shipped beside the weights as ``tokenizer.json``)."""
+        return {"type": "char", "specials": list(self.SPECIALS), "chars": self.CHARS,
+                "pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")

@@ -1,0 +1,42 @@
+"""Atomic output files: written to a temporary file in the destination's folder, then ``os.replace``.
+
+A reader never sees a half-written file, an interrupted run leaves the old file in place, and a
+symlink already sitting at the destination is replaced, never followed (``os.replace`` renames over
+the link itself), so an output path cannot be used to overwrite some other file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_path", "write_text_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """``with atomic_path(p) as tmp: write(tmp)``: ``tmp`` becomes ``p`` only if the block succeeds."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or path, got {type(path).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
