@@ -131,10 +131,10 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
     x0 = _info(rows[0])
     lines = [f"### {x0['shape_text']}", ""]
     adv = {_info(r)["logprobs"]: _info(r) for r in rows if _info(r)["op"] == "nthr_advantages"}
-    cpu = rates.get("cpu")
     if True in adv:
         a = adv[True]
-        ms = (lambda f: f" = {_ms(1e3 * f / cpu['rate'])} ms at the sgemm rate") if cpu else (lambda f: "")
+        unit = rates.get(a["device"])
+        ms = (lambda f: f" = {_ms(1e3 * f / unit['rate'])} ms at the matrix rate") if unit else (lambda f: "")
         lines.append(
             f"FLOP floor with old log-probs (`sum_g 2 |V*| d (2T + T+)`, every token scored): "
             f"{a['floor_flops'] / 1e9:.2f} GFLOP{ms(a['floor_flops'])}. The algorithm with "

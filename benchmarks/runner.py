@@ -1,14 +1,15 @@
 """The one benchmark runner: a benchmarked op is a setup function and a list of providers, nothing else.
 
-An :class:`Op` says how to build its inputs from a shape's synthetic batch (``setup``), which implementations to time
-(``providers``: backends, the naive baseline), how to check an output against the float64 reference
-(``reference`` + ``check``) and how many FLOPs its floor and its algorithm need (``flops``).
-:func:`measure` does the rest for every case, identically: the inputs (built once per shape and
-device; the batch of a shape is shared by every op), timing through pytest-benchmark (``ROUNDS``: warm-up and measured rounds, the same for every
-row of a shape), the correctness check of the timed output, the peak scratch of one more call, and the
-record in ``benchmark.extra_info`` from which ``benchmarks/report.py`` builds the summary table, the
-JSON (pytest-benchmark's own ``--benchmark-json``), the markdown and the chart. :func:`time_call`,
-:func:`peak_scratch` and :func:`matmul_flops` serve scripts outside pytest (the GPU suite) alike.
+An :class:`Op` says how to build its inputs from a shape's synthetic batch (``setup``), which
+implementations to time (``providers``: backends, the naive baseline), how to check an output against
+the float64 reference (``reference`` + ``check``) and how many FLOPs its floor and its algorithm need
+(``flops``). :func:`measure` does the rest for every case, identically: the inputs (one batch per
+shape and device, shared by every op), timing through pytest-benchmark (``ROUNDS``: measured and
+warm-up rounds, the same for every row of a shape), the correctness check of the timed output, the
+peak scratch of one more call, and the record in ``benchmark.extra_info`` from which
+``benchmarks/report.py`` builds the summary table, the JSON (pytest-benchmark's own
+``--benchmark-json``), the markdown and the chart. :func:`time_call`, :func:`synced`,
+:func:`peak_scratch` and :func:`matmul_operands` serve scripts outside pytest (the GPU suite) alike.
 """
 from __future__ import annotations
 
@@ -216,12 +217,13 @@ def measure(benchmark, session: Session, op: Op, case: Case) -> Any:
     fn = synced(prov.call(inputs, case.with_logprobs), prov.device)
     rounds, warmup = session.rounds(case.shape)
     benchmark.group = f"{op.name} {case.shape}"
+    timed = lambda: benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)  # noqa: E731
     if session.smoke:  # pytest-benchmark calls fn once: that call's peak is the peak scratch
         outs = []
-        peak = peak_scratch(lambda: outs.append(benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup)), prov.device)
+        peak = peak_scratch(lambda: outs.append(timed()), prov.device)
         out = outs[0]
     else:
-        out = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        out = timed()
         peak = peak_scratch(fn, prov.device)
     op.check(to_cpu(out), session.reference(op, case.shape), session.inputs(op, case.shape))
     shape = session.shape(case.shape)
