@@ -276,7 +276,8 @@ def chart(records: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(len(shapes), 1, figsize=(9, 0.45 * len(records) + 1.5), squeeze=False)
     for ax, s in zip(axes[:, 0], shapes):
         rows = [r for r in records if _info(r).get("shape") == s and "floor_flops" in _info(r)]
-        labels = [f"{_info(r)['op']} {_info(r)['backend']} ({_lp_text(_info(r))})" for r in rows]
+        words = {"given": ", old log-probs", "none": ", no old log-probs", "ignored": ", computes the normaliser", "-": ""}
+        labels = [f"{_info(r)['op']} {_info(r)['backend']}{words[_lp_text(_info(r))]}" for r in rows]
         med = [1e3 * r["stats"]["median"] for r in rows]
         floor = [1e3 * _info(r)["floor_flops"] / rates[_info(r)["device"]]["rate"] if _info(r)["device"] in rates
                  else 0.0 for r in rows]
@@ -287,7 +288,7 @@ def chart(records: list[dict], out: Path) -> None:
         ax.set_xscale("log")
         ax.invert_yaxis()
         ax.set_xlabel("ms (log scale)")
-        ax.set_title(_info(rows[0])["shape_text"], fontsize=9)
+        ax.set_title(f"{_info(rows[0])['shape_text']}, {_info(rows[0])['threads']} threads", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
