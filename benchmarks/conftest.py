@@ -4,7 +4,8 @@ machine information stored with the JSON, and the summary printed at the end.
 ``NTHR_BENCH_THREADS=k`` sets torch's CPU thread count for the whole run (every suite, the GRPO step
 included). ``--shapes=medium`` (comma-separated) keeps only the cases of those shapes. Under
 ``--benchmark-disable`` (the CI smoke run) every body runs once on shapes reduced to
-``runner.SMOKE_GROUPS`` groups and no summary is printed.
+``runner.SMOKE_GROUPS`` groups and no summary is printed. With ``--benchmark-json=FILE`` the bar
+chart of time vs floor is written beside it (``FILE`` with the suffix ``.png``).
 """
 from __future__ import annotations
 
@@ -89,3 +90,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("nthr-kernels benchmark summary")
         for line in report.summary(records, report.machine_info(_LOAD_AT_START)).splitlines():
             terminalreporter.write_line(line)
+        if bs.json:  # the chart beside pytest-benchmark's JSON
+            png = Path(bs.json).with_suffix(".png")
+            report.chart(records, png)
+            terminalreporter.write_line(f"Chart of time vs floor: {png}")
