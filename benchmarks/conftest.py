@@ -1,26 +1,30 @@
-"""Shared fixtures of the benchmark suites: cached batches and an end-of-session timing table.
+"""pytest wiring of the benchmark suites: thread count, shape selection, the shared runner session, the
+machine information stored with the JSON, and the summary printed at the end.
 
-Under ``--benchmark-disable`` (the CI smoke run) every benchmark body runs once, and the shapes are
-reduced to a few groups (``SMOKE_GROUPS``) so the whole suite takes seconds; the timing table is only
-printed when benchmarks are enabled. ``NTHR_BENCH_THREADS=k`` sets torch's CPU thread count (on a
-shared, loaded machine one thread gives steadier ratios than several).
+``NTHR_BENCH_THREADS=k`` sets torch's CPU thread count for the whole run (every suite, the GRPO step
+included). ``--shapes=medium`` (comma-separated) keeps only the cases of those shapes. Under
+``--benchmark-disable`` (the CI smoke run) every body runs once on shapes reduced to
+``runner.SMOKE_GROUPS`` groups and no summary is printed. With ``--benchmark-json=FILE`` the bar
+chart of time vs floor is written beside it (``FILE`` with the suffix ``.png``).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` importable from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*`, `tests.*` importable
 
-from benchmarks.shapes import SHAPES, Shape  # noqa: E402
-from nthr_kernels.demo_synthetic import machine_description  # noqa: E402
+from benchmarks import report, runner  # noqa: E402
+from benchmarks.shapes import SHAPES  # noqa: E402
 
-SMOKE_GROUPS = 2
-_ROWS: list[dict] = []  # filled by the `record` fixture, printed by pytest_terminal_summary
+_LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shapes", default=None, help="comma-separated benchmark shapes to keep (default: all)")
 
 
 def pytest_configure(config):
@@ -31,74 +35,62 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
+def pytest_collection_modifyitems(config, items):
+    keep = config.getoption("shapes")
+    if not keep:
+        return
+    keep = set(keep.split(","))
+    unknown = keep - set(SHAPES)
+    if unknown:
+        raise pytest.UsageError(f"--shapes: unknown shape(s) {sorted(unknown)}; known: {sorted(SHAPES)}")
+    drop = [it for it in items if isinstance(getattr(getattr(it, "callspec", None), "params", {}).get("case"), runner.Case)
+            and it.callspec.params["case"].shape not in keep]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [it for it in items if it not in drop]
+
+
 def _disabled(config) -> bool:
     return bool(config.getoption("benchmark_disable", False))
 
 
 @pytest.fixture(scope="session")
-def smoke(pytestconfig) -> bool:
-    return _disabled(pytestconfig)
-
-
-@pytest.fixture(scope="session")
-def shape_of(smoke):
-    """``shape_of(name)``: the named shape, reduced to ``SMOKE_GROUPS`` groups in smoke runs."""
-
-    def get(name: str) -> Shape:
-        s = SHAPES[name]
-        return dataclasses.replace(s, n_groups=min(s.n_groups, SMOKE_GROUPS)) if smoke else s
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def batch_of(shape_of):
-    """``batch_of(name)``: the synthetic batch of a shape, built once per session."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = shape_of(name).batch()
-        return cache[name]
-
-    return get
+def bench_session(pytestconfig) -> runner.Session:
+    return runner.Session(smoke=_disabled(pytestconfig), shapes=SHAPES)
 
 
 @pytest.fixture
 def record(benchmark):
-    """``record(suite, shape, impl, flops)`` after the benchmark ran: keeps its median for the table."""
+    """``record(op, shape, backend, floor_flops)`` for suites that time on their own (test_gpu.py): the
+    row joins the summary, on CUDA, with old log-probs."""
 
-    def add(suite: str, shape: str, impl: str, flops: int) -> None:
-        if benchmark.enabled and benchmark.stats is not None:
-            _ROWS.append(dict(suite=suite, shape=shape, impl=impl, flops=flops, median=benchmark.stats.stats.median))
+    def add(op: str, shape: str, backend: str, flops: int) -> None:
+        import torch
+
+        benchmark.extra_info.update(op=op, shape=shape, shape_text=shape, backend=backend, device="cuda",
+                                    logprobs=True, rounds=len(benchmark.stats.stats.data) if benchmark.stats else 1,
+                                    warmup=1, threads=torch.get_num_threads(), peak_scratch_bytes=None,
+                                    floor_flops=flops, algorithm_flops=flops)
 
     return add
 
 
-# ratios printed per shape: (suite, label, numerator impl, denominator impl, target text)
-RATIOS = (
-    ("nthr_advantages", "naive / torch with old_logprobs (speed-up)", "naive", "torch+logprobs", ">= 3 at medium"),
-    ("nthr_advantages", "torch without old_logprobs / naive (slow-down)", "torch", "naive", "<= 1.25 at medium"),
-    ("score_tokens", "naive / torch (speed-up)", "naive", "torch", None),
-)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["nthr"] = report.machine_info(_LOAD_AT_START)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables: the run ends with this summary
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if _disabled(config) or not _ROWS:
+    bs = getattr(config, "_benchmarksession", None)
+    if _disabled(config) or bs is None or not bs.benchmarks:
         return
-    tr = terminalreporter
-    tr.section("nthr-kernels CPU benchmarks (median per call)")
-    tr.write_line(machine_description())
-    tr.write_line(f"{'suite':16s} {'shape':8s} {'impl':22s} {'median ms':>11s} {'floor GFLOP':>12s} {'GFLOP/s':>9s}")
-    for r in _ROWS:
-        gf = r["flops"] / 1e9
-        tr.write_line(
-            f"{r['suite']:16s} {r['shape']:8s} {r['impl']:22s} {1e3 * r['median']:11.2f} {gf:12.3f} {gf / r['median']:9.2f}"
-        )
-    med = {(r["suite"], r["shape"], r["impl"]): r["median"] for r in _ROWS}
-    for shape in dict.fromkeys(r["shape"] for r in _ROWS):
-        for suite, label, num, den, target in RATIOS:
-            a, b = med.get((suite, shape, num)), med.get((suite, shape, den))
-            if a is not None and b is not None:
-                aim = f"  (target {target})" if target else ""
-                tr.write_line(f"ratio {shape:8s} {suite}: {label} = {a / b:.2f}{aim}")
+    records = [b.as_dict(include_data=False) for b in bs.benchmarks if not b.has_error]
+    records = [r for r in records if "op" in r["extra_info"]]
+    if records:
+        terminalreporter.section("nthr-kernels benchmark summary")
+        for line in report.summary(records, report.machine_info(_LOAD_AT_START)).splitlines():
+            terminalreporter.write_line(line)
+        if bs.json:  # the chart beside pytest-benchmark's JSON
+            png = Path(bs.json).with_suffix(".png")
+            report.chart(records, png)
+            terminalreporter.write_line(f"Chart of time vs floor: {png}")

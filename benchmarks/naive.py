@@ -13,7 +13,9 @@ For each prompt group, in a Python loop:
    selection of the negative tokens with ``s > tau`` and token advantages.
 
 It computes the same function as :func:`nthr_kernels.nthr_advantages` with ``anchor="all"``, takes the
-same inputs (padded layout, ``group_size``) and is honest: float32 matmuls, vectorised within a group,
+same inputs (padded layout, ``group_size``) and returns the same fields (it scores every token, as the
+public implementation does; with ``score_positive=False`` the positive tokens' scores read 0, the
+library's rule). It is honest: float32 matmuls, vectorised within a group,
 no artificial slow-downs. It exists to be measured against.
 """
 from __future__ import annotations
@@ -33,8 +35,10 @@ class NaiveResult(NamedTuple):
     token_advantages: torch.Tensor  # [R, L] float32, 0 at padding
     selected: torch.Tensor  # [R, L] bool
     scores: torch.Tensor  # [R, L] float32, 0 outside active groups
+    group_ids: torch.Tensor  # [n_groups] int64, 0 .. n_groups - 1
     tau: torch.Tensor  # [n_groups] float32, NaN when inactive
     eta: torch.Tensor  # [n_groups] float32, 1.0 when inactive
+    active: torch.Tensor  # [n_groups] bool: mixed, with a positive token
 
 
 def _log_z_and_vstar_logits(h: torch.Tensor, w: torch.Tensor, vstar: torch.Tensor, temperature: float):
@@ -65,6 +69,7 @@ def naive_nthr(
     beta: float = 1.0,
     eta: EtaSpec = "2|0.5-p|",
     reward_threshold: float = 0.5,
+    score_positive: bool = False,
 ) -> NaiveResult:
     """NTHR (``anchor="all"``) for a padded batch ``hidden [R, L, d]``, ``token_ids [R, L]``, one group
     loop iteration at a time. Same keywords as :func:`nthr_kernels.nthr_advantages`."""
@@ -84,6 +89,7 @@ def naive_nthr(
         n_groups = n_resp // group_size
         tau_g = torch.full((n_groups,), math.nan, dtype=torch.float32)
         eta_g = torch.ones(n_groups, dtype=torch.float32)
+        active = torch.zeros(n_groups, dtype=torch.bool)
         for g in range(n_groups):
             r0, r1 = g * group_size, (g + 1) * group_size
             m = mask[r0:r1]
@@ -111,12 +117,14 @@ def naive_nthr(
             tau32 = torch.tensor(tau, dtype=torch.float32, device=dev)
             sel = ~tok_pos & (s > tau32)
             a = adv[r0:r1][resp]
-            scores[r0:r1][m] = s
+            scores[r0:r1][m] = s if score_positive else torch.where(tok_pos, torch.zeros_like(s), s)
             selected[r0:r1][m] = sel
             token_adv[r0:r1][m] = torch.where(sel, a * e, a)
             tau_g[g] = tau
             eta_g[g] = e
-        return NaiveResult(token_adv, selected, scores, tau_g.to(dev), eta_g.to(dev))
+            active[g] = True
+        return NaiveResult(token_adv, selected, scores, torch.arange(n_groups, device=dev), tau_g.to(dev),
+                           eta_g.to(dev), active.to(dev))
 
 
 def naive_nthr_on(rb, *, with_logprobs: bool = True, **kw) -> NaiveResult:

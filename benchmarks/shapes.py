@@ -1,9 +1,15 @@
-"""Named benchmark shapes, shared by the CPU suite (``test_nthr_cpu.py``), the GPU suite and the demo.
+"""Named benchmark shapes and their FLOP counts, shared by the CPU suites and the GPU suite.
 
 ``small`` and ``medium`` run on CPU; ``qwen1.5b-step`` is a GPU shape (a Qwen2.5-1.5B GRPO step: bf16,
-|V| = 151936) and must not be built on CPU. FLOP floors follow ``docs/NTHR.md``: per active group
-``2 |V*| d (2 T + T+)`` (errors on ``V*`` for every token, ``M`` from the positive tokens, ``g_t^T M``),
-plus ``2 N |V| d`` for the full-vocabulary normaliser when no ``old_logprobs`` are given.
+|V| = 151936) and must not be built on CPU. FLOP counts (the quantities of ``docs/NTHR.md``), per
+active group with ``T`` tokens, ``T+`` of them in positive responses, ``T- = T - T+``:
+
+- the floor: ``2 |V*| d (2 T + T+)``, scoring every token the factored way (errors on ``V*`` for every
+  token, ``M`` from the positive tokens, ``g_t^T M`` for every token);
+- the algorithm run with ``score_positive=False`` (the default): ``2 |V*| d (T + T+ + T-)`` (errors,
+  ``M = sum_i N_i``, ``g_t^T M`` for the negative tokens only) plus ``2 n+ |V*| d`` for the anchors
+  ``<M, N_i>`` of the ``n+`` positive responses;
+- without ``old_logprobs`` both add ``2 N |V| d`` for the full-vocabulary normaliser.
 """
 from __future__ import annotations
 
@@ -66,9 +72,14 @@ class Work:
     n_active_tokens: int
     score_flops: int  # sum over active groups of 2 |V*| d (2 T + T+)
     lse_flops: int  # 2 N |V| d over the active tokens (the full normaliser)
+    algorithm_score_flops: int = 0  # sum over active groups of 2 |V*| d (T + T+ + T-) + 2 n+ |V*| d
 
     def floor(self, with_logprobs: bool) -> int:
         return self.score_flops + (0 if with_logprobs else self.lse_flops)
+
+    def algorithm(self, with_logprobs: bool) -> int:
+        """FLOPs of the algorithm with ``score_positive=False`` (positive tokens not scored one by one)."""
+        return self.algorithm_score_flops + (0 if with_logprobs else self.lse_flops)
 
 
 def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
@@ -85,7 +96,7 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
         resp_ids = [ids[r][mask[r]] for r in range(ids.shape[0])]
     positive = (rb.rewards.cpu().double() > reward_threshold).tolist()
     g_size = rb.group_size
-    n_act = score = 0
+    n_act = score = algorithm = 0
     for g in range(len(resp_ids) // g_size):
         rs = range(g * g_size, (g + 1) * g_size)
         n_pos = sum(positive[r] for r in rs)
@@ -96,4 +107,5 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
         v_star = torch.unique(torch.cat([resp_ids[r] for r in rs])).numel()
         n_act += t
         score += 2 * v_star * d * (2 * t + t_pos)
-    return Work(n_act, score, 2 * n_act * vocab * d)
+        algorithm += 2 * v_star * d * (t + t_pos + (t - t_pos)) + 2 * n_pos * v_star * d
+    return Work(n_act, score, 2 * n_act * vocab * d, algorithm)

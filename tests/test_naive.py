@@ -10,17 +10,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _helpers import assert_matches_reference  # noqa: E402
 from benchmarks.naive import naive_nthr_on, naive_score_tokens  # noqa: E402
 from nthr_kernels import nthr_advantages, prediction_errors, score_tokens  # noqa: E402
 from nthr_kernels.synthetic import make_batch  # noqa: E402
 
 
-def _compare(rb, *, with_logprobs=True, **kw):
+def _compare(rb, *, with_logprobs=True, score_positive=True, **kw):
     ref = nthr_advantages(
-        rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="reference", score_positive=True,
+        rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="reference", score_positive=score_positive,
         **rb.kwargs(with_logprobs=with_logprobs), **kw,
     )
-    nv = naive_nthr_on(rb, with_logprobs=with_logprobs, **kw)
+    nv = naive_nthr_on(rb, with_logprobs=with_logprobs, score_positive=score_positive, **kw)
+    # the benchmark's check (benchmarks/test_nthr_advantages.py): the fields of the library's result
+    assert_matches_reference(nv, ref, rb)
     scale = float(ref.scores.abs().max()) or 1.0
     assert torch.allclose(nv.scores, ref.scores, rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(nv.tau, ref.tau, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
@@ -34,12 +37,14 @@ def _compare(rb, *, with_logprobs=True, **kw):
     return ref
 
 
-@pytest.mark.parametrize("with_logprobs", [True, False])
-@pytest.mark.parametrize("holes", [False, True])
-def test_naive_matches_reference(with_logprobs, holes):
+@pytest.mark.parametrize("score_positive", [True, False], ids=["score-positive", "negative-only"])
+@pytest.mark.parametrize("with_logprobs", [True, False], ids=["logprobs", "no-logprobs"])
+@pytest.mark.parametrize("holes", [False, True], ids=["dense", "holes"])
+def test_naive_matches_reference(with_logprobs, holes, score_positive):
     rb = make_batch(5, 6, (0, 20), 16, 97, seed=3, holes=holes)
-    ref = _compare(rb, with_logprobs=with_logprobs)
+    ref = _compare(rb, with_logprobs=with_logprobs, score_positive=score_positive)
     assert bool(ref.active.any()) and bool(ref.selected.any())
+    assert bool(ref.scores[rb.rewards > 0.5].any()) == score_positive
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.0, -math.inf, 0.5])

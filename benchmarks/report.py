@@ -1,0 +1,333 @@
+"""The benchmark report: one summary table per shape, from pytest-benchmark's records, and the command
+that regenerates the committed CPU results and the README's table from them.
+
+    python -m benchmarks.report                      # run the suite (medium, 2 threads), then write
+                                                     #   benchmarks/results/cpu-<date>.{json,md,png}
+                                                     #   and the README's CPU table
+    python -m benchmarks.report --render FILE.json   # only the .md, .png and README table of FILE.json
+
+The same :func:`summary` ends ``pytest benchmarks --benchmark-only`` (``benchmarks/conftest.py``).
+The records are pytest-benchmark's own (``--benchmark-json``): each benchmark's ``stats`` and the
+``extra_info`` that ``benchmarks/runner.py`` fills in; machine, threads and versions sit in the
+file's ``machine_info["nthr"]`` (:func:`machine_info`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+README_BEGIN = "<!-- cpu-benchmark-table: begin (written by python -m benchmarks.report; tests/test_bench_readme.py checks it) -->"
+README_END = "<!-- cpu-benchmark-table: end -->"
+
+# Issue 14's targets, "x floor" at most, stated for the medium shape at 2 threads:
+# (shape, backend, with old log-probs) -> bound. Printed only on the rows they apply to.
+TARGET_SHAPE, TARGET_THREADS = "medium", 2
+TARGETS = {("native", True): 1.0, ("native", False): 1.2, ("torch", True): 2.0, ("torch", False): 2.0}
+VERDICT_BACKENDS = ("torch", "native", "triton")  # rows of nthr_advantages that get a plain-words line
+
+
+def machine_info(load_at_start: Optional[float] = None) -> dict:
+    """Machine, thread count, versions and load average, as stored in the JSON and printed on top."""
+    import torch
+
+    from nthr_kernels.demo_synthetic import machine_description
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    import pytest_benchmark
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "description": machine_description(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "pytest_benchmark": pytest_benchmark.__version__,
+        "load_avg_start": load if load_at_start is None else load_at_start,
+        "load_avg_end": load,
+    }
+
+
+def _ms(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _mib(b: Optional[int]) -> str:
+    return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+
+
+def _info(r: dict) -> dict:
+    return r["extra_info"]
+
+
+def matmul_rates(records: list[dict]) -> dict[str, dict]:
+    """Per device the best matrix-unit rate (FLOP/s) of the run, with the size and dtype that gave it."""
+    best: dict[str, dict] = {}
+    for r in records:
+        x = _info(r)
+        if x.get("op") == "matmul":
+            rate = x["flops"] / r["stats"]["median"]
+            if rate > best.get(x["device"], {}).get("rate", 0.0):
+                best[x["device"]] = {"rate": rate, "n": x["n"], "dtype": x["dtype"]}
+    return best
+
+
+def _lp_text(x: dict) -> str:
+    if x["backend"] == "naive" and x["op"] == "nthr_advantages":
+        return "ignored"
+    return {True: "given", False: "none", None: "-"}[x["logprobs"]]
+
+
+def _row_label(x: dict) -> str:
+    lp = {True: " with old log-probs", False: " without old log-probs", None: ""}[x["logprobs"]]
+    return f"`{x['backend']}`{lp}"
+
+
+def _ratio(r: float) -> str:
+    return f"{r:.2f}" if r < 10 else f"{r:.1f}" if r < 100 else f"{r:,.0f}"
+
+
+def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int) -> str:
+    r = median / floor_s
+    if r >= 2:
+        text = f"{_ratio(r)}x its FLOP floor: the matrix unit would do the floor's FLOPs in 1/{r:.0f} of this time"
+    elif r >= 1:
+        text = f"{r:.2f}x its FLOP floor: {100 * (r - 1):.0f} % above the best this machine's matrix unit can do"
+    else:
+        text = (f"{r:.2f}x its FLOP floor: {100 * (1 - r):.0f} % below it, which only an algorithm doing fewer "
+                f"FLOPs allows (positive tokens not scored: {alg_s / floor_s:.2f}x the floor's FLOPs)")
+    text += f"; {_ratio(median / alg_s)}x the time the FLOPs of its own algorithm need"
+    bound = TARGETS.get((x["backend"], x["logprobs"])) if x["shape"] == TARGET_SHAPE else None
+    if bound is not None:
+        if threads == TARGET_THREADS:
+            text += f". Target <= {bound:.1f}x (issue 14): {'met' if r <= bound else 'missed'}"
+        else:
+            text += f". (Target <= {bound:.1f}x is stated at {TARGET_THREADS} threads; this run used {threads})"
+    return f"- {_row_label(x)}: {text}."
+
+
+def shape_section(records: list[dict], shape: str, rates: dict, threads: int) -> list[str]:
+    """Markdown lines of one shape: FLOP counts, the table (every op and provider), plain-words verdicts."""
+    rows = [r for r in records if _info(r).get("shape") == shape and "floor_flops" in _info(r)]
+    x0 = _info(rows[0])
+    lines = [f"### {x0['shape_text']}", ""]
+    adv = {_info(r)["logprobs"]: _info(r) for r in rows if _info(r)["op"] == "nthr_advantages"}
+    if True in adv:
+        a = adv[True]
+        unit = rates.get(a["device"])
+        ms = (lambda f: f" = {_ms(1e3 * f / unit['rate'])} ms at the matrix rate") if unit else (lambda f: "")
+        lines.append(
+            f"FLOP floor with old log-probs (`sum_g 2 |V*| d (2T + T+)`, every token scored): "
+            f"{a['floor_flops'] / 1e9:.2f} GFLOP{ms(a['floor_flops'])}. The algorithm with "
+            f"`score_positive=False` (`sum_g 2 |V*| d (T + T+ + T-) + 2 n+ |V*| d`): "
+            f"{a['algorithm_flops'] / 1e9:.2f} GFLOP ({a['algorithm_flops'] / a['floor_flops']:.2f}x)."
+        )
+        if False in adv:
+            lse = adv[False]["floor_flops"] - a["floor_flops"]
+            lines.append(f"Without old log-probs both add `2 N |V| d` = {lse / 1e9:.1f} GFLOP (the full-vocabulary "
+                         f"normaliser): floor {adv[False]['floor_flops'] / 1e9:.1f} GFLOP{ms(adv[False]['floor_flops'])}.")
+        lines.append("")
+    lines += [
+        "| op | backend | old log-probs | median ms | min..max ms | vs naive | floor ms | x floor | peak scratch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    naive = {_info(r)["op"]: r["stats"]["median"] for r in rows if _info(r)["backend"] == "naive"}
+    verdicts = []
+    for r in rows:
+        x, st = _info(r), r["stats"]
+        rate = rates.get(x["device"], {}).get("rate")
+        floor_s = x["floor_flops"] / rate if rate else None
+        vs = naive.get(x["op"])
+        x_floor = _ratio(st["median"] / floor_s) if floor_s else "n/a"
+        vs_text = "1" if x["backend"] == "naive" else "-" if vs is None else (
+            f"{vs / st['median']:.1f}x faster" if vs >= st["median"] else f"{st['median'] / vs:.2f}x slower")
+        lines.append(
+            f"| {x['op']} | {x['backend']}{'' if x['device'] == 'cpu' else ' (' + x['device'] + ')'} | "
+            f"{_lp_text(x)} | {_ms(1e3 * st['median'])} | {_ms(1e3 * st['min'])}..{_ms(1e3 * st['max'])} | "
+            f"{vs_text} | {_ms(1e3 * floor_s) if floor_s else 'n/a'} | "
+            f"{x_floor} | "
+            f"{_mib(x['peak_scratch_bytes'])} |"
+        )
+        if floor_s and x["op"] == "nthr_advantages" and x["backend"] in VERDICT_BACKENDS:
+            verdicts.append(_verdict(x, st["median"], floor_s, x["algorithm_flops"] / rate, threads))
+    rounds = {(_info(r)["rounds"], _info(r)["warmup"]) for r in rows}
+    timing = ", ".join(f"median of {n} rounds after {w} warm-up" for n, w in sorted(rounds))
+    lines += ["", f"Every row: {timing}, {x0['threads']} threads; peak scratch = rise of the peak resident "
+                  "memory during one more call; x floor = median / (FLOP floor / matrix rate).", ""]
+    return lines + verdicts + ([""] if verdicts else [])
+
+
+def _interval(xs: list[float], scale: float, fmt: str) -> str:
+    return f"{format(scale * statistics.median(xs), fmt)} (range {format(scale * min(xs), fmt)}..{format(scale * max(xs), fmt)})"
+
+
+def grpo_section(records: list[dict]) -> list[str]:
+    steps = {_info(r)["method"]: r for r in records if _info(r).get("op") == "grpo_step"}
+    if "nthr" not in steps:
+        return []
+    x = _info(steps["nthr"])
+    n = len(x["nthr_share"])
+    line = (f"{x['responses']} responses ({x['tokens']:,} tokens), small untrained Qwen2, {x['threads']} threads: "
+            f"NTHR takes {_interval(x['nthr_s'], 1e3, '.2f')} ms of a step whose rollout takes "
+            f"{_interval(x['rollout_s'], 1e3, '.0f')} ms and update {_interval(x['update_s'], 1e3, '.0f')} ms: "
+            f"a share of {_interval(x['nthr_share'], 100, '.2f')} % over {n} rounds")
+    if "grpo" in steps:
+        line += (f"; whole step {_ms(1e3 * steps['nthr']['stats']['median'])} ms with NTHR, "
+                 f"{_ms(1e3 * steps['grpo']['stats']['median'])} ms without (medians)")
+    return ["### NTHR's share of a step of the reference GRPO loop (`nthr_kernels.grpo`)", "",
+            line + ". The paper: 22 s of a 522 s step, about 4 %, on Qwen2.5-Math-1.5B with 256 x 8 rollouts.", ""]
+
+
+def header(machine: dict, rates: dict) -> list[str]:
+    m = machine
+    lines = [
+        f"Machine: {m['description']}.",
+        f"Threads: {m['threads']}; triton {m['triton']}, Python {m['python']}, pytest-benchmark "
+        f"{m['pytest_benchmark']}; load average {m['load_avg_start']:.1f} at the start, {m['load_avg_end']:.1f} "
+        f"at the end (on a shared machine other processes compete for the cores).",
+    ]
+    for dev, r in sorted(rates.items()):
+        lines.append(f"Matrix unit ({dev}, {r['dtype']} {r['n']}^3, best of the sizes timed in this run): "
+                     f"{r['rate'] / 1e9:,.1f} GFLOP/s.")
+    return lines + [""]
+
+
+def shapes_of(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(_info(r)["shape"] for r in records if "floor_flops" in _info(r)))
+
+
+def body(records: list[dict], threads: int) -> list[str]:
+    """One section per shape, then the GRPO-step share."""
+    rates = matmul_rates(records)
+    lines = []
+    for s in shapes_of(records):
+        lines += shape_section(records, s, rates, threads)
+    return lines + grpo_section(records)
+
+
+def summary(records: list[dict], machine: dict) -> str:
+    """The whole report as markdown: header (machine, threads, versions, load, matrix rate), body."""
+    lines = ["# nthr-kernels benchmarks", ""] + header(machine, matmul_rates(records)) + body(records, machine["threads"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def load(path: Path) -> tuple[list[dict], dict]:
+    data = json.loads(Path(path).read_text())
+    return data["benchmarks"], data["machine_info"]["nthr"]
+
+
+def readme_block(path: Path) -> str:
+    """The README's CPU table: the shape sections of a results file, under a line naming it."""
+    records, machine = load(path)
+    rel = Path(path).resolve().relative_to(ROOT).with_suffix(".md").as_posix()
+    lines = [f"Results file [`{rel}`]({rel}), written by `python -m benchmarks.report`; "
+             f"{machine['description']}."] + header(machine, matmul_rates(records))[1:]
+    return "\n".join(lines + body(records, machine["threads"])).rstrip()
+
+
+def readme_block_text(readme: str) -> str:
+    """What the README holds between its table markers."""
+    return readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip("\n")
+
+
+def readme_results(readme: str) -> Path:
+    """The results JSON the README's CPU table was written from (the file its first line names)."""
+    m = re.search(r"\[`(benchmarks/results/[^`]+)\.md`\]", readme_block_text(readme))
+    if m is None:
+        raise ValueError("README.md: the CPU benchmark table names no results file")
+    return ROOT / f"{m.group(1)}.json"
+
+
+def write_readme(path: Path, readme: Path = README) -> None:
+    text = readme.read_text()
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{readme_block(path)}\n{README_END}{tail}")
+
+
+def chart(records: list[dict], out: Path) -> None:
+    """A PNG bar chart per shape: each row's median beside its FLOP floor (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = matmul_rates(records)
+    shapes = shapes_of(records)
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(9, 0.45 * len(records) + 1.5), squeeze=False)
+    for ax, s in zip(axes[:, 0], shapes):
+        rows = [r for r in records if _info(r).get("shape") == s and "floor_flops" in _info(r)]
+        words = {"given": ", old log-probs", "none": ", no old log-probs", "ignored": ", computes the normaliser", "-": ""}
+        labels = [f"{_info(r)['op']} {_info(r)['backend']}{words[_lp_text(_info(r))]}" for r in rows]
+        med = [1e3 * r["stats"]["median"] for r in rows]
+        floor = [1e3 * _info(r)["floor_flops"] / rates[_info(r)["device"]]["rate"] if _info(r)["device"] in rates
+                 else 0.0 for r in rows]
+        y = range(len(rows))
+        ax.barh([i + 0.2 for i in y], med, height=0.4, label="median")
+        ax.barh([i - 0.2 for i in y], floor, height=0.4, label="FLOP floor at the measured matrix rate")
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms (log scale)")
+        ax.set_title(f"{_info(rows[0])['shape_text']}, {_info(rows[0])['threads']} threads", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def render(path: Path, update_readme: bool = True) -> None:
+    """Write ``<path>.md`` and ``<path>.png`` from a results JSON (and the README's table)."""
+    path = Path(path)
+    records, machine = load(path)
+    path.with_suffix(".md").write_text(summary(records, machine))
+    chart(records, path.with_suffix(".png"))
+    if update_readme:
+        write_readme(path)
+
+
+def run(shapes: str, threads: int, out: Path) -> Path:
+    """Run ``pytest benchmarks --benchmark-only`` on ``shapes`` at ``threads`` threads into ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "NTHR_BENCH_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "benchmarks"), "--benchmark-only",
+           f"--benchmark-json={out}", f"--shapes={shapes}"]
+    print("+ NTHR_BENCH_THREADS=%d %s" % (threads, " ".join(cmd)), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="medium", help="comma-separated shapes to run (default: medium)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--render", type=Path, help="only render this results JSON")
+    ap.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    args = ap.parse_args(argv)
+    path = args.render or run(args.shapes, args.threads,
+                              RESULTS / f"cpu-{_dt.datetime.now(_dt.timezone.utc).date().isoformat()}.json")
+    render(path, update_readme=not args.no_readme)
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Benchmark of ``nthr_advantages``: every backend and the naive pipeline on the same batch per shape.
+
+    pytest benchmarks --benchmark-only      # timings, checks, peak scratch; the summary table at the end
+    pytest benchmarks --benchmark-disable   # CI smoke run: every body once on reduced shapes
+
+Each backend is timed with and without ``old_logprobs`` (without, it computes the full-vocabulary
+normaliser); the naive pipeline (``benchmarks/naive.py``) always computes it. The float64 reference
+runs without ``old_logprobs`` on ``small`` only (on ``medium`` the float64 normaliser takes minutes).
+Every output is checked against the float64 reference with old log-probs: the synthetic old
+log-probs are exact, so both settings compute the same function.
+"""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import runner
+from benchmarks.naive import naive_nthr_on
+from benchmarks.shapes import CPU_SHAPES, batch_work
+from nthr_kernels import nthr_advantages
+from tests._helpers import assert_matches_reference
+
+
+def setup(rb):
+    """The inputs are the shape's synthetic batch itself."""
+    return rb
+
+
+def _backend(name: str):
+    def call(rb, with_logprobs):
+        kw = rb.kwargs(with_logprobs=with_logprobs)
+        return lambda: nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend=name, **kw)
+
+    return call
+
+
+PROVIDERS = (
+    runner.Provider("reference", _backend("reference"), configs=lambda s: (True, False) if s == "small" else (True,)),
+    runner.Provider("torch", _backend("torch")),
+    runner.Provider("native", _backend("native"), requires=runner.backend_missing("native")),
+    runner.Provider("triton", _backend("triton"), device="cuda", requires=runner.backend_missing("triton")),
+    # the naive pipeline never uses old log-probs: timed once, as the full-normaliser case
+    runner.Provider("naive", lambda rb, lp: lambda: naive_nthr_on(rb, with_logprobs=lp), configs=lambda s: (False,)),
+)
+
+
+def _reference(rb):
+    return nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="reference", **rb.kwargs())
+
+
+def _flops(rb, with_logprobs):
+    work = batch_work(rb)
+    return {"floor": work.floor(with_logprobs), "algorithm": work.algorithm(with_logprobs)}
+
+
+OP = runner.Op(
+    "nthr_advantages", setup, PROVIDERS, _reference,
+    check=lambda out, ref, rb: assert_matches_reference(out, ref, rb),
+    flops=_flops,
+)
+
+
+@pytest.mark.parametrize("case", runner.cases(OP, CPU_SHAPES))
+def test_nthr_advantages(benchmark, bench_session, case):
+    runner.measure(benchmark, bench_session, OP, case)

@@ -1,0 +1,62 @@
+"""The README's CPU benchmark table is the committed results file, rendered (``benchmarks/report.py``)."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import report  # noqa: E402
+
+
+def test_readme_table_equals_results_file():
+    readme = report.README.read_text()
+    path = report.readme_results(readme)
+    assert path.is_file(), f"README.md names {path}, which does not exist"
+    assert report.readme_block_text(readme) == report.readme_block(path), (
+        "README.md's CPU table differs from its results file: run `python -m benchmarks.report --render "
+        f"{path.relative_to(report.ROOT)}`")
+    records, machine = report.load(path)
+    assert path.with_suffix(".md").read_text() == report.summary(records, machine)
+    assert path.with_suffix(".png").is_file()
+
+
+def test_an_edited_number_is_caught():
+    readme = report.README.read_text()
+    path = report.readme_results(readme)
+    records, _ = report.load(path)
+    edited = copy.deepcopy(records)
+    row = next(r for r in edited if r["extra_info"].get("backend") == "native")
+    row["stats"]["median"] *= 1.5
+    machine = report.load(path)[1]
+    assert report.body(edited, machine["threads"]) != report.body(records, machine["threads"])
+
+
+def _row(shape, backend, logprobs, median, floor_flops, threads=2):
+    info = dict(op="nthr_advantages", shape=shape, shape_text=shape, backend=backend, device="cpu",
+                logprobs=logprobs, rounds=3, warmup=1, threads=threads, peak_scratch_bytes=2**20,
+                floor_flops=floor_flops, algorithm_flops=int(0.8 * floor_flops))
+    return {"stats": {"median": median, "min": median, "max": median}, "extra_info": info}
+
+
+MATMUL = {"stats": {"median": 1.0, "min": 1.0, "max": 1.0},
+          "extra_info": dict(op="matmul", device="cpu", dtype="float32", n=1000, flops=10**9)}
+
+
+def test_targets_and_verdicts_where_they_apply():
+    # 1 GFLOP/s: a floor of 10**9 FLOPs is 1 s
+    recs = [MATMUL, _row("small", "native", True, 0.9, 10**9), _row("medium", "native", True, 0.9, 10**9),
+            _row("medium", "torch", False, 2.5, 10**9), _row("medium", "naive", False, 5.0, 10**9)]
+    lines = report.body(recs, threads=2)
+    small = next(ln for ln in lines if ln.startswith("- `native`") and "Target" not in ln)
+    assert "0.90x its FLOP floor: 10 % below it" in small
+    medium = [ln for ln in lines if "Target" in ln]
+    assert len(medium) == 2
+    assert "Target <= 1.0x (issue 14): met" in medium[0]
+    assert "2.50x its FLOP floor" in medium[1] and "Target <= 2.0x (issue 14): missed" in medium[1]
+    assert any("| nthr_advantages | torch | none | 2,500 |" in ln and "2.0x faster" in ln for ln in lines)
+    # at another thread count the target is named but not judged
+    other = report.body([MATMUL, _row("medium", "native", True, 0.9, 10**9, threads=1)], threads=1)
+    assert any("is stated at 2 threads; this run used 1" in ln for ln in other)
+    assert not any("met" in ln.split("Target")[-1] for ln in other if "Target" in ln)
