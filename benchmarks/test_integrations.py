@@ -16,6 +16,10 @@ Rounds are interleaved (baseline, NTHR, NTHR, baseline, ...) after one warm-up e
 process; the ratio is of medians.
 
     pytest benchmarks/test_integrations.py --benchmark-only -s
+
+``python -m benchmarks.integrations_report`` runs this into ``benchmarks/results/integrations-<date>.json``
+(pytest-benchmark's JSON, the numbers in each benchmark's ``extra_info``) and writes the README's figures
+from it.
 """
 from __future__ import annotations
 
@@ -104,22 +108,51 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _probe(monkeypatch, owner, name, times: list, only=None):
+    """Replace ``owner.name`` by a wrapper appending each call's seconds to ``times`` (calls whose first
+    argument is an instance of ``only``, if given)."""
+    fn = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if only is None or isinstance(args[0], only):
+                times.append(time.perf_counter() - t0)
+
+    monkeypatch.setattr(owner, name, timed)
+
+
 @pytest.mark.parametrize("mode", list(TRL_MODES))
-def test_trl_step(benchmark, tmp_path, one_thread, mode):
+def test_trl_step(benchmark, tmp_path, one_thread, monkeypatch, mode):
     from trl import GRPOTrainer
 
+    import nthr_kernels.integrations.trl as nthr_trl
     from nthr_kernels.integrations.trl import NTHRGRPOTrainer
 
     cfg = TRL_MODES[mode]
     grpo = _trl_trainer(GRPOTrainer, tmp_path / "g", cfg)
     nthr = _trl_trainer(NTHRGRPOTrainer, tmp_path / "n", cfg, nthr_beta=0.0, nthr_capture=mode)
     rows = [{"prompt": p} for p in PROMPTS for _ in range(G)]
+    # inside NTHRGRPOTrainer's step: the kernel call, TRL's batch (the parent's method) and the whole method;
+    # the trainer's work after TRL's batch is ready = whole - TRL's batch
+    kernel, inner, outer = [], [], []
+    _probe(monkeypatch, nthr_trl, "nthr_advantages", kernel)
+    _probe(monkeypatch, GRPOTrainer, "_generate_and_score_completions", inner, only=NTHRGRPOTrainer)
+    _probe(monkeypatch, NTHRGRPOTrainer, "_generate_and_score_completions", outer)
     med = _interleaved({"grpo": _trl_step(grpo, rows), "nthr": _trl_step(nthr, rows)}, _rounds(benchmark))
     if med:
         ratio = med["nthr"] / med["grpo"]
-        benchmark.extra_info.update(mode=mode, grpo_s=med["grpo"], nthr_s=med["nthr"], ratio=ratio)
+        n = _rounds(benchmark)  # the timed rounds: the warm-up call comes first
+        kernel_s = statistics.median(kernel[-n:])
+        after_s = statistics.median(o - i for o, i in zip(outer[-n:], inner[-n:]))
+        benchmark.extra_info.update(mode=mode, grpo_s=med["grpo"], nthr_s=med["nthr"], ratio=ratio,
+                                    kernel_s=kernel_s, after_batch_s=after_s,
+                                    rounds=_rounds(benchmark), threads=torch.get_num_threads())
         print(f"\nTRL step, capture={mode}: GRPOTrainer {med['grpo'] * 1e3:.0f} ms, NTHRGRPOTrainer "
-              f"{med['nthr'] * 1e3:.0f} ms, ratio {ratio:.3f}")
+              f"{med['nthr'] * 1e3:.0f} ms, ratio {ratio:.3f}; nthr_advantages {kernel_s * 1e3:.2f} ms, "
+              f"trainer's work after TRL's batch {after_s * 1e3:.1f} ms (medians of {n} calls)")
     benchmark.pedantic(_trl_step(nthr, rows), rounds=1, iterations=1)
     assert nthr.nthr_last is not None and nthr.nthr_capture == mode
 
@@ -232,7 +265,8 @@ def test_verl_driver_vs_worker(benchmark, tmp_path, one_thread):
     if med:
         worker_s = statistics.median(max(ts) for ts in zip(*(r["times"] for r in ranks)))
         benchmark.extra_info.update(driver_s=med["driver"], driver_torch_s=med["driver_torch"], worker_s=worker_s,
-                                    ratio=med["driver"] / worker_s)
+                                    ratio=med["driver"] / worker_s, ratio_torch=med["driver_torch"] / worker_s,
+                                    rounds=rounds, world=WORLD, verl_shape=VERL_SHAPE, qwen_shape=QWEN)
         print(f"\nverl advantages, {VERL_SHAPE}: driver side {med['driver'] * 1e3:.1f} ms (native backend; torch "
               f"backend {med['driver_torch'] * 1e3:.1f} ms), {n_driver / 1e6:.2f} MB shipped; worker side (2 ranks, "
               f"torch backend) {worker_s * 1e3:.1f} ms, {n_worker / 1e6:.3f} MB shipped; driver/worker "
