@@ -9,12 +9,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PATH_RE = re.compile(r"(?<![\w./:$-])((?:\.\./)*(?:[\w.-]+/)+[\w.-]+\.(?:py|md|cpp|h|sh|json|toml|png|log))\b")
 # not repository paths: files of other projects, of the installed packages, or generated at run time
 EXTERNAL = ("trl/", "verl/", "transformers/", "torch/", "fla/", "src/liger_kernel", "benchmark/scripts",
-            "csrc/flash_attn", "flash_attn/", "ATen/", "tests/ops/", "site-packages/", "nthr_results/", "/tmp/", "out/")
+            "csrc/flash_attn", "flash_attn/", "ATen/", "tests/ops/", "site-packages/", "nthr_results/", "/tmp/", "out/", "OUT/")
 
 
 def _tracked() -> list:
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [ROOT / p for p in out.split() if p.endswith((".py", ".md", ".cpp", ".h", ".sh", ".toml")) or p == ".ci/run"]
+    files = [p for p in out.split() if p.endswith((".py", ".md", ".cpp", ".h", ".sh", ".toml")) or p == ".ci/run"]
+    return [ROOT / p for p in files if p != "CHANGELOG.md"]  # the changelog names files that were removed
 
 
 def _exists(ref: str, where: Path) -> bool:

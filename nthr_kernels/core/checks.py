@@ -242,8 +242,8 @@ class Batch:
             selected=self.scatter(selected, False),
             scores=self.scatter(scores),
             group_ids=self.group_ids.clone(),
-            tau=tau.to(torch.float32),
-            eta=eta.to(torch.float32),
+            tau=tau.to(torch.float32, copy=True),  # fresh: an op output must not alias another
+            eta=eta.to(torch.float32, copy=True),
             active=self.group_active.clone(),
         )
 
