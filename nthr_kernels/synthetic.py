@@ -57,6 +57,38 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     return a.reshape(-1).to(torch.float32)
 
 
+def _draw_tokens(g: torch.Generator, n_groups: int, group_size: int, lengths, vocab: int, success):
+    """``(lengths [R] int64, rewards [R] float32, token ids [n] int64 in response order)`` from ``g``: the
+    first draws of :func:`make_batch`, which depend on none of its other arguments."""
+    n_resp = n_groups * group_size
+    if isinstance(lengths, tuple) and len(lengths) == 2 and n_resp != 2:
+        lens = torch.randint(lengths[0], lengths[1] + 1, (n_resp,), generator=g)
+    else:
+        lens = torch.as_tensor(list(lengths), dtype=torch.int64)
+        if lens.numel() != n_resp:
+            raise ValueError(f"lengths: expected {n_resp} lengths, got {lens.numel()}")
+    n = int(lens.sum())
+    p = torch.rand(n_groups, generator=g, dtype=torch.float64) if success is None else torch.as_tensor(success, dtype=torch.float64)
+    rewards = (torch.rand(n_groups, group_size, generator=g, dtype=torch.float64) < p[:, None]).reshape(-1).to(torch.float32)
+    return lens, rewards, zipf_ids(n, vocab, g)
+
+
+def sample_tokens(
+    n_groups: int,
+    group_size: int,
+    lengths: Sequence[int] | tuple[int, int],
+    vocab: int,
+    *,
+    seed: int = 0,
+    success: Optional[Sequence[float]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The response lengths ``[R]``, rewards ``[R]`` and token ids ``[n]`` (responses concatenated, the
+    packed layout) that :func:`make_batch` draws with the same arguments and ``seed``, whatever its ``d``,
+    ``dtype``, layout or device, without the hidden states, weight and ``old_logprobs`` (whose exact
+    log-probabilities cost ``O(n |V| d)``)."""
+    return _draw_tokens(torch.Generator().manual_seed(seed), n_groups, group_size, lengths, vocab, success)
+
+
 def make_batch(
     n_groups: int,
     group_size: int,
@@ -81,17 +113,10 @@ def make_batch(
     """
     g = torch.Generator().manual_seed(seed)
     n_resp = n_groups * group_size
-    if isinstance(lengths, tuple) and len(lengths) == 2 and n_resp != 2:
-        lens = torch.randint(lengths[0], lengths[1] + 1, (n_resp,), generator=g)
-    else:
-        lens = torch.as_tensor(list(lengths), dtype=torch.int64)
-        if lens.numel() != n_resp:
-            raise ValueError(f"lengths: expected {n_resp} lengths, got {lens.numel()}")
+    lens, rewards, ids = _draw_tokens(g, n_groups, group_size, lengths, vocab, success)
     n = int(lens.sum())
-    p = torch.rand(n_groups, generator=g, dtype=torch.float64) if success is None else torch.as_tensor(success, dtype=torch.float64)
-    rewards = (torch.rand(n_groups, group_size, generator=g, dtype=torch.float64) < p[:, None]).reshape(-1).to(torch.float32)
     adv = grpo_advantages(rewards, group_size)
-    ids = zipf_ids(n, vocab, g).to(device)
+    ids = ids.to(device)
     # Large tensors are drawn on the target device (CPU: float64, bit-reproducible from the seed).
     dev = torch.device(device)
     gd = torch.Generator(device=dev).manual_seed(seed)

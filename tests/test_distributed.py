@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from nthr_kernels import nthr_advantages
 from nthr_kernels.core.rules import Inputs, Options
-from nthr_kernels.ops.advantages.distributed import CommStats
+from nthr_kernels.ops.advantages.distributed import STAGES, CommStats, payload_bytes
 from nthr_kernels.synthetic import make_batch
 
 D, VOCAB = 24, 200
@@ -259,9 +259,10 @@ def test_uninitialised_process_group_refused():
                         mask=b.mask, group_ids=[0, 0, 1, 1], process_group=object())
 
 
-@pytest.mark.parametrize("case", ["random_padded", "unsplit_ordered", "random_logits"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_bytes_match_formula(ranks, case):
-    """The payload formula of nthr_kernels.ops.advantages.distributed, evaluated on the full batch, equals what was sent."""
+    """payload_bytes (the formula of nthr_kernels.ops.advantages.distributed), evaluated on the full batch,
+    equals what every rank's collectives sent, stage by stage."""
     ref, b = _single(case)
     gid = _full(case)[1]
     world = len(ranks)
@@ -269,21 +270,20 @@ def test_bytes_match_formula(ranks, case):
     owner = torch.zeros(gid.numel(), dtype=torch.int64)
     for i, r in enumerate(ranks):
         owner[r[case]["rows"]] = i
-    groups = ref.group_ids.tolist()
-    ranks_of = {g: set(owner[gid == g].tolist()) for g in groups}
-    act = [g for g, a in zip(groups, ref.active.tolist()) if a]
-    shared = [g for g in act if len(ranks_of[g]) > 1]
-    tok_of = lambda rows: b.token_ids[rows][b.mask[rows]]  # noqa: E731
-    vstar = {g: torch.unique(tok_of((gid == g).nonzero().squeeze(1))).numel() for g in act}
-    k_shared = max(
-        sum(torch.unique(tok_of(((gid == g) & (owner == i)).nonzero().squeeze(1))).numel() for g in shared)
-        for i in range(world)
-    )
-    n_loc = max(len({g for g in groups if i in ranks_of[g]}) for i in range(world))
-    expected = (72 + 8 * n_loc + 32 * len(groups) + 8 * len(act) + 4 * k_shared
-                + 4 * D * sum(vstar[g] for g in shared) + 8 * len(groups))
+    lay = dict(mask=b.mask) if b.cu_seqlens is None else dict(cu_seqlens=b.cu_seqlens)
+    p = payload_bytes(b.token_ids, gid, b.rewards, owner, D, VOCAB, **lay)
+    # the structure it counts, against the single-process result and the placement
+    assert p.n_groups == ref.group_ids.numel() and p.n_active == int(ref.active.sum())
+    ranks_of = {g: set(owner[gid == g].tolist()) for g in ref.group_ids.tolist()}
+    act = [g for g, a in zip(ref.group_ids.tolist(), ref.active.tolist()) if a]
+    assert p.n_shared == sum(len(ranks_of[g]) > 1 for g in act)
+    assert p.max_local_groups == max(sum(i in s for s in ranks_of.values()) for i in range(world))
+    sent = {k: v for k, v in p.stages.items() if v}
     for r in ranks:
-        assert r[case]["bytes"] == expected, r[case]["stages"]
+        assert {k: v for k, v in r[case]["stages"].items() if v} == sent, (r[case]["stages"], p)
+        assert r[case]["bytes"] == p.total
+    if case == "random_padded":  # every term is exercised
+        assert set(sent) == set(STAGES)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,26 +28,10 @@ Algorithm (the factored form of the torch backend; every rank issues the same co
 6. Every rank scores its own tokens, computes its positive anchors, and the per-group minimum anchor is
    ``all_reduce(MIN)``-ed (float64 ``[n_groups]``) before ``tau``.
 
-Bytes each rank contributes per call (payload of its collectives; a ring all-reduce moves about
-``2 (W-1)/W`` times the payload per rank over the wire, an all-gather delivers ``W`` times it)::
-
-    72                                   descriptor (9 float64)
-  + 8 * n_loc                            group ids (int64, padded to the rank with most groups)
-  + 32 * n_groups                        group statistics (4 int64 per group)
-  + 8 * n_active                         local |V*| counts per active group
-  + k * K_shared                         V* keys of shared groups (k = 4 while n_active * |V| < 2**31,
-                                         else 8; K_shared: the largest rank's count of local unique
-                                         (group, id) pairs in shared active groups)
-  + 4 * d * sum_{g active, shared} |V*_g|    M rows (float32), the dominant term
-  + 8 * n_groups                         minimum anchors (float64)
-
-Measured for the qwen1.5b-step shape (64 groups x 8 responses, lengths uniform in [256, 1792], Zipf ids
-over |V| = 151936, 47 active groups, 526,650 tokens, sum |V*| over active groups 130,554), two ranks:
-responses placed at random (every group shared): 802,435,612 bytes per rank at d = 1536, of which M
-802,123,776; contiguous halves cut inside one group (TRL's layout when the per-process batch is not a
-multiple of G): 16,967,216 bytes (one shared group, |V*| = 2,760); whole groups per rank (no group
-shared): 3,264 bytes.
-:class:`CommStats` records what was actually sent.
+Bytes each rank contributes per call, by stage: :func:`payload_bytes` (the formula, evaluated from the
+full batch and the rank of every response); :class:`CommStats` records what was actually sent, and
+tests/test_distributed.py checks that the two agree. Figures for the qwen1.5b-step shape:
+``python -m benchmarks.distributed_bytes`` (benchmarks/results/distributed-bytes.json, README.md).
 
 Timeouts. The agreement above covers every rank that calls this function. A rank that dies, hangs or
 never calls (e.g. it raised in its own code before the call) leaves the others blocked in the first
@@ -77,7 +61,7 @@ from ...core.plan import finish, make_plan
 from ...core.rules import ANCHORS, ETA_NAMES, SCRATCH_ELEMS, Inputs, NTHRResult, Options
 from . import torch_impl
 
-__all__ = ["CommStats", "nthr_advantages_distributed"]
+__all__ = ["CommStats", "Payload", "nthr_advantages_distributed", "payload_bytes"]
 
 _DESC = 9  # ok, d, vocab, temperature, beta, anchor index, eta kind, eta value, local group count
 
@@ -106,6 +90,112 @@ class CommStats:
         for c in self.calls:
             out[c[0]] = out.get(c[0], 0) + c[4]
         return out
+
+
+STAGES = ("descriptor", "group_ids", "group_stats", "vstar_counts", "vstar_keys", "M", "min_anchor")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What :func:`payload_bytes` returns: ``stages`` (stage name -> bytes each rank contributes, every name
+    of :data:`STAGES`, 0 where nothing is sent) and the group structure the bytes follow from."""
+
+    stages: dict
+    d: int
+    vocab: int
+    n_groups: int
+    n_active: int  # active groups (mixed, with a positive token)
+    n_shared: int  # active groups held by more than one rank
+    vstar_shared: int  # sum of |V*_g| over the shared active groups
+    k_shared: int  # the largest rank's count of local unique (group, id) pairs in shared active groups
+    key_bytes: int  # 4 or 8: the dtype of the V* keys
+    max_local_groups: int  # the largest rank's number of groups
+
+    @property
+    def total(self) -> int:
+        return sum(self.stages.values())
+
+
+def payload_bytes(
+    token_ids: torch.Tensor,
+    group_ids,
+    rewards: torch.Tensor,
+    owner,
+    d: int,
+    vocab: int,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    reward_threshold: Optional[float] = None,
+) -> Payload:
+    """Bytes each rank contributes to the collectives of one :func:`nthr_advantages_distributed` call (the
+    payload: a ring all-reduce moves about ``2 (W-1)/W`` times it per rank over the wire, an all-gather
+    delivers ``W`` times it), computed from the *full* batch: ``token_ids`` with ``mask`` (padded) or
+    ``cu_seqlens`` (packed), the global ``group_ids`` and ``rewards`` of every response, ``owner`` (the rank
+    holding each response), the hidden size ``d`` and ``|V|``. Every rank sends the same amount::
+
+        descriptor     72                       9 float64
+        group_ids      8 * n_loc                int64, padded to the rank with most groups
+        group_stats    32 * n_groups            4 int64 per group
+        vstar_counts   8 * n_active             local |V*| count per active group
+        vstar_keys     k * K_shared             V* keys of shared groups: k = 4 while n_active * |V| < 2**31,
+                                                else 8; K_shared: the largest rank's count of local unique
+                                                (group, id) pairs in shared active groups
+        M              4 * d * sum_{g active, shared} |V*_g|   float32 rows, the dominant term
+        min_anchor     8 * n_groups             float64
+
+    A group is *shared* when responses of it sit on more than one rank; *active* as in the single-process
+    path (mixed, some positive response has a token; the batch's own checks decide, with
+    ``reward_threshold`` as there). With no active group the two V* stages send nothing.
+    """
+    with torch.no_grad():
+        token_ids = torch.as_tensor(token_ids)
+        n_resp = torch.as_tensor(rewards).shape[0]
+        dev = token_ids.device
+        x = Inputs(  # d = 1 zeros: the checks and the token list need shapes, not values
+            torch.zeros(*token_ids.shape, 1, device=dev),
+            token_ids,
+            torch.as_tensor(rewards, device=dev),
+            torch.zeros(n_resp, device=dev),
+            lm_head_weight=torch.zeros(vocab, 1, device=dev),
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            group_ids=group_ids,
+        )
+        batch = validate_batch(x, Options(reward_threshold=reward_threshold, check_finite=False, check_logprobs=False))
+        owner = torch.as_tensor(owner, dtype=torch.int64, device=dev).reshape(-1)
+        if owner.numel() != n_resp or (n_resp and int(owner.min()) < 0):
+            raise ValueError(f"owner: expected {n_resp} ranks >= 0 (one per response), got {owner.tolist()[:8]}...")
+        n_groups = batch.group_ids.numel()
+        world = int(owner.max()) + 1 if n_resp else 1
+        # (group, rank) pairs present: groups per rank, ranks per group
+        pairs = torch.unique(batch.resp_group * world + owner)
+        n_loc = int(torch.bincount(pairs % world, minlength=world).max()) if pairs.numel() else 0
+        shared = torch.bincount(pairs // world, minlength=n_groups) > 1
+        active = batch.group_active
+        act_shared = active & shared
+        n_active = int(active.sum())
+        tok_group = batch.resp_group[batch.tok_resp]
+        keys = torch.unique(tok_group * vocab + batch.tok_ids)
+        vstar = torch.bincount(keys // vocab, minlength=n_groups)
+        in_shared = act_shared[tok_group]
+        gv = n_groups * vocab
+        rank_keys = torch.unique((owner[batch.tok_resp][in_shared] * n_groups + tok_group[in_shared]) * vocab
+                                 + batch.tok_ids[in_shared])
+        k_shared = int(torch.bincount(rank_keys // gv, minlength=world).max()) if rank_keys.numel() else 0
+        key_bytes = 4 if n_active * vocab < 2**31 else 8
+        vstar_shared = int(vstar[act_shared].sum())
+        stages = {
+            "descriptor": 8 * _DESC,
+            "group_ids": 8 * n_loc,
+            "group_stats": 32 * n_groups,
+            "vstar_counts": 8 * n_active,
+            "vstar_keys": key_bytes * k_shared if n_active else 0,
+            "M": 4 * d * vstar_shared,
+            "min_anchor": 8 * n_groups,
+        }
+        return Payload(stages, d, vocab, n_groups, n_active, int(act_shared.sum()), vstar_shared, k_shared,
+                       key_bytes, n_loc)
 
 
 class _Comm:
