@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .core.rules import group_advantages
+
 
 @dataclass
 class RolloutBatch:
@@ -49,12 +51,6 @@ def zipf_ids(n: int, vocab: int, generator: torch.Generator, s: float = 1.1) -> 
     ranks = torch.multinomial(w, n, replacement=True, generator=generator)
     perm = torch.randperm(vocab, generator=generator)
     return perm[ranks]
-
-
-def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    r = rewards.to(torch.float64).view(-1, group_size)
-    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)
-    return a.reshape(-1).to(torch.float32)
 
 
 def _draw_tokens(g: torch.Generator, n_groups: int, group_size: int, lengths, vocab: int, success):
@@ -115,7 +111,7 @@ def make_batch(
     n_resp = n_groups * group_size
     lens, rewards, ids = _draw_tokens(g, n_groups, group_size, lengths, vocab, success)
     n = int(lens.sum())
-    adv = grpo_advantages(rewards, group_size)
+    adv = group_advantages(rewards, group_size)
     ids = ids.to(device)
     # Large tensors are drawn on the target device (CPU: float64, bit-reproducible from the seed).
     dev = torch.device(device)

@@ -11,7 +11,8 @@ from nthr_kernels.core.rules import SCORE_TOLERANCE
 from nthr_kernels.core.checks import validate_batch
 from nthr_kernels.core.rules import Inputs, Options
 from nthr_kernels.registry import available_backends, implementation
-from nthr_kernels.synthetic import grpo_advantages, make_batch
+from nthr_kernels.core.rules import group_advantages as grpo_advantages
+from nthr_kernels.synthetic import make_batch
 
 TOL = SCORE_TOLERANCE  # the one tolerance table, with its reasons: nthr_kernels/core/rules.py
 

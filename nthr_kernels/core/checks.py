@@ -25,12 +25,9 @@ from .rules import (
     Inputs,
     NTHRResult,
     Options,
+    SCAN_ELEMS,
     check_eta,
 )
-
-
-# Rows per chunk for the finiteness scans: at most this many elements in one temporary bool tensor.
-_SCAN_ELEMS = 1 << 24
 
 
 def _is_tensor(name: str, x) -> torch.Tensor:
@@ -96,7 +93,7 @@ def check_float32_range(name: str, x: torch.Tensor, rows: Optional[torch.Tensor]
     Fast path: one ``aminmax`` over the whole tensor (a single read, no temporary; NaN and Inf
     propagate into min/max). Only if that finds a bad value and ``rows`` is given does a row-wise scan
     decide whether it sits at a selected row; that scan works in chunks so its temporary bool tensor
-    stays below ``_SCAN_ELEMS`` elements.
+    stays below ``SCAN_ELEMS`` elements.
     """
     if x.numel() == 0:
         return 0.0
@@ -105,7 +102,7 @@ def check_float32_range(name: str, x: torch.Tensor, rows: Optional[torch.Tensor]
         return max(-lo, hi)
     lead = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
     sel = rows.reshape(-1) if rows is not None else None
-    step = max(1, _SCAN_ELEMS // max(1, lead.shape[1]))
+    step = max(1, SCAN_ELEMS // max(1, lead.shape[1]))
     for r0 in range(0, lead.shape[0], step):
         ok = _in_range(lead[r0 : r0 + step]).all(-1)
         if sel is not None:

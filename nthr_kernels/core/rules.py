@@ -23,6 +23,7 @@ ANCHORS = ("all", "others")
 # Scratch budgets (see each implementation's docstring for how they bound its memory).
 SCRATCH_ELEMS = 1 << 22  # torch and native backends: float32 elements per block tensor (16 MiB)
 SCRATCH_BYTES = 1 << 30  # Triton backend: bytes of M plus error buffers for the groups in flight
+SCAN_ELEMS = 1 << 24  # elements of one temporary in the input scans and in a logits-rows logsumexp
 
 # Score error allowed against the float64 reference, relative to the largest |score| of the group, per
 # input dtype; a selection may differ from the reference's only for a token whose score lies within
@@ -198,3 +199,17 @@ class NTHRResult:
     tau: torch.Tensor
     eta: torch.Tensor
     active: torch.Tensor
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's response advantages ``(r - mean_group) / (std_group + eps)`` with the population std (0 for
+    uniform groups), for consecutive groups of ``group_size`` (what the demo, the study and the synthetic
+    batches use; trainers bring their own)."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.dim() != 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.double().view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + eps)
+    return adv.reshape(-1).float()

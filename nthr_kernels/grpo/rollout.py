@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..core.rules import group_advantages
 from .task import AdditionTask, Problem
 
 __all__ = ["Rollout", "sample_completions", "group_advantages", "old_policy_forward", "collect_rollout",
@@ -102,18 +103,6 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     is_eos = (completion_ids == eos_id).long()
     before = torch.cumsum(is_eos, dim=1) - is_eos  # number of <eos> strictly before t
     return before == 0
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO's ``(r - mean_group) / (std_group + eps)`` with the population std (0 for uniform groups)."""
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if rewards.dim() != 1 or rewards.shape[0] % group_size:
-        raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, "
-                         f"got shape {tuple(rewards.shape)}")
-    r = rewards.double().view(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + eps)
-    return adv.reshape(-1).float()
 
 
 class capture_lm_head_inputs:

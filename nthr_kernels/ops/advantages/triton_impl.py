@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from ...core.rules import SCRATCH_BYTES, cheaper_path, group_eta, tau_from_min_anchor
+from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta, tau_from_min_anchor
 from ..triton_kernels import (
     SEG_WIDTH, Kernels, Segment, Segments, launch, m_dtype, round16, row_offsets, upload, work_dtype,
 )
@@ -102,7 +102,7 @@ def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd) -> torch.Tensor:
     """``log Z`` per token of ``order``: shortcut kernel, vocabulary logsumexp kernel, or (logits) torch."""
     n = order.numel()
     if batch.lm_head_weight is None:
-        return log_normaliser(batch, order, 1 << 24)
+        return log_normaliser(batch, order, SCAN_ELEMS)
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     if n == 0:
         return out
