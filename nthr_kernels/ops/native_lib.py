@@ -47,25 +47,26 @@ __all__ = ["available", "build", "require", "unavailable_reason"]
 # their fake kernels, defined before the library loads so they exist either way.
 _lib = torch.library.Library("nthr", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
 _lib.define(
-    "native_score_tokens(Tensor h_pos, Tensor h_neg, Tensor err_pos, Tensor err_neg, int scratch_elems) -> Tensor"
+    "native_score_tokens(Tensor h_pos, Tensor h_neg, Tensor err_pos, Tensor err_neg, int scratch_elems, "
+    "bool pairwise=False) -> Tensor"
 )
 _lib.define(
     "native_advantages(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor tok_resp, "
     "Tensor resp_group, Tensor positive, Tensor adv, Tensor group_active, Tensor eta_group, "
     "Tensor? lm_head_weight, Tensor? logits, Tensor? logprobs, float temperature, float beta, "
-    "bool anchor_others, int scratch_elems) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool anchor_others, int scratch_elems, bool score_positive=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.register_fake("nthr::native_score_tokens")
-def _native_score_tokens_fake(h_pos, h_neg, err_pos, err_neg, scratch_elems):
+def _native_score_tokens_fake(h_pos, h_neg, err_pos, err_neg, scratch_elems, pairwise=False):
     return h_neg.new_empty((h_neg.shape[0],), dtype=torch.float32)
 
 
 @torch.library.register_fake("nthr::native_advantages")
 def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group, positive, adv, group_active,
                             eta_group, lm_head_weight, logits, logprobs, temperature, beta, anchor_others,
-                            scratch_elems):
+                            scratch_elems, score_positive=False):
     n, g = tok_ids.shape[0], group_active.shape[0]
     f32 = dict(dtype=torch.float32)
     return (
@@ -81,7 +82,7 @@ def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group,
 _log = logging.getLogger("nthr_kernels")
 _NAME = "nthr_native"
 _SOURCES = ("vec_kernels.cpp", "ops.cpp", "advantages.cpp")
-_HEADERS = ("vec_kernels.h", "native.h")
+_HEADERS = ("vec_kernels.h", "native.h", "params.h")
 _CFLAGS = ("-O3", "-std=c++17")
 
 _state_lock = threading.Lock()
