@@ -44,13 +44,9 @@ namespace {
 
 using at::Tensor;
 
-// Scratch float buffer from the ATen CPU allocator (so memory profilers see it).
-struct Buf {
-  Tensor t;
-  float* p = nullptr;
-  explicit Buf(int64_t n) : t(at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(at::kFloat))) {
-    p = t.data_ptr<float>();
-  }
+// Per-worker scratch, reused across work items (see Scratch in params.h).
+struct Workspace {
+  Scratch h, wc, e, nm, prod, z;
 };
 
 // A contiguous CPU copy of x in dtype `dt`, owned by p.keep; returns its data.
@@ -120,12 +116,15 @@ void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n,
   const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(vocab, 1024));
   const int64_t rc = std::max<int64_t>(1, std::min<int64_t>(n, p.slice / (vc + d)));
   const bool w_view = p.weight.scalar_type() == at::kFloat && p.weight.stride(1) == 1;
-  for_each_item((n + rc - 1) / rc, [&](int64_t item) {
+  std::vector<Workspace> ws(kWorkers);
+  for_each_item((n + rc - 1) / rc, [&](int64_t item, int64_t w) {
     const int64_t r0 = item * rc, rn = std::min(rc, n - r0);
-    Buf h(rn * d), z(rn * vc), wb(w_view ? 0 : vc * d);
+    float* h = ws[w].h.get(rn * d);
+    float* z = ws[w].z.get(rn * vc);
+    float* wb = ws[w].wc.get(w_view ? 0 : vc * d);
     std::vector<float> rmax(rn, -std::numeric_limits<float>::infinity()), rsum(rn, 0.0f);
     std::vector<int64_t> ids(w_view ? 0 : vc);
-    gather_tokens(p, p.hidden, toks + r0, rn, nullptr, d, h.p, d);
+    gather_tokens(p, p.hidden, toks + r0, rn, nullptr, d, h, d);
     for (int64_t v0 = 0; v0 < vocab; v0 += vc) {
       const int64_t vn = std::min(vc, vocab - v0);
       Tensor wc;
@@ -133,12 +132,12 @@ void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n,
         wc = p.weight.narrow(0, v0, vn);
       } else {
         for (int64_t j = 0; j < vn; ++j) ids[j] = v0 + j;
-        gather_rows(p.weight, ids.data(), nullptr, vn, nullptr, d, wb.p, d);
-        wc = mat(wb.p, vn, d, d);
+        gather_rows(p.weight, ids.data(), nullptr, vn, nullptr, d, wb, d);
+        wc = mat(wb, vn, d, d);
       }
-      Tensor zt = mat(z.p, rn, vn, vn);
-      at::mm_out(zt, mat(h.p, rn, d, d), wc.t());
-      for (int64_t i = 0; i < rn; ++i) vec::lse_update(z.p + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
+      Tensor zt = mat(z, rn, vn, vn);
+      at::mm_out(zt, mat(h, rn, d, d), wc.t());
+      for (int64_t i = 0; i < rn; ++i) vec::lse_update(z + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
     }
     for (int64_t i = 0; i < rn; ++i) out[r0 + i] = rmax[i] + std::log(rsum[i]);
   });
@@ -156,15 +155,15 @@ struct Group {
   std::vector<int64_t> vs, col;  // V* and each token's column in it
   std::vector<float> lz;  // log Z per token
   int64_t vb = 1, tb = 1;  // column block of V*, token block
-  // scratch: hidden cache [T, d] or one [tb, d] block; W* rows, E cache, N_i and M, product tile
-  Buf h{0}, wc{0}, e{0}, nm{0}, prod{0};
+  // scratch (the worker's): hidden cache [T, d] or one [tb, d] block; W* rows, E cache, N_i and M, tile
+  float *h = nullptr, *wc = nullptr, *e = nullptr, *nm = nullptr, *prod = nullptr;
   bool h_cached = false;
 
   // hidden rows t0..t0+tn of the group (from the cache, or gathered into the block buffer)
   const float* hrows(const AdvantagesParams& p, int64_t t0, int64_t tn) {
-    if (h_cached) return h.p + t0 * p.d;
-    gather_tokens(p, p.hidden, toks + t0, tn, nullptr, p.d, h.p, p.d);
-    return h.p;
+    if (h_cached) return h + t0 * p.d;
+    gather_tokens(p, p.hidden, toks + t0, tn, nullptr, p.d, h, p.d);
+    return h;
   }
 };
 
@@ -182,23 +181,26 @@ void group_vstar(const AdvantagesParams& p, Group& g) {
   if (g.tp > 0) g.seg.push_back(g.tp);
 }
 
-// Block sizes from the slice E alone: E cache T vb <= E, N and M (P + 1) vb d <= E, tiles tb d <= E.
-void group_blocks(const AdvantagesParams& p, Group& g) {
+// Block sizes from the slice E alone: E cache T vb <= E, N and M (P + 1) vb d <= E, tiles tb d <= E;
+// V* in equal column blocks (no small remainder block).
+void group_blocks(const AdvantagesParams& p, Group& g, Workspace& ws) {
   const int64_t d = p.d, E = p.slice, nv = static_cast<int64_t>(g.vs.size());
   const int64_t n_pos = static_cast<int64_t>(g.seg.size()) - 1;
-  g.vb = std::max<int64_t>(1, std::min<int64_t>({nv, E / std::max<int64_t>(g.T, 1), E / ((n_pos + 1) * d)}));
+  const int64_t vb_max = std::max<int64_t>(1, std::min<int64_t>({nv, E / std::max<int64_t>(g.T, 1), E / ((n_pos + 1) * d)}));
+  const int64_t n_blocks = std::max<int64_t>(1, (nv + vb_max - 1) / vb_max);
+  g.vb = std::max<int64_t>(1, (nv + n_blocks - 1) / n_blocks);
   g.tb = std::max<int64_t>(1, std::min<int64_t>(g.T, E / std::max(g.vb, d)));
   g.h_cached = g.T * d <= E;
-  g.h = Buf(g.h_cached ? g.T * d : g.tb * d);
-  if (g.h_cached) gather_tokens(p, p.hidden, g.toks, g.T, nullptr, d, g.h.p, d);
-  g.wc = Buf(p.weight.defined() ? g.vb * d : 0);
-  g.e = Buf(g.T * g.vb);
-  g.nm = Buf((n_pos + 1) * g.vb * d);
-  g.prod = Buf(g.tb * d);
+  g.h = ws.h.get(g.h_cached ? g.T * d : g.tb * d);
+  if (g.h_cached) gather_tokens(p, p.hidden, g.toks, g.T, nullptr, d, g.h, d);
+  g.wc = ws.wc.get(p.weight.defined() ? g.vb * d : 0);
+  g.e = ws.e.get(g.T * g.vb);
+  g.nm = ws.nm.get((n_pos + 1) * g.vb * d);
+  g.prod = ws.prod.get(g.tb * d);
 }
 
 // log Z_t = z_t[y_t] / T - l_t (old log-probs), or the log-sum-exp of the given logits row.
-void group_log_z(const AdvantagesParams& p, Group& g) {
+void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
   const int64_t d = p.d;
   g.lz.resize(g.T);
   if (p.logprobs) {
@@ -207,14 +209,14 @@ void group_log_z(const AdvantagesParams& p, Group& g) {
       const int64_t tn = std::min(g.tb, g.T - t0);
       const float* h = g.hrows(p, t0, tn);
       for (int64_t i = 0; i < tn; ++i) ids[i] = p.tok_ids[g.toks[t0 + i]];
-      gather_rows(p.weight, ids.data(), nullptr, tn, nullptr, d, g.prod.p, d);
+      gather_rows(p.weight, ids.data(), nullptr, tn, nullptr, d, g.prod, d);
       for (int64_t i = 0; i < tn; ++i)
-        g.lz[t0 + i] = vec::dot(h + i * d, g.prod.p + i * d, d) / p.temperature - p.logprobs[g.toks[t0 + i]];
+        g.lz[t0 + i] = vec::dot(h + i * d, g.prod + i * d, d) / p.temperature - p.logprobs[g.toks[t0 + i]];
     }
     return;
   }
   const int64_t vc = std::max<int64_t>(1, std::min(p.vocab, p.slice / g.tb));
-  Buf zb(g.tb * vc);
+  float* zb = ws.z.get(g.tb * vc);
   std::vector<int64_t> cols(vc);
   std::vector<float> rmax(g.tb), rsum(g.tb);
   for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
@@ -224,8 +226,8 @@ void group_log_z(const AdvantagesParams& p, Group& g) {
     for (int64_t v0 = 0; v0 < p.vocab; v0 += vc) {
       const int64_t vn = std::min(vc, p.vocab - v0);
       for (int64_t j = 0; j < vn; ++j) cols[j] = v0 + j;
-      gather_tokens(p, p.logits, g.toks + t0, tn, cols.data(), vn, zb.p, vn);
-      for (int64_t i = 0; i < tn; ++i) vec::lse_update(zb.p + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
+      gather_tokens(p, p.logits, g.toks + t0, tn, cols.data(), vn, zb, vn);
+      for (int64_t i = 0; i < tn; ++i) vec::lse_update(zb + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
     }
     for (int64_t i = 0; i < tn; ++i) g.lz[t0 + i] = rmax[i] + std::log(rsum[i]);
   }
@@ -234,13 +236,13 @@ void group_log_z(const AdvantagesParams& p, Group& g) {
 // E [T, cw] = onehot - exp(z / T - log Z) on columns [c0, c0 + cw) of V*.
 void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
   const int64_t d = p.d;
-  if (p.weight.defined()) gather_rows(p.weight, g.vs.data() + c0, nullptr, cw, nullptr, d, g.wc.p, d);
+  if (p.weight.defined()) gather_rows(p.weight, g.vs.data() + c0, nullptr, cw, nullptr, d, g.wc, d);
   for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
     const int64_t tn = std::min(g.tb, g.T - t0);
-    float* et = g.e.p + t0 * cw;
+    float* et = g.e + t0 * cw;
     if (p.weight.defined()) {
       Tensor z = mat(et, tn, cw, cw);
-      at::mm_out(z, mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc.p, cw, d, d).t());
+      at::mm_out(z, mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc, cw, d, d).t());
     } else {
       gather_tokens(p, p.logits, g.toks + t0, tn, g.vs.data() + c0, cw, et, cw);
     }
@@ -257,20 +259,20 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
 // order (slot 0); anchor[i] += <M, N_i> ("all") or <M - N_i, N_i> ("others"), in float64.
 void positive_block(const AdvantagesParams& p, Group& g, int64_t cw, std::vector<double>& anchor) {
   const int64_t d = p.d, n_pos = static_cast<int64_t>(g.seg.size()) - 1;
-  Tensor m = mat(g.nm.p, cw, d, d);
+  Tensor m = mat(g.nm, cw, d, d);
   for (int64_t k = 0; k < n_pos; ++k) {
-    Tensor nk = mat(g.nm.p + (k + 1) * cw * d, cw, d, d);
+    Tensor nk = mat(g.nm + (k + 1) * cw * d, cw, d, d);
     nk.zero_();
     for (int64_t t0 = g.seg[k]; t0 < g.seg[k + 1]; t0 += g.tb) {
       const int64_t tn = std::min(g.tb, g.seg[k + 1] - t0);
-      nk.addmm_(mat(g.e.p + t0 * cw, tn, cw, cw).t(), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d));
+      nk.addmm_(mat(g.e + t0 * cw, tn, cw, cw).t(), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d));
     }
     if (k == 0) m.copy_(nk);
     else m.add_(nk);
   }
   for (int64_t k = 0; k < n_pos; ++k) {
-    const float* nk = g.nm.p + (k + 1) * cw * d;
-    anchor[k] += p.anchor_others ? vec::dot_others_f64(g.nm.p, nk, cw * d) : vec::dot_f64(g.nm.p, nk, cw * d);
+    const float* nk = g.nm + (k + 1) * cw * d;
+    anchor[k] += p.anchor_others ? vec::dot_others_f64(g.nm, nk, cw * d) : vec::dot_f64(g.nm, nk, cw * d);
   }
 }
 
@@ -279,10 +281,10 @@ void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, st
   const int64_t d = p.d;
   for (int64_t t0 = r0; t0 < g.T; t0 += g.tb) {
     const int64_t tn = std::min(g.tb, g.T - t0);
-    Tensor st = mat(g.prod.p, tn, d, d);
-    at::mm_out(st, mat(g.e.p + t0 * cw, tn, cw, cw), mat(g.nm.p, cw, d, d));
+    Tensor st = mat(g.prod, tn, d, d);
+    at::mm_out(st, mat(g.e + t0 * cw, tn, cw, cw), mat(g.nm, cw, d, d));
     const float* h = g.hrows(p, t0, tn);
-    for (int64_t i = 0; i < tn; ++i) s[t0 + i] += vec::dot(g.prod.p + i * d, h + i * d, d);
+    for (int64_t i = 0; i < tn; ++i) s[t0 + i] += vec::dot(g.prod + i * d, h + i * d, d);
   }
 }
 
@@ -312,11 +314,11 @@ void finish_group(const AdvantagesParams& p, const Group& g, const std::vector<d
   p.tau[g.batch_index] = tau;
 }
 
-void process_group(const AdvantagesParams& p, Group& g, const float* lz_full) {
+void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full) {
   group_vstar(p, g);
-  group_blocks(p, g);
+  group_blocks(p, g, ws);
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
-  else group_log_z(p, g);
+  else group_log_z(p, g, ws);
   std::vector<double> anchor(g.seg.size() - 1, 0.0);
   std::vector<float> s(g.T, 0.0f);
   const int64_t nv = static_cast<int64_t>(g.vs.size());
@@ -449,10 +451,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   std::vector<int64_t> by_size(n_act);  // largest groups first: better balance, same results
   for (int64_t k = 0; k < n_act; ++k) by_size[k] = k;
   std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t x, int64_t y) { return g.len[x] > g.len[y]; });
-  for_each_item(n_act, [&](int64_t i) {
+  std::vector<Workspace> ws(kWorkers);
+  for_each_item(n_act, [&](int64_t i, int64_t w) {
     const int64_t k = by_size[i];
     Group grp(g.order.data() + g.start[k], g.len[k], g.n_pos_tokens[k], g.batch_index[k]);
-    process_group(p, grp, lz_full.empty() ? nullptr : lz_full.data() + g.start[k]);
+    process_group(p, grp, ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k]);
   });
   lap("groups");
   return {scores, selected, token_adv, tau, eta_out};

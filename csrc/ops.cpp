@@ -70,7 +70,7 @@ void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
   for (int64_t c0 = 0; c0 < v; c0 += vb) {
     const int64_t cw = std::min(vb, v - c0);
     at::Tensor m = at::empty({cw, d}, at::TensorOptions().dtype(at::kFloat));
-    for_each_item((cw + kMRows - 1) / kMRows, [&](int64_t item) {
+    for_each_item((cw + kMRows - 1) / kMRows, [&](int64_t item, int64_t) {
       const int64_t j0 = item * kMRows, jn = std::min(kMRows, cw - j0);
       at::Tensor mj = m.narrow(0, j0, jn);
       mj.zero_();
@@ -79,7 +79,7 @@ void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
         mj.addmm_(block(err_pos, r0, rn, c0 + j0, jn).t(), block(h_pos, r0, rn, 0, d));
       }
     });
-    for_each_item((tn + rb - 1) / rb, [&](int64_t b) {
+    for_each_item((tn + rb - 1) / rb, [&](int64_t b, int64_t) {
       const int64_t r0 = b * rb, rn = std::min(rb, tn - r0);
       at::Tensor s = at::mm(block(err_neg, r0, rn, c0, cw), m);
       at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
@@ -96,7 +96,7 @@ void score_pairwise(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
   const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
   const int64_t bn = std::max<int64_t>(1, std::min<int64_t>(tn, static_cast<int64_t>(std::sqrt(double(budget)))));
   const int64_t bp = std::max<int64_t>(1, std::min(tp, budget / std::max({bn, v, d})));
-  for_each_item((tn + bn - 1) / bn, [&](int64_t b) {
+  for_each_item((tn + bn - 1) / bn, [&](int64_t b, int64_t) {
     const int64_t n0 = b * bn, nn = std::min(bn, tn - n0);
     at::Tensor en = block(err_neg, n0, nn, 0, v), hn = block(h_neg, n0, nn, 0, d);
     for (int64_t p0 = 0; p0 < tp; p0 += bp) {

@@ -3,10 +3,14 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 // MKL's thread-local thread count (weak: null where torch is built without MKL). MKL called inside a parallel
@@ -30,6 +34,17 @@ struct SerialBlas {
 // every reduction order) depends on the inputs and scratch_elems alone: the same bits at any thread count.
 // At most kWorkers threads work at once; each holds at most ~6 float32 buffers of one slice.
 constexpr int64_t kWorkers = 8;
+
+// Grow-only float32 scratch from the ATen CPU allocator (memory profilers see it); reused from one work item
+// to the next by the same worker, so large buffers are not mapped and faulted in again for every group.
+struct Scratch {
+  at::Tensor t;
+  float* get(int64_t n) {
+    n = std::max<int64_t>(n, 1);
+    if (!t.defined() || t.numel() < n) t = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    return t.data_ptr<float>();
+  }
+};
 
 struct AdvantagesParams {
   // Read in place, any floating dtype and strides. hidden [N, d] (packed) or [R, L, d] (padded); exactly one
@@ -73,24 +88,39 @@ struct AdvantagesParams {
   std::vector<at::Tensor> keep;  // owners of the converted inputs the pointers above point into
 };
 
-// Runs fn(i) for every i in [0, n), handing items out one at a time (uneven items and busy cores leave no
-// thread idle), with single-threaded BLAS inside: each item's bits do not depend on the thread count or on
-// which thread ran it.
+// Runs fn(i, w) for every i in [0, n) on workers w in [0, kWorkers), handing items out one at a time
+// (uneven items and busy cores leave no thread idle). Each item's bits do not depend on the thread count or
+// on which worker ran it: BLAS runs single-threaded inside (SerialBlas) and ATen ops see a parallel region
+// (ParallelGuard), as at one thread. The workers are plain threads that block when done, not an OpenMP
+// team: spinning team threads made a loaded 2-core machine up to 15x slower than one thread.
 template <typename F>
 void for_each_item(int64_t n, const F& fn) {
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), kWorkers);
-  if (threads <= 1 || n == 1 || at::in_parallel_region()) {
-    SerialBlas serial;
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
+  const int64_t workers = std::min<int64_t>({at::get_num_threads(), kWorkers, n});
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t w0, int64_t w1) {
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&](int64_t w) {
     SerialBlas serial;
-    for (int64_t w = w0; w < w1; ++w)
-      for (int64_t i = next++; i < n; i = next++) fn(i);
-  });
+    c10::ParallelGuard guard(true);
+    at::internal::ThreadIdGuard tid(static_cast<int>(w));
+    try {
+      for (int64_t i = next++; i < n; i = next++) fn(i, w);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      next = n;  // the other workers stop after their current item
+    }
+  };
+  if (workers <= 1 || at::in_parallel_region()) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w);
+    work(0);
+    for (auto& t : pool) t.join();
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace nthr
