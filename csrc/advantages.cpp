@@ -1,410 +1,433 @@
 // nthr::native_advantages: the whole NTHR batch on CPU (scores, anchors, tau, selection, advantages).
 //
-// Inputs are the canonical token list built by nthr_kernels/core/checks.py (tokens ordered by response;
-// tok_a/tok_b locate token t in the caller's hidden/logits without copying them). Steps:
-//  1. order the tokens of every active group (positive responses first, canonical order kept);
-//  2. weight without old log-probs only: log Z_t over the full vocabulary: per token super-block and
-//     vocabulary chunk one GEMM tile, folded at once into an online log-sum-exp, rows in parallel;
-//  3. per active group, in parallel over groups (largest first, handed out dynamically): V* (sorted
-//     unique ids), log Z from the old log-probs or the logits if not done in 2, then for each column
-//     block of V*: the prediction errors
-//     E = onehot - exp(z / T - log Z) of every token (cached for the group), M = E+^T H+ (ATen addmm),
-//     s_t += (E_t M) . h_t; for anchor="others" each positive response's own contribution (pairwise
-//     Gram tiles or factored, whichever is cheaper); then in the same pass the anchors (float64 means),
-//     tau = beta * min anchor, the selection s_t > tau of negative tokens and their rescaled advantages.
-// Scratch: step 2 at most scratch_elems float32 elements (hidden block and logits tile) plus a
-// [1024, d] converted weight chunk for non-float32 weights; step 3 per thread at most ~8 buffers of
-// Eb = scratch_elems / threads elements (E cache, M, W rows, hidden cache/blocks, E M block, Gram
-// tiles) plus O(T_g) index vectors per group; O(n) per-token log Z. Nothing of size [n, |V|] or
-// [T+, T] is ever formed.
+// The op's arguments are checked (CHECK_* below) and gathered into AdvantagesParams (params.h) in one
+// place, set_advantages_params; then:
+//   order_groups       the active groups' tokens in `order`, positive responses first (counting sort);
+//   log_z_full_vocab   weight without old log-probs only: log Z_t over the whole vocabulary;
+//   then per active group, groups in parallel (largest first), each on its own scratch slice:
+//     group_vstar        V* (sorted unique ids) and each token's column in it;
+//     group_log_z        log Z_t from the old log-probs or the logits (unless done above);
+//     per column block of V*:
+//       errors_block       E = onehot - exp(z / T - log Z) of every token of the group;
+//       positive_block     N_i = E_i^T H_i per positive response i, M = sum_i N_i, and the anchor terms
+//                          <M, N_i> ("all") or <M - N_i, N_i> ("others"), in float64;
+//       score_block        s_t += (E_t M) . h_t for the negative tokens (every token with score_positive);
+//     finish_group       anchors sbar_i = sum / |y_i|, tau, selection s_t > tau, rescaled advantages.
+// Positive tokens are not scored one by one unless asked: a positive response's mean score is
+// <M, N_i> / |y_i|, which saves 2 |V*| d T+ FLOPs per group.
+// Scratch per worker slice of E = scratch_elems / kWorkers float32 elements: the E cache [T, vb] <= E,
+// N and M [(P+1) vb, d] <= E, W* rows [vb, d], hidden cache [T, d] (when <= E, else [tb, d] blocks),
+// one [tb, d] product tile, the logits' log-sum-exp tile <= E; plus O(T) index vectors. Block sizes
+// depend on E and the group only, never on the thread count. Nothing of size [n, |V|] or [T+, T] exists.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cmath>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #include "native.h"
+#include "params.h"
 #include "vec_kernels.h"
+
+#define CHECK_ARG(cond, name, ...) TORCH_CHECK(cond, "nthr native_advantages: ", name, ": ", __VA_ARGS__)
+#define CHECK_CPU_FLOAT(x, name) \
+  CHECK_ARG((x).device().is_cpu() && at::isFloatingType((x).scalar_type()), name, "expected a floating-point CPU tensor")
+#define CHECK_NUMEL(x, n, name) CHECK_ARG((x).numel() == (n), name, "expected ", (n), " elements, got ", (x).numel())
+#define CHECK_IN_RANGE(v, hi, name) CHECK_ARG((v) >= 0 && (v) < (hi), name, "index ", (v), " outside [0, ", (hi), ")")
 
 namespace nthr {
 namespace {
 
 using at::Tensor;
 
-// Scratch float buffer from the ATen CPU allocator (so memory profilers see it).
-struct Buf {
-  Tensor t;
-  float* p = nullptr;
-  explicit Buf(int64_t n) : t(at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(at::kFloat))) {
-    p = t.data_ptr<float>();
-  }
+// Per-worker scratch, reused across work items (see Scratch in params.h).
+struct Workspace {
+  Scratch h, wc, e, nm, prod, z;
 };
 
-// Runs fn(i) for i in [0, n) on the ATen thread pool, handing out items one at a time (dynamic
-// scheduling: uneven items and busy cores do not leave threads idle). Each item's result does not depend
-// on which thread runs it, so the output is deterministic.
-template <typename F>
-void dynamic_for(int64_t n, const F& fn) {
-  if (n <= 0) return;
-  const int64_t workers = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w)
-      for (int64_t i = next++; i < n; i = next++) fn(i);
-  });
+// A contiguous CPU copy of x in dtype `dt`, owned by p.keep; returns its data.
+template <typename T>
+const T* owned(AdvantagesParams& p, const Tensor& x, at::ScalarType dt) {
+  p.keep.push_back(x.to(dt).contiguous());
+  return p.keep.back().template const_data_ptr<T>();
 }
 
-struct Layout {  // where canonical token t lives: src[a[t]] (packed) or src[a[t], b[t]] (padded)
-  const int64_t* a;
-  const int64_t* b;
-};
-
-struct Gatherer {
-  Layout lay;
-  std::vector<int64_t> ia, ib;
-  void operator()(const Tensor& src, const int64_t* toks, int64_t count, const int64_t* cols, int64_t ncols,
-                  float* out, int64_t ld) {
-    ia.resize(count);
-    ib.resize(count);
-    for (int64_t r = 0; r < count; ++r) {
-      ia[r] = lay.a[toks[r]];
-      if (lay.b) ib[r] = lay.b[toks[r]];
-    }
-    gather_rows(src, ia.data(), lay.b ? ib.data() : nullptr, count, cols, ncols, out, ld);
+// Copies rows toks[0..count) of src (a hidden- or logits-shaped tensor) into out (row stride ld).
+void gather_tokens(const AdvantagesParams& p, const Tensor& src, const int64_t* toks, int64_t count,
+                   const int64_t* cols, int64_t ncols, float* out, int64_t ld) {
+  if (count == 0) return;
+  std::vector<int64_t> ia(count), ib(p.tok_b ? count : 0);
+  for (int64_t r = 0; r < count; ++r) {
+    ia[r] = p.tok_a[toks[r]];
+    if (p.tok_b) ib[r] = p.tok_b[toks[r]];
   }
+  gather_rows(src, ia.data(), p.tok_b ? ib.data() : nullptr, count, cols, ncols, out, ld);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// the active groups' tokens
+// ---------------------------------------------------------------------------------------------------
+struct Groups {
+  std::vector<int64_t> order;  // canonical token indices, by active group, positive responses first
+  std::vector<int64_t> batch_index, start, len, n_pos_tokens;  // per active group
 };
 
-// log Z_t over the whole vocabulary of lm_head_weight, for tokens toks[0..n). Token super-blocks of
-// ts rows are gathered once; for every vocabulary chunk one GEMM [ts, d] x [d, vc] (ATen/MKL, threaded
-// at this level) fills a tile that is folded at once into a running (max, sum) per row, the rows split
-// over threads with at::parallel_for. No BLAS call runs inside a parallel region: on a loaded machine
-// nested teams and spinning threads made that up to 8x slower than this layout.
-void log_z_full_vocab(const Tensor& hidden, Layout lay, const Tensor& w, const int64_t* toks, int64_t n,
-                      double temperature, int64_t budget, float* out) {
-  if (n == 0) return;
-  const int64_t d = w.size(1), vocab = w.size(0);
+Groups order_groups(const AdvantagesParams& p) {
+  Groups g;
+  std::vector<int64_t> dense(p.n_groups, -1);
+  for (int64_t k = 0; k < p.n_groups; ++k)
+    if (p.group_active[k]) {
+      dense[k] = static_cast<int64_t>(g.batch_index.size());
+      g.batch_index.push_back(k);
+    }
+  const int64_t n_act = static_cast<int64_t>(g.batch_index.size());
+  g.len.assign(n_act, 0);
+  g.n_pos_tokens.assign(n_act, 0);
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    const int64_t dg = dense[p.resp_group[p.tok_resp[t]]];
+    if (dg < 0) continue;
+    ++g.len[dg];
+    g.n_pos_tokens[dg] += p.positive[p.tok_resp[t]];
+  }
+  g.start.assign(n_act + 1, 0);
+  for (int64_t k = 0; k < n_act; ++k) g.start[k + 1] = g.start[k] + g.len[k];
+  g.order.resize(g.start[n_act]);
+  std::vector<int64_t> cur_pos(g.start.begin(), g.start.end() - 1), cur_neg(n_act);
+  for (int64_t k = 0; k < n_act; ++k) cur_neg[k] = g.start[k] + g.n_pos_tokens[k];
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    const int64_t r = p.tok_resp[t], dg = dense[p.resp_group[r]];
+    if (dg >= 0) g.order[p.positive[r] ? cur_pos[dg]++ : cur_neg[dg]++] = t;
+  }
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// log Z over the whole vocabulary (weight without old log-probs)
+// ---------------------------------------------------------------------------------------------------
+// Rows toks[0..n) in chunks of rc tokens (rc fixed by the slice), one chunk per item: its hidden rows
+// gathered once, then per vocabulary chunk of vc rows one GEMM tile [rc, vc] folded at once into a
+// running (max, sum) per row. Every item does the same arithmetic whichever thread runs it.
+void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n, float* out) {
+  const int64_t d = p.d, vocab = p.vocab;
   const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(vocab, 1024));
-  const int64_t ts = std::max<int64_t>(1, std::min<int64_t>(n, budget / (vc + d)));
-  const bool w_view = w.scalar_type() == at::kFloat && w.stride(1) == 1;
-  const float temp = static_cast<float>(temperature);
-  Buf h(ts * d), z(ts * vc), wb(w_view ? 0 : vc * d);
-  std::vector<float> rmax(ts), rsum(ts);
-  std::vector<int64_t> ids(vc);
-  Gatherer gather{lay, {}, {}};
-  for (int64_t r0 = 0; r0 < n; r0 += ts) {
-    const int64_t rn = std::min(ts, n - r0);
-    gather(hidden, toks + r0, rn, nullptr, d, h.p, d);
-    std::fill(rmax.begin(), rmax.end(), -std::numeric_limits<float>::infinity());
-    std::fill(rsum.begin(), rsum.end(), 0.0f);
+  const int64_t rc = std::max<int64_t>(1, std::min<int64_t>(n, p.slice / (vc + d)));
+  const bool w_view = p.weight.scalar_type() == at::kFloat && p.weight.stride(1) == 1;
+  std::vector<Workspace> ws(kWorkers);
+  for_each_item((n + rc - 1) / rc, [&](int64_t item, int64_t w) {
+    const int64_t r0 = item * rc, rn = std::min(rc, n - r0);
+    float* h = ws[w].h.get(rn * d);
+    float* z = ws[w].z.get(rn * vc);
+    float* wb = ws[w].wc.get(w_view ? 0 : vc * d);
+    std::vector<float> rmax(rn, -std::numeric_limits<float>::infinity()), rsum(rn, 0.0f);
+    std::vector<int64_t> ids(w_view ? 0 : vc);
+    gather_tokens(p, p.hidden, toks + r0, rn, nullptr, d, h, d);
     for (int64_t v0 = 0; v0 < vocab; v0 += vc) {
       const int64_t vn = std::min(vc, vocab - v0);
       Tensor wc;
       if (w_view) {
-        wc = w.narrow(0, v0, vn);
+        wc = p.weight.narrow(0, v0, vn);
       } else {
         for (int64_t j = 0; j < vn; ++j) ids[j] = v0 + j;
-        gather_rows(w, ids.data(), nullptr, vn, nullptr, d, wb.p, d);
-        wc = mat(wb.p, vn, d, d);
+        gather_rows(p.weight, ids.data(), nullptr, vn, nullptr, d, wb, d);
+        wc = mat(wb, vn, d, d);
       }
-      Tensor zt = mat(z.p, rn, vn, vn);
-      at::mm_out(zt, mat(h.p, rn, d, d), wc.t());
-      at::parallel_for(0, rn, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) vec::lse_update(z.p + i * vn, vn, temp, &rmax[i], &rsum[i]);
-      });
+      Tensor zt = mat(z, rn, vn, vn);
+      at::mm_out(zt, mat(h, rn, d, d), wc.t());
+      for (int64_t i = 0; i < rn; ++i) vec::lse_update(z + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
     }
     for (int64_t i = 0; i < rn; ++i) out[r0 + i] = rmax[i] + std::log(rsum[i]);
-  }
+  });
 }
 
-struct Batch {
-  Tensor hidden, w, logits;  // w or logits undefined
-  Layout lay;
-  const int64_t* tok_ids;
-  const int64_t* tok_resp;
-  const float* logprobs;  // canonical [n] or null
-  const float* lz_all;    // log Z per position of `order` (weight-only path) or null
-  double temperature, beta;
-  bool others;
-  int64_t eb, d;
+// ---------------------------------------------------------------------------------------------------
+// one active group
+// ---------------------------------------------------------------------------------------------------
+struct Group {
+  Group(const int64_t* toks_, int64_t T_, int64_t tp_, int64_t batch_index_)
+      : toks(toks_), T(T_), tp(tp_), batch_index(batch_index_) {}
+  const int64_t* toks;  // its tokens, the first tp of them positive
+  int64_t T, tp, batch_index;
+  std::vector<int64_t> seg;  // positive responses: toks[seg[k]..seg[k+1]) (each non-empty)
+  std::vector<int64_t> vs, col;  // V* and each token's column in it
+  std::vector<float> lz;  // log Z per token
+  int64_t vb = 1, tb = 1;  // column block of V*, token block
+  // scratch (the worker's): hidden cache [T, d] or one [tb, d] block; W* rows, E cache, N_i and M, tile
+  float *h = nullptr, *wc = nullptr, *e = nullptr, *nm = nullptr, *prod = nullptr;
+  bool h_cached = false;
+
+  // hidden rows t0..t0+tn of the group (from the cache, or gathered into the block buffer)
+  const float* hrows(const AdvantagesParams& p, int64_t t0, int64_t tn) {
+    if (h_cached) return h + t0 * p.d;
+    gather_tokens(p, p.hidden, toks + t0, tn, nullptr, p.d, h, p.d);
+    return h;
+  }
 };
 
-struct Outputs {
-  float* scores;
-  bool* selected;
-  float* token_adv;
-  float* tau;
-  const float* adv;
-};
+void group_vstar(const AdvantagesParams& p, Group& g) {
+  g.vs.resize(g.T);
+  g.col.resize(g.T);
+  for (int64_t i = 0; i < g.T; ++i) g.vs[i] = p.tok_ids[g.toks[i]];
+  std::sort(g.vs.begin(), g.vs.end());
+  g.vs.erase(std::unique(g.vs.begin(), g.vs.end()), g.vs.end());
+  for (int64_t i = 0; i < g.T; ++i)
+    g.col[i] = std::lower_bound(g.vs.begin(), g.vs.end(), p.tok_ids[g.toks[i]]) - g.vs.begin();
+  g.seg.assign(1, 0);
+  for (int64_t i = 1; i < g.tp; ++i)
+    if (p.tok_resp[g.toks[i]] != p.tok_resp[g.toks[i - 1]]) g.seg.push_back(i);
+  if (g.tp > 0) g.seg.push_back(g.tp);
+}
 
-// Scores and the finishing step of one active group. toks[0..T): the group's tokens, the first tp of
-// them positive; lz_off: offset of toks in `order` (for lz_all).
-void process_group(const Batch& bt, const int64_t* toks, int64_t T, int64_t tp, int64_t lz_off, double eta,
-                   int64_t group, const Outputs& o) {
-  const int64_t d = bt.d, eb = bt.eb;
-  const float temp = static_cast<float>(bt.temperature);
-  Gatherer gather{bt.lay, {}, {}};
+// Block sizes from the slice E alone: E cache T vb <= E, N and M (P + 1) vb d <= E, tiles tb d <= E;
+// V* in equal column blocks (no small remainder block).
+void group_blocks(const AdvantagesParams& p, Group& g, Workspace& ws) {
+  const int64_t d = p.d, E = p.slice, nv = static_cast<int64_t>(g.vs.size());
+  const int64_t n_pos = static_cast<int64_t>(g.seg.size()) - 1;
+  const int64_t vb_max = std::max<int64_t>(1, std::min<int64_t>({nv, E / std::max<int64_t>(g.T, 1), E / ((n_pos + 1) * d)}));
+  const int64_t n_blocks = std::max<int64_t>(1, (nv + vb_max - 1) / vb_max);
+  g.vb = std::max<int64_t>(1, (nv + n_blocks - 1) / n_blocks);
+  g.tb = std::max<int64_t>(1, std::min<int64_t>(g.T, E / std::max(g.vb, d)));
+  g.h_cached = g.T * d <= E;
+  g.h = ws.h.get(g.h_cached ? g.T * d : g.tb * d);
+  if (g.h_cached) gather_tokens(p, p.hidden, g.toks, g.T, nullptr, d, g.h, d);
+  g.wc = ws.wc.get(p.weight.defined() ? g.vb * d : 0);
+  g.e = ws.e.get(g.T * g.vb);
+  g.nm = ws.nm.get((n_pos + 1) * g.vb * d);
+  g.prod = ws.prod.get(g.tb * d);
+}
 
-  // V* and each token's column in it
-  std::vector<int64_t> vs(T), col(T);
-  for (int64_t i = 0; i < T; ++i) vs[i] = bt.tok_ids[toks[i]];
-  std::sort(vs.begin(), vs.end());
-  vs.erase(std::unique(vs.begin(), vs.end()), vs.end());
-  const int64_t nv = static_cast<int64_t>(vs.size());
-  for (int64_t i = 0; i < T; ++i)
-    col[i] = std::lower_bound(vs.begin(), vs.end(), bt.tok_ids[toks[i]]) - vs.begin();
-
-  // block sizes: E cache [T, vb], M / W rows [vb, d], hidden and E M blocks [tb, d]
-  const int64_t vb = std::max<int64_t>(1, std::min<int64_t>({nv, eb / d, eb / T}));
-  const int64_t tb = std::max<int64_t>(1, std::min<int64_t>(T, eb / std::max(vb, d)));
-  const bool h_cached = T * d <= eb;
-  Buf hall(h_cached ? T * d : 0), hb(h_cached ? 0 : tb * d);
-  auto hrows = [&](int64_t t0, int64_t tn, float* tmp) -> const float* {
-    if (h_cached) return hall.p + t0 * d;
-    gather(bt.hidden, toks + t0, tn, nullptr, d, tmp, d);
-    return tmp;
-  };
-  if (h_cached) gather(bt.hidden, toks, T, nullptr, d, hall.p, d);
-
-  // log Z per token
-  std::vector<float> lz(T);
-  if (bt.lz_all) {
-    std::copy(bt.lz_all + lz_off, bt.lz_all + lz_off + T, lz.begin());
-  } else if (bt.logprobs) {  // log Z_t = z_t[y_t] / T - l_t
-    Buf wy(tb * d);
-    std::vector<int64_t> ids(tb);
-    for (int64_t t0 = 0; t0 < T; t0 += tb) {
-      const int64_t tn = std::min(tb, T - t0);
-      const float* h = hrows(t0, tn, hb.p);
-      for (int64_t i = 0; i < tn; ++i) ids[i] = bt.tok_ids[toks[t0 + i]];
-      gather_rows(bt.w, ids.data(), nullptr, tn, nullptr, d, wy.p, d);
+// log Z_t = z_t[y_t] / T - l_t (old log-probs), or the log-sum-exp of the given logits row.
+void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
+  const int64_t d = p.d;
+  g.lz.resize(g.T);
+  if (p.logprobs) {
+    std::vector<int64_t> ids(g.tb);
+    for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
+      const int64_t tn = std::min(g.tb, g.T - t0);
+      const float* h = g.hrows(p, t0, tn);
+      for (int64_t i = 0; i < tn; ++i) ids[i] = p.tok_ids[g.toks[t0 + i]];
+      gather_rows(p.weight, ids.data(), nullptr, tn, nullptr, d, g.prod, d);
       for (int64_t i = 0; i < tn; ++i)
-        lz[t0 + i] = vec::dot(h + i * d, wy.p + i * d, d) / temp - bt.logprobs[toks[t0 + i]];
+        g.lz[t0 + i] = vec::dot(h + i * d, g.prod + i * d, d) / p.temperature - p.logprobs[g.toks[t0 + i]];
     }
-  } else {  // logits: log-sum-exp of the given row
-    const int64_t vocab = bt.logits.size(-1);
-    const int64_t vc = std::max<int64_t>(1, std::min(vocab, eb / tb));
-    Buf zb(tb * vc);
-    std::vector<int64_t> cols(vc);
-    std::vector<float> rmax(tb), rsum(tb);
-    for (int64_t t0 = 0; t0 < T; t0 += tb) {
-      const int64_t tn = std::min(tb, T - t0);
-      std::fill(rmax.begin(), rmax.end(), -std::numeric_limits<float>::infinity());
-      std::fill(rsum.begin(), rsum.end(), 0.0f);
-      for (int64_t v0 = 0; v0 < vocab; v0 += vc) {
-        const int64_t vn = std::min(vc, vocab - v0);
-        for (int64_t j = 0; j < vn; ++j) cols[j] = v0 + j;
-        gather(bt.logits, toks + t0, tn, cols.data(), vn, zb.p, vn);
-        for (int64_t i = 0; i < tn; ++i) vec::lse_update(zb.p + i * vn, vn, temp, &rmax[i], &rsum[i]);
-      }
-      for (int64_t i = 0; i < tn; ++i) lz[t0 + i] = rmax[i] + std::log(rsum[i]);
+    return;
+  }
+  const int64_t vc = std::max<int64_t>(1, std::min(p.vocab, p.slice / g.tb));
+  float* zb = ws.z.get(g.tb * vc);
+  std::vector<int64_t> cols(vc);
+  std::vector<float> rmax(g.tb), rsum(g.tb);
+  for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
+    const int64_t tn = std::min(g.tb, g.T - t0);
+    std::fill(rmax.begin(), rmax.end(), -std::numeric_limits<float>::infinity());
+    std::fill(rsum.begin(), rsum.end(), 0.0f);
+    for (int64_t v0 = 0; v0 < p.vocab; v0 += vc) {
+      const int64_t vn = std::min(vc, p.vocab - v0);
+      for (int64_t j = 0; j < vn; ++j) cols[j] = v0 + j;
+      gather_tokens(p, p.logits, g.toks + t0, tn, cols.data(), vn, zb, vn);
+      for (int64_t i = 0; i < tn; ++i) vec::lse_update(zb + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
     }
+    for (int64_t i = 0; i < tn; ++i) g.lz[t0 + i] = rmax[i] + std::log(rsum[i]);
   }
-
-  // positive responses: runs of equal tok_resp in toks[0..tp)
-  std::vector<int64_t> seg{0};
-  for (int64_t i = 1; i < tp; ++i)
-    if (bt.tok_resp[toks[i]] != bt.tok_resp[toks[i - 1]]) seg.push_back(i);
-  seg.push_back(tp);
-
-  Buf e(T * vb), m(vb * d), wc(bt.w.defined() ? vb * d : 0), sb(tb * d);
-  std::vector<float> s(T, 0.0f), own(bt.others ? tp : 0, 0.0f);
-  std::unique_ptr<Buf> mi, gram, kern, hb2;
-
-  for (int64_t c0 = 0; c0 < nv; c0 += vb) {
-    const int64_t cw = std::min(vb, nv - c0);
-    if (bt.w.defined()) gather_rows(bt.w, vs.data() + c0, nullptr, cw, nullptr, d, wc.p, d);
-    // prediction errors of every token on columns [c0, c0 + cw) of V*
-    for (int64_t t0 = 0; t0 < T; t0 += tb) {
-      const int64_t tn = std::min(tb, T - t0);
-      float* et = e.p + t0 * cw;
-      if (bt.w.defined()) {
-        Tensor z = mat(et, tn, cw, cw);
-        at::mm_out(z, mat(const_cast<float*>(hrows(t0, tn, hb.p)), tn, d, d), mat(wc.p, cw, d, d).t());
-      } else {
-        gather(bt.logits, toks + t0, tn, vs.data() + c0, cw, et, cw);
-      }
-      for (int64_t i = 0; i < tn; ++i) {
-        float* row = et + i * cw;
-        vec::neg_softmax_slice(row, cw, temp, lz[t0 + i]);
-        const int64_t c = col[t0 + i] - c0;
-        if (c >= 0 && c < cw) row[c] += 1.0f;
-      }
-    }
-    // M = sum over rows [r0, r1) of e_u h_u^T;  out[i] += (e_i M) . h_i for rows [r0, r1)
-    auto accumulate = [&](float* mp, int64_t r0, int64_t r1) {
-      Tensor mv = mat(mp, cw, d, d);
-      mv.zero_();
-      for (int64_t t0 = r0; t0 < r1; t0 += tb) {
-        const int64_t tn = std::min(tb, r1 - t0);
-        mv.addmm_(mat(e.p + t0 * cw, tn, cw, cw).t(), mat(const_cast<float*>(hrows(t0, tn, hb.p)), tn, d, d));
-      }
-    };
-    auto score = [&](const float* mp, int64_t r0, int64_t r1, float* out) {
-      for (int64_t t0 = r0; t0 < r1; t0 += tb) {
-        const int64_t tn = std::min(tb, r1 - t0);
-        Tensor st = mat(sb.p, tn, d, d);
-        at::mm_out(st, mat(e.p + t0 * cw, tn, cw, cw), mat(const_cast<float*>(mp), cw, d, d));
-        const float* h = hrows(t0, tn, hb.p);
-        for (int64_t i = 0; i < tn; ++i) out[t0 + i] += vec::dot(sb.p + i * d, h + i * d, d);
-      }
-    };
-    accumulate(m.p, 0, tp);
-    score(m.p, 0, T, s.data());
-    if (!bt.others) continue;
-    // anchor="others": each positive response's contribution to its own tokens
-    for (size_t k = 0; k + 1 < seg.size(); ++k) {
-      const int64_t r0 = seg[k], r1 = seg[k + 1], len = r1 - r0;
-      if (len == 0) continue;
-      if (len * (cw + d) >= 2 * cw * d) {  // factored: 4 L cw d FLOPs <= pairwise 2 L^2 (cw + d)
-        if (!mi) mi = std::make_unique<Buf>(vb * d);
-        accumulate(mi->p, r0, r1);
-        score(mi->p, r0, r1, own.data());
-        continue;
-      }
-      const int64_t tt = std::max<int64_t>(
-          1, std::min<int64_t>({len, tb, static_cast<int64_t>(std::sqrt(static_cast<double>(eb)))}));
-      if (!gram) {
-        gram = std::make_unique<Buf>(tt * tt);
-        kern = std::make_unique<Buf>(tt * tt);
-      } else if (gram->t.numel() < tt * tt) {
-        *gram = Buf(tt * tt);
-        *kern = Buf(tt * tt);
-      }
-      if (!h_cached && !hb2) hb2 = std::make_unique<Buf>(tb * d);
-      for (int64_t t0 = r0; t0 < r1; t0 += tt) {
-        const int64_t tn = std::min(tt, r1 - t0);
-        const float* ht = hrows(t0, tn, h_cached ? nullptr : hb2->p);
-        for (int64_t u0 = r0; u0 < r1; u0 += tt) {
-          const int64_t un = std::min(tt, r1 - u0);
-          const float* hu = hrows(u0, un, hb.p);
-          Tensor g = mat(gram->p, un, tn, tn), kk = mat(kern->p, un, tn, tn);
-          at::mm_out(g, mat(e.p + u0 * cw, un, cw, cw), mat(e.p + t0 * cw, tn, cw, cw).t());
-          at::mm_out(kk, mat(const_cast<float*>(hu), un, d, d), mat(const_cast<float*>(ht), tn, d, d).t());
-          vec::colsum_product(gram->p, tn, kern->p, tn, un, tn, own.data() + t0);
-        }
-      }
-    }
-  }
-
-  // anchors (float64 means in token order), tau, selection and advantages, in one pass over the group
-  double min_anchor = std::numeric_limits<double>::infinity();
-  for (size_t k = 0; k + 1 < seg.size(); ++k) {
-    const int64_t r0 = seg[k], r1 = seg[k + 1];
-    if (r1 == r0) continue;
-    double acc = 0.0;
-    for (int64_t i = r0; i < r1; ++i) acc += static_cast<double>(bt.others ? s[i] - own[i] : s[i]);
-    min_anchor = std::min(min_anchor, acc / static_cast<double>(r1 - r0));
-  }
-  double tau;
-  if (bt.beta == 0.0) {
-    tau = 0.0;
-  } else if (std::isinf(bt.beta) && bt.beta < 0) {
-    tau = -std::numeric_limits<double>::infinity();
-  } else {
-    tau = bt.beta * min_anchor;
-  }
-  const float tau_f = static_cast<float>(tau), eta_f = static_cast<float>(eta);
-  for (int64_t i = 0; i < T; ++i) {
-    const int64_t t = toks[i];
-    o.scores[t] = s[i];
-    if (i >= tp && s[i] > tau_f) {
-      o.selected[t] = true;
-      o.token_adv[t] = o.adv[bt.tok_resp[t]] * eta_f;
-    }
-  }
-  o.tau[group] = tau_f;
 }
 
-void check(bool ok, const char* what) { TORCH_CHECK(ok, "nthr native_advantages: ", what); }
+// E [T, cw] = onehot - exp(z / T - log Z) on columns [c0, c0 + cw) of V*.
+void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
+  const int64_t d = p.d;
+  if (p.weight.defined()) gather_rows(p.weight, g.vs.data() + c0, nullptr, cw, nullptr, d, g.wc, d);
+  for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
+    const int64_t tn = std::min(g.tb, g.T - t0);
+    float* et = g.e + t0 * cw;
+    if (p.weight.defined()) {
+      Tensor z = mat(et, tn, cw, cw);
+      at::mm_out(z, mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc, cw, d, d).t());
+    } else {
+      gather_tokens(p, p.logits, g.toks + t0, tn, g.vs.data() + c0, cw, et, cw);
+    }
+    for (int64_t i = 0; i < tn; ++i) {
+      float* row = et + i * cw;
+      vec::neg_softmax_slice(row, cw, p.temperature, g.lz[t0 + i]);
+      const int64_t c = g.col[t0 + i] - c0;
+      if (c >= 0 && c < cw) row[c] += 1.0f;
+    }
+  }
+}
+
+// N_i = E_i^T H_i [cw, d] for every positive response i (slots 1..P of nm), M = sum_i N_i in response
+// order (slot 0); anchor[i] += <M, N_i> ("all") or <M - N_i, N_i> ("others"), in float64.
+void positive_block(const AdvantagesParams& p, Group& g, int64_t cw, std::vector<double>& anchor) {
+  const int64_t d = p.d, n_pos = static_cast<int64_t>(g.seg.size()) - 1;
+  Tensor m = mat(g.nm, cw, d, d);
+  for (int64_t k = 0; k < n_pos; ++k) {
+    Tensor nk = mat(g.nm + (k + 1) * cw * d, cw, d, d);
+    nk.zero_();
+    for (int64_t t0 = g.seg[k]; t0 < g.seg[k + 1]; t0 += g.tb) {
+      const int64_t tn = std::min(g.tb, g.seg[k + 1] - t0);
+      nk.addmm_(mat(g.e + t0 * cw, tn, cw, cw).t(), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d));
+    }
+    if (k == 0) m.copy_(nk);
+    else m.add_(nk);
+  }
+  for (int64_t k = 0; k < n_pos; ++k) {
+    const float* nk = g.nm + (k + 1) * cw * d;
+    anchor[k] += p.anchor_others ? vec::dot_others_f64(g.nm, nk, cw * d) : vec::dot_f64(g.nm, nk, cw * d);
+  }
+}
+
+// s[t] += (E_t M) . h_t for tokens t in [r0, T).
+void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, std::vector<float>& s) {
+  const int64_t d = p.d;
+  for (int64_t t0 = r0; t0 < g.T; t0 += g.tb) {
+    const int64_t tn = std::min(g.tb, g.T - t0);
+    Tensor st = mat(g.prod, tn, d, d);
+    at::mm_out(st, mat(g.e + t0 * cw, tn, cw, cw), mat(g.nm, cw, d, d));
+    const float* h = g.hrows(p, t0, tn);
+    for (int64_t i = 0; i < tn; ++i) s[t0 + i] += vec::dot(g.prod + i * d, h + i * d, d);
+  }
+}
+
+// tau = beta * min anchor, with beta = 0 -> 0 and beta = -inf -> -inf: the rule of
+// nthr_kernels.core.rules.tau_from_min_anchor (tests compare the two).
+double tau_from_min_anchor(double min_anchor, double beta) {
+  if (beta == 0.0) return 0.0;
+  if (std::isinf(beta) && beta < 0) return -std::numeric_limits<double>::infinity();
+  return beta * min_anchor;
+}
+
+void finish_group(const AdvantagesParams& p, const Group& g, const std::vector<double>& anchor,
+                  const std::vector<float>& s) {
+  double min_anchor = std::numeric_limits<double>::infinity();
+  for (size_t k = 0; k + 1 < g.seg.size(); ++k)
+    min_anchor = std::min(min_anchor, anchor[k] / static_cast<double>(g.seg[k + 1] - g.seg[k]));
+  const float tau = static_cast<float>(tau_from_min_anchor(min_anchor, p.beta));
+  const float eta = static_cast<float>(p.eta[g.batch_index]);
+  for (int64_t i = 0; i < g.T; ++i) {
+    const int64_t t = g.toks[i];
+    p.scores[t] = s[i];
+    if (i >= g.tp && s[i] > tau) {
+      p.selected[t] = true;
+      p.token_adv[t] = p.adv[p.tok_resp[t]] * eta;
+    }
+  }
+  p.tau[g.batch_index] = tau;
+}
+
+void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full) {
+  group_vstar(p, g);
+  group_blocks(p, g, ws);
+  if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
+  else group_log_z(p, g, ws);
+  std::vector<double> anchor(g.seg.size() - 1, 0.0);
+  std::vector<float> s(g.T, 0.0f);
+  const int64_t nv = static_cast<int64_t>(g.vs.size());
+  for (int64_t c0 = 0; c0 < nv; c0 += g.vb) {
+    const int64_t cw = std::min(g.vb, nv - c0);
+    errors_block(p, g, c0, cw);
+    positive_block(p, g, cw, anchor);
+    score_block(p, g, cw, p.score_positive ? 0 : g.tp, s);
+  }
+  finish_group(p, g, anchor, s);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// the op
+// ---------------------------------------------------------------------------------------------------
+// Checks every argument the kernels index with (so that no call, however malformed, reads out of bounds or
+// divides by zero) and fills the params. Outputs are allocated by the caller and pointed to here.
+AdvantagesParams set_advantages_params(
+    const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b, const Tensor& tok_ids,
+    const Tensor& tok_resp, const Tensor& resp_group, const Tensor& positive, const Tensor& adv,
+    const Tensor& group_active, const Tensor& eta_group, const std::optional<Tensor>& lm_head_weight,
+    const std::optional<Tensor>& logits, const std::optional<Tensor>& logprobs, double temperature, double beta,
+    bool anchor_others, int64_t scratch_elems, bool score_positive) {
+  AdvantagesParams p;
+  CHECK_CPU_FLOAT(hidden, "hidden");
+  CHECK_ARG(hidden.dim() == (tok_b ? 3 : 2), "hidden", "expected ", (tok_b ? 3 : 2), " dims (", (tok_b ? "with" : "without"),
+            " tok_b), got ", hidden.dim());
+  CHECK_ARG(hidden.size(-1) > 0, "hidden", "the hidden size (last dim) must be positive, got 0");
+  CHECK_ARG(lm_head_weight.has_value() != logits.has_value(), "lm_head_weight/logits", "pass exactly one");
+  CHECK_ARG(!(logprobs && logits), "logprobs", "only with lm_head_weight");
+  CHECK_ARG(temperature > 0 && std::isfinite(temperature), "temperature", "must be finite and > 0, got ", temperature);
+  CHECK_ARG(!std::isnan(beta), "beta", "must not be NaN");
+  p.hidden = hidden;
+  p.d = hidden.size(-1);
+  p.n_tokens = tok_ids.numel();
+  p.n_resp = resp_group.numel();
+  p.n_groups = group_active.numel();
+  if (lm_head_weight) {
+    p.weight = *lm_head_weight;
+    CHECK_CPU_FLOAT(p.weight, "lm_head_weight");
+    CHECK_ARG(p.weight.dim() == 2 && p.weight.size(1) == p.d, "lm_head_weight", "expected [V, ", p.d, "], got ",
+              p.weight.sizes());
+    p.vocab = p.weight.size(0);
+  } else {
+    p.logits = *logits;
+    CHECK_CPU_FLOAT(p.logits, "logits");
+    CHECK_ARG(p.logits.dim() == hidden.dim() && p.logits.sizes().slice(0, hidden.dim() - 1) ==
+                                                  hidden.sizes().slice(0, hidden.dim() - 1),
+              "logits", "expected hidden's leading dims ", hidden.sizes().slice(0, hidden.dim() - 1), ", got ",
+              p.logits.sizes());
+    p.vocab = p.logits.size(-1);
+  }
+  CHECK_NUMEL(tok_a, p.n_tokens, "tok_a");
+  CHECK_NUMEL(tok_resp, p.n_tokens, "tok_resp");
+  CHECK_NUMEL(positive, p.n_resp, "positive");
+  CHECK_NUMEL(adv, p.n_resp, "adv");
+  CHECK_NUMEL(eta_group, p.n_groups, "eta_group");
+  p.tok_a = owned<int64_t>(p, tok_a, at::kLong);
+  p.tok_ids = owned<int64_t>(p, tok_ids, at::kLong);
+  p.tok_resp = owned<int64_t>(p, tok_resp, at::kLong);
+  p.resp_group = owned<int64_t>(p, resp_group, at::kLong);
+  p.positive = owned<bool>(p, positive, at::kBool);
+  p.adv = owned<float>(p, adv, at::kFloat);
+  p.group_active = owned<bool>(p, group_active, at::kBool);
+  p.eta = owned<double>(p, eta_group, at::kDouble);
+  if (tok_b) {
+    CHECK_NUMEL(*tok_b, p.n_tokens, "tok_b");
+    p.tok_b = owned<int64_t>(p, *tok_b, at::kLong);
+  }
+  if (logprobs) {
+    CHECK_NUMEL(*logprobs, p.n_tokens, "logprobs");
+    p.logprobs = owned<float>(p, *logprobs, at::kFloat);
+  }
+  for (int64_t r = 0; r < p.n_resp; ++r) CHECK_IN_RANGE(p.resp_group[r], p.n_groups, "resp_group");
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    CHECK_IN_RANGE(p.tok_a[t], hidden.size(0), "tok_a");
+    if (p.tok_b) CHECK_IN_RANGE(p.tok_b[t], hidden.size(1), "tok_b");
+    CHECK_IN_RANGE(p.tok_ids[t], p.vocab, "tok_ids");
+    CHECK_IN_RANGE(p.tok_resp[t], p.n_resp, "tok_resp");
+  }
+  p.temperature = static_cast<float>(temperature);
+  p.beta = beta;
+  p.anchor_others = anchor_others;
+  p.score_positive = score_positive;
+  p.slice = std::max<int64_t>(std::max<int64_t>(scratch_elems, 1) / kWorkers, p.d);
+  return p;
+}
 
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
-    const Tensor& hidden, const Tensor& tok_a_in, const std::optional<Tensor>& tok_b_in, const Tensor& tok_ids_in,
-    const Tensor& tok_resp_in, const Tensor& resp_group_in, const Tensor& positive_in, const Tensor& adv_in,
-    const Tensor& group_active_in, const Tensor& eta_group_in, const std::optional<Tensor>& lm_head_weight,
-    const std::optional<Tensor>& logits, const std::optional<Tensor>& logprobs_in, double temperature, double beta,
-    bool anchor_others, int64_t scratch_elems) {
-  Tensor tok_a = tok_a_in.to(at::kLong).contiguous(), tok_ids = tok_ids_in.to(at::kLong).contiguous();
-  Tensor tok_resp = tok_resp_in.to(at::kLong).contiguous(), resp_group = resp_group_in.to(at::kLong).contiguous();
-  Tensor tok_b = tok_b_in ? tok_b_in->to(at::kLong).contiguous() : Tensor();
-  Tensor positive = positive_in.to(at::kBool).contiguous(), adv = adv_in.to(at::kFloat).contiguous();
-  Tensor active = group_active_in.to(at::kBool).contiguous(), eta_g = eta_group_in.to(at::kDouble).contiguous();
-  const int64_t n = tok_ids.numel(), n_resp = resp_group.numel(), n_groups = active.numel();
-  check(hidden.device().is_cpu() && at::isFloatingType(hidden.scalar_type()), "hidden must be a floating CPU tensor");
-  check(hidden.dim() == (tok_b.defined() ? 3 : 2), "hidden's rank does not match tok_b");
-  check(tok_a.numel() == n && tok_resp.numel() == n && (!tok_b.defined() || tok_b.numel() == n), "token vectors differ in length");
-  check(positive.numel() == n_resp && adv.numel() == n_resp && eta_g.numel() == n_groups, "per-response/group sizes");
-  check(lm_head_weight.has_value() != logits.has_value(), "exactly one of lm_head_weight and logits");
-  check(!(logprobs_in.has_value() && logits.has_value()), "logprobs only with lm_head_weight");
-  check(temperature > 0, "temperature must be > 0");
-  const int64_t d = hidden.size(-1);
-
+    const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b, const Tensor& tok_ids,
+    const Tensor& tok_resp, const Tensor& resp_group, const Tensor& positive, const Tensor& adv,
+    const Tensor& group_active, const Tensor& eta_group, const std::optional<Tensor>& lm_head_weight,
+    const std::optional<Tensor>& logits, const std::optional<Tensor>& logprobs, double temperature, double beta,
+    bool anchor_others, int64_t scratch_elems, bool score_positive) {
+  AdvantagesParams p = set_advantages_params(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group, positive, adv,
+                                             group_active, eta_group, lm_head_weight, logits, logprobs, temperature,
+                                             beta, anchor_others, scratch_elems, score_positive);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  Tensor scores = at::zeros({n}, f32), selected = at::zeros({n}, at::TensorOptions().dtype(at::kBool));
-  Tensor tau = at::full({n_groups}, std::numeric_limits<float>::quiet_NaN(), f32);
+  const Tensor active = group_active.to(at::kBool), eta_g = eta_group.to(at::kDouble);
+  Tensor scores = at::zeros({p.n_tokens}, f32), selected = at::zeros({p.n_tokens}, at::TensorOptions().dtype(at::kBool));
+  Tensor tau = at::full({p.n_groups}, std::numeric_limits<float>::quiet_NaN(), f32);
   Tensor eta_out = at::where(active, eta_g, at::ones_like(eta_g)).to(at::kFloat);
-  Tensor token_adv = n ? adv.index_select(0, tok_resp) : at::zeros({0}, f32);
-
-  const int64_t* ta = tok_ids.const_data_ptr<int64_t>();
-  const int64_t* tr = tok_resp.const_data_ptr<int64_t>();
-  const int64_t* rg = resp_group.const_data_ptr<int64_t>();
-  const bool* pos = positive.const_data_ptr<bool>();
-  const bool* act = active.const_data_ptr<bool>();
-
-  // 1. active groups' tokens, positive first (counting sort, canonical order kept within each part)
-  std::vector<int64_t> dense(n_groups, -1), g_batch;
-  for (int64_t g = 0; g < n_groups; ++g)
-    if (act[g]) {
-      dense[g] = static_cast<int64_t>(g_batch.size());
-      g_batch.push_back(g);
-    }
-  const int64_t n_act = static_cast<int64_t>(g_batch.size());
-  std::vector<int64_t> g_pos(n_act, 0), g_len(n_act, 0);
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t r = tr[t];
-    check(r >= 0 && r < n_resp && rg[r] >= 0 && rg[r] < n_groups, "token/response/group index out of range");
-    const int64_t dg = dense[rg[r]];
-    if (dg < 0) continue;
-    ++g_len[dg];
-    g_pos[dg] += pos[r];
-  }
-  std::vector<int64_t> g_off(n_act + 1, 0);
-  for (int64_t k = 0; k < n_act; ++k) g_off[k + 1] = g_off[k] + g_len[k];
-  std::vector<int64_t> order(g_off[n_act]), cur_pos(g_off.begin(), g_off.end() - 1), cur_neg(n_act);
-  for (int64_t k = 0; k < n_act; ++k) cur_neg[k] = g_off[k] + g_pos[k];
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t dg = dense[rg[tr[t]]];
-    if (dg < 0) continue;
-    order[pos[tr[t]] ? cur_pos[dg]++ : cur_neg[dg]++] = t;
-  }
-
-  Batch bt;
-  bt.hidden = hidden;
-  bt.w = lm_head_weight ? *lm_head_weight : Tensor();
-  bt.logits = logits ? *logits : Tensor();
-  bt.lay = Layout{tok_a.const_data_ptr<int64_t>(), tok_b.defined() ? tok_b.const_data_ptr<int64_t>() : nullptr};
-  bt.tok_ids = ta;
-  bt.tok_resp = tr;
-  Tensor lp = logprobs_in ? logprobs_in->to(at::kFloat).contiguous() : Tensor();
-  check(!lp.defined() || lp.numel() == n, "logprobs must be canonical [n]");
-  bt.logprobs = lp.defined() ? lp.const_data_ptr<float>() : nullptr;
-  bt.temperature = temperature;
-  bt.beta = beta;
-  bt.others = anchor_others;
-  bt.d = d;
-  bt.eb = std::max<int64_t>(std::max<int64_t>(scratch_elems, 1) / std::max<int64_t>(1, at::get_num_threads()), d);
-  if (bt.w.defined()) check(bt.w.dim() == 2 && bt.w.size(1) == d, "lm_head_weight must be [V, d]");
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t vocab = bt.w.defined() ? bt.w.size(0) : bt.logits.size(-1);
-    check(ta[t] >= 0 && ta[t] < vocab, "token id out of range");
-  }
+  Tensor token_adv = adv.to(at::kFloat).index_select(0, tok_resp.to(at::kLong));
+  p.scores = scores.data_ptr<float>();
+  p.selected = selected.data_ptr<bool>();
+  p.token_adv = token_adv.data_ptr<float>();
+  p.tau = tau.data_ptr<float>();
 
   // NTHR_NATIVE_TRACE=1: phase timings on stderr (diagnostics)
   const bool trace = std::getenv("NTHR_NATIVE_TRACE") != nullptr;
@@ -415,30 +438,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
     std::fprintf(stderr, "nthr native_advantages: %s %.3f s\n", what, std::chrono::duration<double>(now - clock).count());
     clock = now;
   };
+
+  Groups g = order_groups(p);
   lap("setup");
-
-  // 2. log Z over the full vocabulary (weight without old log-probs)
-  std::vector<float> lz_all;
-  bt.lz_all = nullptr;
-  if (bt.w.defined() && !bt.logprobs) {
-    lz_all.resize(order.size());
-    log_z_full_vocab(hidden, bt.lay, bt.w, order.data(), static_cast<int64_t>(order.size()), temperature,
-                     std::max<int64_t>(scratch_elems, 1), lz_all.data());
-    bt.lz_all = lz_all.data();
+  std::vector<float> lz_full;
+  if (p.weight.defined() && !p.logprobs) {
+    lz_full.resize(g.order.size());
+    log_z_full_vocab(p, g.order.data(), static_cast<int64_t>(g.order.size()), lz_full.data());
   }
-
   lap("log Z (full vocabulary)");
-
-  // 3. groups in parallel
-  Outputs o{scores.data_ptr<float>(), selected.data_ptr<bool>(), token_adv.data_ptr<float>(), tau.data_ptr<float>(),
-            adv.const_data_ptr<float>()};
-  const double* eta_p = eta_g.const_data_ptr<double>();
+  const int64_t n_act = static_cast<int64_t>(g.batch_index.size());
   std::vector<int64_t> by_size(n_act);  // largest groups first: better balance, same results
   for (int64_t k = 0; k < n_act; ++k) by_size[k] = k;
-  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t x, int64_t y) { return g_len[x] > g_len[y]; });
-  dynamic_for(n_act, [&](int64_t i) {
+  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t x, int64_t y) { return g.len[x] > g.len[y]; });
+  std::vector<Workspace> ws(kWorkers);
+  for_each_item(n_act, [&](int64_t i, int64_t w) {
     const int64_t k = by_size[i];
-    process_group(bt, order.data() + g_off[k], g_len[k], g_pos[k], g_off[k], eta_p[g_batch[k]], g_batch[k], o);
+    Group grp(g.order.data() + g.start[k], g.len[k], g.n_pos_tokens[k], g.batch_index[k]);
+    process_group(p, grp, ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k]);
   });
   lap("groups");
   return {scores, selected, token_adv, tau, eta_out};

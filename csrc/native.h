@@ -17,8 +17,10 @@ void gather_rows(const at::Tensor& src, const int64_t* ia, const int64_t* ib, in
 // A float32 [rows, cols] matrix view of scratch memory (row stride ld), for ATen's mm/addmm.
 at::Tensor mat(float* p, int64_t rows, int64_t cols, int64_t ld);
 
+// nthr::native_score_tokens: pairwise chooses the path (decided in Python by
+// nthr_kernels.core.rules.cheaper_path; the C++ side holds no cost model).
 at::Tensor score_tokens_cpu(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
-                            const at::Tensor& err_neg, int64_t scratch_elems);
+                            const at::Tensor& err_neg, int64_t scratch_elems, bool pairwise);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantages_cpu(
     const at::Tensor& hidden, const at::Tensor& tok_a, const std::optional<at::Tensor>& tok_b,
@@ -26,6 +28,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantage
     const at::Tensor& positive, const at::Tensor& adv, const at::Tensor& group_active,
     const at::Tensor& eta_group, const std::optional<at::Tensor>& lm_head_weight,
     const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& logprobs, double temperature,
-    double beta, bool anchor_others, int64_t scratch_elems);
+    double beta, bool anchor_others, int64_t scratch_elems, bool score_positive);
 
 }  // namespace nthr

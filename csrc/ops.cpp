@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "native.h"
+#include "params.h"
 #include "vec_kernels.h"
 
 namespace nthr {
@@ -44,76 +45,89 @@ at::Tensor mat(float* p, int64_t rows, int64_t cols, int64_t ld) {
 
 namespace {
 
-void check_2d_float(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), name, ": expected a CPU tensor");
-  TORCH_CHECK(x.dim() == 2, name, ": expected a 2-D tensor, got ", x.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a floating-point tensor");
-}
+#define CHECK_2D_FLOAT(x, name)                                                                          \
+  TORCH_CHECK((x).device().is_cpu() && (x).dim() == 2 && at::isFloatingType((x).scalar_type()),         \
+              "nthr native_score_tokens: ", name, ": expected a 2-D floating-point CPU tensor, got ", \
+              (x).dim(), "-D ", (x).scalar_type(), " on ", (x).device())
+#define CHECK_SIZE(x, dim, n, name)                                                                      \
+  TORCH_CHECK((x).size(dim) == (n), "nthr native_score_tokens: ", name, ": expected size ", (n), " in dim ", \
+              (dim), ", got ", (x).sizes())
+
+constexpr int64_t kMRows = 64;  // rows of M per work item (fixed: the bits do not depend on the threads)
 
 // Rows [r0, r0 + n) and columns [c0, c0 + nc) of x as float32 (a view when x already is float32).
 at::Tensor block(const at::Tensor& x, int64_t r0, int64_t n, int64_t c0, int64_t nc) {
   return x.narrow(0, r0, n).narrow(1, c0, nc).to(at::kFloat);
 }
 
-}  // namespace
-
-// s_t = sum_u <err_pos[u], err_neg[t]> <h_pos[u], h_neg[t]> in float32; factored or pairwise, whichever
-// costs fewer FLOPs. Every temporary holds at most `scratch_elems` elements (per thread for the
-// per-block ones): factored keeps M [vb, d] plus per-block copies; pairwise keeps [bn, bp] tiles.
-at::Tensor score_tokens_cpu(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
-                            const at::Tensor& err_neg, int64_t scratch_elems) {
-  check_2d_float(h_pos, "h_pos");
-  check_2d_float(h_neg, "h_neg");
-  check_2d_float(err_pos, "err_pos");
-  check_2d_float(err_neg, "err_neg");
+// Factored: per column block of at most vb columns, M = E+^T H+ [cw, d] (items of kMRows rows of M, each
+// summed over row blocks of rb positive tokens in order), then s_t += (E_t M) . h_t per row block.
+void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
+                    const at::Tensor& err_neg, int64_t budget, float* o) {
   const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
-  TORCH_CHECK(err_pos.size(0) == tp && err_neg.size(0) == tn && err_neg.size(1) == v && h_neg.size(1) == d,
-              "nthr native score_tokens: inconsistent shapes");
-  at::Tensor out = at::zeros({tn}, at::TensorOptions().dtype(at::kFloat));
-  if (tp == 0 || tn == 0 || v == 0 || d == 0) return out;
-  float* o = out.data_ptr<float>();
-  const int64_t budget = std::max<int64_t>(scratch_elems, 1);
-  const double factored = 2.0 * v * d * (tp + tn), pairwise = 2.0 * tp * tn * (v + d);
-  if (factored <= pairwise) {
-    const int64_t vb = std::max<int64_t>(1, std::min(v, budget / d));
-    const int64_t rb = std::max<int64_t>(1, budget / std::max(vb, d));
-    for (int64_t c0 = 0; c0 < v; c0 += vb) {
-      const int64_t cw = std::min(vb, v - c0);
-      at::Tensor m = at::zeros({cw, d}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t vb = std::max<int64_t>(1, std::min(v, budget / d));
+  const int64_t rb = std::max<int64_t>(1, budget / std::max(vb, d));
+  for (int64_t c0 = 0; c0 < v; c0 += vb) {
+    const int64_t cw = std::min(vb, v - c0);
+    at::Tensor m = at::empty({cw, d}, at::TensorOptions().dtype(at::kFloat));
+    for_each_item((cw + kMRows - 1) / kMRows, [&](int64_t item, int64_t) {
+      const int64_t j0 = item * kMRows, jn = std::min(kMRows, cw - j0);
+      at::Tensor mj = m.narrow(0, j0, jn);
+      mj.zero_();
       for (int64_t r0 = 0; r0 < tp; r0 += rb) {
         const int64_t rn = std::min(rb, tp - r0);
-        m.addmm_(block(err_pos, r0, rn, c0, cw).t(), block(h_pos, r0, rn, 0, d));
+        mj.addmm_(block(err_pos, r0, rn, c0 + j0, jn).t(), block(h_pos, r0, rn, 0, d));
       }
-      const int64_t nblk = (tn + rb - 1) / rb;
-      at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r0 = b * rb, rn = std::min(rb, tn - r0);
-          at::Tensor s = at::mm(block(err_neg, r0, rn, c0, cw), m);
-          at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
-          const float* sp = s.const_data_ptr<float>();
-          const float* hp = h.const_data_ptr<float>();
-          for (int64_t i = 0; i < rn; ++i) o[r0 + i] += vec::dot(sp + i * d, hp + i * d, d);
-        }
-      });
-    }
-    return out;
+    });
+    for_each_item((tn + rb - 1) / rb, [&](int64_t b, int64_t) {
+      const int64_t r0 = b * rb, rn = std::min(rb, tn - r0);
+      at::Tensor s = at::mm(block(err_neg, r0, rn, c0, cw), m);
+      at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
+      const float* sp = s.const_data_ptr<float>();
+      const float* hp = h.const_data_ptr<float>();
+      for (int64_t i = 0; i < rn; ++i) o[r0 + i] += vec::dot(sp + i * d, hp + i * d, d);
+    });
   }
-  // Pairwise, tile by tile: acc_t += sum_u (E+ E^T)[u, t] * (H+ H^T)[u, t]; never a T+ x T matrix.
+}
+
+// Pairwise, tile by tile: s_t += sum_u (E+ E^T)[u, t] * (H+ H^T)[u, t]; never a T+ x T matrix.
+void score_pairwise(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
+                    const at::Tensor& err_neg, int64_t budget, float* o) {
+  const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
   const int64_t bn = std::max<int64_t>(1, std::min<int64_t>(tn, static_cast<int64_t>(std::sqrt(double(budget)))));
   const int64_t bp = std::max<int64_t>(1, std::min(tp, budget / std::max({bn, v, d})));
-  const int64_t nblk = (tn + bn - 1) / bn;
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * bn, nn = std::min(bn, tn - n0);
-      at::Tensor en = block(err_neg, n0, nn, 0, v), hn = block(h_neg, n0, nn, 0, d);
-      for (int64_t p0 = 0; p0 < tp; p0 += bp) {
-        const int64_t pn = std::min(bp, tp - p0);
-        at::Tensor a = at::mm(block(err_pos, p0, pn, 0, v), en.t()).contiguous();  // [pn, nn]
-        at::Tensor k = at::mm(block(h_pos, p0, pn, 0, d), hn.t()).contiguous();
-        vec::colsum_product(a.const_data_ptr<float>(), nn, k.const_data_ptr<float>(), nn, pn, nn, o + n0);
-      }
+  for_each_item((tn + bn - 1) / bn, [&](int64_t b, int64_t) {
+    const int64_t n0 = b * bn, nn = std::min(bn, tn - n0);
+    at::Tensor en = block(err_neg, n0, nn, 0, v), hn = block(h_neg, n0, nn, 0, d);
+    for (int64_t p0 = 0; p0 < tp; p0 += bp) {
+      const int64_t pn = std::min(bp, tp - p0);
+      at::Tensor a = at::mm(block(err_pos, p0, pn, 0, v), en.t()).contiguous();  // [pn, nn]
+      at::Tensor k = at::mm(block(h_pos, p0, pn, 0, d), hn.t()).contiguous();
+      vec::colsum_product(a.const_data_ptr<float>(), nn, k.const_data_ptr<float>(), nn, pn, nn, o + n0);
     }
   });
+}
+
+}  // namespace
+
+// s_t = sum_u <err_pos[u], err_neg[t]> <h_pos[u], h_neg[t]> in float32, on the path the caller chose.
+// Every temporary holds at most `scratch_elems` elements (per item for the per-block ones).
+at::Tensor score_tokens_cpu(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
+                            const at::Tensor& err_neg, int64_t scratch_elems, bool pairwise) {
+  CHECK_2D_FLOAT(h_pos, "h_pos");
+  CHECK_2D_FLOAT(h_neg, "h_neg");
+  CHECK_2D_FLOAT(err_pos, "err_pos");
+  CHECK_2D_FLOAT(err_neg, "err_neg");
+  const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
+  CHECK_SIZE(err_pos, 0, tp, "err_pos");
+  CHECK_SIZE(err_neg, 0, tn, "err_neg");
+  CHECK_SIZE(err_neg, 1, v, "err_neg");
+  CHECK_SIZE(h_neg, 1, d, "h_neg");
+  at::Tensor out = at::zeros({tn}, at::TensorOptions().dtype(at::kFloat));
+  if (tp == 0 || tn == 0 || v == 0 || d == 0) return out;  // empty sums: every score is 0
+  const int64_t budget = std::max<int64_t>(scratch_elems, 1);
+  if (pairwise) score_pairwise(h_pos, h_neg, err_pos, err_neg, budget, out.data_ptr<float>());
+  else score_factored(h_pos, h_neg, err_pos, err_neg, budget, out.data_ptr<float>());
   return out;
 }
 

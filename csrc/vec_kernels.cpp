@@ -26,6 +26,7 @@ namespace {
 constexpr int kLanes = 16;
 typedef float fvec __attribute__((vector_size(4 * kLanes)));
 typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+typedef double dvec __attribute__((vector_size(8 * kLanes)));
 
 NTHR_INLINE fvec load(const float* p) {
   fvec v;
@@ -84,6 +85,16 @@ NTHR_INLINE float hsum(fvec v) {  // fixed pairwise order
   return a[0];
 }
 
+NTHR_INLINE dvec widen(fvec v) { return __builtin_convertvector(v, dvec); }
+
+NTHR_INLINE double hsum(dvec v) {  // fixed pairwise order
+  double a[kLanes];
+  std::memcpy(a, &v, sizeof(a));
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+}
+
 }  // namespace
 
 NTHR_CLONES
@@ -130,6 +141,29 @@ float dot(const float* a, const float* b, int64_t n) {
   for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
   float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+NTHR_CLONES
+double dot_f64(const float* a, const float* b, int64_t n) {
+  dvec acc = dvec{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += widen(load(a + i)) * widen(load(b + i));
+  double s = hsum(acc);
+  for (; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+  return s;
+}
+
+NTHR_CLONES
+double dot_others_f64(const float* m, const float* x, int64_t n) {
+  dvec acc = dvec{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const dvec xv = widen(load(x + i));
+    acc += (widen(load(m + i)) - xv) * xv;
+  }
+  double s = hsum(acc);
+  for (; i < n; ++i) s += (static_cast<double>(m[i]) - x[i]) * x[i];
   return s;
 }
 

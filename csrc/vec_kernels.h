@@ -17,6 +17,12 @@ void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z);
 // Dot product in float32 with a fixed (deterministic) lane-wise summation order.
 float dot(const float* a, const float* b, int64_t n);
 
+// sum_i a[i] * b[i] with exact float64 products, summed in float64 in a fixed lane-wise order.
+double dot_f64(const float* a, const float* b, int64_t n);
+
+// sum_i (m[i] - x[i]) * x[i] in float64, fixed order (<M, N> - <N, N> without the cancellation).
+double dot_others_f64(const float* m, const float* x, int64_t n);
+
 // out[j] += sum_i a[i * lda + j] * b[i * ldb + j] for i < rows, j < cols (column sums of a .* b).
 void colsum_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t cols, float* out);
 

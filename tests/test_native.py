@@ -23,7 +23,7 @@ from nthr_kernels.ops import native_lib
 from nthr_kernels.ops.score_tokens.native_impl import score_tokens as native_score_tokens
 from nthr_kernels.registry import native_available, resolve
 
-from _helpers import assert_matches_reference, backends, case, run, run_impl
+from _helpers import assert_matches_reference, backends, case, run, run_impl, stable_seed, validated
 
 NATIVE = native_available()
 needs_native = pytest.mark.skipif(
@@ -49,13 +49,17 @@ BUDGETS = [64, 1024, 4096, None]
 
 
 @needs_native
+@pytest.mark.parametrize("score_positive", [False, True])
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("anchor", ["all", "others"])
 @pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
-def test_budget_paths_match_reference(budget, anchor, source):
+def test_budget_paths_match_reference(budget, anchor, source, score_positive):
+    """Both settings of score_positive: the anchors come from N_i = E_i^T H_i without per-token positive
+    scores (default), or the positive tokens are scored too; either way the reference's numbers."""
     b = case(n_groups=3, group_size=4, lengths=[17, 20, 3, 0, 25, 18, 19, 1, 2, 40, 16, 21], d=32, vocab=97,
              seed=budget or 7, pattern="mixed", holes=True, temperature=0.7)
-    kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", anchor=anchor, beta=0.5)
+    kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", anchor=anchor, beta=0.5,
+              score_positive=score_positive)
     assert_matches_reference(run_impl(b, "native", budget, **kw), run(b, "reference", **kw), b)
 
 
@@ -231,5 +235,94 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
         assert p.returncode == 0, se
         assert "'native'" in so and "WARNINGS 0" in so, so + se
     builds = [d for d in os.listdir(cache) if not d.endswith(".lock")]
-    assert len(builds) == 1 and os.path.isfile(os.path.join(cache, builds[0], "COMPLETE"))
+    assert len(builds) == 1 and os.path.isfile(os.path.join(cache, builds[0], "SHA256")), builds
     assert sum("compiling the native CPU ops" in se for _, se in outs) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# determinism across thread counts, zero sizes, positive tokens
+# --------------------------------------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("budget", [1024, 8192, None])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
+def test_same_bits_at_one_and_two_threads(source, anchor, budget):
+    """Block sizes depend on the scratch budget and the group only: 1 and 2 threads give the same bits
+    (odd sizes; budgets that split V*, the token blocks and the vocabulary chunks)."""
+    b = case(n_groups=5, group_size=5, lengths=(1, 41), d=37, vocab=1013, seed=stable_seed(source, anchor, budget),
+             temperature=0.9)
+    kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", anchor=anchor,
+              score_positive=True)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(run_impl(b, "native", budget, **kw))
+    finally:
+        torch.set_num_threads(before)
+    for f in ("scores", "token_advantages", "selected", "tau", "eta"):
+        a, c = getattr(outs[0], f), getattr(outs[1], f)
+        assert torch.equal(a.nan_to_num(0.5), c.nan_to_num(0.5)), f"{f} differs between 1 and 2 threads"
+
+
+def _native_args(b, **kw):
+    """The positional arguments of ``nthr::native_advantages`` for a synthetic batch (anchor "all")."""
+    batch = validated(b, **kw)
+    eta_g = torch.full((batch.group_ids.numel(),), 0.5, dtype=torch.float64)
+    return [batch.hidden, batch.tok_a, batch.tok_b, batch.tok_ids, batch.tok_resp, batch.resp_group, batch.positive,
+            batch.adv, batch.group_active, eta_g, batch.lm_head_weight, batch.logits, None, 1.0, 1.0, False, 1 << 20]
+
+
+# Direct calls of the ops (no public checks before them) with zero sizes or indices out of range: a clear
+# RuntimeError naming the argument, or the right empty result; never a signal. Each runs in a fresh process
+# so that a crash fails the test instead of killing the run.
+DIRECT_CALLS = {
+    "d0-weight": ("args[0] = args[0][..., :0]; args[10] = args[10][:, :0]", "hidden: the hidden size"),
+    "d0-logits": ("args[0] = args[0][..., :0]; args[11], args[10] = args[0].new_zeros(args[0].shape[:-1] + (5,)), None",
+                  "hidden: the hidden size"),
+    "d0-score_tokens": ("out = torch.ops.nthr.native_score_tokens(torch.zeros(3, 0), torch.zeros(4, 0), "
+                        "torch.randn(3, 5), torch.randn(4, 5), 64, False); assert out.tolist() == [0.0] * 4", None),
+    "no-tokens": ("args[1:5] = [x[:0] for x in args[1:5]]", None),
+    "no-groups": ("args[1:10] = [x[:0] for x in args[1:10]]", None),
+    "vocab0": ("args[10] = args[10][:0]", "tok_ids: index"),
+    "tok_a-out-of-range": ("args[1] = args[1] + 10**6", "tok_a: index"),
+    "tok_b-out-of-range": ("args[2] = args[2] - 10**6", "tok_b: index"),
+    "resp_group-out-of-range": ("args[5] = args[5] + 99", "resp_group: index"),
+    "short-positive": ("args[6] = args[6][:1]", "positive: expected"),
+    "weight-wrong-d": ("args[10] = args[10][:, 1:]", "lm_head_weight: expected"),
+    "bad-temperature": ("args[13] = 0.0", "temperature"),
+}
+
+
+@needs_native
+def test_direct_calls_never_crash():
+    """All cases in one fresh process (a crash fails the test instead of killing the run)."""
+    code = f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+        import nthr_kernels.ops.native_lib as nl
+        assert nl.available()
+        from test_native import DIRECT_CALLS, _native_args
+        from _helpers import case
+        b = case(n_groups=2, group_size=3, lengths=(1, 6), d=8, vocab=31, seed=4)
+        for name, (change, _) in DIRECT_CALLS.items():
+            args = _native_args(b, with_logprobs=False)
+            try:
+                exec(change)
+                if "score_tokens" not in name:
+                    torch.ops.nthr.native_advantages(*args)
+            except RuntimeError as e:
+                print(name, "ERROR", str(e).splitlines()[0], flush=True)
+            else:
+                print(name, "OK", flush=True)
+    """
+    out = _python(code, {"NTHR_KERNELS_CACHE": native_lib.cache_root().as_posix()})
+    assert out.returncode == 0, f"exit {out.returncode} after:\n{out.stdout}\n{out.stderr[-2000:]}"
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    for name, (_, message) in DIRECT_CALLS.items():
+        got = lines[name]
+        if message is None:
+            assert got == "OK", (name, got)
+        else:
+            assert got.startswith("ERROR") and message in got, (name, got)

@@ -10,22 +10,42 @@ at import. ``NTHR_NATIVE=0`` turns the backend off. Without a C++ compiler, ninj
 build, one ``RuntimeWarning`` says why and ``"auto"`` uses the torch backend. CI can build ahead with
 ``python -m nthr_kernels.ops.native_lib`` (exit status 0 iff the ops load).
 
-Kernels (``csrc/advantages.cpp``, ``csrc/ops.cpp``). ``nthr_advantages``: the factored algorithm of
-``docs/NTHR.md``; with ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary ``log Z`` runs
-first (one threaded GEMM tile per token block and vocabulary chunk, folded at once into an online
-log-sum-exp, rows in parallel; the tile and the hidden block hold at most ``SCRATCH_ELEMS`` elements);
-then every active group in parallel (``at::parallel_for``): ``V*``, the prediction errors of all its
-tokens (cached per column block of ``V*``), ``M = E+^T H+`` and ``s_t = (E_t M) . h_t`` with ATen
-GEMMs, then anchors, ``tau``, selection and rescaled advantages in the same pass. Scratch memory: each
-thread holds at most about eight float32 buffers of ``SCRATCH_ELEMS / threads`` elements (so at most
-about ``32 * SCRATCH_ELEMS`` bytes, 128 MiB by default; in practice far less, the buffers are sized to
-the group: under 10 MiB at the benchmark shape), plus ``O(n)`` per-token vectors (about 40 bytes per
-completion token); no ``[n, |V|]`` or ``[T+, T]`` tensor is formed.
-``score_tokens``: factored or pairwise, whichever costs fewer FLOPs, temporaries of at most
-``SCRATCH_ELEMS`` elements per thread.
+What the cache trusts: nothing it did not write. The cache folder and every build folder are created
+``0700`` and refused (one warning, torch backend) when they are symlinks, owned by another user or
+writable by group or others; every folder above them must belong to this user or root and be
+writable by others only with the sticky bit (``/tmp``). ``NTHR_KERNELS_CACHE`` must be an absolute
+path; a relative ``XDG_CACHE_HOME`` is ignored (XDG rule). A build happens in a private temporary
+folder that is renamed into place once complete, with the library's sha256 recorded in ``SHA256``;
+the library is hashed and compared before every load, and a mismatch (a truncated copy, a full disk,
+a planted file) is never loaded: the entry is moved aside and rebuilt (or, without a compiler, one
+warning and the torch backend). The lock and the record are opened with ``O_NOFOLLOW``. Builds of
+other source versions not loaded for ``STALE_DAYS`` days are removed when a new build completes.
 
-All arithmetic is float32 (anchors in float64), in a fixed order: the same inputs and thread count give
-the same bits. ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of ``native_advantages`` on stderr.
+Kernels (``csrc/advantages.cpp``, ``csrc/ops.cpp``; arguments in ``csrc/params.h``).
+``nthr_advantages``: the factored algorithm of ``docs/NTHR.md``, except that positive tokens are not
+scored one by one unless ``score_positive``: each positive response's anchor is ``<M, N_i> / |y_i|``
+(``"all"``) or ``<M - N_i, N_i> / |y_i|`` (``"others"``) with ``N_i = E_i^T H_i`` and
+``M = sum_i N_i``, so a group costs ``2 |V*| d (T + T+ + T-)`` FLOPs instead of
+``2 |V*| d (2 T + T+)``. With ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary
+``log Z`` runs first (row chunks in parallel, per vocabulary chunk one GEMM tile folded at once into
+an online log-sum-exp); then every active group in parallel, largest first: ``V*``, the prediction
+errors of all its tokens (cached per column block of ``V*``), ``N_i``, ``M``, the anchors and the
+negative tokens' scores ``(E_t M) . h_t`` with ATen GEMMs, then ``tau``, selection and rescaled
+advantages. Scratch memory: ``SCRATCH_ELEMS`` is cut into ``kWorkers = 8`` slices (``csrc/params.h``)
+whatever the thread count; at most 8 threads work at once, each on one slice with at most ~6
+float32 buffers of a slice (E cache, ``N_i`` and ``M``, ``W*`` rows, hidden rows, a product tile,
+a log-sum-exp tile; reused from one group to the next), so at most about ``24 * SCRATCH_ELEMS``
+bytes in all (under ``32 * SCRATCH_ELEMS``, 128 MiB by default; far less in practice: the buffers
+are sized to the group), plus
+``O(n)`` per-token vectors (about 40 bytes per completion token); no ``[n, |V|]`` or ``[T+, T]``
+tensor is formed.
+``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
+(passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item.
+
+All arithmetic is float32 (anchors in float64), in a fixed order; block sizes depend on the inputs
+and the scratch budget only, and each work item calls BLAS single-threaded: the same inputs give the
+same bits at every thread count. ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of
+``native_advantages`` on stderr.
 """
 from __future__ import annotations
 
@@ -33,8 +53,11 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import sys
+import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -47,25 +70,26 @@ __all__ = ["available", "build", "require", "unavailable_reason"]
 # their fake kernels, defined before the library loads so they exist either way.
 _lib = torch.library.Library("nthr", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
 _lib.define(
-    "native_score_tokens(Tensor h_pos, Tensor h_neg, Tensor err_pos, Tensor err_neg, int scratch_elems) -> Tensor"
+    "native_score_tokens(Tensor h_pos, Tensor h_neg, Tensor err_pos, Tensor err_neg, int scratch_elems, "
+    "bool pairwise=False) -> Tensor"
 )
 _lib.define(
     "native_advantages(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor tok_resp, "
     "Tensor resp_group, Tensor positive, Tensor adv, Tensor group_active, Tensor eta_group, "
     "Tensor? lm_head_weight, Tensor? logits, Tensor? logprobs, float temperature, float beta, "
-    "bool anchor_others, int scratch_elems) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool anchor_others, int scratch_elems, bool score_positive=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.register_fake("nthr::native_score_tokens")
-def _native_score_tokens_fake(h_pos, h_neg, err_pos, err_neg, scratch_elems):
+def _native_score_tokens_fake(h_pos, h_neg, err_pos, err_neg, scratch_elems, pairwise=False):
     return h_neg.new_empty((h_neg.shape[0],), dtype=torch.float32)
 
 
 @torch.library.register_fake("nthr::native_advantages")
 def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group, positive, adv, group_active,
                             eta_group, lm_head_weight, logits, logprobs, temperature, beta, anchor_others,
-                            scratch_elems):
+                            scratch_elems, score_positive=False):
     n, g = tok_ids.shape[0], group_active.shape[0]
     f32 = dict(dtype=torch.float32)
     return (
@@ -81,7 +105,7 @@ def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group,
 _log = logging.getLogger("nthr_kernels")
 _NAME = "nthr_native"
 _SOURCES = ("vec_kernels.cpp", "ops.cpp", "advantages.cpp")
-_HEADERS = ("vec_kernels.h", "native.h")
+_HEADERS = ("vec_kernels.h", "native.h", "params.h")
 _CFLAGS = ("-O3", "-std=c++17")
 
 _state_lock = threading.Lock()
@@ -98,11 +122,17 @@ def source_dir() -> Optional[Path]:
 
 
 def cache_root() -> Path:
+    """The cache folder, from outside input checked like any other: ``NTHR_KERNELS_CACHE`` must be an
+    absolute path (``~`` expanded); a relative ``XDG_CACHE_HOME`` is ignored, as the XDG rule says."""
     env = os.environ.get("NTHR_KERNELS_CACHE")
     if env:
-        return Path(env).expanduser()
+        path = Path(env).expanduser()
+        if not path.is_absolute() or "\0" in env:
+            raise RuntimeError(f"NTHR_KERNELS_CACHE must be an absolute path, got {env!r}")
+        return path
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "nthr_kernels"
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() and "\0" not in xdg else Path.home() / ".cache"
+    return base / "nthr_kernels"
 
 
 def _build_key(src: Path) -> str:
@@ -112,6 +142,15 @@ def _build_key(src: Path) -> str:
         h.update((src / f).read_bytes())
     h.update(repr((_CFLAGS, torch.__version__, sys.version_info[:2], torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
     return h.hexdigest()[:16]
+
+
+def _build_prefix() -> str:
+    return f"{_NAME}-torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-"
+
+
+def build_dir(src: Path, root: Path) -> Path:
+    """The folder of the build of these sources in cache folder ``root``."""
+    return root / (_build_prefix() + _build_key(src))
 
 
 def _disabled() -> bool:
@@ -129,54 +168,204 @@ def _missing_toolchain() -> Optional[str]:
     return None
 
 
-def _lock(path: Path):
-    """An exclusive ``fcntl`` lock on ``path`` (released by the OS if the process dies)."""
+# --------------------------------------------------------------------------------------------------
+# a cache that trusts nothing it did not write
+# --------------------------------------------------------------------------------------------------
+STALE_DAYS = 7  # other builds of ours not loaded for this long are removed when a new build completes
+_RECORD = "SHA256"  # "<sha256 of the library>  nthr_native.so" in a build folder, written last
+
+
+def _refuse(path: Path, why: str):
+    raise RuntimeError(f"refusing the native build cache: {path} {why} (set NTHR_KERNELS_CACHE to a private folder)")
+
+
+def _check_private(path: Path) -> None:
+    """``path`` is a real folder owned by this user and writable by nobody else."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        _refuse(path, "is not a folder (a symlink or a file)")
+    if st.st_uid != os.geteuid():
+        _refuse(path, f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        _refuse(path, f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _check_ancestor(folder: Path, path: Path) -> None:
+    """Nobody but this user and root can replace ``folder``'s entries (``/tmp``-like sticky folders aside)."""
+    st = os.stat(folder)
+    if st.st_uid not in (0, os.geteuid()):
+        _refuse(path, f"lies under {folder}, owned by uid {st.st_uid}")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        _refuse(path, f"lies under {folder}, writable by group or others without the sticky bit")
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` and its missing parents with mode 0700, checking each folder on the way down before
+    anything is created in it; an existing ``path`` must be private already."""
+    for folder in reversed(path.parents):
+        if not os.path.lexists(folder):
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                pass  # created meanwhile by a concurrent process: checked next like any existing folder
+        _check_ancestor(folder, path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    _check_private(path)
+    return path
+
+
+def _open_nofollow(path: Path, flags: int):
+    """``os.open`` that never follows a symlink at ``path`` and accepts only a regular file of ours."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if os.path.islink(path):
+            _refuse(path, "is a symlink")
+        raise RuntimeError(f"cannot open {path}: {e}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        _refuse(path, "is not a regular file of this user, writable only by it")
+    return fd
+
+
+def _lock(path: Path, blocking: bool = True) -> Optional[int]:
+    """An exclusive ``fcntl`` lock on ``path`` (released by the OS if the process dies); the file
+    descriptor, or None when ``blocking`` is False and another process holds the lock."""
     import fcntl
 
-    fh = open(path, "a+")
-    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-    return fh
+    fd = _open_nofollow(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _sha256(path: Path) -> str:
+    fd = _open_nofollow(path, os.O_RDONLY)
+    h = hashlib.sha256()
+    with os.fdopen(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified_library(out: Path) -> Optional[Path]:
+    """The library of build folder ``out`` if it is complete and its bytes are the ones recorded at build
+    time; None if there is no complete build. Raises on a folder that is not ours."""
+    if not os.path.lexists(out):
+        return None
+    _check_private(out)
+    lib, record = out / f"{_NAME}.so", out / _RECORD
+    try:
+        fd = _open_nofollow(record, os.O_RDONLY)
+        with os.fdopen(fd) as f:
+            want = f.read(200).split()
+    except (RuntimeError, OSError):
+        want = []
+    if len(want) == 2 and want[1] == lib.name and os.path.lexists(lib) and _sha256(lib) == want[0]:
+        return lib
+    return None
+
+
+def _write_record(out: Path, digest: str) -> None:
+    tmp = out / f".{_RECORD}.{os.getpid()}"
+    fd = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{digest}  {_NAME}.so\n")
+    os.replace(tmp, out / _RECORD)
+
+
+def _discard(path: Path) -> None:
+    """Move a folder of ours aside and delete it (``rmtree`` never follows symlinks inside it)."""
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _prune_stale(root: Path, keep: Path) -> None:
+    """Remove other builds of ours not loaded for STALE_DAYS days, each under its own lock, and leftovers
+    of killed builds (``.build-*``, ``.trash-*``) as old."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for entry in os.scandir(root):
+        path = Path(entry.path)
+        if entry.name.startswith((".build-", ".trash-")):
+            try:
+                _check_private(path)
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+            except (RuntimeError, OSError) as e:
+                _log.debug("nthr_kernels: not pruning %s: %s", path, e)
+            continue
+        if not entry.name.startswith(_build_prefix()) or entry.name.endswith(".lock") or entry.name == keep.name:
+            continue
+        try:
+            _check_private(path)
+            used = os.lstat(path / _RECORD).st_mtime if os.path.lexists(path / _RECORD) else entry.stat().st_mtime
+            if used >= cutoff:
+                continue
+            fd = _lock(root / (entry.name + ".lock"), blocking=False)
+            if fd is None:
+                continue  # being built or repaired right now
+            try:
+                _discard(path)
+            finally:
+                os.close(fd)
+        except (RuntimeError, OSError) as e:
+            _log.debug("nthr_kernels: not pruning %s: %s", path, e)
+
+
+def _compile(src: Path, root: Path, out: Path, verbose: bool) -> Path:
+    """Build into a private temporary folder, record the library's sha256, rename it into place."""
+    problem = _missing_toolchain()
+    if problem:
+        raise RuntimeError(problem)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{out.name}-", dir=root))  # mode 0700
+    _log.warning("nthr_kernels: compiling the native CPU ops once (10 s to a minute); cache: %s", out)
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(name=_NAME, sources=[str(src / f) for f in _SOURCES], extra_cflags=list(_CFLAGS),
+             extra_include_paths=[str(src)], build_directory=str(tmp), is_python_module=False, verbose=verbose)
+        _write_record(tmp, _sha256(tmp / f"{_NAME}.so"))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / f"{_NAME}.so"
 
 
 def build(verbose: bool = False) -> str:
     """Build (or find) the extension and load it into this process; returns the library path.
 
-    Raises ``RuntimeError`` with the reason when it cannot.
+    Raises ``RuntimeError`` with the reason when it cannot (an untrusted cache included).
     """
     src = source_dir()
     if src is None:
         raise RuntimeError("the C++ sources (csrc/) are not installed with this copy of nthr_kernels")
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / f"{_NAME}-torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{_build_key(src)}"
-    lib, done = out / f"{_NAME}.so", out / "COMPLETE"
-    if not done.is_file():
-        fh = _lock(root / (out.name + ".lock"))
+    root = _private_dir(cache_root())
+    out = build_dir(src, root)
+    lib = _verified_library(out)
+    if lib is None:
+        fd = _lock(root / (out.name + ".lock"))
         try:
-            if not done.is_file():
-                problem = _missing_toolchain()
-                if problem:
-                    raise RuntimeError(problem)
-                out.mkdir(exist_ok=True)
-                stale = out / "lock"  # torch's own build baton, left behind by a killed build
-                if stale.exists():
-                    stale.unlink()
-                _log.warning("nthr_kernels: compiling the native CPU ops once (10 s to a minute); cache: %s", out)
-                from torch.utils.cpp_extension import load
-
-                load(
-                    name=_NAME,
-                    sources=[str(src / f) for f in _SOURCES],
-                    extra_cflags=list(_CFLAGS),
-                    extra_include_paths=[str(src)],
-                    build_directory=str(out),
-                    is_python_module=False,
-                    verbose=verbose,
-                )
-                done.write_text(str(lib))
-                return str(lib)
+            lib = _verified_library(out)
+            if lib is None:
+                if os.path.lexists(out):
+                    _log.warning("nthr_kernels: the cached native library in %s is incomplete or does not match "
+                                 "its recorded sha256; rebuilding it", out)
+                    _discard(out)
+                lib = _compile(src, root, out, verbose)
+                _prune_stale(root, out)
+                return str(lib)  # loaded by the build
         finally:
-            fh.close()
+            os.close(fd)
+    os.utime(out / _RECORD, follow_symlinks=False)  # last use, for _prune_stale
     torch.ops.load_library(str(lib))
     return str(lib)
 

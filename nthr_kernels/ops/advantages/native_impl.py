@@ -37,4 +37,5 @@ def nthr_advantages(batch, budget: Optional[int] = None):
         float(batch.opts.beta),
         batch.opts.anchor == "others",
         int(budget or SCRATCH_ELEMS),
+        bool(batch.opts.score_positive),
     )

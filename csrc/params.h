@@ -1,0 +1,126 @@
+// The arguments of nthr::native_advantages in one struct (filled in one place, set_advantages_params in
+// advantages.cpp), and the scratch and scheduling rules shared by the native ops.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+// MKL's thread-local thread count (weak: null where torch is built without MKL). MKL called inside a parallel
+// team still splits a small GEMM's inner dimension as if it had the process's threads, which changes bits.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace nthr {
+
+// BLAS calls made while this lives on a thread use one thread, as at a thread count of 1.
+struct SerialBlas {
+  int prev = 0;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// Scratch is split into kWorkers equal slices whatever the thread count, so every block size (and with it
+// every reduction order) depends on the inputs and scratch_elems alone: the same bits at any thread count.
+// At most kWorkers threads work at once; each holds at most ~6 float32 buffers of one slice.
+constexpr int64_t kWorkers = 8;
+
+// Grow-only float32 scratch from the ATen CPU allocator (memory profilers see it); reused from one work item
+// to the next by the same worker, so large buffers are not mapped and faulted in again for every group.
+struct Scratch {
+  at::Tensor t;
+  float* get(int64_t n) {
+    n = std::max<int64_t>(n, 1);
+    if (!t.defined() || t.numel() < n) t = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    return t.data_ptr<float>();
+  }
+};
+
+struct AdvantagesParams {
+  // Read in place, any floating dtype and strides. hidden [N, d] (packed) or [R, L, d] (padded); exactly one
+  // of weight [V, d] (lm_head_weight) and logits (hidden's leading dims, then V) is defined.
+  at::Tensor hidden, weight, logits;
+
+  // Canonical token list of the validated batch, [n] each: token t lives at hidden[tok_a[t]] or
+  // hidden[tok_a[t], tok_b[t]] (tok_b null when packed); tok_ids[t] its id, tok_resp[t] its response;
+  // logprobs[t] its old log-probability (null: log Z from the weight or the logits).
+  const int64_t* tok_a = nullptr;
+  const int64_t* tok_b = nullptr;
+  const int64_t* tok_ids = nullptr;
+  const int64_t* tok_resp = nullptr;
+  const float* logprobs = nullptr;
+
+  // Per response [n_resp]: group, positive reward, advantage. Per group [n_groups]: active, eta (float64).
+  const int64_t* resp_group = nullptr;
+  const bool* positive = nullptr;
+  const float* adv = nullptr;
+  const bool* group_active = nullptr;
+  const double* eta = nullptr;
+
+  // Sizes.
+  int64_t n_tokens = 0, n_resp = 0, n_groups = 0, d = 0, vocab = 0;
+
+  // Options (validated by nthr_kernels/core/checks.py; the op re-checks what could crash it).
+  float temperature = 1.0f;
+  double beta = 1.0;
+  bool anchor_others = false;  // "others": response i's own tokens leave its own anchor
+  bool score_positive = false;  // also score positive tokens (not needed for the threshold)
+
+  // Scratch: float32 elements per worker slice (scratch_elems / kWorkers, at least d).
+  int64_t slice = 0;
+
+  // Outputs: scores, selected, token_adv [n]; tau [n_groups] (filled for active groups).
+  float* scores = nullptr;
+  bool* selected = nullptr;
+  float* token_adv = nullptr;
+  float* tau = nullptr;
+
+  std::vector<at::Tensor> keep;  // owners of the converted inputs the pointers above point into
+};
+
+// Runs fn(i, w) for every i in [0, n) on workers w in [0, kWorkers), handing items out one at a time
+// (uneven items and busy cores leave no thread idle). Each item's bits do not depend on the thread count or
+// on which worker ran it: BLAS runs single-threaded inside (SerialBlas) and ATen ops see a parallel region
+// (ParallelGuard), as at one thread. The workers are plain threads that block when done, not an OpenMP
+// team: spinning team threads made a loaded 2-core machine up to 15x slower than one thread.
+template <typename F>
+void for_each_item(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>({at::get_num_threads(), kWorkers, n});
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&](int64_t w) {
+    SerialBlas serial;
+    c10::ParallelGuard guard(true);
+    at::internal::ThreadIdGuard tid(static_cast<int>(w));
+    try {
+      for (int64_t i = next++; i < n; i = next++) fn(i, w);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      next = n;  // the other workers stop after their current item
+    }
+  };
+  if (workers <= 1 || at::in_parallel_region()) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w);
+    work(0);
+    for (auto& t : pool) t.join();
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace nthr
