@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PATH_RE = re.compile(r"(?<![\w./:$-])((?:\.\./)*(?:[\w.-]+/)+[\w.-]+\.(?:py|md|cpp|h|sh|json|toml|png|log))\b")
 # not repository paths: files of other projects, of the installed packages, or generated at run time
 EXTERNAL = ("trl/", "verl/", "transformers/", "torch/", "fla/", "src/liger_kernel", "benchmark/scripts",
-            "csrc/flash_attn", "flash_attn/", "ATen/", "tests/ops/", "site-packages/", "nthr_results/", "/tmp/", "out/", "OUT/")
+            "csrc/flash_attn", "flash_attn/", "ATen/", "c10/", "tests/ops/", "site-packages/", "nthr_results/", "/tmp/", "out/", "OUT/")
 
 
 def _tracked() -> list:
