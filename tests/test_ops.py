@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import nthr_kernels as nk
-from nthr_kernels import ops  # noqa: F401  (registers the ops)
 from nthr_kernels.registry import native_available
 from nthr_kernels.synthetic import make_batch
 

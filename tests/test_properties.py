@@ -49,7 +49,6 @@ def test_scaling_hidden_scales_scores_by_c_squared(seed, c):
 @given(seed=st.integers(0, 10_000))
 def test_permuting_groups_permutes_group_outputs(seed):
     b = case(seed=seed, n_groups=3, group_size=3, lengths=(0, 6), d=5, vocab=17, pattern="random")
-    R = b.rewards.numel()
     order = torch.randperm(3, generator=torch.Generator().manual_seed(seed))
     perm = torch.cat([torch.arange(int(o) * 3, int(o) * 3 + 3) for o in order])
     kw = dict(lm_head_weight=b.lm_head_weight, group_size=3, backend="torch")

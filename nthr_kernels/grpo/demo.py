@@ -113,7 +113,7 @@ def verdict(report: dict) -> str:
         second = f"Its mean log-likelihood change of the right answers differs from GRPO's by {diff}: no clear effect."
     vs_rand = paired(t["deltas"], report["methods"]["random"]["deltas"])
     rand = f"mean Delta {vs_rand['mean_diff']:+.3f} against Random, 95 % CI {format_ci(vs_rand['ci95'])}"
-    third = (f"Against down-weighting as many random negative tokens, NTHR's choice of tokens "
+    third = ("Against down-weighting as many random negative tokens, NTHR's choice of tokens "
              + (f"made a difference ({rand})." if excludes_zero(vs_rand["ci95"])
                 else f"made no clear difference here ({rand})."))
     return f"Verdict ({n} questions, {k} seeds): {first} {second} {third}"
