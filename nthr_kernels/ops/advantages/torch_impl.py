@@ -115,6 +115,12 @@ def _block_len(longest: int, budget: int, n_rows: int, width: int) -> int:
     return -(-longest // -(-longest // blk)) if longest > 0 else 1
 
 
+def _still_running(length: torch.Tensor, t0: int):
+    """Indices of the ranges longer than ``t0`` (``None`` when all are): the rows of the next block."""
+    act = (length > t0).nonzero().squeeze(1)
+    return None if act.numel() == length.numel() else act
+
+
 def positive_responses(batch, plan: Plan):
     """The positive responses of the active groups as ranges of ``plan.order`` (one run of tokens each):
     ``(start, length, group)`` (dense active-group index), grouped by group."""
@@ -162,8 +168,13 @@ def nthr_scores(batch, budget: Optional[int] = None, plan: Optional[Plan] = None
         longest = int(rl.max()) if rb > ra else 0
         blk = _block_len(longest, budget, max(rb - ra, 1), max(vcols, d))
         for t0 in range(0, longest, blk):
-            err, h, _, _ = ce.block(rows, rs, rl, t0, blk)
-            n_mat.baddbmm_(err.transpose(1, 2), h)
+            act = _still_running(rl, t0)  # a short response stops early instead of adding zero rows
+            if act is None:
+                err, h, _, _ = ce.block(rows, rs, rl, t0, blk)
+                n_mat.baddbmm_(err.transpose(1, 2), h)
+            else:
+                err, h, _, _ = ce.block(rows[act], rs[act], rl[act], t0, blk)
+                n_mat.index_add_(0, act, torch.bmm(err.transpose(1, 2), h))
         m = torch.zeros(n_seg, vcols, d, dtype=torch.float32, device=dev).index_add_(0, rows, n_mat)
         if reduce_m is not None:
             m = reduce_m(m, k0, k1, c0, c1)
@@ -177,8 +188,10 @@ def nthr_scores(batch, budget: Optional[int] = None, plan: Optional[Plan] = None
         longest = int(s_len.max()) if n_seg else 0
         blk = _block_len(longest, budget, n_seg, max(vcols, d))
         for t0 in range(0, longest, blk):
-            err, h, pos, valid = ce.block(groups - k0, s_start, s_len, t0, blk)
-            s = (torch.bmm(err, m) * h).sum(-1)
+            act = _still_running(s_len, t0)
+            seg = groups - k0 if act is None else act
+            err, h, pos, valid = ce.block(seg, s_start[seg], s_len[seg], t0, blk)
+            s = (torch.bmm(err, m if act is None else m[act]) * h).sum(-1)
             out[pos[valid]] += s[valid]
     scores = torch.zeros(batch.n_tokens, dtype=torch.float32, device=dev)
     scores[plan.order] = out
