@@ -151,6 +151,7 @@ def _worker(rank, world, init_file, out_dir):
             errs["temperature"] = str(e)
         res["errors"] = errs
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer is still talking (that aborts the peer)
     finally:
         dist.destroy_process_group()
 
@@ -344,6 +345,7 @@ def _bad_arg_worker(rank, world, init_file, out_dir):
             except Exception as e:  # noqa: BLE001 - recorded for the test to judge
                 out[name] = (type(e).__name__, str(e), time.perf_counter() - t0)
         torch.save(out, os.path.join(out_dir, f"bad{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer is still talking (that aborts the peer)
     finally:
         dist.destroy_process_group()
 
