@@ -22,37 +22,17 @@ def runs(keys: torch.Tensor):
     return firsts, torch.diff(torch.cat([firsts, firsts.new_tensor([keys.numel()])]))
 
 
-def run_means(values: torch.Tensor, keys: torch.Tensor):
-    """Means of the runs of equal consecutive ``keys`` (a deterministic float64 scan).
-
-    Returns ``(run_keys, means)``; ``keys`` must list each key in one contiguous run.
-    """
-    n = keys.numel()
-    if n == 0:
-        return keys, values.new_zeros(0, dtype=torch.float64)
-    first, lengths = runs(keys)
-    ends = first + lengths
-    csum = torch.cat([values.new_zeros(1, dtype=torch.float64), torch.cumsum(values.to(torch.float64), 0)])
-    return keys[first], (csum[ends] - csum[first]) / (ends - first).to(torch.float64)
-
-
-def group_tau(anchor_scores, tok_resp, resp_group, n_groups: int, beta: float, reduce_min_anchor=None) -> torch.Tensor:
-    """float64 ``tau`` per group from the anchor scores of positive tokens (``tok_resp`` in runs):
-    ``tau_g = beta * min_{i in P_g} mean_k s_{i,k}`` (see :func:`tau_from_anchors`)."""
-    resp, means = run_means(anchor_scores, tok_resp)
-    return tau_from_anchors(resp, means, resp_group, n_groups, beta, reduce_min_anchor)
-
-
-def tau_from_anchors(resp, anchors, resp_group, n_groups: int, beta: float, reduce_min_anchor=None) -> torch.Tensor:
-    """float64 ``tau`` per group from the anchors ``anchors[k]`` (float64) of positive responses ``resp[k]``.
+def tau_from_anchors(anchor_group, anchors, n_groups: int, beta: float, reduce_min_anchor=None) -> torch.Tensor:
+    """float64 ``tau`` per group from the anchors ``anchors[k]`` of positive responses in groups
+    ``anchor_group[k]``.
 
     ``tau_g = beta * min_{i in P_g} sbar_i``; groups without an anchor get ``+inf * beta`` style garbage
     and must be masked by the caller's ``active`` flag. ``reduce_min_anchor`` (optional) maps the
     per-group minimum anchor (``+inf`` where this process holds no anchor of the group) to the final
     one; the distributed path passes an all-reduce-min over ranks.
     """
-    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=resp_group.device)
-    min_anchor = min_anchor.scatter_reduce(0, resp_group[resp], anchors.to(torch.float64), reduce="amin",
+    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=anchor_group.device)
+    min_anchor = min_anchor.scatter_reduce(0, anchor_group, anchors.to(torch.float64), reduce="amin",
                                            include_self=True)
     if reduce_min_anchor is not None:
         min_anchor = reduce_min_anchor(min_anchor)
@@ -68,7 +48,8 @@ def finish(batch, scores: torch.Tensor, anchors, reduce_min_anchor: Optional[Cal
     Returns ``(selected [n], token_adv [n] float32, tau [g] float32, eta [g] float32)``.
     """
     tok_resp, resp_group, group_active = batch.tok_resp, batch.resp_group, batch.group_active
-    tau = tau_from_anchors(*anchors, resp_group, group_active.numel(), batch.opts.beta, reduce_min_anchor)
+    resp, values = anchors
+    tau = tau_from_anchors(resp_group[resp], values, group_active.numel(), batch.opts.beta, reduce_min_anchor)
     tau = torch.where(group_active, tau, torch.full_like(tau, math.nan))
     eta_g = group_eta(batch.opts.eta, batch.n_pos, batch.n_resp, group_active)
     tok_group = resp_group[tok_resp]

@@ -16,7 +16,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta, tau_from_min_anchor
+from ...core.plan import tau_from_anchors
+from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta
 from ..triton_kernels import (
     SEG_WIDTH, Kernels, Segment, Segments, launch, m_dtype, round16, row_offsets, upload, work_dtype,
 )
@@ -207,9 +208,7 @@ def _chunk_tau(sums, n, grp, groups, thr, n_groups: int, beta: float) -> None:
     """``tau`` of a chunk's groups into ``thr[:, 0]`` from the anchor-score sums of its positive
     responses (``n`` tokens each, batch group ``grp``): the minimum mean per group, times beta; on the device."""
     means = sums.to(torch.float64) / n.to(torch.float64)
-    min_anchor = torch.full((n_groups,), math.inf, dtype=torch.float64, device=sums.device)
-    min_anchor = min_anchor.scatter_reduce(0, grp, means, reduce="amin", include_self=True)
-    thr[groups, 0] = tau_from_min_anchor(min_anchor, beta)[groups].to(torch.float32)
+    thr[groups, 0] = tau_from_anchors(grp, means, n_groups, beta)[groups].to(torch.float32)
 
 
 def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = None):
