@@ -36,9 +36,12 @@ echo "== gpu_check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/de
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 if [ ${#SMOKE[@]} -eq 0 ]; then
-    step install 60 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
+    step install 30 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
 fi
-step cuda-tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py
-step suite 330 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" --out "$OUT_DIR"
+# the CUDA tests compile many kernel variants: in parallel where pytest-xdist is there (the GPU image has it)
+PAR=()
+[ ${#SMOKE[@]} -eq 0 ] && "$PY" -c "import xdist" 2>/dev/null && PAR=(-n 8)
+step cuda-tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=8 "${PAR[@]}" tests/test_triton.py
+step suite 240 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" --out "$OUT_DIR"
 echo "== gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in ${SECONDS}s; results in $OUT_DIR"
 exit $status

@@ -44,7 +44,7 @@ from shapes import SHAPES, Shape, batch_work  # noqa: E402
 # Margin of tau within which a selection may differ from the float64 reference, relative to the
 # group's largest |score|: the one tolerance table (nthr_kernels/core/rules.py).
 from nthr_kernels.core.rules import SCORE_TOLERANCE as MARGIN  # noqa: E402
-from nthr_kernels.core.rules import SCRATCH_BYTES  # noqa: E402
+from nthr_kernels.core.rules import SCRATCH_BYTES, TOKEN_BYTES  # noqa: E402
 
 CONFIGS = {
     # name: (shape, with old_logprobs, extra nthr_advantages kwargs, time torch/naive too)
@@ -179,13 +179,20 @@ def _is_sync(func, args, kwargs) -> bool:
     return False
 
 
+TORCH_SYNC_FUNCTIONS = ("nonzero", "unique", "unique_consecutive", "bincount", "masked_select", "histc",
+                        "repeat_interleave")
+
+
 def count_host_syncs(fn) -> tuple:
     """``(count, events)``: host synchronisations of one ``fn()``.
 
     On a GPU the count comes from ``torch.cuda.set_sync_debug_mode`` (every synchronising CUDA call,
-    device-to-host copies and blocking host-to-device copies included). On the CPU it counts what would
-    synchronise there: reads of values to the host (``tolist``, ``numpy``, ``cpu``) and the aten ops of
-    ``SYNC_OPS`` (``item``, ``bool``, ``nonzero``, bool-mask indexing, ...), seen by a dispatch mode.
+    device-to-host copies and blocking host-to-device copies included). On the CPU it counts the Python
+    calls that would synchronise there (``tolist``, ``item``, ``bool``/``int``/``float`` of a tensor,
+    ``nonzero``, ``unique``, ``bincount``, bool-mask indexing, ``repeat_interleave`` without
+    ``output_size``, ...), patched on ``torch`` and ``torch.Tensor`` for the call (so they are seen inside
+    the custom op's Python implementation as well). Blocking host-to-device copies are not seen on the
+    CPU: the GPU count includes them.
     """
     import traceback
     import warnings
@@ -202,35 +209,46 @@ def count_host_syncs(fn) -> tuple:
             torch.cuda.set_sync_debug_mode("default")
         events = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
         return len(events), events
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Mode(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if _is_sync(func, args, kwargs):
-                events.append(f"{func._schema.name} at {_caller()}")
-            return func(*args, **kwargs)
-
     def _caller() -> str:
         here = [f for f in traceback.extract_stack()[:-2] if "nthr_kernels" in f.filename]
         return f"{Path(here[-1].filename).name}:{here[-1].lineno}" if here else "?"
 
-    reads = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+    def is_mask(i) -> bool:
+        idx = i if isinstance(i, tuple) else (i,)
+        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in idx)
 
-    def wrap(name, orig):
-        def read(self, *a, **k):
-            events.append(f"Tensor.{name} at {_caller()}")
-            return orig(self, *a, **k)
-        return read
+    # Python-level entry points (the custom op's implementation is Python, so these see inside it too)
+    when = {
+        "tolist": None, "numpy": None, "cpu": None, "item": None, "__bool__": None, "__int__": None,
+        "__float__": None, "__index__": None, "nonzero": None, "unique": None, "unique_consecutive": None,
+        "bincount": None, "masked_select": None, "histc": None,
+        "repeat_interleave": lambda a, k: k.get("output_size") is None,
+        "__getitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
+        "__setitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
+    }
+    patched = []
+
+    def wrap(owner, name, orig, cond):
+        def call(*a, **k):
+            if cond is None or cond(a, k):
+                events.append(f"{name} at {_caller()}")
+            return orig(*a, **k)
+        return call
 
     try:
-        for name, orig in reads.items():
-            setattr(torch.Tensor, name, wrap(name, orig))
-        with Mode():
-            fn()
+        for name, cond in when.items():
+            for owner in (torch.Tensor, torch):
+                orig = owner.__dict__.get(name) if owner is torch.Tensor else getattr(torch, name, None)
+                if orig is None and owner is torch.Tensor:
+                    orig = getattr(torch.Tensor, name, None)
+                if orig is None or (owner is torch and name not in TORCH_SYNC_FUNCTIONS):
+                    continue
+                patched.append((owner, name, orig))
+                setattr(owner, name, wrap(owner, name, orig, cond))
+        fn()
     finally:
-        for name, orig in reads.items():
-            setattr(torch.Tensor, name, orig)
+        for owner, name, orig in reversed(patched):
+            setattr(owner, name, orig)
     return len(events), events
 
 
@@ -469,14 +487,17 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
     floor_flops = work.floor(with_lp and not use_logits)
     out["floor_flops"] = floor_flops
     out["floor_ms"] = floor_flops / (rate_tflops * 1e12) * 1e3
-    if DEVICE == "cuda":
+    out["triton_ms"] = bench(lambda: call("triton"), args.rep_ms)
+    if DEVICE == "cuda":  # one plain call (do_bench holds a 256 MB cache-flush buffer of its own)
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    out["triton_ms"] = bench(lambda: call("triton"), args.rep_ms)
-    if DEVICE == "cuda":
+        res = call("triton")
+        torch.cuda.synchronize()
         out["triton_peak_scratch_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        # the documented bound (ops/triton_kernels.py): SCRATCH_BYTES plus about 100 bytes per token
-        out["scratch_bound_mb"] = (SCRATCH_BYTES + 100 * rb.n_tokens) / 2**20
+        del res
+        # the documented bound (ops/triton_kernels.py): SCRATCH_BYTES plus TOKEN_BYTES per completion token
+        out["scratch_bound_mb"] = (SCRATCH_BYTES + TOKEN_BYTES * rb.n_tokens) / 2**20
     kw_nocheck = dict(kw, check_finite=False)
     out["triton_ms_no_finite_check"] = bench(
         lambda: nk.nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend="triton", **kw_nocheck),

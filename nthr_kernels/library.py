@@ -93,10 +93,11 @@ def nthr_advantages(
     opts = Options(beta=beta, eta=eta, anchor=anchor, temperature=temperature, reward_threshold=reward_threshold,
                    backend=backend, check_finite=check_finite, check_logprobs=check_logprobs,
                    score_positive=score_positive)
-    batch = validate_batch(x, opts)
+    impl = registry.implementation("nthr_advantages", registry.resolve(backend, hidden.device))
+    # an implementation that reads batch.pending with its own first host read saves a synchronisation
+    batch = validate_batch(x, opts, defer=getattr(impl, "reads_pending", False))
     if eta_table is not None and eta_table.shape != batch.group_ids.shape:
         raise ValueError(f"eta: expected one value per group ({batch.group_ids.numel()}), got {tuple(eta_table.shape)}")
-    impl = registry.implementation("nthr_advantages", registry.resolve(backend, batch.device))
     scores, selected, token_adv, tau, eta_g = impl(batch)
     if eta_table is not None:  # the backend ran with eta = 1: rescale the selected tokens now
         eta_g = torch.where(batch.group_active, eta_table.to(eta_g.device, torch.float32), torch.ones_like(eta_g))

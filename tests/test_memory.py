@@ -3,6 +3,7 @@ at most 10 * 4 * E bytes plus 512 bytes per completion token; never an [N, V] or
 import pytest
 import torch
 
+from nthr_kernels.core.rules import TOKEN_BYTES
 from nthr_kernels.ops.advantages import torch_impl
 from nthr_kernels.synthetic import make_batch
 from nthr_kernels.testing import peak_rss_rise
@@ -10,7 +11,7 @@ from nthr_kernels.testing import peak_rss_rise
 from _helpers import run_impl, validated
 
 SCRATCH_SLOTS = 10  # the documented bound: SCRATCH_SLOTS * 4 * E bytes ...
-PER_TOKEN_BYTES = 512  # ... plus this per completion token
+PER_TOKEN_BYTES = TOKEN_BYTES  # ... plus this per completion token (nthr_kernels/core/rules.py)
 SLACK = 4 << 20  # allocator and interpreter noise
 
 
@@ -56,6 +57,7 @@ def test_blocks_respect_budget(monkeypatch):
         seen.append(max(a.numel(), c.numel(), out.numel()))
         return out
 
+    batch = validated(b)  # validation has its own block budget (the old_logprobs check)
     monkeypatch.setattr(torch, "bmm", spy)
-    torch_impl.nthr_scores(validated(b), budget)
+    torch_impl.nthr_scores(batch, budget)
     assert seen and max(seen) <= budget

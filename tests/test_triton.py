@@ -119,11 +119,26 @@ def test_host_syncs_per_call(path, source, anchor):
         assert n <= gpu_suite.HOST_SYNCS_PER_CALL, events
 
 
+@needs_triton
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
+def test_host_syncs_per_public_call(layout, source):
+    """The whole public call, validation and the old_logprobs check included: the checks are read in one
+    copy and the check of old_logprobs rides with the plan's read, so at most two per call."""
+    b = on_device(case(seed=stable_seed(layout, source), n_groups=5, group_size=4, lengths=(0, 12), d=16,
+                       vocab=53, holes=layout == "padded", packed=layout == "packed"))
+    call = lambda: run(b, "triton", with_logprobs=source == "weight+logprobs", use_logits=source == "logits")  # noqa: E731
+    call()  # warm-up
+    n, events = gpu_suite.count_host_syncs(call)
+    assert n <= gpu_suite.HOST_SYNCS_PER_CALL, events
+
+
 def test_sync_counter_sees_device_reads():
     """The counter of the test above counts each kind of read (so that test can fail)."""
     x = torch.arange(6.0, device=DEVICE)
     reads = [lambda: x.sum().item(), lambda: bool(x.any()), lambda: x[x > 2], lambda: torch.nonzero(x),
-             lambda: x.tolist(), lambda: torch.unique(x), lambda: x[: int(x[2])]]
+             lambda: x.tolist(), lambda: torch.unique(x), lambda: x[: int(x[2])], lambda: float(x[0]),
+             lambda: torch.bincount(x.long()), lambda: x.long().repeat_interleave(2)]
     for read in reads:
         n, _ = gpu_suite.count_host_syncs(read)
         assert n >= 1

@@ -6,6 +6,8 @@ import torch
 
 import nthr_kernels as nk
 from _helpers import backends, case
+from nthr_kernels.core.rules import Inputs
+from nthr_kernels.synthetic import make_batch
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +351,34 @@ def test_meta_tensors_named(b):  # finding 9: prediction_errors failed inside Te
     raises(ValueError, "lm_head_weight", lambda: nk.prediction_errors(ids, hidden=h, lm_head_weight=meta(b.lm_head_weight)))
     raises(ValueError, "logits", lambda: nk.prediction_errors(ids, logits=meta(h @ b.lm_head_weight.T)))
     raises(ValueError, "h_pos", lambda: nk.score_tokens(meta(h), h, h, h))
+
+
+# --------------------------------------------------------------------------------------------------
+# the old_logprobs check's implied mass, computed in blocks without synchronisation
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("check_elems", [1 << 26, 300])  # one block; many blocks and split groups
+def test_implied_mass_matches_float64(monkeypatch, packed, check_elems):
+    from nthr_kernels.core import checks
+    from nthr_kernels.core.checks import implied_vstar_mass, validate_batch
+    from nthr_kernels.core.rules import Options
+
+    monkeypatch.setattr(checks, "_CHECK_ELEMS", check_elems)
+    b = make_batch(4, 3, (0, 15), 8, 97, seed=11, packed=packed, temperature=0.7)
+    gids = torch.tensor([3, 1, 3, 0, 2, 1, 0, 2, 3, 1, 0, 2])  # groups interleaved across responses
+    x = Inputs(b.hidden, b.token_ids, b.rewards, b.advantages, b.lm_head_weight, None, b.old_logprobs,
+               b.mask, b.cu_seqlens, None, gids)
+    batch = validate_batch(x, Options(temperature=0.7))
+    got = implied_vstar_mass(batch, torch.arange(batch.n_tokens))
+    g_tok = batch.resp_group[batch.tok_resp]
+    h = batch.gather(batch.hidden).double()
+    w = batch.lm_head_weight.double()
+    lp = batch.gather(batch.old_logprobs).double()
+    for t in range(batch.n_tokens):
+        vs = torch.unique(batch.tok_ids[g_tok == g_tok[t]])
+        z = (w[vs] - w[batch.tok_ids[t]]) @ h[t] / 0.7
+        torch.testing.assert_close(got[t], lp[t] + torch.logsumexp(z, 0), rtol=1e-5, atol=1e-5)
+    # the check itself, in the same blocks: consistent log-probs pass, log-probs one position off fail
+    shifted = b.old_logprobs.roll(1, dims=-1 if not packed else 0)
+    with pytest.raises(ValueError, match="old_logprobs: inconsistent"):
+        validate_batch(x._replace(old_logprobs=shifted), Options(temperature=0.7))

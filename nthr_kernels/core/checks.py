@@ -10,7 +10,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -26,6 +26,7 @@ from .rules import (
     NTHRResult,
     Options,
     SCAN_ELEMS,
+    SCRATCH_ELEMS,
     check_eta,
 )
 
@@ -117,6 +118,91 @@ def check_float32_range(name: str, x: torch.Tensor, rows: Optional[torch.Tensor]
     return math.inf  # bad values only at rows that are not read (padding)
 
 
+class Pending:
+    """Value checks computed on the device and read back together: one host synchronisation for all.
+
+    ``fail_if(bad, error)`` records a 0-d tensor (nonzero: the check failed) and a function that builds
+    the exception; it runs only on failure, may read more values for its message, and may return None
+    where a closer look clears the input. ``read(*extra)`` copies every recorded flag and the ``extra``
+    integer tensors to the host in one copy, raises the first failure in the order recorded (so the
+    errors keep the precedence of checks run one by one), and returns the extras as lists. Nothing
+    computed before the read may index out of bounds on bad input: such values are clamped.
+    """
+
+    def __init__(self):
+        self._flags: list = []
+        self._errors: list = []
+
+    def fail_if(self, bad: torch.Tensor, error) -> None:
+        self._flags.append(bad.reshape(()).to(torch.int64))
+        self._errors.append(error)
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+    def read(self, *extra: torch.Tensor) -> list:
+        parts = ([torch.stack(self._flags)] if self._flags else []) + [e.reshape(-1).to(torch.int64) for e in extra]
+        flags, errors = len(self._flags), self._errors
+        self._flags, self._errors = [], []
+        if not parts:
+            return []
+        host = torch.cat(parts).tolist()  # the host synchronisation
+        for failed, error in zip(host[:flags], errors):
+            if failed:
+                e = error()
+                if e is not None:
+                    raise e
+        out, o = [], flags
+        for e in extra:
+            out.append(host[o:o + e.numel()])
+            o += e.numel()
+        return out
+
+
+def _error_of(check) -> "Callable[[], Optional[Exception]]":
+    """An error builder for :meth:`Pending.fail_if` from a check that raises."""
+    def build():
+        try:
+            check()
+        except (ValueError, TypeError) as e:
+            return e
+        return None
+    return build
+
+
+def _masked_minmax(x: torch.Tensor, rows: Optional[torch.Tensor]):
+    """0-d ``(min, max)`` of ``x`` (where ``rows`` is True: elementwise when ``rows`` has ``x``'s shape,
+    else over whole rows of the last dim); ``(0, 0)`` when nothing is selected. No temporary of ``x``'s size."""
+    x = x.detach()
+    if rows is None:
+        return torch.aminmax(x)
+    if rows.dim() < x.dim():  # per row, then masked
+        x = torch.aminmax(x, dim=-1)
+        lo, hi = x.min, x.max
+    else:
+        lo = hi = x
+    zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
+    lo, hi = torch.where(rows, lo, zero), torch.where(rows, hi, zero)
+    return (lo.min(), hi.max()) if lo.numel() else (zero, zero)
+
+
+def defer_float32_range(pending: Pending, name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                        hint: str = None):
+    """:func:`check_float32_range` recorded on ``pending``; returns the 0-d largest magnitude (over the
+    selected rows) and the 0-d maximum."""
+    hint = _SKIP_HINT if hint is None else hint
+    if x.numel() == 0:
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        return zero, zero
+    lo, hi = _masked_minmax(x, rows)
+    ok = (lo >= -FLOAT32_MAX) & (hi <= FLOAT32_MAX)  # NaN fails both comparisons
+    if rows is not None and rows.dim() == x.dim():  # elementwise selection: the message reads the selected values
+        pending.fail_if(~ok, _error_of(lambda: check_float32_range(name, x[rows], None, hint)))
+    else:
+        pending.fail_if(~ok, _error_of(lambda: check_float32_range(name, x, rows, hint)))
+    return torch.maximum(-lo, hi).float(), hi
+
+
 def check_logit_scale(temperature: float, max_logit: float, source: str) -> None:
     """``max |logit| / temperature`` must stay within :data:`~nthr_kernels.core.rules.LOGIT_LIMIT`."""
     if max_logit / temperature > LOGIT_LIMIT:
@@ -126,37 +212,53 @@ def check_logit_scale(temperature: float, max_logit: float, source: str) -> None
         )
 
 
-def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> float:
+def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-d largest Euclidean norm of the rows of ``x`` (where ``rows`` is True); 0 when none."""
     if x.numel() == 0:
-        return 0.0
+        return torch.zeros((), dtype=torch.float32, device=x.device)
     norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     if rows is not None:
-        norms = norms[rows]
-    return float(norms.max()) if norms.numel() else 0.0
+        norms = torch.where(rows, norms, torch.zeros((), dtype=norms.dtype, device=norms.device))
+    return norms.max() if norms.numel() else torch.zeros((), dtype=norms.dtype, device=norms.device)
 
 
-def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows=None) -> None:
+def _defer_logit_scale(pending: Pending, temperature: float, top: torch.Tensor, source: str) -> None:
+    pending.fail_if(top.double() / temperature > LOGIT_LIMIT,
+                    _error_of(lambda: check_logit_scale(temperature, float(top), source)))
+
+
+def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows=None,
+                        pending: Optional[Pending] = None) -> None:
     """The value checks of the old policy's inputs: float32 range, then the logit scale against the
     temperature (exact with ``logits``; with ``hidden`` + ``lm_head_weight`` the Cauchy-Schwarz bound
-    ``max ||h_t|| * max ||w_v||``). ``rows``: the completion positions of a padded ``hidden``/``logits``."""
+    ``max ||h_t|| * max ||w_v||``). ``rows``: the completion positions of a padded ``hidden``/``logits``.
+    Recorded on ``pending`` when given, else read and raised here."""
+    own = pending is None
+    pending = Pending() if own else pending
     if hidden is not None:
-        check_float32_range("hidden", hidden, rows)
+        defer_float32_range(pending, "hidden", hidden, rows)
     if logits is not None:
-        top = check_float32_range("logits", logits, rows)
-        if rows is not None and math.isinf(top):  # bad values at padding only: the scale of the read rows
-            top = float(logits.detach()[rows].abs().max()) if bool(rows.any()) else 0.0
-        check_logit_scale(temperature, top, "max |logits|")
+        top, _ = defer_float32_range(pending, "logits", logits, rows)
+        _defer_logit_scale(pending, temperature, top, "max |logits|")
     else:
-        check_float32_range("lm_head_weight", lm_head_weight)
+        defer_float32_range(pending, "lm_head_weight", lm_head_weight)
         bound = _max_row_norm(hidden, rows) * _max_row_norm(lm_head_weight)
-        check_logit_scale(temperature, bound, "bounded by max ||hidden row|| * max ||lm_head_weight row||")
+        _defer_logit_scale(pending, temperature, bound, "bounded by max ||hidden row|| * max ||lm_head_weight row||")
+    if own:
+        pending.read()
 
 
-def check_logprob_values(lp: torch.Tensor) -> None:
-    """``old_logprobs`` at the completion positions: finite, in float32 range, ``<= 0``."""
-    check_float32_range("old_logprobs", lp, hint="")
-    if lp.numel() and float(lp.max()) > 0:
-        raise ValueError(f"old_logprobs: log-probabilities must be <= 0, got max {float(lp.max())}")
+def check_logprob_values(lp: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                         pending: Optional[Pending] = None) -> None:
+    """``old_logprobs`` at the completion positions (``rows``, elementwise; all when None): finite, in
+    float32 range, ``<= 0``. Recorded on ``pending`` when given, else read and raised here."""
+    own = pending is None
+    pending = Pending() if own else pending
+    if lp.numel():
+        _, hi = defer_float32_range(pending, "old_logprobs", lp, rows, hint="")
+        pending.fail_if(hi > 0, lambda: ValueError(f"old_logprobs: log-probabilities must be <= 0, got max {float(hi)}"))
+    if own:
+        pending.read()
 
 
 def check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite: bool):
@@ -207,6 +309,7 @@ class Batch:
     n_pos: torch.Tensor  # [n_groups] int64 positive responses
     n_resp: torch.Tensor  # [n_groups] int64 responses
     group_active: torch.Tensor  # [n_groups] bool: mixed and some positive response has a token
+    pending: "Pending" = dataclasses.field(default_factory=lambda: Pending())  # checks not yet read (validate_batch)
 
     @property
     def device(self) -> torch.device:
@@ -254,32 +357,36 @@ class Batch:
         return out
 
 
-def binary_positive(rewards: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+def binary_positive(rewards: torch.Tensor, threshold: Optional[float], pending: Optional[Pending] = None) -> torch.Tensor:
     """Which responses are correct: ``reward == 1`` of 0/1 rewards (``threshold`` None), else
-    ``reward > threshold`` with one value on each side."""
+    ``reward > threshold`` with one value on each side. The value checks are recorded on ``pending``
+    when given, else read and raised here."""
     if rewards.dtype == torch.bool:
         if threshold is not None:
             raise ValueError("reward_threshold: not used with bool rewards (True is correct); leave it None")
         return rewards.detach().clone()
+    own = pending is None
+    pending = Pending() if own else pending
     r = rewards.detach().to(torch.float64)
-    if not bool(torch.isfinite(r).all()):
-        raise ValueError("rewards: contains NaN or Inf")
+    pending.fail_if(~torch.isfinite(r).all(), lambda: ValueError("rewards: contains NaN or Inf"))
     if threshold is None:
         off = (r != 0) & (r != 1)
-        if bool(off.any()):
-            raise ValueError(
-                f"rewards: expected binary rewards 0/1 (or bool), got {torch.unique(r[off])[:6].tolist()}; "
-                "for other encodings pass reward_threshold (correct iff reward > reward_threshold)"
-            )
-        return r == 1
-    pos = r > threshold
-    for side, name in ((pos, "above"), (~pos, "at or below")):
-        vals = torch.unique(r[side])
-        if vals.numel() > 1:
-            raise ValueError(
+        pending.fail_if(off.any(), lambda: ValueError(
+            f"rewards: expected binary rewards 0/1 (or bool), got {torch.unique(r[off])[:6].tolist()}; "
+            "for other encodings pass reward_threshold (correct iff reward > reward_threshold)"
+        ))
+        pos = r == 1
+    else:
+        pos = r > threshold
+        inf = torch.tensor(math.inf, dtype=torch.float64, device=r.device)
+        for side, name in ((pos, "above"), (~pos, "at or below")):
+            several = torch.where(side, r, inf).amin() < torch.where(side, r, -inf).amax() if r.numel() else side.any()
+            pending.fail_if(several, lambda side=side, name=name: ValueError(
                 f"rewards: expected binary rewards (one value {name} reward_threshold={threshold}), "
-                f"got several: {vals[:6].tolist()}"
-            )
+                f"got several: {torch.unique(r[side])[:6].tolist()}"
+            ))
+    if own:
+        pending.read()
     return pos
 
 
@@ -428,59 +535,83 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     return StaticInfo(lead_shape, n_resp, vocab, check_options(opts), group_ids)
 
 
-def validate_batch(x: Inputs, opts: Options) -> Batch:
-    """All checks (:func:`check_batch_static`, then the value checks) and the canonical token list."""
+def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
+    """All checks (:func:`check_batch_static`, then the value checks) and the canonical token list.
+
+    Host synchronisations: the value checks, the token count of a padded layout and the sizes the
+    ``old_logprobs`` check needs are read in one copy (:class:`Pending`); ``group_ids`` adds one (its
+    ``unique``). The ``old_logprobs`` check itself is computed on the device and left on
+    ``batch.pending``: read here, or with ``defer=True`` by the implementation together with its own
+    first read (the Triton path), so that a call costs no extra synchronisation for it.
+    """
     st = check_batch_static(x, opts)
     opts = st.opts
     hidden, token_ids, rewards, advantages, lm_head_weight, logits, old_logprobs, mask, cu_seqlens, group_size, _ = x
     dev = hidden.device
     n_resp, vocab, group_ids = st.n_resp, st.vocab, st.group_ids
+    pend = Pending()
 
-    # ---- layout -------------------------------------------------------------------------------------
+    # ---- layout: positions (rows of a packed hidden, cells of a padded [R, L]) -----------------------
     if cu_seqlens is not None:
-        n = hidden.shape[0]
+        n_pos = hidden.shape[0]
         cs = cu_seqlens.to(torch.int64)
-        if int(cs[0]) != 0 or int(cs[-1]) != n or bool((cs[1:] < cs[:-1]).any()):
-            raise ValueError(
-                f"cu_seqlens: expected non-decreasing offsets from 0 to {n} (the rows of hidden), "
-                f"got first={int(cs[0])}, last={int(cs[-1])}"
-            )
-        lengths = cs[1:] - cs[:-1]
-        tok_resp = torch.repeat_interleave(torch.arange(n_resp, device=dev), lengths)
-        tok_a, tok_b = torch.arange(n, device=dev), None
+        pend.fail_if((cs[0] != 0) | (cs[-1] != n_pos) | (cs[1:] < cs[:-1]).any(), lambda: ValueError(
+            f"cu_seqlens: expected non-decreasing offsets from 0 to {n_pos} (the rows of hidden), "
+            f"got first={int(cs[0])}, last={int(cs[-1])}"
+        ))
+        resp_len = cs[1:] - cs[:-1]
+        rows = None  # every row is a completion token
+        pos_resp = torch.searchsorted(cs[1:], torch.arange(n_pos, device=dev), right=True).clamp_(max=max(n_resp - 1, 0))
     else:
-        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask: an integer mask must hold only 0 and 1")
-        m = mask.to(torch.bool)
-        nz = m.nonzero()
-        tok_a, tok_b = nz[:, 0], nz[:, 1]
-        tok_resp = tok_a
+        if mask.dtype != torch.bool:
+            pend.fail_if(((mask != 0) & (mask != 1)).any(), lambda: ValueError("mask: an integer mask must hold only 0 and 1"))
+        rows = mask.to(torch.bool)
+        resp_len = rows.sum(1)
+        n_pos = rows.numel()
+        pos_resp = None  # position // L
 
     # ---- rewards, advantages, groups ------------------------------------------------------------------
-    check_float32_range("advantages", advantages)
-    positive = binary_positive(rewards, opts.reward_threshold)
+    defer_float32_range(pend, "advantages", advantages)
+    positive = binary_positive(rewards, opts.reward_threshold, pend)
     gids, resp_group = _groups(n_resp, group_size, group_ids, dev)
     n_groups = gids.numel()
 
     # ---- old policy -----------------------------------------------------------------------------------
-    tok_ids = (token_ids[tok_a] if tok_b is None else token_ids[tok_a, tok_b]).to(torch.int64)
-    if tok_ids.numel() and (int(tok_ids.min()) < 0 or int(tok_ids.max()) >= vocab):
-        raise ValueError(
-            f"token_ids: completion token ids must lie in [0, {vocab}), got range "
-            f"[{int(tok_ids.min())}, {int(tok_ids.max())}]"
-        )
+    ids_pos = (token_ids if rows is None else torch.where(rows, token_ids, 0)).to(torch.int64)
+    if ids_pos.numel():
+        id_lo, id_hi = ids_pos.min(), ids_pos.max()
+        pend.fail_if((id_lo < 0) | (id_hi >= vocab), lambda: ValueError(
+            f"token_ids: completion token ids must lie in [0, {vocab}), got range [{int(id_lo)}, {int(id_hi)}]"
+        ))
     if old_logprobs is not None:
-        lp = old_logprobs[tok_a] if tok_b is None else old_logprobs[tok_a, tok_b]
-        check_logprob_values(lp)
+        check_logprob_values(old_logprobs, rows, pend)
     if opts.check_finite:
-        check_policy_values(hidden, lm_head_weight, logits, opts.temperature, m if tok_b is not None else None)
+        check_policy_values(hidden, lm_head_weight, logits, opts.temperature, rows, pend)
 
     # ---- group statistics ------------------------------------------------------------------------------
-    n_resp_g = torch.bincount(resp_group, minlength=n_groups)
-    n_pos_g = torch.bincount(resp_group, weights=positive.to(torch.float64), minlength=n_groups).to(torch.int64)
-    pos_tok = positive[tok_resp]
-    pos_tok_per_group = torch.bincount(resp_group[tok_resp][pos_tok], minlength=n_groups)
+    zeros = lambda: torch.zeros(n_groups, dtype=torch.int64, device=dev)  # noqa: E731
+    n_resp_g = zeros().scatter_add_(0, resp_group, torch.ones_like(resp_group))
+    n_pos_g = zeros().scatter_add_(0, resp_group, positive.to(torch.int64))
+    pos_tok_per_group = zeros().scatter_add_(0, resp_group, torch.where(positive, resp_len, 0))
     active = (n_pos_g > 0) & (n_pos_g < n_resp_g) & (pos_tok_per_group > 0)
+
+    # ---- the one read: checks, token count, the old_logprobs sample's V* ranges ------------------------
+    extra = [resp_len.sum()] if rows is not None else []
+    sample = None
+    if old_logprobs is not None and opts.check_logprobs and n_pos and n_resp:
+        sample = _sample_vstar(ids_pos.reshape(-1), rows, pos_resp, resp_group, resp_len.sum(), n_groups, vocab)
+        extra.append(sample[0])
+    got = pend.read(*extra)
+    n = got[0][0] if rows is not None else n_pos
+
+    # ---- canonical token list -------------------------------------------------------------------------
+    if rows is None:
+        tok_a, tok_b, tok_resp = torch.arange(n, device=dev), None, pos_resp
+    else:
+        nz = torch.nonzero_static(rows, size=n)  # the count is known: no synchronisation
+        tok_a, tok_b = nz[:, 0], nz[:, 1]
+        tok_resp = tok_a
+    tok_ids = (token_ids[tok_a] if tok_b is None else token_ids[tok_a, tok_b]).to(torch.int64)
 
     batch = Batch(
         hidden=hidden,
@@ -501,8 +632,14 @@ def validate_batch(x: Inputs, opts: Options) -> Batch:
         n_resp=n_resp_g,
         group_active=active,
     )
-    if old_logprobs is not None and opts.check_logprobs:
-        check_logprobs_consistent(batch)
+    if sample is not None and n:
+        k, (_, dk, lo, cnt) = min(n, LOGPROB_SAMPLE), sample
+        host = got[-1]
+        excess = _implied_mass(batch, logprob_sample(n).to(dev), dk, lo[:k], cnt[:k],
+                               host[:k], host[LOGPROB_SAMPLE:LOGPROB_SAMPLE + k])
+        defer_logprobs_consistent(batch, excess)
+    if not defer:
+        batch.pending.read()
     return batch
 
 
@@ -512,29 +649,133 @@ def logprob_sample(n: int) -> torch.Tensor:
     return torch.arange(k, dtype=torch.int64) * n // max(k, 1)
 
 
+def _distinct_keys(key: torch.Tensor, sentinel: int) -> torch.Tensor:
+    """The distinct values of ``key`` below ``sentinel``, ascending, then ``sentinel`` to ``key``'s length:
+    a ``unique`` of fixed size (no synchronisation)."""
+    skey, _ = torch.sort(key)
+    first = skey < sentinel
+    first[1:] &= skey[1:] != skey[:-1]
+    slot = torch.where(first, torch.cumsum(first, 0) - 1, key.numel())
+    return torch.full((key.numel() + 1,), sentinel, dtype=key.dtype, device=key.device).scatter_(0, slot, skey)[:-1]
+
+
+def _sample_vstar(ids, rows, pos_resp, resp_group, n, n_groups: int, vocab: int):
+    """For the :func:`logprob_sample` tokens, computed before the token list exists (any ``n`` on the
+    device): ``(sizes, dk, lo, cnt)``: ``lo``, ``cnt`` [LOGPROB_SAMPLE] locate each sampled token's group
+    ``V*`` in ``dk`` (``sizes`` is the two concatenated, for the host read), where ``dk`` holds every group's ``V*`` as
+    sorted ``group * vocab + id`` keys (:func:`_distinct_keys`). Bad inputs (clamped here) are caught
+    by the checks read in the same copy."""
+    dev = ids.device
+    k_all = torch.arange(LOGPROB_SAMPLE, device=dev)
+    k_n = n.clamp(max=LOGPROB_SAMPLE).clamp(min=1)
+    rank = k_all * n // k_n  # the canonical index of sample slot k (valid for k < min(n, SAMPLE))
+    if rows is None:
+        pos = rank.clamp(0, ids.numel() - 1)
+        group_of_pos = resp_group[pos_resp]
+        comp = None
+    else:
+        comp = rows.reshape(-1)
+        pos = torch.searchsorted(torch.cumsum(comp, 0), rank + 1).clamp(0, comp.numel() - 1)
+        group_of_pos = resp_group[torch.arange(comp.numel(), device=dev) // rows.shape[1]]
+    sentinel = n_groups * vocab
+    key = group_of_pos * vocab + ids.clamp(0, vocab - 1)
+    if comp is not None:
+        key = torch.where(comp, key, sentinel)
+    dk = _distinct_keys(key, sentinel)
+    g = group_of_pos[pos]
+    lo = torch.searchsorted(dk, g * vocab)
+    cnt = torch.searchsorted(dk, (g + 1) * vocab) - lo
+    return torch.cat([lo, cnt]), dk, lo, cnt
+
+
+# float32 elements of the gathered weight rows per block of the old_logprobs check (64 MiB): within the
+# torch backend's scratch bound, and the check runs before the backend's own blocks exist.
+_CHECK_ELEMS = 4 * SCRATCH_ELEMS
+
+
+def _implied_mass(batch: Batch, idx: torch.Tensor, dk: torch.Tensor, lo: torch.Tensor, cnt: torch.Tensor,
+                  lo_h: list, cnt_h: list) -> torch.Tensor:
+    """float64 implied log-mass (:func:`implied_vstar_mass`) at canonical tokens ``idx``, whose group's
+    ``V*`` is ``dk[lo : lo + cnt]`` (``dk`` from :func:`_distinct_keys`; ``lo``, ``cnt`` on the device
+    and, as ``lo_h``, ``cnt_h``, on the host). The tokens are sorted by ``lo`` (on the device and,
+    identically, on the host), and the tokens of one group share one batch entry of a padded ``bmm``
+    against their ``V*`` weight rows; a block holds at most ``_CHECK_ELEMS`` weight elements (a group
+    beyond that is split into column blocks joined with ``logaddexp``). No synchronisation."""
+    k, dev = idx.numel(), batch.device
+    out = torch.empty(k, dtype=torch.float64, device=dev)
+    if k == 0:
+        return out
+    vocab, w, t = batch.vocab_size, batch.lm_head_weight, batch.opts.temperature
+    d = w.shape[1]
+    ar = torch.arange(k, device=dev)
+    order = torch.sort(lo * k + ar).indices  # by V* start, stable
+    runs = []  # host: [V* start, |V*|, tokens] per run of one group, in the same order
+    for i in sorted(range(k), key=lambda i: (lo_h[i], i)):
+        if not runs or lo_h[i] != runs[-1][0]:
+            runs.append([lo_h[i], cnt_h[i], 0])
+        runs[-1][2] += 1
+    slo, scnt = lo[order], cnt[order]
+    first = torch.ones(k, dtype=torch.bool, device=dev)
+    first[1:] = slo[1:] != slo[:-1]
+    run_id = torch.cumsum(first, 0) - 1
+    within = ar - torch.cummax(torch.where(first, ar, 0), 0).values
+    sidx = idx[order]
+    h = batch.gather(batch.hidden, sidx).float()
+    zy = (h * w[batch.tok_ids[sidx]].float()).sum(-1).double()
+    lse = torch.full((k,), -math.inf, dtype=torch.float64, device=dev)
+    r, a = 0, 0  # first run and first sorted token of the block
+    while r < len(runs):
+        vmax, r1, b = max(runs[r][1], 1), r + 1, a + runs[r][2]
+        while r1 < len(runs) and (r1 - r + 1) * max(vmax, runs[r1][1]) * d <= _CHECK_ELEMS:
+            vmax, b, r1 = max(vmax, runs[r1][1]), b + runs[r1][2], r1 + 1
+        nr, kmax = r1 - r, max(x[2] for x in runs[r:r1])
+        rr, ww = run_id[a:b] - r, within[a:b]
+        hp = h.new_zeros(nr, kmax, d)
+        hp[rr, ww] = h[a:b]
+        run_lo = torch.zeros(nr, dtype=torch.int64, device=dev).scatter_(0, rr, slo[a:b])
+        run_cnt = torch.zeros(nr, dtype=torch.int64, device=dev).scatter_(0, rr, scnt[a:b])
+        vb = max(1, _CHECK_ELEMS // (nr * d))
+        for c0 in range(0, vmax, vb):
+            cols = c0 + torch.arange(min(vb, vmax - c0), device=dev)
+            valid = cols[None, :] < run_cnt[:, None]  # [runs, cols]
+            ids = torch.where(valid, dk[(run_lo[:, None] + cols[None, :]).clamp(max=dk.numel() - 1)] % vocab, 0)
+            z = torch.bmm(hp, w[ids].float().transpose(1, 2))[rr, ww].double()  # [tokens, cols]
+            z = torch.where(valid[rr], (z - zy[a:b, None]) / t, -math.inf)
+            lse[a:b] = torch.logaddexp(lse[a:b], torch.logsumexp(z, dim=-1))
+        r, a = r1, b
+    out[order] = batch.gather(batch.old_logprobs, sidx).double() + lse
+    return out
+
+
 def implied_vstar_mass(batch: Batch, idx: torch.Tensor) -> torch.Tensor:
     """float64 ``[k]``: the log of the probability mass that ``(hidden, lm_head_weight, old_logprobs,
     temperature)`` imply on the token's group ``V*`` at canonical tokens ``idx``:
     ``l_t + logsumexp_{v in V*} (w_v - w_{y_t}) . h_t / T``. At most 0 when ``l_t`` is the model's
-    log-probability of ``y_t`` at ``h_t``; above 0 means the slice would hold more than probability 1."""
-    vocab, w, t = batch.vocab_size, batch.lm_head_weight, batch.opts.temperature
+    log-probability of ``y_t`` at ``h_t``; above 0 means the slice would hold more than probability 1.
+    (A tool: one synchronisation to size its blocks. :func:`validate_batch` reads the sizes with its checks.)"""
+    vocab = batch.vocab_size
     idx = idx.to(batch.device)
     g_tok = batch.resp_group[batch.tok_resp]
-    keys = torch.unique(g_tok * vocab + batch.tok_ids)  # V* of every group, sorted by (group, id)
-    g, y = g_tok[idx], batch.tok_ids[idx]
-    h = batch.gather(batch.hidden, idx).float()
-    lp = batch.gather(batch.old_logprobs, idx).double()
-    zy = (h * w[y].float()).sum(-1)
-    lo = torch.searchsorted(keys, g * vocab).tolist()
-    hi = torch.searchsorted(keys, (g + 1) * vocab).tolist()
-    out = torch.empty(idx.numel(), dtype=torch.float64, device=batch.device)
-    for gg in torch.unique(g).tolist():
-        at = (g == gg).nonzero().squeeze(1)
-        first = int(at[0])
-        ids = keys[lo[first] : hi[first]] - gg * vocab
-        z = h[at] @ w[ids].float().T  # [k_g, |V*_g|]
-        out[at] = lp[at] + torch.logsumexp((z - zy[at, None]).double() / t, dim=-1)
-    return out
+    dk = _distinct_keys(g_tok * vocab + batch.tok_ids, batch.group_ids.numel() * vocab)
+    g = g_tok[idx]
+    lo = torch.searchsorted(dk, g * vocab)
+    cnt = torch.searchsorted(dk, (g + 1) * vocab) - lo
+    host = torch.cat([lo, cnt]).tolist()
+    return _implied_mass(batch, idx, dk, lo, cnt, host[:idx.numel()], host[idx.numel():])
+
+
+def defer_logprobs_consistent(batch: Batch, excess: torch.Tensor) -> None:
+    """Record on ``batch.pending`` the ``old_logprobs`` check (:func:`check_logprobs_consistent`) of the
+    implied log-masses ``excess`` of the sample."""
+    bad = (excess > LOGPROB_TOLERANCE) & torch.isfinite(excess)  # non-finite inputs: check_finite's business
+    n_bad = bad.sum()
+    batch.pending.fail_if(n_bad > LOGPROB_MAX_BAD, lambda: ValueError(
+        f"old_logprobs: inconsistent with hidden, lm_head_weight and temperature={batch.opts.temperature:g}: "
+        f"on {int(n_bad)} of {bad.numel()} sampled tokens the implied probabilities over the group's V* "
+        f"sum to more than exp({LOGPROB_TOLERANCE}) (largest: exp({float(excess[bad].max()):.3g})). Check the "
+        "alignment (hidden position t predicts token t+1) and the temperature; pass check_logprobs=False "
+        "to skip this check"
+    ))
 
 
 def check_logprobs_consistent(batch: Batch) -> None:
@@ -543,16 +784,8 @@ def check_logprobs_consistent(batch: Batch) -> None:
     ``exp(LOGPROB_TOLERANCE)`` on at most ``LOGPROB_MAX_BAD`` tokens (docs/NTHR.md)."""
     if batch.n_tokens == 0:
         return
-    excess = implied_vstar_mass(batch, logprob_sample(batch.n_tokens))
-    bad = (excess > LOGPROB_TOLERANCE) & torch.isfinite(excess)  # non-finite inputs: check_finite's business
-    if int(bad.sum()) > LOGPROB_MAX_BAD:
-        raise ValueError(
-            f"old_logprobs: inconsistent with hidden, lm_head_weight and temperature={batch.opts.temperature:g}: "
-            f"on {int(bad.sum())} of {bad.numel()} sampled tokens the implied probabilities over the group's V* "
-            f"sum to more than exp({LOGPROB_TOLERANCE}) (largest: exp({float(excess[bad].max()):.3g})). Check the "
-            "alignment (hidden position t predicts token t+1) and the temperature; pass check_logprobs=False "
-            "to skip this check"
-        )
+    defer_logprobs_consistent(batch, implied_vstar_mass(batch, logprob_sample(batch.n_tokens)))
+    batch.pending.read()
 
 
 def check_options(opts: Options) -> Options:

@@ -23,6 +23,7 @@ ANCHORS = ("all", "others")
 # Scratch budgets (see each implementation's docstring for how they bound its memory).
 SCRATCH_ELEMS = 1 << 22  # torch and native backends: float32 elements per block tensor (16 MiB)
 SCRATCH_BYTES = 1 << 30  # Triton backend: bytes of M plus error buffers for the groups in flight
+TOKEN_BYTES = 512  # torch and Triton backends: scratch per completion token on top of the budgets above
 SCAN_ELEMS = 1 << 24  # elements of one temporary in the input scans and in a logits-rows logsumexp
 
 # Score error allowed against the float64 reference, relative to the largest |score| of the group, per

@@ -47,8 +47,9 @@ float32 otherwise, since fp16 lacks the range) plus the transposed positive-erro
 ``SCRATCH_BYTES`` (groups are processed in chunks that fit; a group larger than the bound on its own is
 processed alone); a pairwise group holds its error buffer for all its tokens, ``|V*_g| *
 roundup16(T_g)`` elements, within the same bound. The anchors' partial sums take 8 bytes per tile of
-``M`` and positive response. Plus ``O(N)`` per-token vectors (about 100 bytes per completion token). No
-``[N, |V|]`` or ``[N, N]`` tensor is formed.
+``M`` and positive response. Plus ``O(N)`` per-token vectors, within ``TOKEN_BYTES`` (512) per completion
+token (validation included; ``benchmarks/gpu_suite.py`` measures the peak of one call against
+``SCRATCH_BYTES + TOKEN_BYTES * N``). No ``[N, |V|]`` or ``[N, N]`` tensor is formed.
 
 Determinism: every output element is written by exactly one program, with a fixed reduction order
 (no atomics), so the same inputs give the same bits.

@@ -14,7 +14,7 @@ The factored form of ``docs/NTHR.md``, for the active groups of a batch:
 
 Scratch memory, with ``E`` = the budget in float32 elements (``SCRATCH_ELEMS``, default ``2**22``, 16 MiB):
 the ``M``, ``N`` and weight rows of a chunk together, and each block tensor, hold at most about ``E``
-elements; the stated bound is **``10 * 4 * E`` bytes plus 512 bytes per completion token** (index,
+elements; the stated bound is **``10 * 4 * E`` bytes plus ``TOKEN_BYTES`` (512) bytes per completion token** (index,
 order and score vectors), i.e. 160 MiB plus 512 B/token by default. ``tests/test_memory.py`` measures the
 peak resident rise at two batch sizes and two budgets against this formula. A single group whose
 ``|V*| * d`` exceeds the budget is split into ``V*`` column blocks. No ``[N, |V|]`` or ``[N, N]`` tensor

@@ -74,7 +74,8 @@ def plan_on_device(batch) -> DevicePlan:
     first[1:] &= vkey[1:] != vkey[:-1]
     vs_count = zeros(n_groups).scatter_add_(0, torch.where(valid, vkey // vocab, 0), first.to(torch.int64))
     resp_len = zeros(n_resp).scatter_add_(0, batch.tok_resp, torch.ones_like(batch.tok_resp))
-    host = torch.cat([g_len, g_pos, vs_count, resp_len, batch.resp_group, batch.positive.to(torch.int64)]).tolist()
+    # the checks validate_batch left pending (with defer=True) are read in the same copy
+    host = batch.pending.read(torch.cat([g_len, g_pos, vs_count, resp_len, batch.resp_group, batch.positive.to(torch.int64)]))[0]
     g_len, g_pos, vs_count = (host[i * n_groups:(i + 1) * n_groups] for i in range(3))
     resp_len, resp_group, positive = (host[3 * n_groups + i * n_resp:3 * n_groups + (i + 1) * n_resp] for i in range(3))
 
@@ -296,3 +297,6 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     token_adv = batch.adv[batch.tok_resp]
     token_adv[order] = out_adv
     return scores, selected, token_adv, thr[:, 0].contiguous(), thr[:, 1].contiguous()
+
+
+nthr_advantages.reads_pending = True  # plan_on_device reads batch.pending with the plan sizes
