@@ -1,0 +1,144 @@
+"""The README's GPU figures, rendered from the newest committed GPU results (``benchmarks/gpu_suite.py``).
+
+    python -m benchmarks.gpu_readme            # rewrite the README block from the newest results file
+    python -m benchmarks.gpu_readme --check    # exit 1 if the README block differs
+
+``tests/test_gpu_readme.py`` checks that the README block equals the rendering of that file, so every
+GPU figure in the README comes from a results file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_suite import kernel_sources  # noqa: E402
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- gpu-results: begin (python -m benchmarks.gpu_readme) -->", "<!-- gpu-results: end -->"
+
+# The targets of issue 12, stated once for the verdicts.
+QWEN = "qwen1.5b-step"
+FLOOR_TARGET = 2.0  # x the FLOP floor at qwen1.5b-step
+SHARE_TARGET = 0.005  # of the 1.5B model's forward+backward
+SYNC_TARGET = 2  # host synchronisations per public call
+CONFIG_TARGET = (5.0, 2.0)  # every config within max(5x floor, 2 ms)
+
+
+def gpu_results() -> list:
+    """Committed GPU results files (those with a ``configs`` table and a CUDA ``device``), oldest first
+    (by date, then name; the test of ``kernel_sources`` orders them the same way)."""
+    out = []
+    for p in RESULTS.glob("*.json"):
+        d = json.loads(p.read_text())
+        if isinstance(d, dict) and isinstance(d.get("configs"), dict) and d.get("device", "cpu") != "cpu" \
+                and "interpreter" not in str(d.get("device")):
+            out.append((d.get("date", ""), p.name, p))
+    return [p for _, _, p in sorted(out)]
+
+
+def _ms(x) -> str:
+    return "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.2f}" if x < 10 else f"{x:.1f}")
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def render(path: Path, before: Path | None) -> str:
+    d = json.loads(path.read_text())
+    rel = path.relative_to(ROOT).with_suffix("")
+    lines = [
+        f"GPU, `bash benchmarks/gpu_check.sh` (the CUDA tests, then `benchmarks/gpu_suite.py` in one process: "
+        f"correctness against float64 on the GPU, then `triton.testing.do_bench` medians; the bf16 matmul rate "
+        f"measured in the same run gives the FLOP floor `sum_g 2 |V*| d (2T + T+)`). {d['device']}, torch "
+        f"{d['torch']}, triton {d['triton']}, {d['date']} ([results]({rel}.md)); matmul {d['matmul_tflops']:.0f} "
+        f"TFLOP/s.",
+        "",
+        "| config | floor | triton | x floor | vs torch | vs naive | selection agreement | outside margin "
+        "| peak scratch (bound) | host syncs per call | share of 1.5B fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in d["configs"].items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} |||||||||")
+            continue
+        vs = lambda k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
+        lines.append(
+            f"| `{name}` | {_ms(r['floor_ms'])} ms | {_ms(r['triton_ms'])} ms | {r['triton_vs_floor']:.2f} | "
+            f"{vs('speedup_vs_torch', '{:.1f}x')} | {vs('speedup_vs_naive', '{:.0f}x')} | "
+            f"{r['selection_agreement']:.5f} | {r['disagreements_outside_margin']} | "
+            f"{r.get('triton_peak_scratch_mb', 0):,.0f} MB ({r.get('scratch_bound_mb', 0):,.0f}) | "
+            f"{r.get('host_syncs_public_call', '-')} | {r['share_of_fwd_bwd']:.2%} |")
+    lines.append("")
+    q = d["configs"].get(QWEN, {})
+    verdicts = []
+    if "triton_vs_floor" in q:
+        verdicts.append(f"`{QWEN}` at {q['triton_vs_floor']:.2f}x its floor (target <= {FLOOR_TARGET:g}x): "
+                        f"{_verdict(q['triton_vs_floor'] <= FLOOR_TARGET)}")
+        verdicts.append(f"its share of the 1.5B model's forward+backward, measured in the same run, "
+                        f"{q['share_of_fwd_bwd']:.2%} (target <= {SHARE_TARGET:.1%}): "
+                        f"{_verdict(q['share_of_fwd_bwd'] <= SHARE_TARGET)}")
+    counts = [r["host_syncs_public_call"] for r in d["configs"].values() if "host_syncs_public_call" in r]
+    syncs = max(counts) if counts else None
+    if syncs is not None:
+        verdicts.append(f"host synchronisations per public call, worst config: {syncs} (target <= {SYNC_TARGET}): "
+                        f"{_verdict(syncs <= SYNC_TARGET)}")
+    slow = [n for n, r in d["configs"].items()
+            if "triton_ms" in r and r["triton_ms"] > max(CONFIG_TARGET[0] * r["floor_ms"], CONFIG_TARGET[1])]
+    verdicts.append(f"every config within max({CONFIG_TARGET[0]:g}x floor, {CONFIG_TARGET[1]:g} ms): "
+                    + ("met" if not slow else "missed by " + ", ".join(f"`{n}`" for n in slow)))
+    over = [n for n, r in d["configs"].items()
+            if r.get("triton_peak_scratch_mb", 0) > r.get("scratch_bound_mb", float("inf"))]
+    verdicts.append("peak scratch within the stated bound: " + ("met" if not over else "missed by " + ", ".join(over)))
+    lines.append("Verdicts: " + "; ".join(verdicts) + ".")
+    if d.get("kernel_sources") != kernel_sources():
+        lines.append("")
+        lines.append("These figures predate the current Triton sources: the `kernel_sources` recorded in the "
+                     "results differ from the code's (`benchmarks/gpu_suite.py` computes them).")
+    if before is not None:
+        b = json.loads(before.read_text())
+        pairs = [(n, b["configs"][n]["triton_ms"], r["triton_ms"]) for n, r in d["configs"].items()
+                 if "triton_ms" in r and "triton_ms" in b["configs"].get(n, {})]
+        if pairs:
+            lines.append("")
+            lines.append(f"Before, the previous results ([{before.stem}]({before.relative_to(ROOT).with_suffix('')}.md), "
+                         f"{b['device']}, {b['date']}, other code): "
+                         + "; ".join(f"`{n}` {_ms(x)} -> {_ms(y)} ms" for n, x, y in pairs) + ".")
+    return "\n".join(lines)
+
+
+def block(readme: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise AssertionError(f"README.md lacks the markers {BEGIN} ... {END}")
+    return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def rendered() -> str:
+    files = gpu_results()
+    if not files:
+        raise SystemExit("no GPU results in benchmarks/results")
+    return render(files[-1], files[-2] if len(files) > 1 else None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if the README differs")
+    args = ap.parse_args(argv)
+    readme, text = README.read_text(), rendered()
+    if args.check:
+        ok = block(readme) == text
+        print("README GPU figures " + ("agree with" if ok else "differ from") + f" {gpu_results()[-1].name}")
+        return 0 if ok else 1
+    head, rest = readme.split(BEGIN, 1)
+    README.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    print(f"README GPU figures rendered from {gpu_results()[-1].name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
