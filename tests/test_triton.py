@@ -77,14 +77,15 @@ def test_anchor_partial_sums_survive_autotuning():
     nv, npos, d, ld = 40, 21, 48, tk.round16(21)
     gp, h = torch.randn(nv * ld, generator=g), torch.randn(npos, d, generator=g)
     table = torch.tensor([list(tk.Segment(0, nv, 0, npos, npos, 0, 0, 0, npos, 0, r0=0, nr=2))])
-    spans = torch.tensor([[0, 9], [9, 12]])
+    spans = torch.tensor([[0, 9, 0], [9, 12, nv * d]])  # (first row, rows, offset of N_i in the N buffer)
     (gv, bv_max), (gd, bd_max) = (16, 64), (16, 64)
     n_slot_d = triton.cdiv(d, bd_max) * (bd_max // gd)
     n_part = triton.cdiv(nv, bv_max) * (bv_max // gv) * n_slot_d * 2 * 2
 
     def m_pass(part, bv, bd):
         tk._KERNELS["m"][(1, triton.cdiv(nv, bv), triton.cdiv(d, bd))](
-            gp, h, torch.arange(npos) * d, table, torch.empty(nv * d), spans, part, d, 2, n_slot_d, 1,
+            gp, h, torch.arange(npos) * d, table, torch.empty(nv * d), spans, part, torch.empty(2 * nv * d), d, 2,
+            n_slot_d, 1,
             BV=bv, BD=bd, BU=16, GV=gv, GD=gd, ALIGN=False)
         return part.view(-1, 2, 2).sum(0)
 
@@ -94,7 +95,7 @@ def test_anchor_partial_sums_survive_autotuning():
     assert torch.equal(got, m_pass(torch.zeros(n_part), 32, 16))
     e = gp.view(nv, ld)[:, :npos].double()
     m = e @ h.double()
-    for i, (a, n) in enumerate(spans.tolist()):
+    for i, (a, n, _) in enumerate(spans.tolist()):
         n_i = e[:, a:a + n] @ h[a:a + n].double()
         want = torch.tensor([(m * n_i).sum(), (n_i * n_i).sum()], dtype=torch.float64)
         torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-4)

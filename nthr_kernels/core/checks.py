@@ -378,9 +378,9 @@ def binary_positive(rewards: torch.Tensor, threshold: Optional[float], pending: 
         pos = r == 1
     else:
         pos = r > threshold
-        inf = torch.tensor(math.inf, dtype=torch.float64, device=r.device)
         for side, name in ((pos, "above"), (~pos, "at or below")):
-            several = torch.where(side, r, inf).amin() < torch.where(side, r, -inf).amax() if r.numel() else side.any()
+            several = (torch.where(side, r, math.inf).amin() < torch.where(side, r, -math.inf).amax()
+                       if r.numel() else side.any())
             pending.fail_if(several, lambda side=side, name=name: ValueError(
                 f"rewards: expected binary rewards (one value {name} reward_threshold={threshold}), "
                 f"got several: {torch.unique(r[side])[:6].tolist()}"
@@ -608,7 +608,10 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
     if rows is None:
         tok_a, tok_b, tok_resp = torch.arange(n, device=dev), None, pos_resp
     else:
-        nz = torch.nonzero_static(rows, size=n)  # the count is known: no synchronisation
+        try:
+            nz = torch.nonzero_static(rows, size=n)  # the count is known: no synchronisation
+        except (NotImplementedError, RuntimeError):  # a device without it: nonzero (one more read)
+            nz = rows.nonzero()
         tok_a, tok_b = nz[:, 0], nz[:, 1]
         tok_resp = tok_a
     tok_ids = (token_ids[tok_a] if tok_b is None else token_ids[tok_a, tok_b]).to(torch.int64)

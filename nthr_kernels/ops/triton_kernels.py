@@ -287,7 +287,7 @@ def _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, u0, n_u, o_d, m_d, h_sd,
 @triton.jit
 def _m_kernel(
     # data pointers
-    GP, H, ROW_H, SEG, M, SPANS, PART,
+    GP, H, ROW_H, SEG, M, SPANS, PART, NBUF,
     # shapes
     D, n_resp, n_slot_d,
     # strides
@@ -299,10 +299,13 @@ def _m_kernel(
     """``M = G+^T H+`` per segment: an NN GEMM of the transposed errors of its first ``npos`` rows
     ``[|V*|, ld]`` and the same rows of ``H`` (float32 accumulation).
 
-    ANCHORS: the positive responses of the segment (rows ``(first token, tokens)`` of ``SPANS``, columns
-    ``r0``, ``nr`` of the table) get ``<M, N_i>`` and ``<N_i, N_i>`` with ``N_i = G_i^T H_i`` (docs/NTHR.md:
-    the sum of response i's scores and its own part of it), so no positive token needs a score of its
-    own. The partial sums of a tile go to ``PART [slots_v, n_slot_d, n_resp, 2]``, slots of the smallest
+    ANCHORS: the positive responses of the segment (rows ``(first token, tokens, N offset)`` of ``SPANS``,
+    columns ``r0``, ``nr`` of the table; their spans tile the ``npos`` rows) give ``N_i = G_i^T H_i`` tile
+    by tile, ``M = sum_i N_i`` (one GEMM pass over the positive rows), and ``<M, N_i>``, ``<N_i, N_i>``
+    (docs/NTHR.md: the sum of response i's scores and its own part of it), so no positive token needs a
+    score of its own. The ``N_i`` tiles go to ``NBUF`` (float32, ``[|V*|, D]`` per response at its offset)
+    and are read back by the same program after a barrier, for the products with the finished ``M``
+    tile. The partial sums of a tile go to ``PART [slots_v, n_slot_d, n_resp, 2]``, slots of the smallest
     tile any launch may use (``GV x GD``): the tile's first slot gets them, the other slots it covers get
     zeros, so a launch leaves the same sum whatever tiles earlier (autotuning) launches used.
     """
@@ -316,17 +319,24 @@ def _m_kernel(
         m_v = o_v < n_v
         o_d = i_d * BD + tl.arange(0, BD).to(tl.int64)  # [BD]
         m_d = o_d < D
-        b_m = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, 0, _seg(SEG, i_s, SEG_NPOS), o_d, m_d, h_sd,
-                       BV, BD, BU, ALIGN)  # [BV, BD]
+        m_vd = m_v[:, None] & m_d[None, :]
+        o_vd = o_v[:, None] * D + o_d[None, :]  # [BV, BD] offsets in a [|V*|, D] matrix
         o_m = _seg(SEG, i_s, SEG_M)
         if ALIGN:
             o_m = tl.multiple_of(o_m, 16)
-        tl.store(M + o_m + o_v[:, None] * D + o_d[None, :], b_m.to(M.dtype.element_ty), mask=m_v[:, None] & m_d[None, :])
         if ANCHORS:
             r0 = _seg(SEG, i_s, SEG_R0)
-            for i_r in range(r0, r0 + _seg(SEG, i_s, SEG_NR)):
-                b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(SPANS + 2 * i_r) - row0,
-                               tl.load(SPANS + 2 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
+            r1 = r0 + _seg(SEG, i_s, SEG_NR)
+            b_m = tl.zeros([BV, BD], dtype=tl.float32)
+            for i_r in range(r0, r1):
+                b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(SPANS + 3 * i_r) - row0,
+                               tl.load(SPANS + 3 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
+                b_m += b_n
+                tl.store(NBUF + tl.load(SPANS + 3 * i_r + 2) + o_vd, b_n, mask=m_vd)
+            tl.store(M + o_m + o_vd, b_m.to(M.dtype.element_ty), mask=m_vd)
+            tl.debug_barrier()  # this program's N_i tiles, written by all its threads, are visible to all
+            for i_r in range(r0, r1):
+                b_n = tl.load(NBUF + tl.load(SPANS + 3 * i_r + 2) + o_vd, mask=m_vd, other=0.0)
                 mn = tl.sum(tl.sum(b_m * b_n, axis=1), axis=0)
                 nn = tl.sum(tl.sum(b_n * b_n, axis=1), axis=0)
                 for j in tl.static_range(BV // GV):
@@ -338,6 +348,10 @@ def _m_kernel(
                         else:
                             tl.store(PART + o_part, 0.0)
                             tl.store(PART + o_part + 1, 0.0)
+        else:
+            b_m = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, 0, _seg(SEG, i_s, SEG_NPOS), o_d, m_d, h_sd,
+                           BV, BD, BU, ALIGN)  # [BV, BD]
+            tl.store(M + o_m + o_vd, b_m.to(M.dtype.element_ty), mask=m_vd)
 
 
 @triton.heuristics({
@@ -660,13 +674,16 @@ class Kernels:
     def build_m(self, seg: Segments, gp: torch.Tensor, spans: Optional[torch.Tensor] = None):
         """``M_k = G+_k^T H+_k`` per segment from the error buffer ``gp`` (``M`` in ``self.md``, at offsets ``m``).
 
-        ``spans`` (int64 ``[n_resp, 2]``: first token, tokens of each positive response; the segments'
-        ``r0``/``nr`` point into it): also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per
-        response. Returns ``(m, anchors or None)``.
+        ``spans`` (int64 ``[n_resp, 3]``: first token, tokens, offset in the float32 ``N`` buffer of each
+        positive response, whose ``|V*| * d`` elements it holds; the segments' ``r0``/``nr`` point into it):
+        also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per response. Returns
+        ``(m, anchors or None)``.
         """
         max_nv = seg.max("nv")
         m = torch.empty(max(sum(r.nv for r in seg.rows) * self.d, 1), dtype=self.md, device=self.dev)
         n_resp = spans.shape[0] if spans is not None else 0
+        nbuf = torch.empty(max(sum(r.nr * r.nv for r in seg.rows) * self.d, 1), dtype=torch.float32,
+                           device=self.dev) if spans is not None else None
         # partial sums per response in slots of the smallest tile (g) over the area the largest covers
         (gv, bv), (gd, bd) = block_range("m", self.wd, "BV"), block_range("m", self.wd, "BD")
         n_slot_d = triton.cdiv(self.d, bd) * (bd // gd)
@@ -675,7 +692,7 @@ class Kernels:
         if max_nv:
             launch(
                 "m", lambda meta: (len(seg.rows), triton.cdiv(max_nv, meta["BV"]), triton.cdiv(self.d, meta["BD"])),
-                self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, self.d, n_resp, n_slot_d, self.h.stride(-1),
+                self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, nbuf, self.d, n_resp, n_slot_d, self.h.stride(-1),
                 GV=gv, GD=gd, ALIGN=self.align,
             )
         if part is None:

@@ -163,7 +163,7 @@ class _Chunk(NamedTuple):
     pos: list  # [Segment]: error rows (positive tokens; every token for pairwise), scored: positive tokens
     neg: list  # [Segment]: scored: negative tokens
     groups: list  # batch group indices
-    spans: tuple  # (first token, tokens, batch group) lists of the chunk's positive responses
+    spans: tuple  # (first token, tokens, batch group, N buffer offset) lists of the chunk's positive responses
 
 
 def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, budget: int) -> list:
@@ -176,15 +176,18 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
     for kind in ("factored", "pairwise"):
         ids = [i for i, pth in enumerate(paths) if pth == kind]
         gs = [plan.groups[i] for i in ids]
-        if kind == "factored":
-            need = [g.nv * d * m_elem + g.nv * round16(g.npos) * elem for g in gs]
+        if kind == "factored":  # M, the positive errors, and N_i (float32) per positive response
+            need = [g.nv * d * m_elem + g.nv * round16(g.npos) * elem + len(by_group[i]) * g.nv * d * 4
+                    for i, g in zip(ids, gs)]
         else:
             need = [g.nv * round16(g.n) * elem for g in gs]
         for c0, c1 in _chunks(need, budget):
-            pos, neg, spans = [], [], ([], [], [])
-            gp = m = 0
+            pos, neg, spans = [], [], ([], [], [], [])
+            gp = m = nb = 0
             for i in ids[c0:c1]:
                 g = plan.groups[i]
+                if sum(r.n for r in by_group[i]) != g.npos:
+                    raise AssertionError("the positive responses' spans must tile the group's positive rows")
                 nerr = g.npos if kind == "factored" else g.n
                 r0, nr = len(spans[0]), len(by_group[i])
                 pos.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start, g.npos, g.batch, r0, nr))
@@ -195,6 +198,8 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
                     spans[0].append(r.start)
                     spans[1].append(r.n)
                     spans[2].append(g.batch)
+                    spans[3].append(nb)
+                    nb += g.nv * d if kind == "factored" else 0
             chunks.append(_Chunk(kind, pos, neg, [plan.groups[i].batch for i in ids[c0:c1]], spans))
     return chunks
 
@@ -258,13 +263,14 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     chunks = _plan_chunks(plan, paths, k.d, elem, m_elem, budget or SCRATCH_BYTES)
     staging = _Staging()
     parts = [(staging.segments(c.pos), staging.segments(c.neg), staging.put(c.groups),
-              staging.put([x for r in zip(*c.spans[:2]) for x in r]), staging.put(c.spans[2])) for c in chunks]
+              staging.put([x for r in zip(c.spans[0], c.spans[1], c.spans[3]) for x in r]), staging.put(c.spans[2]))
+             for c in chunks]
     dev_parts = staging.upload(dev)
     table = lambda i, rows: Segments(dev_parts[i].view(-1, int(SEG_WIDTH)), rows)  # noqa: E731
 
     for c, (i_pos, i_neg, i_groups, i_spans, i_grp) in zip(chunks, parts):
         pos, neg = table(i_pos, c.pos), table(i_neg, c.neg)
-        spans = dev_parts[i_spans].view(-1, 2)  # positive responses: (first token, tokens)
+        spans = dev_parts[i_spans].view(-1, 3)  # positive responses: (first token, tokens, N buffer offset)
         gp = k.errors(pos)
         if c.kind == "factored":
             # anchors from the M pass: response i's score sum is <M, N_i>, its own part <N_i, N_i>
