@@ -75,24 +75,25 @@ def test_anchor_partial_sums_survive_autotuning():
 
     g = torch.Generator().manual_seed(3)
     nv, npos, d, ld = 40, 21, 48, tk.round16(21)
-    gp, h = torch.randn(nv * ld, generator=g), torch.randn(npos, d, generator=g)
-    table = torch.tensor([list(tk.Segment(0, nv, 0, npos, npos, 0, 0, 0, npos, 0, r0=0, nr=2))])
-    spans = torch.tensor([[0, 9, 0], [9, 12, nv * d]])  # (first row, rows, offset of N_i in the N buffer)
+    gp, h = torch.randn(nv * ld, generator=g).to(DEVICE), torch.randn(npos, d, generator=g).to(DEVICE)
+    table = torch.tensor([list(tk.Segment(0, nv, 0, npos, npos, 0, 0, 0, npos, 0, r0=0, nr=2))], device=DEVICE)
+    spans = torch.tensor([[0, 9, 0], [9, 12, nv * d]], device=DEVICE)  # (first row, rows, offset of N_i in the N buffer)
     (gv, bv_max), (gd, bd_max) = (16, 64), (16, 64)
     n_slot_d = triton.cdiv(d, bd_max) * (bd_max // gd)
     n_part = triton.cdiv(nv, bv_max) * (bv_max // gv) * n_slot_d * 2 * 2
 
     def m_pass(part, bv, bd):
         tk._KERNELS["m"][(1, triton.cdiv(nv, bv), triton.cdiv(d, bd))](
-            gp, h, torch.arange(npos) * d, table, torch.empty(nv * d), spans, part, torch.empty(2 * nv * d), d, 2,
-            n_slot_d, 1,
+            gp, h, torch.arange(npos, device=DEVICE) * d, table, torch.empty(nv * d, device=DEVICE), spans, part,
+            torch.empty(2 * nv * d, device=DEVICE), d, 2, n_slot_d, 1,
             BV=bv, BD=bd, BU=16, GV=gv, GD=gd, ALIGN=False)
         return part.view(-1, 2, 2).sum(0)
 
-    tuned = torch.zeros(n_part)
+    tuned = torch.zeros(n_part, device=DEVICE)
     for bv, bd in ((64, 32), (16, 64), (64, 64), (32, 16)):
         got = m_pass(tuned, bv, bd)
-    assert torch.equal(got, m_pass(torch.zeros(n_part), 32, 16))
+    assert torch.equal(got, m_pass(torch.zeros(n_part, device=DEVICE), 32, 16))
+    got, gp, h = got.cpu(), gp.cpu(), h.cpu()
     e = gp.view(nv, ld)[:, :npos].double()
     m = e @ h.double()
     for i, (a, n, _) in enumerate(spans.tolist()):
