@@ -171,32 +171,31 @@ def _error_of(check) -> "Callable[[], Optional[Exception]]":
 
 
 def _masked_minmax(x: torch.Tensor, rows: Optional[torch.Tensor]):
-    """0-d ``(min, max)`` of ``x`` (where ``rows`` is True: elementwise when ``rows`` has ``x``'s shape,
-    else over whole rows of the last dim); ``(0, 0)`` when nothing is selected. No temporary of ``x``'s size."""
+    """0-d ``(min, max)`` of ``x``: of all of it, or where ``rows`` (``x``'s shape) is True (``(0, 0)`` when
+    nothing is). One pass, no temporary of ``x``'s size."""
     x = x.detach()
     if rows is None:
         return torch.aminmax(x)
-    if rows.dim() < x.dim():  # per row, then masked
-        x = torch.aminmax(x, dim=-1)
-        lo, hi = x.min, x.max
-    else:
-        lo = hi = x
-    zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
-    lo, hi = torch.where(rows, lo, zero), torch.where(rows, hi, zero)
-    return (lo.min(), hi.max()) if lo.numel() else (zero, zero)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    sel = torch.where(rows, x, zero)
+    return (sel.min(), sel.max()) if sel.numel() else (zero, zero)
 
 
 def defer_float32_range(pending: Pending, name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
                         hint: str = None):
-    """:func:`check_float32_range` recorded on ``pending``; returns the 0-d largest magnitude (over the
-    selected rows) and the 0-d maximum."""
+    """:func:`check_float32_range` recorded on ``pending``; returns the 0-d largest magnitude and the 0-d
+    maximum. ``rows``: elementwise (``x``'s shape) selects the values checked; over whole rows (the leading
+    dims of a padded ``hidden``/``logits``) the device checks all of ``x`` in one pass (the fast path), and
+    only if that finds a bad value does the error builder scan the selected rows, on the host (bad values in
+    padding alone are no error). The returned magnitude then covers all of ``x``."""
     hint = _SKIP_HINT if hint is None else hint
     if x.numel() == 0:
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
         return zero, zero
-    lo, hi = _masked_minmax(x, rows)
+    per_row = rows is not None and rows.dim() < x.dim()
+    lo, hi = _masked_minmax(x, None if per_row else rows)
     ok = (lo >= -FLOAT32_MAX) & (hi <= FLOAT32_MAX)  # NaN fails both comparisons
-    if rows is not None and rows.dim() == x.dim():  # elementwise selection: the message reads the selected values
+    if rows is not None and not per_row:  # elementwise selection: the message reads the selected values
         pending.fail_if(~ok, _error_of(lambda: check_float32_range(name, x[rows], None, hint)))
     else:
         pending.fail_if(~ok, _error_of(lambda: check_float32_range(name, x, rows, hint)))
@@ -222,9 +221,11 @@ def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch
     return norms.max() if norms.numel() else torch.zeros((), dtype=norms.dtype, device=norms.device)
 
 
-def _defer_logit_scale(pending: Pending, temperature: float, top: torch.Tensor, source: str) -> None:
-    pending.fail_if(top.double() / temperature > LOGIT_LIMIT,
-                    _error_of(lambda: check_logit_scale(temperature, float(top), source)))
+def _defer_logit_scale(pending: Pending, temperature: float, top: torch.Tensor, source: str, exact=None) -> None:
+    """The logit-scale check of the 0-d ``top`` on ``pending`` (NaN counts as a failure for the builder to
+    decide); ``exact()`` (optional) recomputes the value for the message where ``top`` may cover padding."""
+    pending.fail_if(~(top.double() / temperature <= LOGIT_LIMIT),
+                    _error_of(lambda: check_logit_scale(temperature, exact() if exact else float(top), source)))
 
 
 def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows=None,
@@ -239,7 +240,13 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
         defer_float32_range(pending, "hidden", hidden, rows)
     if logits is not None:
         top, _ = defer_float32_range(pending, "logits", logits, rows)
-        _defer_logit_scale(pending, temperature, top, "max |logits|")
+
+        def exact():  # padding may hold anything: the scale of the rows read (host side, failure path only)
+            if rows is None:
+                return float(top)
+            return float(logits.detach()[rows].abs().max()) if bool(rows.any()) else 0.0
+
+        _defer_logit_scale(pending, temperature, top, "max |logits|", exact)
     else:
         defer_float32_range(pending, "lm_head_weight", lm_head_weight)
         bound = _max_row_norm(hidden, rows) * _max_row_norm(lm_head_weight)
@@ -724,7 +731,7 @@ def _implied_mass(batch: Batch, idx: torch.Tensor, dk: torch.Tensor, lo: torch.T
     within = ar - torch.cummax(torch.where(first, ar, 0), 0).values
     sidx = idx[order]
     h = batch.gather(batch.hidden, sidx).float()
-    zy = (h * w[batch.tok_ids[sidx]].float()).sum(-1).double()
+    zy = (h * w.index_select(0, batch.tok_ids[sidx]).float()).sum(-1)
     lse = torch.full((k,), -math.inf, dtype=torch.float64, device=dev)
     r, a = 0, 0  # first run and first sorted token of the block
     while r < len(runs):
@@ -732,9 +739,9 @@ def _implied_mass(batch: Batch, idx: torch.Tensor, dk: torch.Tensor, lo: torch.T
         while r1 < len(runs) and (r1 - r + 1) * max(vmax, runs[r1][1]) * d <= _CHECK_ELEMS:
             vmax, b, r1 = max(vmax, runs[r1][1]), b + runs[r1][2], r1 + 1
         nr, kmax = r1 - r, max(x[2] for x in runs[r:r1])
-        rr, ww = run_id[a:b] - r, within[a:b]
-        hp = h.new_zeros(nr, kmax, d)
-        hp[rr, ww] = h[a:b]
+        slot = (run_id[a:b] - r) * kmax + within[a:b]  # each token's row in the padded [runs * kmax] layout
+        rr = run_id[a:b] - r
+        hp = h.new_zeros(nr * kmax, d).index_copy_(0, slot, h[a:b]).view(nr, kmax, d)
         run_lo = torch.zeros(nr, dtype=torch.int64, device=dev).scatter_(0, rr, slo[a:b])
         run_cnt = torch.zeros(nr, dtype=torch.int64, device=dev).scatter_(0, rr, scnt[a:b])
         vb = max(1, _CHECK_ELEMS // (nr * d))
@@ -742,9 +749,10 @@ def _implied_mass(batch: Batch, idx: torch.Tensor, dk: torch.Tensor, lo: torch.T
             cols = c0 + torch.arange(min(vb, vmax - c0), device=dev)
             valid = cols[None, :] < run_cnt[:, None]  # [runs, cols]
             ids = torch.where(valid, dk[(run_lo[:, None] + cols[None, :]).clamp(max=dk.numel() - 1)] % vocab, 0)
-            z = torch.bmm(hp, w[ids].float().transpose(1, 2))[rr, ww].double()  # [tokens, cols]
-            z = torch.where(valid[rr], (z - zy[a:b, None]) / t, -math.inf)
-            lse[a:b] = torch.logaddexp(lse[a:b], torch.logsumexp(z, dim=-1))
+            wr = w.index_select(0, ids.reshape(-1)).view(nr, -1, d).float()
+            z = torch.bmm(hp, wr.transpose(1, 2)).view(nr * kmax, -1).index_select(0, slot)  # [tokens, cols]
+            z = torch.where(valid.index_select(0, rr), (z - zy[a:b, None]) / t, -math.inf)
+            lse[a:b] = torch.logaddexp(lse[a:b], torch.logsumexp(z, dim=-1).double())
         r, a = r1, b
     out[order] = batch.gather(batch.old_logprobs, sidx).double() + lse
     return out
