@@ -207,12 +207,13 @@ def nthr_scores(batch, budget: Optional[int] = None, plan: Optional[Plan] = None
             if reduce_m is not None:
                 m = reduce_m(m, k, k + 1, c0, c1)
             m = m[0]
-            flat_n = n_mat.reshape(rb - ra, 1, vcols * d)
-            dots = torch.bmm(flat_n, m.reshape(1, vcols * d, 1).expand(rb - ra, -1, -1)).reshape(-1)
+            # <M, N_i> (and <N_i, N_i>): row dots, then a sequential sum per response, whose bits do not
+            # depend on the thread count (torch.mv and torch.dot split their sums across threads)
+            dots = (n_mat * m).sum(-1)
             if others:
-                dots -= torch.bmm(flat_n, flat_n.transpose(1, 2)).reshape(-1)
-            numer[ra:rb] += dots.to(torch.float64)
-            del n_mat, flat_n
+                dots -= (n_mat * n_mat).sum(-1)
+            numer[ra:rb] += dots.to(torch.float64).cumsum(-1)[:, -1] if rb > ra else 0
+            del n_mat
             for b0 in range(q0, q1, blk):
                 b1 = min(q1, b0 + blk)
                 err, h = ge.block(b0, b1)
