@@ -81,9 +81,6 @@ def gather_rows(batch, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, batch.tok_a[tok] * x.shape[1] + batch.tok_b[tok])
 
 
-_MINUS_ONE = torch.tensor([-1.0])
-
-
 class _GroupErrors:
     """Prediction errors (with their sign flipped, ``p - onehot``) and hidden rows of runs of ``plan.order``
     within one group, recomputed from ``h``, the ``V*`` weight rows (or gathered logits) and ``log Z``;
@@ -97,6 +94,7 @@ class _GroupErrors:
         vs_group = torch.repeat_interleave(torch.arange(plan.vs_count.numel(), device=batch.device), plan.vs_count)
         key = plan.grp_of * vocab + batch.tok_ids[plan.order]
         self.col = torch.searchsorted(vs_group * vocab + plan.vs_id, key) - plan.vs_start[plan.grp_of]
+        self.minus_one = torch.full((1,), -1.0, device=batch.device)
 
     def columns(self, cols: torch.Tensor, c0: int, wc: Optional[torch.Tensor], g0: int, g1: int, blk: int):
         """Work on the ``V*`` columns ``cols = V*[c0 : c0 + |cols|]`` of the group at ``plan.order[g0:g1]``
@@ -126,7 +124,7 @@ class _GroupErrors:
         err.exp_()  # in place: one buffer for logits and errors
         j = self.col[p0:p1] - self.c0  # - onehot(y_t), where this column block holds y_t
         hit = ((j >= 0) & (j < cols.numel())).nonzero().squeeze(1)
-        err.view(-1).index_add_(0, hit * cols.numel() + j[hit], _MINUS_ONE.to(err.device).expand(hit.numel()))
+        err.view(-1).index_add_(0, hit * cols.numel() + j[hit], self.minus_one.expand(hit.numel()))
         return err, h
 
 
