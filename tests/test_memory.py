@@ -49,15 +49,18 @@ def test_blocks_respect_budget(monkeypatch):
     """Every block tensor the factored pass forms stays within the budget's elements."""
     b = make_batch(5, 4, (1, 40), 24, 3000, seed=2)
     budget = 1 << 12
-    seen = []
-    real_bmm = torch.bmm
+    seen = {}
 
-    def spy(a, c, *args, **kw):
-        out = real_bmm(a, c, *args, **kw)
-        seen.append(max(a.numel(), c.numel(), out.numel()))
-        return out
+    def spy(name, real):
+        def f(*args, **kw):
+            out = real(*args, **kw)
+            seen.setdefault(name, []).append(max(x.numel() for x in (*args[:3], out) if isinstance(x, torch.Tensor)))
+            return out
+        return f
 
     batch = validated(b)  # validation has its own block budget (the old_logprobs check)
-    monkeypatch.setattr(torch, "bmm", spy)
+    for name in ("mm", "addmm"):
+        monkeypatch.setattr(torch, name, spy(name, getattr(torch, name)))
     torch_impl.nthr_scores(batch, budget)
-    assert seen and max(seen) <= budget
+    assert set(seen) == {"mm", "addmm"}
+    assert max(max(v) for v in seen.values()) <= budget

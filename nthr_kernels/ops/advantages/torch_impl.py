@@ -5,19 +5,22 @@ The factored form of ``docs/NTHR.md``, for the active groups of a batch:
 1. ``log Z_t`` (:func:`log_normaliser`): the old-log-prob shortcut ``z_t[y_t] / T - l_t``, a chunked
    logsumexp over the whole vocabulary (weight without log-probs), or over the given logits rows.
 2. ``V*`` per group and the token order: :func:`nthr_kernels.core.plan.make_plan`.
-3. Groups are packed into chunks (padded to the chunk's largest ``|V*|``). Per chunk, ``N_i = E_i^T H_i``
-   for each positive response ``i`` from blocks of its tokens, ``M_g = sum_i N_i``, each anchor
-   numerator ``<M_g, N_i>`` (minus ``<N_i, N_i>`` for ``anchor="others"``), then ``s_t = g_t^T M_g h_t``
-   for each negative token (every token with ``score_positive``). The prediction errors
-   ``g_t = onehot(y_t) - exp(z_t / T - log Z_t)`` on ``V*`` are recomputed inside each block from ``h``,
-   the ``|V*|`` weight rows (or gathered logits) and ``log Z_t``; they are never stored for the batch.
+3. Group by group (one active group at a time, with plain GEMMs on its own sizes: nothing is padded to
+   another group's ``|V*|`` or token count), ``N_i = E_i^T H_i`` for each positive response ``i`` from
+   blocks of the group's positive tokens, ``M_g = sum_i N_i``, each anchor numerator ``<M_g, N_i>``
+   (minus ``<N_i, N_i>`` for ``anchor="others"``), then ``s_t = g_t^T M_g h_t`` for each negative token
+   (every token with ``score_positive``). The prediction errors ``g_t = onehot(y_t) - exp(z_t / T - log Z_t)``
+   on ``V*`` are recomputed inside each block from ``h``, the ``|V*|`` weight rows (or gathered logits) and
+   ``log Z_t``; they are never stored for the batch. Block sizes depend only on the group's ``|V*|``, its
+   number of positive responses, ``d`` and the budget, so each group's arithmetic is independent of the
+   other groups of the batch (a distributed rank holding a group computes it as one process does).
 
 Scratch memory, with ``E`` = the budget in float32 elements (``SCRATCH_ELEMS``, default ``2**22``, 16 MiB):
-the ``M``, ``N`` and weight rows of a chunk together, and each block tensor, hold at most about ``E``
-elements; the stated bound is **``10 * 4 * E`` bytes plus ``TOKEN_BYTES`` (512) bytes per completion token** (index,
-order and score vectors), i.e. 160 MiB plus 512 B/token by default. ``tests/test_memory.py`` measures the
-peak resident rise at two batch sizes and two budgets against this formula. A single group whose
-``|V*| * d`` exceeds the budget is split into ``V*`` column blocks. No ``[N, |V|]`` or ``[N, N]`` tensor
+the ``M``, ``N`` and weight rows of a group (or ``V*`` column block) together, and each block tensor,
+hold at most about ``E`` elements; the stated bound is **``10 * 4 * E`` bytes plus ``TOKEN_BYTES`` (512)
+bytes per completion token** (index, order and score vectors), i.e. 160 MiB plus 512 B/token by default.
+``tests/test_memory.py`` measures the peak resident rise at two batch sizes and two budgets against this
+formula. A group whose ``(1 + N+) |V*| d`` exceeds the budget is split into ``V*`` column blocks. No ``[N, |V|]`` or ``[N, N]`` tensor
 is ever formed.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..prediction_errors.torch_impl import vocab_logsumexp
 # --------------------------------------------------------------------------------------------------
 # log Z
 # --------------------------------------------------------------------------------------------------
+LOGZ_ROWS = 1024  # tokens per block of the old-log-prob shortcut: cache-sized temporaries, reused
 def log_normaliser(batch, tok: torch.Tensor, budget: int) -> torch.Tensor:
     """``log Z_t`` (float32) of the canonical tokens ``tok`` (temperature applied)."""
     n = tok.numel()
@@ -46,79 +50,82 @@ def log_normaliser(batch, tok: torch.Tensor, budget: int) -> torch.Tensor:
         vocab = batch.logits.shape[-1]
         nb = max(1, budget // vocab)
         for i in range(0, n, nb):
-            rows = batch.gather(batch.logits, tok[i : i + nb]).float()
+            rows = gather_rows(batch, batch.logits, tok[i : i + nb]).float()
             out[i : i + nb] = torch.logsumexp(rows / t, dim=-1)
         return out
     w = batch.lm_head_weight
     d = w.shape[1]
     if batch.old_logprobs is not None:
-        nb = max(1, budget // d)
+        nb = min(max(1, budget // d), LOGZ_ROWS)
         for i in range(0, n, nb):
             idx = tok[i : i + nb]
-            h = batch.gather(batch.hidden, idx).float()
-            z_y = (h * w[batch.tok_ids[idx]].float()).sum(-1) / t
-            out[i : i + nb] = z_y - batch.gather(batch.old_logprobs, idx).float()
+            h = gather_rows(batch, batch.hidden, idx).float()
+            z_y = (h * w.index_select(0, batch.tok_ids[idx]).float()).sum(-1) / t
+            out[i : i + nb] = z_y - gather_rows(batch, batch.old_logprobs, idx).float()
         return out
     nb = min(n, max(1, budget // d), 4096)
     for i in range(0, n, nb):
-        out[i : i + nb] = vocab_logsumexp(batch.gather(batch.hidden, tok[i : i + nb]).float(), w, t, budget)
+        out[i : i + nb] = vocab_logsumexp(gather_rows(batch, batch.hidden, tok[i : i + nb]).float(), w, t, budget)
     return out
 
 
-class _ChunkErrors:
-    """Prediction errors and hidden rows of token blocks of one chunk (segments that share the chunk's
-    padded ``V*`` columns ``c0 .. c1``), recomputed from ``h``, the ``V*`` weight rows (or gathered logits)
-    and ``log Z``; never stored for the batch."""
+def gather_rows(batch, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """``batch.gather(x, tok)`` by ``index_select``: the padded ``[R, L, ...]`` layout is read through a
+    flat view (one index instead of two, far cheaper to gather) when ``x`` can be viewed so."""
+    if batch.tok_b is None:
+        return x.index_select(0, batch.tok_a[tok])
+    try:
+        flat = x.view(-1, *x.shape[2:])
+    except RuntimeError:
+        return batch.gather(x, tok)
+    return flat.index_select(0, batch.tok_a[tok] * x.shape[1] + batch.tok_b[tok])
 
-    def __init__(self, batch, plan: Plan, groups: torch.Tensor, c0: int, c1: int):
-        dev = batch.device
+
+class _GroupErrors:
+    """Prediction errors (with their sign flipped, ``p - onehot``) and hidden rows of runs of ``plan.order``
+    within one group, recomputed from ``h``, the ``V*`` weight rows (or gathered logits) and ``log Z``;
+    never stored for the batch and never padded. The flipped sign is exact and cancels everywhere: ``M``
+    and each ``N_i`` flip with the errors, so ``<M, N_i>`` and ``g_t^T M h_t`` are unchanged."""
+
+    def __init__(self, batch, plan: Plan):
         self.batch, self.plan = batch, plan
-        cols = c0 + torch.arange(c1 - c0, device=dev)
-        self.vvalid = cols[None, :] < plan.vs_count[groups][:, None]  # [S, vcols]
-        vidx = (plan.vs_start[groups][:, None] + cols[None, :]).clamp_max(max(plan.vs_id.numel() - 1, 0))
-        self.vids = torch.where(self.vvalid, plan.vs_id[vidx], torch.zeros_like(vidx))  # [S, vcols]
-        self.wc = None
-        if batch.lm_head_weight is not None:
-            self.wc = batch.lm_head_weight[self.vids].float()  # [S, vcols, d]
-            self.wc *= self.vvalid[..., None]
+        # the column of each token's id in its group's V* (V* is sorted by (group, id))
+        vocab = batch.vocab_size
+        vs_group = torch.repeat_interleave(torch.arange(plan.vs_count.numel(), device=batch.device), plan.vs_count)
+        key = plan.grp_of * vocab + batch.tok_ids[plan.order]
+        self.col = torch.searchsorted(vs_group * vocab + plan.vs_id, key) - plan.vs_start[plan.grp_of]
+        self.minus_one = torch.full((1,), -1.0, device=batch.device)
 
-    def block(self, rows: torch.Tensor, start: torch.Tensor, length: torch.Tensor, t0: int, blk: int):
-        """Errors ``[R, blk, vcols]`` and hidden ``[R, blk, d]`` of tokens ``start + t0 ..`` of each range
-        (``rows[r]``: the chunk-local segment whose ``V*`` range ``r`` uses); padding rows are zero."""
-        batch, plan = self.batch, self.plan
-        dev = batch.device
-        ar = t0 + torch.arange(blk, device=dev)
-        valid = ar[None, :] < length[:, None]  # [R, B]
-        pos = (start[:, None] + ar[None, :]).clamp_max(max(plan.order.numel() - 1, 0))
-        tok = plan.order[pos]
-        vids, vvalid = self.vids[rows], self.vvalid[rows]
-        h = batch.gather(batch.hidden, tok).float()
-        h *= valid[..., None]
-        if self.wc is not None:
-            z = torch.bmm(h, self.wc[rows].transpose(1, 2))
+    def columns(self, cols: torch.Tensor, c0: int, wc: Optional[torch.Tensor], g0: int, g1: int, blk: int):
+        """Work on the ``V*`` columns ``cols = V*[c0 : c0 + |cols|]`` of the group at ``plan.order[g0:g1]``
+        (``wc`` their float32 weight rows, ``None`` with logits) in blocks of at most ``blk`` tokens: a
+        group that fits one block gets its errors once, for both passes."""
+        self.cols, self.c0, self.wc, self.g0 = cols, c0, wc, g0
+        self.whole = None
+        self.whole = self.block(g0, g1) if g1 - g0 <= blk else None
+
+    def block(self, p0: int, p1: int):
+        """Flipped errors ``[p1 - p0, |cols|]`` and hidden rows ``[p1 - p0, d]`` of ``plan.order[p0:p1]``."""
+        if self.whole is not None:
+            return self.whole[0][p0 - self.g0 : p1 - self.g0], self.whole[1][p0 - self.g0 : p1 - self.g0]
+        batch, cols = self.batch, self.cols
+        t = batch.opts.temperature
+        h = gather_rows(batch, batch.hidden, self.plan.order[p0:p1]).float()
+        log_z = self.plan.log_z[p0:p1, None]
+        if self.wc is not None:  # z / T - log Z in one GEMM (log Z enters as the broadcast bias)
+            err = torch.addmm(log_z, h, self.wc.T, beta=-1, alpha=1 / t)
         else:
-            a = batch.tok_a[tok][..., None]
-            z = (batch.logits[a, vids[:, None, :]] if batch.tok_b is None else
-                 batch.logits[a, batch.tok_b[tok][..., None], vids[:, None, :]]).float()
-        z /= batch.opts.temperature
-        z -= plan.log_z[pos][..., None]
-        err = z.exp_().neg_()  # in place: one [R, blk, vcols] buffer for logits and errors
-        err += batch.tok_ids[tok][..., None] == vids[:, None, :]
-        err *= valid[..., None] & vvalid[:, None, :]
-        return err, h, pos, valid
-
-
-def _block_len(longest: int, budget: int, n_rows: int, width: int) -> int:
-    """Tokens per block: ``n_rows * blk * width <= budget``, never wider than the longest range, and
-    balanced so the last block is not mostly padding."""
-    blk = max(1, budget // max(n_rows * width, 1))
-    return -(-longest // -(-longest // blk)) if longest > 0 else 1
-
-
-def _still_running(length: torch.Tensor, t0: int):
-    """Indices of the ranges longer than ``t0`` (``None`` when all are): the rows of the next block."""
-    act = (length > t0).nonzero().squeeze(1)
-    return None if act.numel() == length.numel() else act
+            tok = self.plan.order[p0:p1]
+            a = batch.tok_a[tok][:, None]
+            err = (batch.logits[a, cols[None, :]] if batch.tok_b is None else
+                   batch.logits[a, batch.tok_b[tok][:, None], cols[None, :]]).float()
+            err /= t
+            err -= log_z
+        err.exp_()  # in place: one buffer for logits and errors
+        j = self.col[p0:p1] - self.c0  # - onehot(y_t), where this column block holds y_t
+        hit = ((j >= 0) & (j < cols.numel())).nonzero().squeeze(1)
+        err.view(-1).index_add_(0, hit * cols.numel() + j[hit], self.minus_one.expand(hit.numel()))
+        return err, h
 
 
 def positive_responses(batch, plan: Plan):
@@ -134,13 +141,15 @@ def positive_responses(batch, plan: Plan):
 def nthr_scores(batch, budget: Optional[int] = None, plan: Optional[Plan] = None, reduce_m=None):
     """Scores of the tokens to score and the anchors of the positive responses.
 
-    Per chunk of groups (and ``V*`` column block): ``N_i = E_i^T H_i`` for each positive response ``i``
-    (``[|V*|, d]``, from blocks of its tokens), ``M_g = sum_{i in P_g} N_i``, then
-    ``<M_g, N_i>`` (minus ``<N_i, N_i>`` for ``anchor="others"``) accumulates response ``i``'s anchor
-    numerator, and every token to score gets ``s_t = g_t^T M_g h_t``. Positive tokens are scored only
-    with ``score_positive``: the anchors need none of their scores (``docs/NTHR.md``).
-    ``reduce_m(M, k0, k1, c0, c1)`` may transform each chunk's ``M`` before use (the distributed
-    all-reduce). Returns ``(scores [n] float32, (resp, anchors float64))``.
+    Group by group (and ``V*`` column block), with plain GEMMs on the group's own sizes (no padding):
+    ``N_i = E_i^T H_i`` for each positive response ``i`` (``[|V*|, d]``, from blocks of the group's
+    positive tokens), ``M_g = sum_{i in P_g} N_i``, then ``<M_g, N_i>`` (minus ``<N_i, N_i>`` for
+    ``anchor="others"``) accumulates response ``i``'s anchor numerator, and every token to score gets
+    ``s_t = g_t^T M_g h_t``. Positive tokens are scored only with ``score_positive``: the anchors need
+    none of their scores (``docs/NTHR.md``). ``reduce_m(M, k, k + 1, c0, c1)`` (``M`` of shape
+    ``[1, c1 - c0, d]``) may transform each group's ``M`` before use (the distributed all-reduce); it is
+    called for every group and column block, which depend only on the (global) ``|V*|`` and positive
+    response counts. Returns ``(scores [n] float32, (resp, anchors float64))``.
     """
     budget = budget or SCRATCH_ELEMS
     dev = batch.device
@@ -151,48 +160,63 @@ def nthr_scores(batch, budget: Optional[int] = None, plan: Optional[Plan] = None
     # which tokens are scored: negative ones, and positive ones when asked
     sc_start = plan.g_start if batch.opts.score_positive else plan.g_start + plan.g_pos
     sc_len = plan.g_len if batch.opts.score_positive else plan.g_len - plan.g_pos
-    # every chunk holds M for its groups plus N for each of their positive responses (global counts)
+    # a group's column block holds M plus N for each of its positive responses (global counts)
     copies = (1 + batch.n_pos[plan.g_batch]).tolist()
     r_first = torch.searchsorted(r_group, torch.arange(n_g + 1, device=dev)).tolist()
+    g_start, g_pos, g_len = plan.g_start.tolist(), plan.g_pos.tolist(), plan.g_len.tolist()
+    s_start, s_len = sc_start.tolist(), sc_len.tolist()
+    vs_start, vs_count = plan.vs_start.tolist(), plan.vs_count.tolist()
+    rs, re = r_start.tolist(), (r_start + r_len).tolist()
     numer = torch.zeros(r_start.numel(), dtype=torch.float64, device=dev)
     out = torch.zeros(plan.order.numel(), dtype=torch.float32, device=dev)
     others = batch.opts.anchor == "others"
-    for k0, k1, c0, c1 in chunks(plan.vs_count.tolist(), d, budget, copies):
-        groups = torch.arange(k0, k1, device=dev)
-        ce = _ChunkErrors(batch, plan, groups, c0, c1)
-        n_seg, vcols = k1 - k0, c1 - c0
-        ra, rb = r_first[k0], r_first[k1]
-        rows = r_group[ra:rb] - k0
-        rs, rl = r_start[ra:rb], r_len[ra:rb]
-        n_mat = torch.zeros(rb - ra, vcols, d, dtype=torch.float32, device=dev)
-        longest = int(rl.max()) if rb > ra else 0
-        blk = _block_len(longest, budget, max(rb - ra, 1), max(vcols, d))
-        for t0 in range(0, longest, blk):
-            act = _still_running(rl, t0)  # a short response stops early instead of adding zero rows
-            if act is None:
-                err, h, _, _ = ce.block(rows, rs, rl, t0, blk)
-                n_mat.baddbmm_(err.transpose(1, 2), h)
-            else:
-                err, h, _, _ = ce.block(rows[act], rs[act], rl[act], t0, blk)
-                n_mat.index_add_(0, act, torch.bmm(err.transpose(1, 2), h))
-        m = torch.zeros(n_seg, vcols, d, dtype=torch.float32, device=dev).index_add_(0, rows, n_mat)
-        if reduce_m is not None:
-            m = reduce_m(m, k0, k1, c0, c1)
-        flat_n = n_mat.reshape(rb - ra, 1, vcols * d)
-        dots = torch.bmm(flat_n, m[rows].reshape(rb - ra, vcols * d, 1)).reshape(-1)
-        if others:
-            dots -= torch.bmm(flat_n, flat_n.transpose(1, 2)).reshape(-1)
-        numer[ra:rb] += dots.to(torch.float64)
-        del n_mat, flat_n
-        s_start, s_len = sc_start[k0:k1], sc_len[k0:k1]
-        longest = int(s_len.max()) if n_seg else 0
-        blk = _block_len(longest, budget, n_seg, max(vcols, d))
-        for t0 in range(0, longest, blk):
-            act = _still_running(s_len, t0)
-            seg = groups - k0 if act is None else act
-            err, h, pos, valid = ce.block(seg, s_start[seg], s_len[seg], t0, blk)
-            s = (torch.bmm(err, m if act is None else m[act]) * h).sum(-1)
-            out[pos[valid]] += s[valid]
+    w = batch.lm_head_weight
+    ge = _GroupErrors(batch, plan)
+    for k in range(n_g):
+        ra, rb = r_first[k], r_first[k + 1]
+        for _, _, c0, c1 in chunks([vs_count[k]], d, budget, [copies[k]]):
+            vcols = c1 - c0
+            m = torch.zeros(1, vcols, d, dtype=torch.float32, device=dev)
+            if g_len[k] == 0:  # a distributed rank without tokens of this group still joins the reduction
+                if reduce_m is not None:
+                    reduce_m(m, k, k + 1, c0, c1)
+                continue
+            cols = plan.vs_id[vs_start[k] + c0 : vs_start[k] + c1]
+            wc = None if w is None else w.index_select(0, cols).float()
+            blk = max(1, budget // max(vcols, d))  # tokens per block: each block tensor within the budget
+            n_mat = torch.empty(rb - ra, vcols, d, dtype=torch.float32, device=dev)
+            p0, p1 = g_start[k], g_start[k] + g_pos[k]
+            q0, q1 = s_start[k], s_start[k] + s_len[k]
+            ge.columns(cols, c0, wc, g_start[k], g_start[k] + g_len[k], blk)
+            for b0 in range(p0, p1, blk):
+                b1 = min(p1, b0 + blk)
+                err, h = ge.block(b0, b1)
+                for i in range(ra, rb):  # the positive responses in this block
+                    lo, hi = max(rs[i], b0), min(re[i], b1)
+                    if lo >= hi:
+                        continue
+                    e_i, h_i = err[lo - b0 : hi - b0].T, h[lo - b0 : hi - b0]
+                    if lo == rs[i]:  # the response's first block writes N_i, later ones add to it
+                        torch.mm(e_i, h_i, out=n_mat[i - ra])
+                    else:
+                        n_mat[i - ra].addmm_(e_i, h_i)
+            for i in range(rb - ra):  # M = sum_i N_i, in response order
+                m[0] += n_mat[i]
+            if reduce_m is not None:
+                m = reduce_m(m, k, k + 1, c0, c1)
+            m = m[0]
+            # <M, N_i> (and <N_i, N_i>): row dots, then a sequential sum per response, whose bits do not
+            # depend on the thread count (torch.mv and torch.dot split their sums across threads)
+            dots = (n_mat * m).sum(-1)
+            if others:
+                dots -= (n_mat * n_mat).sum(-1)
+            numer[ra:rb] += dots.to(torch.float64).cumsum(-1)[:, -1] if rb > ra else 0
+            del n_mat
+            for b0 in range(q0, q1, blk):
+                b1 = min(q1, b0 + blk)
+                err, h = ge.block(b0, b1)
+                out[b0:b1] += (torch.mm(err, m) * h).sum(-1)
+            ge.whole = None
     scores = torch.zeros(batch.n_tokens, dtype=torch.float32, device=dev)
     scores[plan.order] = out
     resp = batch.tok_resp[plan.order[r_start]]
