@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_suite import kernel_sources  # noqa: E402
+from gpu_suite import CONFIGS, kernel_sources  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- gpu-results: begin (python -m benchmarks.gpu_readme) -->", "<!-- gpu-results: end -->"
@@ -96,6 +96,10 @@ def render(path: Path, before: Path | None) -> str:
             if r.get("triton_peak_scratch_mb", 0) > r.get("scratch_bound_mb", float("inf"))]
     verdicts.append("peak scratch within the stated bound: " + ("met" if not over else "missed by " + ", ".join(over)))
     lines.append("Verdicts: " + "; ".join(verdicts) + ".")
+    missing = [n for n in CONFIGS if n not in d["configs"]]
+    if missing:
+        lines.append("")
+        lines.append("Not in this run (see the log beside the results): " + ", ".join(f"`{n}`" for n in missing) + ".")
     if d.get("kernel_sources") != kernel_sources():
         lines.append("")
         lines.append("These figures predate the current Triton sources: the `kernel_sources` recorded in the "

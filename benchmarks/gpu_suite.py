@@ -491,10 +491,10 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        res = call("triton")
+        peak_res = call("triton")
         torch.cuda.synchronize()
         out["triton_peak_scratch_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        del res
+        del peak_res
         # the documented bound (ops/triton_kernels.py): SCRATCH_BYTES plus TOKEN_BYTES per completion token
         out["scratch_bound_mb"] = (SCRATCH_BYTES + TOKEN_BYTES * rb.n_tokens) / 2**20
     kw_nocheck = dict(kw, check_finite=False)

@@ -140,7 +140,7 @@ def test_sync_counter_sees_device_reads():
     x = torch.arange(6.0, device=DEVICE)
     reads = [lambda: x.sum().item(), lambda: bool(x.any()), lambda: x[x > 2], lambda: torch.nonzero(x),
              lambda: x.tolist(), lambda: torch.unique(x), lambda: x[: int(x[2])], lambda: float(x[0]),
-             lambda: torch.bincount(x.long()), lambda: x.long().repeat_interleave(2)]
+             lambda: torch.bincount(x.long()), lambda: x.long().repeat_interleave(x.long())]
     for read in reads:
         n, _ = gpu_suite.count_host_syncs(read)
         assert n >= 1

@@ -645,7 +645,7 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
     if sample is not None and n:
         k, (_, dk, lo, cnt) = min(n, LOGPROB_SAMPLE), sample
         host = got[-1]
-        excess = _implied_mass(batch, logprob_sample(n).to(dev), dk, lo[:k], cnt[:k],
+        excess = _implied_mass(batch, logprob_sample(n, dev), dk, lo[:k], cnt[:k],
                                host[:k], host[LOGPROB_SAMPLE:LOGPROB_SAMPLE + k])
         defer_logprobs_consistent(batch, excess)
     if not defer:
@@ -653,10 +653,11 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
     return batch
 
 
-def logprob_sample(n: int) -> torch.Tensor:
-    """The deterministic sample of the ``old_logprobs`` check: ``LOGPROB_SAMPLE`` evenly spaced tokens."""
+def logprob_sample(n: int, device=None) -> torch.Tensor:
+    """The deterministic sample of the ``old_logprobs`` check: ``LOGPROB_SAMPLE`` evenly spaced tokens
+    (made on ``device``: no host-to-device copy)."""
     k = min(n, LOGPROB_SAMPLE)
-    return torch.arange(k, dtype=torch.int64) * n // max(k, 1)
+    return torch.arange(k, dtype=torch.int64, device=device) * n // max(k, 1)
 
 
 def _distinct_keys(key: torch.Tensor, sentinel: int) -> torch.Tensor:
