@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_suite import CONFIGS, kernel_sources  # noqa: E402
+from nthr_kernels.testing import HOST_SYNCS_PER_CALL  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- gpu-results: begin (python -m benchmarks.gpu_readme) -->", "<!-- gpu-results: end -->"
@@ -25,7 +26,7 @@ BEGIN, END = "<!-- gpu-results: begin (python -m benchmarks.gpu_readme) -->", "<
 QWEN = "qwen1.5b-step"
 FLOOR_TARGET = 2.0  # x the FLOP floor at qwen1.5b-step
 SHARE_TARGET = 0.005  # of the 1.5B model's forward+backward
-SYNC_TARGET = 2  # host synchronisations per public call
+SYNC_TARGET = HOST_SYNCS_PER_CALL  # host synchronisations per public call
 CONFIG_TARGET = (5.0, 2.0)  # every config within max(5x floor, 2 ms)
 
 

@@ -156,100 +156,13 @@ def bench_events(fn, reps: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # host synchronisations and the measured code
 # --------------------------------------------------------------------------------------------------
-# Target of issue 12: host synchronisations per call of the Triton implementation (one sizes the plan).
-HOST_SYNCS_PER_CALL = 2
-
-# aten ops that make the host wait for a CUDA device (data-dependent output sizes or values read back).
-SYNC_OPS = frozenset({
-    "aten::_local_scalar_dense",  # .item(), int(t), float(t), bool(t), t.__index__()
-    "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim",
-    "aten::bincount", "aten::histc",
-})
-
-
-def _is_sync(func, args, kwargs) -> bool:
-    name = func._schema.name
-    if name in SYNC_OPS:
-        return True
-    if name == "aten::repeat_interleave" and kwargs.get("output_size") is None:
-        return True
-    if name in ("aten::index", "aten::index_put", "aten::index_put_"):  # a bool mask index becomes nonzero()
-        idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
-        return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in idx)
-    return False
-
-
-TORCH_SYNC_FUNCTIONS = ("nonzero", "unique", "unique_consecutive", "bincount", "masked_select", "histc",
-                        "repeat_interleave")
+# The host-sync counter lives in nthr_kernels/testing.py (tests use it too).
+from nthr_kernels.testing import count_host_syncs as _count_host_syncs  # noqa: E402
 
 
 def count_host_syncs(fn) -> tuple:
-    """``(count, events)``: host synchronisations of one ``fn()``.
-
-    On a GPU the count comes from ``torch.cuda.set_sync_debug_mode`` (every synchronising CUDA call,
-    device-to-host copies and blocking host-to-device copies included). On the CPU it counts the Python
-    calls that would synchronise there (``tolist``, ``item``, ``bool``/``int``/``float`` of a tensor,
-    ``nonzero``, ``unique``, ``bincount``, bool-mask indexing, ``repeat_interleave`` without
-    ``output_size``, ...), patched on ``torch`` and ``torch.Tensor`` for the call (so they are seen inside
-    the custom op's Python implementation as well). Blocking host-to-device copies are not seen on the
-    CPU: the GPU count includes them.
-    """
-    import traceback
-    import warnings
-
-    events = []
-    if torch.cuda.is_available() and DEVICE == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        events = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
-        return len(events), events
-    def _caller() -> str:
-        here = [f for f in traceback.extract_stack()[:-2] if "nthr_kernels" in f.filename]
-        return f"{Path(here[-1].filename).name}:{here[-1].lineno}" if here else "?"
-
-    def is_mask(i) -> bool:
-        idx = i if isinstance(i, tuple) else (i,)
-        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in idx)
-
-    # Python-level entry points (the custom op's implementation is Python, so these see inside it too)
-    when = {
-        "tolist": None, "numpy": None, "cpu": None, "item": None, "__bool__": None, "__int__": None,
-        "__float__": None, "__index__": None, "nonzero": None, "unique": None, "unique_consecutive": None,
-        "bincount": None, "masked_select": None, "histc": None,
-        "repeat_interleave": lambda a, k: k.get("output_size") is None,
-        "__getitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
-        "__setitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
-    }
-    patched = []
-
-    def wrap(owner, name, orig, cond):
-        def call(*a, **k):
-            if cond is None or cond(a, k):
-                events.append(f"{name} at {_caller()}")
-            return orig(*a, **k)
-        return call
-
-    try:
-        for name, cond in when.items():
-            for owner in (torch.Tensor, torch):
-                orig = owner.__dict__.get(name) if owner is torch.Tensor else getattr(torch, name, None)
-                if orig is None and owner is torch.Tensor:
-                    orig = getattr(torch.Tensor, name, None)
-                if orig is None or (owner is torch and name not in TORCH_SYNC_FUNCTIONS):
-                    continue
-                patched.append((owner, name, orig))
-                setattr(owner, name, wrap(owner, name, orig, cond))
-        fn()
-    finally:
-        for owner, name, orig in reversed(patched):
-            setattr(owner, name, orig)
-    return len(events), events
+    """:func:`nthr_kernels.testing.count_host_syncs` on this run's device (CUDA, or the CPU in smoke mode)."""
+    return _count_host_syncs(fn, cuda=DEVICE == "cuda")
 
 
 def kernel_sources(root: Path = ROOT) -> dict:
@@ -491,10 +404,9 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        peak_res = call("triton")
+        call("triton")  # its outputs count in the peak while they live, within the call
         torch.cuda.synchronize()
         out["triton_peak_scratch_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        del peak_res
         # the documented bound (ops/triton_kernels.py): SCRATCH_BYTES plus TOKEN_BYTES per completion token
         out["scratch_bound_mb"] = (SCRATCH_BYTES + TOKEN_BYTES * rb.n_tokens) / 2**20
     kw_nocheck = dict(kw, check_finite=False)

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from pathlib import Path
 from typing import Callable, Optional
+
+# Target of issue 12: host synchronisations per public call on a GPU (one reads the checks, one sizes the plan).
+HOST_SYNCS_PER_CALL = 2
+# torch functions (besides torch.Tensor methods) whose result size or value needs the device's data.
+TORCH_SYNC_FUNCTIONS = ("nonzero", "unique", "unique_consecutive", "bincount", "masked_select", "histc",
+                        "repeat_interleave")
 
 
 def _status_bytes(key: str) -> int:
@@ -61,3 +68,76 @@ def logprob_variants(model, rollout, seed: int = 0) -> dict:
     for factor in (0.6, 0.8, 1.25):
         out[f"temperature {factor:g} x the sampling one passed"] = (lp, t * factor)
     return out
+
+
+def count_host_syncs(fn, cuda: Optional[bool] = None) -> tuple:
+    """``(count, events)``: host synchronisations of one ``fn()``.
+
+    On a GPU the count comes from ``torch.cuda.set_sync_debug_mode`` (every synchronising CUDA call,
+    device-to-host copies and blocking host-to-device copies included). On the CPU it counts the Python
+    calls that would synchronise there (``tolist``, ``item``, ``bool``/``int``/``float`` of a tensor,
+    ``nonzero``, ``unique``, ``bincount``, bool-mask indexing, ``repeat_interleave`` without
+    ``output_size``, ...), patched on ``torch`` and ``torch.Tensor`` for the call (so they are seen inside
+    the custom op's Python implementation as well). Blocking host-to-device copies are not seen on the
+    CPU: the GPU count includes them. ``cuda`` (default: whether CUDA is available) picks the method.
+    """
+    import traceback
+    import warnings
+
+    events = []
+    import torch
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        events = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        return len(events), events
+    def _caller() -> str:
+        here = [f for f in traceback.extract_stack()[:-2] if "nthr_kernels" in f.filename]
+        return f"{Path(here[-1].filename).name}:{here[-1].lineno}" if here else "?"
+
+    def is_mask(i) -> bool:
+        idx = i if isinstance(i, tuple) else (i,)
+        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in idx)
+
+    # Python-level entry points (the custom op's implementation is Python, so these see inside it too)
+    when = {
+        "tolist": None, "numpy": None, "cpu": None, "item": None, "__bool__": None, "__int__": None,
+        "__float__": None, "__index__": None, "nonzero": None, "unique": None, "unique_consecutive": None,
+        "bincount": None, "masked_select": None, "histc": None,
+        "repeat_interleave": lambda a, k: k.get("output_size") is None,
+        "__getitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
+        "__setitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
+    }
+    patched = []
+
+    def wrap(owner, name, orig, cond):
+        def call(*a, **k):
+            if cond is None or cond(a, k):
+                events.append(f"{name} at {_caller()}")
+            return orig(*a, **k)
+        return call
+
+    try:
+        for name, cond in when.items():
+            for owner in (torch.Tensor, torch):
+                orig = owner.__dict__.get(name) if owner is torch.Tensor else getattr(torch, name, None)
+                if orig is None and owner is torch.Tensor:
+                    orig = getattr(torch.Tensor, name, None)
+                if orig is None or (owner is torch and name not in TORCH_SYNC_FUNCTIONS):
+                    continue
+                patched.append((owner, name, orig))
+                setattr(owner, name, wrap(owner, name, orig, cond))
+        fn()
+    finally:
+        for owner, name, orig in reversed(patched):
+            setattr(owner, name, orig)
+    return len(events), events

@@ -17,6 +17,7 @@ import torch
 
 import nthr_kernels as nk
 from nthr_kernels.registry import triton_available
+from nthr_kernels.testing import HOST_SYNCS_PER_CALL, count_host_syncs
 
 from _helpers import assert_matches_reference, case, run, stable_seed, validated
 
@@ -117,8 +118,8 @@ def test_host_syncs_per_call(path, source, anchor):
     batch = validated(b, anchor=anchor, with_logprobs=source == "weight+logprobs", use_logits=source == "logits")
     for budget in (None, 1):  # one chunk, and one chunk per group
         triton_call(batch, path=path, budget=budget)  # warm-up (autotuning synchronises on a GPU)
-        n, events = gpu_suite.count_host_syncs(lambda: triton_call(batch, path=path, budget=budget))
-        assert n <= gpu_suite.HOST_SYNCS_PER_CALL, events
+        n, events = count_host_syncs(lambda: triton_call(batch, path=path, budget=budget))
+        assert n <= HOST_SYNCS_PER_CALL, events
 
 
 @needs_triton
@@ -131,8 +132,8 @@ def test_host_syncs_per_public_call(layout, source):
                        vocab=53, holes=layout == "padded", packed=layout == "packed"))
     call = lambda: run(b, "triton", with_logprobs=source == "weight+logprobs", use_logits=source == "logits")  # noqa: E731
     call()  # warm-up
-    n, events = gpu_suite.count_host_syncs(call)
-    assert n <= gpu_suite.HOST_SYNCS_PER_CALL, events
+    n, events = count_host_syncs(call)
+    assert n <= HOST_SYNCS_PER_CALL, events
 
 
 def test_sync_counter_sees_device_reads():
@@ -142,9 +143,9 @@ def test_sync_counter_sees_device_reads():
              lambda: x.tolist(), lambda: torch.unique(x), lambda: x[: int(x[2])], lambda: float(x[0]),
              lambda: torch.bincount(x.long()), lambda: x.long().repeat_interleave(x.long())]
     for read in reads:
-        n, _ = gpu_suite.count_host_syncs(read)
+        n, _ = count_host_syncs(read)
         assert n >= 1
-    assert gpu_suite.count_host_syncs(lambda: torch.cumsum(x, 0) * 2)[0] == 0
+    assert count_host_syncs(lambda: torch.cumsum(x, 0) * 2)[0] == 0
 
 
 # --------------------------------------------------------------------------------------------------
