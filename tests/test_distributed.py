@@ -106,58 +106,68 @@ def _local(b, gid, src, rows):
     return loc
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _rank_main(rank, world, init_file, path, body, timeout=None):
+    """One rank of a spawned test: join gloo, run ``body(rank, world)`` on one thread, save what it returns to
+    ``path``, wait for every rank, then leave without tearing gloo down: its teardown still aborted a rank
+    ("terminate called without an active exception", about 1 run in 10 here, after both ranks had passed
+    the barrier). On an error the group is destroyed and the error raised (mp.spawn reports it)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
     try:
         torch.set_num_threads(1)
-        res = {}
-        for case in CASES:
-            b, gid, src, kw = _full(case)
-            n_resp = b.rewards.numel()
-            rows = (_assignment(case, n_resp, world) == rank).nonzero().squeeze(1)
-            loc = _local(b, gid, src, rows)
-            snap = {k: v.clone() for k, v in loc.items() if isinstance(v, torch.Tensor)}
-            stats = CommStats()
-            from nthr_kernels.ops.advantages.distributed import nthr_advantages_distributed
-
-            x = Inputs(loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
-                       group_ids=gid[rows], **loc)
-            opts = Options(temperature=b.temperature, **kw)
-            r = nthr_advantages_distributed(x, opts, dist.group.WORLD, comm_stats=stats)
-            unchanged = all(torch.equal(snap[k], v) for k, v in _local(b, gid, src, rows).items() if k in snap)
-            res[case] = dict(rows=rows, result=r.__dict__, unchanged=unchanged, bytes=stats.payload_bytes,
-                             stages=stats.bytes_by_stage, calls=stats.calls)
-        # the public entry point dispatches to the same code
-        b, gid, src, kw = _full("random_padded")
-        rows = (_assignment("random_padded", b.rewards.numel(), world) == rank).nonzero().squeeze(1)
-        loc = _local(b, gid, src, rows)
-        r = nthr_advantages(loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
-                            group_ids=gid[rows], process_group=dist.group.WORLD, **loc)
-        res["api"] = dict(result=r.__dict__)
-        # errors: every rank raises, none hangs
-        errs = {}
-        try:  # rank 1's rewards have the wrong length
-            n = rows.numel() + (1 if rank == 1 else 0)
-            nthr_advantages(b.hidden[rows], b.token_ids[rows], torch.zeros(n), torch.zeros(n),
-                            group_ids=gid[rows], process_group=dist.group.WORLD, mask=b.mask[rows],
-                            lm_head_weight=b.lm_head_weight)
-        except ValueError as e:
-            errs["bad_rank"] = str(e)
-        try:  # temperatures disagree
-            nthr_advantages(b.hidden[rows], b.token_ids[rows], b.rewards[rows], b.advantages[rows],
-                            group_ids=gid[rows], process_group=dist.group.WORLD, mask=b.mask[rows],
-                            lm_head_weight=b.lm_head_weight, temperature=1.0 + rank)
-        except ValueError as e:
-            errs["temperature"] = str(e)
-        res["errors"] = errs
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(body(rank, world), path)
         dist.barrier()  # every rank has saved its results
     except BaseException:
         dist.destroy_process_group()
         raise
-    # Leave without tearing gloo down: its teardown still aborted a rank ("terminate called without an active
-    # exception", about 1 run in 10 here, after both ranks had passed the barrier above). The results are saved.
     os._exit(0)
+
+
+def _results(rank, world):
+    res = {}
+    for case in CASES:
+        b, gid, src, kw = _full(case)
+        n_resp = b.rewards.numel()
+        rows = (_assignment(case, n_resp, world) == rank).nonzero().squeeze(1)
+        loc = _local(b, gid, src, rows)
+        snap = {k: v.clone() for k, v in loc.items() if isinstance(v, torch.Tensor)}
+        stats = CommStats()
+        from nthr_kernels.ops.advantages.distributed import nthr_advantages_distributed
+
+        x = Inputs(loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
+                   group_ids=gid[rows], **loc)
+        opts = Options(temperature=b.temperature, **kw)
+        r = nthr_advantages_distributed(x, opts, dist.group.WORLD, comm_stats=stats)
+        unchanged = all(torch.equal(snap[k], v) for k, v in _local(b, gid, src, rows).items() if k in snap)
+        res[case] = dict(rows=rows, result=r.__dict__, unchanged=unchanged, bytes=stats.payload_bytes,
+                         stages=stats.bytes_by_stage, calls=stats.calls)
+    # the public entry point dispatches to the same code
+    b, gid, src, kw = _full("random_padded")
+    rows = (_assignment("random_padded", b.rewards.numel(), world) == rank).nonzero().squeeze(1)
+    loc = _local(b, gid, src, rows)
+    r = nthr_advantages(loc.pop("hidden"), loc.pop("token_ids"), b.rewards[rows], b.advantages[rows],
+                        group_ids=gid[rows], process_group=dist.group.WORLD, **loc)
+    res["api"] = dict(result=r.__dict__)
+    # errors: every rank raises, none hangs
+    errs = {}
+    try:  # rank 1's rewards have the wrong length
+        n = rows.numel() + (1 if rank == 1 else 0)
+        nthr_advantages(b.hidden[rows], b.token_ids[rows], torch.zeros(n), torch.zeros(n),
+                        group_ids=gid[rows], process_group=dist.group.WORLD, mask=b.mask[rows],
+                        lm_head_weight=b.lm_head_weight)
+    except ValueError as e:
+        errs["bad_rank"] = str(e)
+    try:  # temperatures disagree
+        nthr_advantages(b.hidden[rows], b.token_ids[rows], b.rewards[rows], b.advantages[rows],
+                        group_ids=gid[rows], process_group=dist.group.WORLD, mask=b.mask[rows],
+                        lm_head_weight=b.lm_head_weight, temperature=1.0 + rank)
+    except ValueError as e:
+        errs["temperature"] = str(e)
+    res["errors"] = errs
+    return res
+
+
+def _worker(rank, world, init_file, out_dir):
+    _rank_main(rank, world, init_file, os.path.join(out_dir, f"rank{rank}.pt"), _results)
 
 
 def _spawn(world, tmp_path_factory):
@@ -327,35 +337,29 @@ BAD_ON_RANK_1 = {
 }
 
 
+def _bad_arg_results(rank, world):
+    b, gid, src, _ = _full("random_padded")
+    rows = (_assignment("random_padded", b.rewards.numel(), world) == rank).nonzero().squeeze(1)
+    out = {}
+    for name, (mutate, _, _) in BAD_ON_RANK_1.items():
+        kw = dict(_local(b, gid, src, rows), rewards=b.rewards[rows], advantages=b.advantages[rows],
+                  group_ids=gid[rows])
+        if rank == 1:
+            mutate(kw)
+        t0 = time.perf_counter()
+        try:
+            nthr_advantages(kw.pop("hidden"), kw.pop("token_ids"), kw.pop("rewards"), kw.pop("advantages"),
+                            process_group=dist.group.WORLD, **kw)
+            out[name] = ("no error", "", time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            out[name] = (type(e).__name__, str(e), time.perf_counter() - t0)
+    return out
+
+
 def _bad_arg_worker(rank, world, init_file, out_dir):
     # A short timeout: a rank left waiting in a collective fails the test within seconds instead of hanging.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
-        torch.set_num_threads(1)
-        b, gid, src, _ = _full("random_padded")
-        rows = (_assignment("random_padded", b.rewards.numel(), world) == rank).nonzero().squeeze(1)
-        out = {}
-        for name, (mutate, _, _) in BAD_ON_RANK_1.items():
-            kw = dict(_local(b, gid, src, rows), rewards=b.rewards[rows], advantages=b.advantages[rows],
-                      group_ids=gid[rows])
-            if rank == 1:
-                mutate(kw)
-            t0 = time.perf_counter()
-            try:
-                nthr_advantages(kw.pop("hidden"), kw.pop("token_ids"), kw.pop("rewards"), kw.pop("advantages"),
-                                process_group=dist.group.WORLD, **kw)
-                out[name] = ("no error", "", time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - recorded for the test to judge
-                out[name] = (type(e).__name__, str(e), time.perf_counter() - t0)
-        torch.save(out, os.path.join(out_dir, f"bad{rank}.pt"))
-        dist.barrier()  # every rank has saved its results
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Leave without tearing gloo down: its teardown still aborted a rank ("terminate called without an active
-    # exception", about 1 run in 10 here, after both ranks had passed the barrier above). The results are saved.
-    os._exit(0)
+    _rank_main(rank, world, init_file, os.path.join(out_dir, f"bad{rank}.pt"), _bad_arg_results,
+               timeout=datetime.timedelta(seconds=20))
 
 
 @pytest.fixture(scope="module")
