@@ -670,6 +670,12 @@ def _distinct_keys(key: torch.Tensor, sentinel: int) -> torch.Tensor:
     return torch.full((key.numel() + 1,), sentinel, dtype=key.dtype, device=key.device).scatter_(0, slot, skey)[:-1]
 
 
+def _vstar_range(dk: torch.Tensor, g: torch.Tensor, vocab: int):
+    """``(start, length)`` in ``dk`` (:func:`_distinct_keys` of ``group * vocab + id``) of groups ``g``'s ``V*``."""
+    lo = torch.searchsorted(dk, g * vocab)
+    return lo, torch.searchsorted(dk, (g + 1) * vocab) - lo
+
+
 def _sample_vstar(ids, rows, pos_resp, resp_group, n, n_groups: int, vocab: int):
     """For the :func:`logprob_sample` tokens, computed before the token list exists (any ``n`` on the
     device): ``(sizes, dk, lo, cnt)``: ``lo``, ``cnt`` [LOGPROB_SAMPLE] locate each sampled token's group
@@ -693,9 +699,7 @@ def _sample_vstar(ids, rows, pos_resp, resp_group, n, n_groups: int, vocab: int)
     if comp is not None:
         key = torch.where(comp, key, sentinel)
     dk = _distinct_keys(key, sentinel)
-    g = group_of_pos[pos]
-    lo = torch.searchsorted(dk, g * vocab)
-    cnt = torch.searchsorted(dk, (g + 1) * vocab) - lo
+    lo, cnt = _vstar_range(dk, group_of_pos[pos], vocab)
     return torch.cat([lo, cnt]), dk, lo, cnt
 
 
@@ -769,16 +773,16 @@ def implied_vstar_mass(batch: Batch, idx: torch.Tensor) -> torch.Tensor:
     idx = idx.to(batch.device)
     g_tok = batch.resp_group[batch.tok_resp]
     dk = _distinct_keys(g_tok * vocab + batch.tok_ids, batch.group_ids.numel() * vocab)
-    g = g_tok[idx]
-    lo = torch.searchsorted(dk, g * vocab)
-    cnt = torch.searchsorted(dk, (g + 1) * vocab) - lo
+    lo, cnt = _vstar_range(dk, g_tok[idx], vocab)
     host = torch.cat([lo, cnt]).tolist()
     return _implied_mass(batch, idx, dk, lo, cnt, host[:idx.numel()], host[idx.numel():])
 
 
 def defer_logprobs_consistent(batch: Batch, excess: torch.Tensor) -> None:
-    """Record on ``batch.pending`` the ``old_logprobs`` check (:func:`check_logprobs_consistent`) of the
-    implied log-masses ``excess`` of the sample."""
+    """Record on ``batch.pending`` the ``old_logprobs`` check of the implied log-masses ``excess`` of the
+    :func:`logprob_sample` tokens: it fails if ``old_logprobs`` do not belong to ``hidden`` (e.g. taken one
+    position off, or at another temperature), i.e. if the implied mass on ``V*`` exceeds
+    ``exp(LOGPROB_TOLERANCE)`` on more than ``LOGPROB_MAX_BAD`` tokens (docs/NTHR.md)."""
     bad = (excess > LOGPROB_TOLERANCE) & torch.isfinite(excess)  # non-finite inputs: check_finite's business
     n_bad = bad.sum()
     batch.pending.fail_if(n_bad > LOGPROB_MAX_BAD, lambda: ValueError(
@@ -788,16 +792,6 @@ def defer_logprobs_consistent(batch: Batch, excess: torch.Tensor) -> None:
         "alignment (hidden position t predicts token t+1) and the temperature; pass check_logprobs=False "
         "to skip this check"
     ))
-
-
-def check_logprobs_consistent(batch: Batch) -> None:
-    """Raise if ``old_logprobs`` do not belong to ``hidden`` (e.g. taken one position off, or at another
-    temperature): on the :func:`logprob_sample` tokens, the implied mass on ``V*`` may exceed
-    ``exp(LOGPROB_TOLERANCE)`` on at most ``LOGPROB_MAX_BAD`` tokens (docs/NTHR.md)."""
-    if batch.n_tokens == 0:
-        return
-    defer_logprobs_consistent(batch, implied_vstar_mass(batch, logprob_sample(batch.n_tokens)))
-    batch.pending.read()
 
 
 def check_options(opts: Options) -> Options:
