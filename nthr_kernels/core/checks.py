@@ -137,9 +137,6 @@ class Pending:
         self._flags.append(bad.reshape(()).to(torch.int64))
         self._errors.append(error)
 
-    def __len__(self) -> int:
-        return len(self._flags)
-
     def read(self, *extra: torch.Tensor) -> list:
         parts = ([torch.stack(self._flags)] if self._flags else []) + [e.reshape(-1).to(torch.int64) for e in extra]
         flags, errors = len(self._flags), self._errors
@@ -171,8 +168,8 @@ def _error_of(check) -> "Callable[[], Optional[Exception]]":
 
 
 def _masked_minmax(x: torch.Tensor, rows: Optional[torch.Tensor]):
-    """0-d ``(min, max)`` of ``x``: of all of it, or where ``rows`` (``x``'s shape) is True (``(0, 0)`` when
-    nothing is). One pass, no temporary of ``x``'s size."""
+    """0-d ``(min, max)`` of ``x``: of all of it (one pass, no temporary), or where ``rows`` (``x``'s shape:
+    the ``[R, L]`` old log-probs) is True, through one masked copy (``(0, 0)`` when nothing is selected)."""
     x = x.detach()
     if rows is None:
         return torch.aminmax(x)
