@@ -4,13 +4,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/ParallelGuard.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 // MKL's thread-local thread count (weak: null where torch is built without MKL). MKL called inside a parallel
@@ -19,15 +21,25 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace nthr {
 
-// BLAS calls made while this lives on a thread use one thread, as at a thread count of 1.
-struct SerialBlas {
-  int prev = 0;
-  SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+// While this lives on a thread, that thread's BLAS calls and ATen ops use one thread, as at a thread count
+// of 1 (OpenMP's thread count is a per-thread setting, and at::get_num_threads() reads it).
+struct SerialThread {
+  int prev_blas = 0, prev_omp = 0;
+  SerialThread() {
+    if (MKL_Set_Num_Threads_Local) prev_blas = MKL_Set_Num_Threads_Local(1);
+#ifdef _OPENMP
+    prev_omp = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
   }
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  ~SerialThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_blas);
+#ifdef _OPENMP
+    omp_set_num_threads(prev_omp);
+#endif
   }
+  SerialThread(const SerialThread&) = delete;
+  SerialThread& operator=(const SerialThread&) = delete;
 };
 
 // Scratch is split into kWorkers equal slices whatever the thread count, so every block size (and with it
@@ -90,9 +102,11 @@ struct AdvantagesParams {
 
 // Runs fn(i, w) for every i in [0, n) on workers w in [0, kWorkers), handing items out one at a time
 // (uneven items and busy cores leave no thread idle). Each item's bits do not depend on the thread count or
-// on which worker ran it: BLAS runs single-threaded inside (SerialBlas) and ATen ops see a parallel region
-// (ParallelGuard), as at one thread. The workers are plain threads that block when done, not an OpenMP
-// team: spinning team threads made a loaded 2-core machine up to 15x slower than one thread.
+// on which worker ran it: BLAS and ATen run single-threaded inside (SerialThread), as at one thread.
+// The workers are the threads of ATen's own OpenMP team (one at::parallel_for region, so this file is
+// compiled with -fopenmp; the runtime is ATen's, found through libtorch_cpu). Private std::threads
+// competed with that team: its threads spin for milliseconds after every parallel ATen op (the
+// validation's, the caller's), and the op ran 10-20 % slower and far more variably beside them.
 template <typename F>
 void for_each_item(int64_t n, const F& fn) {
   if (n <= 0) return;
@@ -101,7 +115,7 @@ void for_each_item(int64_t n, const F& fn) {
   std::exception_ptr error;
   std::mutex error_mutex;
   auto work = [&](int64_t w) {
-    SerialBlas serial;
+    SerialThread serial;
     c10::ParallelGuard guard(true);
     at::internal::ThreadIdGuard tid(static_cast<int>(w));
     try {
@@ -115,10 +129,9 @@ void for_each_item(int64_t n, const F& fn) {
   if (workers <= 1 || at::in_parallel_region()) {
     work(0);
   } else {
-    std::vector<std::thread> pool;
-    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w);
-    work(0);
-    for (auto& t : pool) t.join();
+    at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+      for (int64_t w = b; w < e; ++w) work(w);
+    });
   }
   if (error) std::rethrow_exception(error);
 }

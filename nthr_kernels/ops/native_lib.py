@@ -106,7 +106,10 @@ _log = logging.getLogger("nthr_kernels")
 _NAME = "nthr_native"
 _SOURCES = ("vec_kernels.cpp", "ops.cpp", "advantages.cpp")
 _HEADERS = ("vec_kernels.h", "native.h", "params.h")
-_CFLAGS = ("-O3", "-std=c++17")
+# -fopenmp compiles ATen's at::parallel_for as a parallel region (for_each_item in params.h runs its
+# workers on ATen's OpenMP team); the link step gets no -fopenmp, so the OpenMP symbols resolve to the
+# runtime libtorch_cpu already loaded, never a second copy.
+_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
 
 _state_lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "path": str
