@@ -53,7 +53,8 @@ namespace {
   TORCH_CHECK((x).size(dim) == (n), "nthr native_score_tokens: ", name, ": expected size ", (n), " in dim ", \
               (dim), ", got ", (x).sizes())
 
-constexpr int64_t kMRows = 64;  // rows of M per work item (fixed: the bits do not depend on the threads)
+// Rows per work item, fixed so that the bits do not depend on the thread count: of M, and of the scores.
+constexpr int64_t kMRows = 64, kScoreRows = 128;
 
 // Rows [r0, r0 + n) and columns [c0, c0 + nc) of x as float32 (a view when x already is float32).
 at::Tensor block(const at::Tensor& x, int64_t r0, int64_t n, int64_t c0, int64_t nc) {
@@ -61,12 +62,13 @@ at::Tensor block(const at::Tensor& x, int64_t r0, int64_t n, int64_t c0, int64_t
 }
 
 // Factored: per column block of at most vb columns, M = E+^T H+ [cw, d] (items of kMRows rows of M, each
-// summed over row blocks of rb positive tokens in order), then s_t += (E_t M) . h_t per row block.
+// summed over row blocks of rb positive tokens in order), then s_t += (E_t M) . h_t, items of sb tokens.
 void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
                     const at::Tensor& err_neg, int64_t budget, float* o) {
   const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
   const int64_t vb = std::max<int64_t>(1, std::min(v, budget / d));
   const int64_t rb = std::max<int64_t>(1, budget / std::max(vb, d));
+  const int64_t sb = std::min(rb, kScoreRows);
   for (int64_t c0 = 0; c0 < v; c0 += vb) {
     const int64_t cw = std::min(vb, v - c0);
     at::Tensor m = at::empty({cw, d}, at::TensorOptions().dtype(at::kFloat));
@@ -79,8 +81,8 @@ void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
         mj.addmm_(block(err_pos, r0, rn, c0 + j0, jn).t(), block(h_pos, r0, rn, 0, d));
       }
     });
-    for_each_item((tn + rb - 1) / rb, [&](int64_t b, int64_t) {
-      const int64_t r0 = b * rb, rn = std::min(rb, tn - r0);
+    for_each_item((tn + sb - 1) / sb, [&](int64_t b, int64_t) {
+      const int64_t r0 = b * sb, rn = std::min(sb, tn - r0);
       at::Tensor s = at::mm(block(err_neg, r0, rn, c0, cw), m);
       at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
       const float* sp = s.const_data_ptr<float>();

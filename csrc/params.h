@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 // MKL's thread-local thread count (weak: null where torch is built without MKL). MKL called inside a parallel
@@ -103,10 +104,11 @@ struct AdvantagesParams {
 // Runs fn(i, w) for every i in [0, n) on workers w in [0, kWorkers), handing items out one at a time
 // (uneven items and busy cores leave no thread idle). Each item's bits do not depend on the thread count or
 // on which worker ran it: BLAS and ATen run single-threaded inside (SerialThread), as at one thread.
-// The workers are the threads of ATen's own OpenMP team (one at::parallel_for region, so this file is
-// compiled with -fopenmp; the runtime is ATen's, found through libtorch_cpu). Private std::threads
-// competed with that team: its threads spin for milliseconds after every parallel ATen op (the
-// validation's, the caller's), and the op ran 10-20 % slower and far more variably beside them.
+// The workers are the threads of ATen's own pool (one at::parallel_for region; with ATen's OpenMP backend
+// that needs this file compiled with -fopenmp, and the runtime is ATen's, found through libtorch_cpu).
+// Private threads competed with that pool: OpenMP team threads spin for milliseconds after every parallel
+// ATen op (the validation's, the caller's), and the op ran 10-20 % slower and far more variably beside
+// them. Only where at::parallel_for is serial here (a compiler without OpenMP) do plain threads run.
 template <typename F>
 void for_each_item(int64_t n, const F& fn) {
   if (n <= 0) return;
@@ -129,9 +131,16 @@ void for_each_item(int64_t n, const F& fn) {
   if (workers <= 1 || at::in_parallel_region()) {
     work(0);
   } else {
+#ifdef INTRA_OP_PARALLEL
     at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
       for (int64_t w = b; w < e; ++w) work(w);
     });
+#else
+    std::vector<std::thread> pool;
+    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w);
+    work(0);
+    for (auto& t : pool) t.join();
+#endif
   }
   if (error) std::rethrow_exception(error);
 }

@@ -239,6 +239,45 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     assert sum("compiling the native CPU ops" in se for _, se in outs) == 1
 
 
+_BITS_RUN = """
+    import hashlib, torch, nthr_kernels as nk
+    from nthr_kernels.synthetic import make_batch
+    torch.set_num_threads(2)
+    b = make_batch(6, 8, (8, 40), 32, 500, seed=3)
+    r = nk.nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, backend="native", **b.kwargs())
+    print("BITS", hashlib.sha256(r.scores.numpy().tobytes() + r.token_advantages.numpy().tobytes()).hexdigest())
+"""
+
+
+@needs_native
+@pytest.mark.slow
+def test_compiler_without_openmp_builds_with_plain_threads(tmp_path):
+    """A compiler that rejects -fopenmp still builds the native ops (its workers are then plain threads),
+    with the same bits as the OpenMP build of this process at 2 threads."""
+    import hashlib
+    import shutil
+
+    if native_lib._missing_toolchain() is not None:
+        pytest.skip(f"cannot build here: {native_lib._missing_toolchain()}")
+    real = shutil.which(os.environ.get("CXX", "c++"))
+    cxx = tmp_path / "c++-without-openmp"
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: unsupported option -fopenmp" >&2;'
+                   f' exit 1; }}; done\nexec "{real}" "$@"\n')
+    cxx.chmod(0o755)
+    out = _python(_BITS_RUN, {"CXX": str(cxx), "NTHR_KERNELS_CACHE": str(tmp_path / "cache"), "NTHR_NATIVE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "building without OpenMP" in out.stderr, out.stderr[-3000:]
+    b = nk.synthetic.make_batch(6, 8, (8, 40), 32, 500, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = nk.nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, backend="native", **b.kwargs())
+    finally:
+        torch.set_num_threads(before)
+    here = hashlib.sha256(r.scores.numpy().tobytes() + r.token_advantages.numpy().tobytes()).hexdigest()
+    assert f"BITS {here}" in out.stdout, out.stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # determinism across thread counts, zero sizes, positive tokens
 # --------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -106,10 +107,12 @@ _log = logging.getLogger("nthr_kernels")
 _NAME = "nthr_native"
 _SOURCES = ("vec_kernels.cpp", "ops.cpp", "advantages.cpp")
 _HEADERS = ("vec_kernels.h", "native.h", "params.h")
+_CFLAGS = ("-O3", "-std=c++17")
 # -fopenmp compiles ATen's at::parallel_for as a parallel region (for_each_item in params.h runs its
 # workers on ATen's OpenMP team); the link step gets no -fopenmp, so the OpenMP symbols resolve to the
-# runtime libtorch_cpu already loaded, never a second copy.
-_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
+# runtime libtorch_cpu already loaded, never a second copy. A compiler without OpenMP builds without it
+# (params.h then starts plain threads).
+_OPENMP_CFLAGS = ("-fopenmp",)
 
 _state_lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "path": str
@@ -143,7 +146,7 @@ def _build_key(src: Path) -> str:
     for f in _SOURCES + _HEADERS:
         h.update(f.encode())
         h.update((src / f).read_bytes())
-    h.update(repr((_CFLAGS, torch.__version__, sys.version_info[:2], torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
+    h.update(repr((_CFLAGS, _OPENMP_CFLAGS, torch.__version__, sys.version_info[:2], torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
     return h.hexdigest()[:16]
 
 
@@ -323,6 +326,17 @@ def _prune_stale(root: Path, keep: Path) -> None:
             _log.debug("nthr_kernels: not pruning %s: %s", path, e)
 
 
+def _openmp_problem() -> Optional[str]:
+    """Why the compiler cannot compile ``_OPENMP_CFLAGS`` code (None when it can): a syntax-only probe."""
+    cmd = [os.environ.get("CXX", "c++"), *_OPENMP_CFLAGS, "-fsyntax-only", "-x", "c++", "-"]
+    try:
+        run = subprocess.run(cmd, input="#include <omp.h>\nint f() { return omp_get_max_threads(); }\n",
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None if run.returncode == 0 else (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+
+
 def _compile(src: Path, root: Path, out: Path, verbose: bool) -> Path:
     """Build into a private temporary folder, record the library's sha256, rename it into place."""
     problem = _missing_toolchain()
@@ -332,8 +346,13 @@ def _compile(src: Path, root: Path, out: Path, verbose: bool) -> Path:
     _log.warning("nthr_kernels: compiling the native CPU ops once (10 s to a minute); cache: %s", out)
     from torch.utils.cpp_extension import load
 
+    flags = _CFLAGS + _OPENMP_CFLAGS
+    problem = _openmp_problem()
+    if problem:
+        _log.warning("nthr_kernels: the C++ compiler cannot build OpenMP code (%s); building without OpenMP", problem)
+        flags = _CFLAGS
     try:
-        load(name=_NAME, sources=[str(src / f) for f in _SOURCES], extra_cflags=list(_CFLAGS),
+        load(name=_NAME, sources=[str(src / f) for f in _SOURCES], extra_cflags=list(flags),
              extra_include_paths=[str(src)], build_directory=str(tmp), is_python_module=False, verbose=verbose)
         _write_record(tmp, _sha256(tmp / f"{_NAME}.so"))
         os.rename(tmp, out)
