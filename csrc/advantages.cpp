@@ -33,7 +33,8 @@
 #include "params.h"
 #include "vec_kernels.h"
 
-#define CHECK_ARG(cond, name, ...) TORCH_CHECK(cond, "nthr native_advantages: ", name, ": ", __VA_ARGS__)
+// op_name: a const char* in the calling scope (the op whose argument is wrong).
+#define CHECK_ARG(cond, name, ...) TORCH_CHECK(cond, "nthr ", op_name, ": ", name, ": ", __VA_ARGS__)
 #define CHECK_CPU_FLOAT(x, name) \
   CHECK_ARG((x).device().is_cpu() && at::isFloatingType((x).scalar_type()), name, "expected a floating-point CPU tensor")
 #define CHECK_NUMEL(x, n, name) CHECK_ARG((x).numel() == (n), name, "expected ", (n), " elements, got ", (x).numel())
@@ -106,39 +107,52 @@ Groups order_groups(const AdvantagesParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// log Z over the whole vocabulary (weight without old log-probs)
+// log-sum-exp over weight rows: log Z over the whole vocabulary, and the old log-probs check over V*
 // ---------------------------------------------------------------------------------------------------
-// Rows toks[0..n) in chunks of rc tokens (rc fixed by the slice), one chunk per item: its hidden rows
-// gathered once, then per vocabulary chunk of vc rows one GEMM tile [rc, vc] folded at once into a
-// running (max, sum) per row. Every item does the same arithmetic whichever thread runs it.
+// (max, sum) with max + log(sum) = log sum_v exp(h_i . w_v / T), for the rn hidden rows h [rn, d] and the
+// weight rows ids[0..nc) (rows 0..nc when ids is null): per chunk of vc rows one GEMM tile [rn, vc] (scratch
+// ws.z) folded at once into a running (max, sum) per row. The weight rows are read in place where they are
+// float32 rows, else copied (scratch ws.wc, [vc, d]).
+void lse_over_rows(const Tensor& weight, float temperature, const float* h, int64_t rn, int64_t d,
+                   const int64_t* ids, int64_t nc, int64_t vc, Workspace& ws, float* rmax, float* rsum) {
+  const bool w_view = ids == nullptr && weight.scalar_type() == at::kFloat && weight.stride(1) == 1;
+  float* z = ws.z.get(rn * std::min(vc, nc));
+  float* wb = w_view ? nullptr : ws.wc.get(std::min(vc, nc) * d);
+  std::vector<int64_t> seq(ids || w_view ? 0 : vc);
+  std::fill(rmax, rmax + rn, -std::numeric_limits<float>::infinity());
+  std::fill(rsum, rsum + rn, 0.0f);
+  for (int64_t v0 = 0; v0 < nc; v0 += vc) {
+    const int64_t vn = std::min(vc, nc - v0);
+    Tensor wc;
+    if (w_view) {
+      wc = weight.narrow(0, v0, vn);
+    } else {
+      const int64_t* rows = ids ? ids + v0 : seq.data();
+      if (!ids)
+        for (int64_t j = 0; j < vn; ++j) seq[j] = v0 + j;
+      gather_rows(weight, rows, nullptr, vn, nullptr, d, wb, d);
+      wc = mat(wb, vn, d, d);
+    }
+    Tensor zt = mat(z, rn, vn, vn);
+    at::mm_out(zt, mat(const_cast<float*>(h), rn, d, d), wc.t());
+    for (int64_t i = 0; i < rn; ++i) vec::lse_update(z + i * vn, vn, temperature, &rmax[i], &rsum[i]);
+  }
+}
+
+// Weight without old log-probs: log Z_t over the whole vocabulary for rows toks[0..n), in chunks of rc
+// tokens (rc fixed by the slice), one chunk per item, its hidden rows gathered once. Every item does the
+// same arithmetic whichever thread runs it.
 void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n, float* out) {
   const int64_t d = p.d, vocab = p.vocab;
   const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(vocab, 1024));
   const int64_t rc = std::max<int64_t>(1, std::min<int64_t>(n, p.slice / (vc + d)));
-  const bool w_view = p.weight.scalar_type() == at::kFloat && p.weight.stride(1) == 1;
   std::vector<Workspace> ws(kWorkers);
   for_each_item((n + rc - 1) / rc, [&](int64_t item, int64_t w) {
     const int64_t r0 = item * rc, rn = std::min(rc, n - r0);
     float* h = ws[w].h.get(rn * d);
-    float* z = ws[w].z.get(rn * vc);
-    float* wb = ws[w].wc.get(w_view ? 0 : vc * d);
-    std::vector<float> rmax(rn, -std::numeric_limits<float>::infinity()), rsum(rn, 0.0f);
-    std::vector<int64_t> ids(w_view ? 0 : vc);
+    std::vector<float> rmax(rn), rsum(rn);
     gather_tokens(p, p.hidden, toks + r0, rn, nullptr, d, h, d);
-    for (int64_t v0 = 0; v0 < vocab; v0 += vc) {
-      const int64_t vn = std::min(vc, vocab - v0);
-      Tensor wc;
-      if (w_view) {
-        wc = p.weight.narrow(0, v0, vn);
-      } else {
-        for (int64_t j = 0; j < vn; ++j) ids[j] = v0 + j;
-        gather_rows(p.weight, ids.data(), nullptr, vn, nullptr, d, wb, d);
-        wc = mat(wb, vn, d, d);
-      }
-      Tensor zt = mat(z, rn, vn, vn);
-      at::mm_out(zt, mat(h, rn, d, d), wc.t());
-      for (int64_t i = 0; i < rn; ++i) vec::lse_update(z + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
-    }
+    lse_over_rows(p.weight, p.temperature, h, rn, d, nullptr, vocab, vc, ws[w], rmax.data(), rsum.data());
     for (int64_t i = 0; i < rn; ++i) out[r0 + i] = rmax[i] + std::log(rsum[i]);
   });
 }
@@ -336,26 +350,21 @@ void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const flo
 // ---------------------------------------------------------------------------------------------------
 // Checks every argument the kernels index with (so that no call, however malformed, reads out of bounds or
 // divides by zero) and fills the params. Outputs are allocated by the caller and pointed to here.
-AdvantagesParams set_advantages_params(
-    const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b, const Tensor& tok_ids,
-    const Tensor& tok_resp, const Tensor& resp_group, const Tensor& positive, const Tensor& adv,
-    const Tensor& group_active, const Tensor& eta_group, const std::optional<Tensor>& lm_head_weight,
-    const std::optional<Tensor>& logits, const std::optional<Tensor>& logprobs, double temperature, double beta,
-    bool anchor_others, int64_t scratch_elems, bool score_positive) {
-  AdvantagesParams p;
+// The token source, shared by both ops: hidden, the canonical token list, lm_head_weight or logits,
+// the temperature and the scratch slice.
+void set_token_params(AdvantagesParams& p, const char* op_name, const Tensor& hidden, const Tensor& tok_a,
+                      const std::optional<Tensor>& tok_b, const Tensor& tok_ids,
+                      const std::optional<Tensor>& lm_head_weight, const std::optional<Tensor>& logits,
+                      double temperature, int64_t scratch_elems) {
   CHECK_CPU_FLOAT(hidden, "hidden");
   CHECK_ARG(hidden.dim() == (tok_b ? 3 : 2), "hidden", "expected ", (tok_b ? 3 : 2), " dims (", (tok_b ? "with" : "without"),
             " tok_b), got ", hidden.dim());
   CHECK_ARG(hidden.size(-1) > 0, "hidden", "the hidden size (last dim) must be positive, got 0");
   CHECK_ARG(lm_head_weight.has_value() != logits.has_value(), "lm_head_weight/logits", "pass exactly one");
-  CHECK_ARG(!(logprobs && logits), "logprobs", "only with lm_head_weight");
   CHECK_ARG(temperature > 0 && std::isfinite(temperature), "temperature", "must be finite and > 0, got ", temperature);
-  CHECK_ARG(!std::isnan(beta), "beta", "must not be NaN");
   p.hidden = hidden;
   p.d = hidden.size(-1);
   p.n_tokens = tok_ids.numel();
-  p.n_resp = resp_group.numel();
-  p.n_groups = group_active.numel();
   if (lm_head_weight) {
     p.weight = *lm_head_weight;
     CHECK_CPU_FLOAT(p.weight, "lm_head_weight");
@@ -372,38 +381,53 @@ AdvantagesParams set_advantages_params(
     p.vocab = p.logits.size(-1);
   }
   CHECK_NUMEL(tok_a, p.n_tokens, "tok_a");
+  p.tok_a = owned<int64_t>(p, tok_a, at::kLong);
+  p.tok_ids = owned<int64_t>(p, tok_ids, at::kLong);
+  if (tok_b) {
+    CHECK_NUMEL(*tok_b, p.n_tokens, "tok_b");
+    p.tok_b = owned<int64_t>(p, *tok_b, at::kLong);
+  }
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    CHECK_IN_RANGE(p.tok_a[t], hidden.size(0), "tok_a");
+    if (p.tok_b) CHECK_IN_RANGE(p.tok_b[t], hidden.size(1), "tok_b");
+    CHECK_IN_RANGE(p.tok_ids[t], p.vocab, "tok_ids");
+  }
+  p.temperature = static_cast<float>(temperature);
+  p.slice = std::max<int64_t>(std::max<int64_t>(scratch_elems, 1) / kWorkers, p.d);
+}
+
+AdvantagesParams set_advantages_params(
+    const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b, const Tensor& tok_ids,
+    const Tensor& tok_resp, const Tensor& resp_group, const Tensor& positive, const Tensor& adv,
+    const Tensor& group_active, const Tensor& eta_group, const std::optional<Tensor>& lm_head_weight,
+    const std::optional<Tensor>& logits, const std::optional<Tensor>& logprobs, double temperature, double beta,
+    bool anchor_others, int64_t scratch_elems, bool score_positive) {
+  constexpr const char* op_name = "native_advantages";
+  AdvantagesParams p;
+  set_token_params(p, op_name, hidden, tok_a, tok_b, tok_ids, lm_head_weight, logits, temperature, scratch_elems);
+  CHECK_ARG(!(logprobs && logits), "logprobs", "only with lm_head_weight");
+  CHECK_ARG(!std::isnan(beta), "beta", "must not be NaN");
+  p.n_resp = resp_group.numel();
+  p.n_groups = group_active.numel();
   CHECK_NUMEL(tok_resp, p.n_tokens, "tok_resp");
   CHECK_NUMEL(positive, p.n_resp, "positive");
   CHECK_NUMEL(adv, p.n_resp, "adv");
   CHECK_NUMEL(eta_group, p.n_groups, "eta_group");
-  p.tok_a = owned<int64_t>(p, tok_a, at::kLong);
-  p.tok_ids = owned<int64_t>(p, tok_ids, at::kLong);
   p.tok_resp = owned<int64_t>(p, tok_resp, at::kLong);
   p.resp_group = owned<int64_t>(p, resp_group, at::kLong);
   p.positive = owned<bool>(p, positive, at::kBool);
   p.adv = owned<float>(p, adv, at::kFloat);
   p.group_active = owned<bool>(p, group_active, at::kBool);
   p.eta = owned<double>(p, eta_group, at::kDouble);
-  if (tok_b) {
-    CHECK_NUMEL(*tok_b, p.n_tokens, "tok_b");
-    p.tok_b = owned<int64_t>(p, *tok_b, at::kLong);
-  }
   if (logprobs) {
     CHECK_NUMEL(*logprobs, p.n_tokens, "logprobs");
     p.logprobs = owned<float>(p, *logprobs, at::kFloat);
   }
   for (int64_t r = 0; r < p.n_resp; ++r) CHECK_IN_RANGE(p.resp_group[r], p.n_groups, "resp_group");
-  for (int64_t t = 0; t < p.n_tokens; ++t) {
-    CHECK_IN_RANGE(p.tok_a[t], hidden.size(0), "tok_a");
-    if (p.tok_b) CHECK_IN_RANGE(p.tok_b[t], hidden.size(1), "tok_b");
-    CHECK_IN_RANGE(p.tok_ids[t], p.vocab, "tok_ids");
-    CHECK_IN_RANGE(p.tok_resp[t], p.n_resp, "tok_resp");
-  }
-  p.temperature = static_cast<float>(temperature);
+  for (int64_t t = 0; t < p.n_tokens; ++t) CHECK_IN_RANGE(p.tok_resp[t], p.n_resp, "tok_resp");
   p.beta = beta;
   p.anchor_others = anchor_others;
   p.score_positive = score_positive;
-  p.slice = std::max<int64_t>(std::max<int64_t>(scratch_elems, 1) / kWorkers, p.d);
   return p;
 }
 
@@ -459,6 +483,70 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   });
   lap("groups");
   return {scores, selected, token_adv, tau, eta_out};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// the old log-probs check
+// ---------------------------------------------------------------------------------------------------
+// m_j = l_j + log sum_{v in V*} exp((w_v - w_{y_t}) . h_t / T) at the sampled canonical tokens t = idx[j]
+// (docs/NTHR.md, "Checking old_logprobs"), V* the distinct ids of token t's group, float32 products and
+// float64 result. One item per group holding sampled tokens: its V*, then its sampled rows in blocks of
+// rb against V* in column blocks of vc (rb d, vc d, rb vc <= the slice), through lse_over_rows.
+Tensor implied_mass_cpu(const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b,
+                        const Tensor& tok_ids, const Tensor& tok_group, const Tensor& lm_head_weight,
+                        const Tensor& logprobs, const Tensor& idx, int64_t n_groups, double temperature,
+                        int64_t scratch_elems) {
+  constexpr const char* op_name = "native_implied_mass";
+  AdvantagesParams p;
+  set_token_params(p, op_name, hidden, tok_a, tok_b, tok_ids, lm_head_weight, std::nullopt, temperature, scratch_elems);
+  CHECK_NUMEL(tok_group, p.n_tokens, "tok_group");
+  CHECK_NUMEL(logprobs, idx.numel(), "logprobs");
+  const int64_t k = idx.numel(), d = p.d;
+  const int64_t* group = owned<int64_t>(p, tok_group, at::kLong);
+  const int64_t* sample = owned<int64_t>(p, idx, at::kLong);
+  const float* lp = owned<float>(p, logprobs, at::kFloat);
+  for (int64_t t = 0; t < p.n_tokens; ++t) CHECK_IN_RANGE(group[t], n_groups, "tok_group");
+  for (int64_t j = 0; j < k; ++j) CHECK_IN_RANGE(sample[j], p.n_tokens, "idx");
+  Tensor out = at::empty({k}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  // each group's token ids and sampled positions, in canonical / sample order
+  std::vector<std::vector<int64_t>> ids(n_groups), picks(n_groups);
+  for (int64_t j = 0; j < k; ++j) picks[group[sample[j]]].push_back(j);
+  std::vector<int64_t> items;
+  for (int64_t g = 0; g < n_groups; ++g)
+    if (!picks[g].empty()) items.push_back(g);
+  for (int64_t t = 0; t < p.n_tokens; ++t)
+    if (!picks[group[t]].empty()) ids[group[t]].push_back(p.tok_ids[t]);
+  std::vector<Workspace> ws(kWorkers);
+  for_each_item(static_cast<int64_t>(items.size()), [&](int64_t item, int64_t w) {
+    const int64_t g = items[item], kg = static_cast<int64_t>(picks[g].size());
+    std::vector<int64_t>& vs = ids[g];
+    std::sort(vs.begin(), vs.end());
+    vs.erase(std::unique(vs.begin(), vs.end()), vs.end());
+    const int64_t nv = static_cast<int64_t>(vs.size());
+    const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(kg, p.slice / d));
+    const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(nv, p.slice / std::max(rb, d)));
+    float* h = ws[w].h.get(rb * d);
+    float* wy = ws[w].prod.get(rb * d);
+    std::vector<int64_t> toks(rb), ys(rb);
+    std::vector<float> rmax(rb), rsum(rb);
+    for (int64_t r0 = 0; r0 < kg; r0 += rb) {
+      const int64_t rn = std::min(rb, kg - r0);
+      for (int64_t i = 0; i < rn; ++i) {
+        toks[i] = sample[picks[g][r0 + i]];
+        ys[i] = p.tok_ids[toks[i]];
+      }
+      gather_tokens(p, p.hidden, toks.data(), rn, nullptr, d, h, d);
+      gather_rows(p.weight, ys.data(), nullptr, rn, nullptr, d, wy, d);
+      lse_over_rows(p.weight, p.temperature, h, rn, d, vs.data(), nv, vc, ws[w], rmax.data(), rsum.data());
+      for (int64_t i = 0; i < rn; ++i) {
+        const int64_t j = picks[g][r0 + i];
+        const double zy = static_cast<double>(vec::dot(h + i * d, wy + i * d, d)) / p.temperature;
+        o[j] = static_cast<double>(lp[j]) + rmax[i] + std::log(static_cast<double>(rsum[i])) - zy;
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace nthr

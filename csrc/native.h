@@ -30,4 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantage
     const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& logprobs, double temperature,
     double beta, bool anchor_others, int64_t scratch_elems, bool score_positive);
 
+// nthr::native_implied_mass: the old log-probs check's implied log-mass on V* at sampled tokens idx
+// (float64 [k]); tok_group [n] is each canonical token's group, logprobs [k] the sampled tokens' l_t.
+at::Tensor implied_mass_cpu(const at::Tensor& hidden, const at::Tensor& tok_a, const std::optional<at::Tensor>& tok_b,
+                            const at::Tensor& tok_ids, const at::Tensor& tok_group, const at::Tensor& lm_head_weight,
+                            const at::Tensor& logprobs, const at::Tensor& idx, int64_t n_groups, double temperature,
+                            int64_t scratch_elems);
+
 }  // namespace nthr

@@ -138,10 +138,12 @@ at::Tensor score_tokens_cpu(const at::Tensor& h_pos, const at::Tensor& h_neg, co
 TORCH_LIBRARY_IMPL(nthr, CPU, m) {
   m.impl("native_score_tokens", &nthr::score_tokens_cpu);
   m.impl("native_advantages", &nthr::advantages_cpu);
+  m.impl("native_implied_mass", &nthr::implied_mass_cpu);
 }
 
 // Nothing here is differentiable: backward through these ops raises instead of returning wrong grads.
 TORCH_LIBRARY_IMPL(nthr, Autograd, m) {
   m.impl("native_score_tokens", torch::autograd::autogradNotImplementedFallback());
   m.impl("native_advantages", torch::autograd::autogradNotImplementedFallback());
+  m.impl("native_implied_mass", torch::autograd::autogradNotImplementedFallback());
 }

@@ -94,8 +94,10 @@ def nthr_advantages(
                    backend=backend, check_finite=check_finite, check_logprobs=check_logprobs,
                    score_positive=score_positive)
     impl = registry.implementation("nthr_advantages", registry.resolve(backend, hidden.device))
-    # an implementation that reads batch.pending with its own first host read saves a synchronisation
-    batch = validate_batch(x, opts, defer=getattr(impl, "reads_pending", False))
+    # an implementation that reads batch.pending with its own first host read saves a synchronisation;
+    # one with its own implied_mass runs the old_logprobs check's arithmetic (same sample, same rule)
+    batch = validate_batch(x, opts, defer=getattr(impl, "reads_pending", False),
+                           implied_mass=getattr(impl, "implied_mass", None))
     if eta_table is not None and eta_table.shape != batch.group_ids.shape:
         raise ValueError(f"eta: expected one value per group ({batch.group_ids.numel()}), got {tuple(eta_table.shape)}")
     scores, selected, token_adv, tau, eta_g = impl(batch)

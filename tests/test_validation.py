@@ -356,20 +356,36 @@ def test_meta_tensors_named(b):  # finding 9: prediction_errors failed inside Te
 # --------------------------------------------------------------------------------------------------
 # the old_logprobs check's implied mass, computed in blocks without synchronisation
 # --------------------------------------------------------------------------------------------------
+def _native_implied_mass(budget):
+    from nthr_kernels.ops.advantages import native_impl
+    from nthr_kernels.registry import native_available
+
+    if not native_available():
+        pytest.skip("native C++ ops not built here")
+    return lambda batch, idx: native_impl.implied_mass(batch, idx, budget)
+
+
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("check_elems", [1 << 26, 300])  # one block; many blocks and split groups
-def test_implied_mass_matches_float64(monkeypatch, packed, check_elems):
+@pytest.mark.parametrize("impl, blocks", [("torch", 1 << 26), ("torch", 300), ("native", None), ("native", 300)])
+def test_implied_mass_matches_float64(monkeypatch, packed, impl, blocks):
+    """The old_logprobs check's implied log-mass on V*, from the torch blocks (one block; many blocks and
+    split groups) and the native kernels (default scratch; a budget that splits rows and V*)."""
     from nthr_kernels.core import checks
-    from nthr_kernels.core.checks import implied_vstar_mass, validate_batch
+    from nthr_kernels.core.checks import implied_vstar_mass, logprob_sample, validate_batch
     from nthr_kernels.core.rules import Options
 
-    monkeypatch.setattr(checks, "_CHECK_ELEMS", check_elems)
+    if impl == "torch":
+        monkeypatch.setattr(checks, "_CHECK_ELEMS", blocks)
+        mass = None
+    else:
+        mass = _native_implied_mass(blocks)
     b = make_batch(4, 3, (0, 15), 8, 97, seed=11, packed=packed, temperature=0.7)
     gids = torch.tensor([3, 1, 3, 0, 2, 1, 0, 2, 3, 1, 0, 2])  # groups interleaved across responses
     x = Inputs(b.hidden, b.token_ids, b.rewards, b.advantages, b.lm_head_weight, None, b.old_logprobs,
                b.mask, b.cu_seqlens, None, gids)
-    batch = validate_batch(x, Options(temperature=0.7))
-    got = implied_vstar_mass(batch, torch.arange(batch.n_tokens))
+    batch = validate_batch(x, Options(temperature=0.7), implied_mass=mass)
+    everyone = torch.arange(batch.n_tokens)
+    got = (mass or implied_vstar_mass)(batch, everyone)
     g_tok = batch.resp_group[batch.tok_resp]
     h = batch.gather(batch.hidden).double()
     w = batch.lm_head_weight.double()
@@ -378,7 +394,10 @@ def test_implied_mass_matches_float64(monkeypatch, packed, check_elems):
         vs = torch.unique(batch.tok_ids[g_tok == g_tok[t]])
         z = (w[vs] - w[batch.tok_ids[t]]) @ h[t] / 0.7
         torch.testing.assert_close(got[t], lp[t] + torch.logsumexp(z, 0), rtol=1e-5, atol=1e-5)
+    if mass is not None:  # the check's own sample, in the order validation passes it
+        idx = logprob_sample(batch.n_tokens)
+        torch.testing.assert_close(mass(batch, idx), got[idx], rtol=0, atol=0)
     # the check itself, in the same blocks: consistent log-probs pass, log-probs one position off fail
     shifted = b.old_logprobs.roll(1, dims=-1 if not packed else 0)
     with pytest.raises(ValueError, match="old_logprobs: inconsistent"):
-        validate_batch(x._replace(old_logprobs=shifted), Options(temperature=0.7))
+        validate_batch(x._replace(old_logprobs=shifted), Options(temperature=0.7), implied_mass=mass)

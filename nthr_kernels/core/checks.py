@@ -167,6 +167,17 @@ def _error_of(check) -> "Callable[[], Optional[Exception]]":
     return build
 
 
+def _first_error(*checks) -> "Callable[[], Optional[Exception]]":
+    """An error builder for :meth:`Pending.fail_if`: the first error that ``checks`` (run in order) raise."""
+    def build():
+        for check in checks:
+            e = _error_of(check)()
+            if e is not None:
+                return e
+        return None
+    return build
+
+
 def _masked_minmax(x: torch.Tensor, rows: Optional[torch.Tensor]):
     """0-d ``(min, max)`` of ``x``: of all of it (one pass, no temporary), or where ``rows`` (``x``'s shape:
     the ``[R, L]`` old log-probs) is True, through one masked copy (``(0, 0)`` when nothing is selected)."""
@@ -218,6 +229,10 @@ def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch
     return norms.max() if norms.numel() else torch.zeros((), dtype=norms.dtype, device=norms.device)
 
 
+_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # every finite value fits float32
+_NORM_BOUND = "bounded by max ||hidden row|| * max ||lm_head_weight row||"
+
+
 def _defer_logit_scale(pending: Pending, temperature: float, top: torch.Tensor, source: str, exact=None) -> None:
     """The logit-scale check of the 0-d ``top`` on ``pending`` (NaN counts as a failure for the builder to
     decide); ``exact()`` (optional) recomputes the value for the message where ``top`` may cover padding."""
@@ -233,6 +248,17 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
     Recorded on ``pending`` when given, else read and raised here."""
     own = pending is None
     pending = Pending() if own else pending
+    if logits is None and hidden.dtype in _NARROW_FLOATS and lm_head_weight.dtype in _NARROW_FLOATS:
+        # every finite value of these dtypes lies within float32 range, and a row's norm is finite iff its
+        # values are (or they are too large for the logit bound anyway): one pass over each tensor serves
+        # both checks; a non-finite norm sends the builder to the element scans for the message
+        top_h, top_w = _max_row_norm(hidden, rows), _max_row_norm(lm_head_weight)
+        pending.fail_if(~(torch.isfinite(top_h) & torch.isfinite(top_w)), _first_error(
+            lambda: check_float32_range("hidden", hidden, rows), lambda: check_float32_range("lm_head_weight", lm_head_weight)))
+        _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND)
+        if own:
+            pending.read()
+        return
     if hidden is not None:
         defer_float32_range(pending, "hidden", hidden, rows)
     if logits is not None:
@@ -247,7 +273,7 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
     else:
         defer_float32_range(pending, "lm_head_weight", lm_head_weight)
         bound = _max_row_norm(hidden, rows) * _max_row_norm(lm_head_weight)
-        _defer_logit_scale(pending, temperature, bound, "bounded by max ||hidden row|| * max ||lm_head_weight row||")
+        _defer_logit_scale(pending, temperature, bound, _NORM_BOUND)
     if own:
         pending.read()
 
@@ -539,7 +565,7 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     return StaticInfo(lead_shape, n_resp, vocab, check_options(opts), group_ids)
 
 
-def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
+def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mass=None) -> Batch:
     """All checks (:func:`check_batch_static`, then the value checks) and the canonical token list.
 
     Host synchronisations: the value checks, the token count of a padded layout and the sizes the
@@ -547,6 +573,8 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
     ``unique``). The ``old_logprobs`` check itself is computed on the device and left on
     ``batch.pending``: read here, or with ``defer=True`` by the implementation together with its own
     first read (the Triton path), so that a call costs no extra synchronisation for it.
+    ``implied_mass(batch, idx)``: an implementation's own :func:`implied_vstar_mass` for the check (the
+    native backend's finds each group's ``V*`` itself); by default the blocks of :func:`_implied_mass`.
     """
     st = check_batch_static(x, opts)
     opts = st.opts
@@ -602,7 +630,8 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
     # ---- the one read: checks, token count, the old_logprobs sample's V* ranges ------------------------
     extra = [resp_len.sum()] if rows is not None else []
     sample = None
-    if old_logprobs is not None and opts.check_logprobs and n_pos and n_resp:
+    check_lp = old_logprobs is not None and opts.check_logprobs and n_pos and n_resp
+    if check_lp and implied_mass is None:
         sample = _sample_vstar(ids_pos.reshape(-1), rows, pos_resp, resp_group, resp_len.sum(), n_groups, vocab)
         extra.append(sample[0])
     got = pend.read(*extra)
@@ -639,11 +668,14 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False) -> Batch:
         n_resp=n_resp_g,
         group_active=active,
     )
-    if sample is not None and n:
-        k, (_, dk, lo, cnt) = min(n, LOGPROB_SAMPLE), sample
-        host = got[-1]
-        excess = _implied_mass(batch, logprob_sample(n, dev), dk, lo[:k], cnt[:k],
-                               host[:k], host[LOGPROB_SAMPLE:LOGPROB_SAMPLE + k])
+    if check_lp and n:
+        if implied_mass is not None:
+            excess = implied_mass(batch, logprob_sample(n, dev))
+        else:
+            k, (_, dk, lo, cnt) = min(n, LOGPROB_SAMPLE), sample
+            host = got[-1]
+            excess = _implied_mass(batch, logprob_sample(n, dev), dk, lo[:k], cnt[:k],
+                                   host[:k], host[LOGPROB_SAMPLE:LOGPROB_SAMPLE + k])
         defer_logprobs_consistent(batch, excess)
     if not defer:
         batch.pending.read()

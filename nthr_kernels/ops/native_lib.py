@@ -81,6 +81,11 @@ _lib.define(
     "bool anchor_others, int scratch_elems, bool score_positive=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
+_lib.define(
+    "native_implied_mass(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor tok_group, "
+    "Tensor lm_head_weight, Tensor logprobs, Tensor idx, int n_groups, float temperature, int scratch_elems) -> Tensor"
+)
+
 
 @torch.library.register_fake("nthr::native_score_tokens")
 def _native_score_tokens_fake(h_pos, h_neg, err_pos, err_neg, scratch_elems, pairwise=False):
@@ -100,6 +105,12 @@ def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group,
         tok_ids.new_empty((g,), **f32),
         tok_ids.new_empty((g,), **f32),
     )
+
+
+@torch.library.register_fake("nthr::native_implied_mass")
+def _native_implied_mass_fake(hidden, tok_a, tok_b, tok_ids, tok_group, lm_head_weight, logprobs, idx, n_groups,
+                              temperature, scratch_elems):
+    return idx.new_empty((idx.shape[0],), dtype=torch.float64)
 
 
 

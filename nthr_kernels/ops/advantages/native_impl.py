@@ -39,3 +39,26 @@ def nthr_advantages(batch, budget: Optional[int] = None):
         int(budget or SCRATCH_ELEMS),
         bool(batch.opts.score_positive),
     )
+
+
+def implied_mass(batch, idx: torch.Tensor, budget: Optional[int] = None) -> torch.Tensor:
+    """float64 ``[k]``: :func:`~nthr_kernels.core.checks.implied_vstar_mass` at canonical tokens ``idx`` on the
+    native kernels (each sampled token's group ``V*`` found in C++; no padding, no host-side block plan).
+    Validation uses it for the ``old_logprobs`` check when this backend runs the call."""
+    native_lib.require()
+    return torch.ops.nthr.native_implied_mass(
+        batch.hidden,
+        batch.tok_a,
+        batch.tok_b,
+        batch.tok_ids,
+        batch.resp_group[batch.tok_resp],
+        batch.lm_head_weight,
+        batch.gather(batch.old_logprobs, idx).to(torch.float32),
+        idx,
+        batch.group_ids.numel(),
+        float(batch.opts.temperature),
+        int(budget or SCRATCH_ELEMS),
+    )
+
+
+nthr_advantages.implied_mass = implied_mass  # read by nthr_kernels.library: validation's old_logprobs check
