@@ -305,6 +305,27 @@ def test_same_bits_at_one_and_two_threads(source, anchor, budget):
         assert torch.equal(a.nan_to_num(0.5), c.nan_to_num(0.5)), f"{f} differs between 1 and 2 threads"
 
 
+@needs_native
+@pytest.mark.parametrize("budget", [300, None])
+def test_implied_mass_same_bits_at_one_and_two_threads(budget):
+    """The old_logprobs check's native arithmetic: one item per group, blocks from the budget alone."""
+    from nthr_kernels.core.checks import logprob_sample
+    from nthr_kernels.ops.advantages.native_impl import implied_mass
+
+    b = case(n_groups=7, group_size=4, lengths=(0, 30), d=21, vocab=397, seed=stable_seed("implied", budget))
+    batch = validated(b)
+    idx = logprob_sample(batch.n_tokens)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(implied_mass(batch, idx, budget))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
 def _native_args(b, **kw):
     """The positional arguments of ``nthr::native_advantages`` for a synthetic batch (anchor "all")."""
     batch = validated(b, **kw)
