@@ -36,6 +36,7 @@ README_END = "<!-- cpu-benchmark-table: end -->"
 TARGET_SHAPE, TARGET_THREADS = "medium", 2
 TARGETS = {("native", True): 1.0, ("native", False): 1.2, ("torch", True): 2.0, ("torch", False): 2.0}
 VERDICT_BACKENDS = ("torch", "native", "triton")  # rows of nthr_advantages that get a plain-words line
+UNCHECKED = ("native-unchecked", "native")  # the row with check_finite=False, check_logprobs=False; its default row
 
 
 def machine_info(load_at_start: Optional[float] = None) -> dict:
@@ -125,6 +126,18 @@ def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int)
     return f"- {_row_label(x)}: {text}."
 
 
+def _checks_cost(rows: list[dict]) -> list[str]:
+    """The plain-words line on what the default input checks cost (UNCHECKED's two rows, old log-probs given)."""
+    med = {_info(r)["backend"]: r["stats"]["median"] for r in rows
+           if _info(r)["op"] == "nthr_advantages" and _info(r)["logprobs"] is True}
+    off, on = (med.get(b) for b in UNCHECKED)
+    if off is None or on is None:
+        return []
+    return [f"- Input checks: `{UNCHECKED[1]}` with old log-probs and the default checks (`check_finite`, "
+            f"`check_logprobs`) takes {_ms(1e3 * (on - off))} ms more than with both off ({100 * (on - off) / on:.0f} % "
+            f"of the call; the `{UNCHECKED[0]}` row)."]
+
+
 def shape_section(records: list[dict], shape: str, rates: dict, threads: int) -> list[str]:
     """Markdown lines of one shape: FLOP counts, the table (every op and provider), plain-words verdicts."""
     rows = [r for r in records if _info(r).get("shape") == shape and "floor_flops" in _info(r)]
@@ -169,6 +182,7 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
         )
         if floor_s and x["op"] == "nthr_advantages" and x["backend"] in VERDICT_BACKENDS:
             verdicts.append(_verdict(x, st["median"], floor_s, x["algorithm_flops"] / rate, threads))
+    verdicts += _checks_cost(rows)
     rounds = {(_info(r)["rounds"], _info(r)["warmup"]) for r in rows}
     timing = ", ".join(f"median of {n} rounds after {w} warm-up" for n, w in sorted(rounds))
     lines += ["", f"Every row: {timing}, {x0['threads']} threads; peak scratch = rise of the peak resident "

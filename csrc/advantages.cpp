@@ -17,7 +17,8 @@
 // <M, N_i> / |y_i|, which saves 2 |V*| d T+ FLOPs per group.
 // Scratch per worker slice of E = scratch_elems / kWorkers float32 elements: the E cache [T, vb] <= E,
 // N and M [(P+1) vb, d] <= E, W* rows [vb, d], hidden cache [T, d] (when <= E, else [tb, d] blocks),
-// one [tb, d] product tile, the logits' log-sum-exp tile <= E; plus O(T) index vectors. Block sizes
+// one [tb, d] product tile, the logits' log-sum-exp tile <= E; plus O(T) index vectors and one [|V|] int32
+// marker (distinct_ids). Block sizes
 // depend on E and the group only, never on the thread count. Nothing of size [n, |V|] or [T+, T] exists.
 #include <ATen/Parallel.h>
 
@@ -48,7 +49,26 @@ using at::Tensor;
 // Per-worker scratch, reused across work items (see Scratch in params.h).
 struct Workspace {
   Scratch h, wc, e, nm, prod, z;
+  std::vector<int32_t> mark;  // [|V|], -1 between uses (distinct_ids)
 };
+
+// The distinct values of ids[0..n) (each in [0, vocab)), ascending, into vs; with col, col[i] = the index of
+// ids[i] in vs. Marks seen ids in ws.mark (O(n) and a sort of the distinct ids only, not of all n).
+void distinct_ids(const int64_t* ids, int64_t n, int64_t vocab, Workspace& ws, std::vector<int64_t>& vs,
+                  int64_t* col) {
+  if (static_cast<int64_t>(ws.mark.size()) < vocab) ws.mark.assign(vocab, -1);
+  vs.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (ws.mark[ids[i]] < 0) {
+      ws.mark[ids[i]] = 0;
+      vs.push_back(ids[i]);
+    }
+  std::sort(vs.begin(), vs.end());
+  for (size_t j = 0; j < vs.size(); ++j) ws.mark[vs[j]] = static_cast<int32_t>(j);
+  if (col)
+    for (int64_t i = 0; i < n; ++i) col[i] = ws.mark[ids[i]];
+  for (int64_t v : vs) ws.mark[v] = -1;
+}
 
 // A contiguous CPU copy of x in dtype `dt`, owned by p.keep; returns its data.
 template <typename T>
@@ -197,14 +217,11 @@ struct Group {
   }
 };
 
-void group_vstar(const AdvantagesParams& p, Group& g) {
-  g.vs.resize(g.T);
+void group_vstar(const AdvantagesParams& p, Group& g, Workspace& ws) {
+  std::vector<int64_t> ids(g.T);
+  for (int64_t i = 0; i < g.T; ++i) ids[i] = p.tok_ids[g.toks[i]];
   g.col.resize(g.T);
-  for (int64_t i = 0; i < g.T; ++i) g.vs[i] = p.tok_ids[g.toks[i]];
-  std::sort(g.vs.begin(), g.vs.end());
-  g.vs.erase(std::unique(g.vs.begin(), g.vs.end()), g.vs.end());
-  for (int64_t i = 0; i < g.T; ++i)
-    g.col[i] = std::lower_bound(g.vs.begin(), g.vs.end(), p.tok_ids[g.toks[i]]) - g.vs.begin();
+  distinct_ids(ids.data(), g.T, p.vocab, ws, g.vs, g.col.data());
   g.seg.assign(1, 0);
   for (int64_t i = 1; i < g.tp; ++i)
     if (p.tok_resp[g.toks[i]] != p.tok_resp[g.toks[i - 1]]) g.seg.push_back(i);
@@ -357,7 +374,7 @@ void finish_group(const AdvantagesParams& p, const Group& g, const std::vector<d
 }
 
 void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full) {
-  group_vstar(p, g);
+  group_vstar(p, g, ws);
   group_blocks(p, g, ws);
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
   else group_log_z(p, g, ws);
@@ -548,9 +565,8 @@ Tensor implied_mass_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
   std::vector<Workspace> ws(kWorkers);
   for_each_item(static_cast<int64_t>(items.size()), [&](int64_t item, int64_t w) {
     const int64_t g = items[item], kg = static_cast<int64_t>(picks[g].size());
-    std::vector<int64_t>& vs = ids[g];
-    std::sort(vs.begin(), vs.end());
-    vs.erase(std::unique(vs.begin(), vs.end()), vs.end());
+    std::vector<int64_t> vs;
+    distinct_ids(ids[g].data(), static_cast<int64_t>(ids[g].size()), p.vocab, ws[w], vs, nullptr);
     const int64_t nv = static_cast<int64_t>(vs.size());
     const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(kg, p.slice / d));
     const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(nv, p.slice / std::max(rb, d)));

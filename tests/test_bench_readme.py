@@ -60,3 +60,12 @@ def test_targets_and_verdicts_where_they_apply():
     other = report.body([MATMUL, _row("medium", "native", True, 0.9, 10**9, threads=1)], threads=1)
     assert any("is stated at 2 threads; this run used 1" in ln for ln in other)
     assert not any("met" in ln.split("Target")[-1] for ln in other if "Target" in ln)
+
+
+def test_checks_cost_line():
+    """With both native rows (default checks, checks off) the report says what the checks cost."""
+    on, off = _row("medium", "native", True, 0.050, 10**9), _row("medium", report.UNCHECKED[0], True, 0.040, 10**9)
+    lines = report.body([MATMUL, on, off], threads=2)
+    cost = [ln for ln in lines if ln.startswith("- Input checks")]
+    assert len(cost) == 1 and "takes 10.0 ms more than with both off (20 % of the call" in cost[0]
+    assert not any(ln.startswith("- Input checks") for ln in report.body([MATMUL, on], threads=2))
