@@ -18,8 +18,8 @@
 // Scratch per worker slice of E = scratch_elems / kWorkers float32 elements: the E cache [T, vb] <= E,
 // N and M [(P+1) vb, d] <= E, W* rows [vb, d], hidden cache [T, d] (when <= E, else [tb, d] blocks),
 // one [tb, d] product tile, the logits' log-sum-exp tile <= E; plus O(T) index vectors and one [|V|] int32
-// marker (distinct_ids). Block sizes
-// depend on E and the group only, never on the thread count. Nothing of size [n, |V|] or [T+, T] exists.
+// marker (distinct_ids). Block sizes depend on E and the group only, never on the thread count. Nothing of
+// size [n, |V|] or [T+, T] exists.
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -139,7 +139,8 @@ def test_deterministic_bits():
 @needs_native
 @pytest.mark.parametrize("with_logprobs", [True, False])
 def test_peak_scratch_within_documented_bound(with_logprobs):
-    """native_lib's docstring: at most ~32 * SCRATCH_ELEMS bytes plus O(n); never [n, |V|]."""
+    """native_lib's docstring: at most ~32 * SCRATCH_ELEMS bytes plus O(n) and an int32 [|V|] marker per
+    thread (at most kWorkers = 8); never [n, |V|]."""
     from nthr_kernels.testing import peak_rss_rise
 
     budget = 1 << 18
@@ -149,7 +150,7 @@ def test_peak_scratch_within_documented_bound(with_logprobs):
     rise = peak_rss_rise(fn)
     if rise is None:
         pytest.skip("peak RSS is not measurable on this platform")
-    bound = 32 * budget + 256 * b.n_tokens + (24 << 20)
+    bound = 32 * budget + 256 * b.n_tokens + 8 * 4 * 60000 + (24 << 20)
     assert rise <= bound, f"peak rise {rise / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
     assert rise < b.n_tokens * 60000 * 4 / 8  # far below one [n, |V|] float32 tensor
 

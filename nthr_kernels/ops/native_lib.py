@@ -36,8 +36,8 @@ whatever the thread count; at most 8 threads work at once, each on one slice wit
 float32 buffers of a slice (E cache, ``N_i`` and ``M``, ``W*`` rows, hidden rows, a product tile,
 a log-sum-exp tile; reused from one group to the next), so at most about ``24 * SCRATCH_ELEMS``
 bytes in all (under ``32 * SCRATCH_ELEMS``, 128 MiB by default; far less in practice: the buffers
-are sized to the group), plus
-``O(n)`` per-token vectors (about 40 bytes per completion token); no ``[n, |V|]`` or ``[T+, T]``
+are sized to the group), plus ``O(n)`` per-token vectors (about 40 bytes per completion token) and one
+``[|V|]`` int32 marker per working thread (the distinct ids of a group); no ``[n, |V|]`` or ``[T+, T]``
 tensor is formed.
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
 (passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item.
