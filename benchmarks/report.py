@@ -35,8 +35,8 @@ README_END = "<!-- cpu-benchmark-table: end -->"
 # (shape, backend, with old log-probs) -> bound. Printed only on the rows they apply to.
 TARGET_SHAPE, TARGET_THREADS = "medium", 2
 TARGETS = {("native", True): 1.0, ("native", False): 1.2, ("torch", True): 2.0, ("torch", False): 2.0}
-VERDICT_BACKENDS = ("torch", "native", "triton")  # rows of nthr_advantages that get a plain-words line
 UNCHECKED = ("native-unchecked", "native")  # the row with check_finite=False, check_logprobs=False; its default row
+VERDICT_BACKENDS = ("torch", "native", UNCHECKED[0], "triton")  # rows of nthr_advantages with a plain-words line
 
 
 def machine_info(load_at_start: Optional[float] = None) -> dict:
