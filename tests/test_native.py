@@ -335,6 +335,10 @@ def _native_args(b, **kw):
             batch.adv, batch.group_active, eta_g, batch.lm_head_weight, batch.logits, None, 1.0, 1.0, False, 1 << 20]
 
 
+_IMPLIED = ("out = torch.ops.nthr.native_implied_mass(args[0], args[1], args[2], args[3], {group}, args[10], "
+            "torch.zeros({idx}.numel()), {idx}, int(args[5].max()) + 1, 1.0, 1 << 20)")
+
+
 # Direct calls of the ops (no public checks before them) with zero sizes or indices out of range: a clear
 # RuntimeError naming the argument, or the right empty result; never a signal. Each runs in a fresh process
 # so that a crash fails the test instead of killing the run.
@@ -353,6 +357,12 @@ DIRECT_CALLS = {
     "short-positive": ("args[6] = args[6][:1]", "positive: expected"),
     "weight-wrong-d": ("args[10] = args[10][:, 1:]", "lm_head_weight: expected"),
     "bad-temperature": ("args[13] = 0.0", "temperature"),
+    # the old log-probs check's op: (hidden, tok_a, tok_b, tok_ids, tok_group, weight, logprobs, idx, groups, T, E)
+    "implied-idx-out-of-range": (_IMPLIED.format(group="args[5][args[4]]", idx="torch.tensor([0, 10**6])"), "idx: index"),
+    "implied-group-out-of-range": (_IMPLIED.format(group="args[5][args[4]] + 99", idx="torch.tensor([0, 1])"),
+                                   "tok_group: index"),
+    "implied-no-sample": (_IMPLIED.format(group="args[5][args[4]]", idx="torch.zeros(0, dtype=torch.long)")
+                          + "; assert out.numel() == 0", None),
 }
 
 
@@ -371,7 +381,7 @@ def test_direct_calls_never_crash():
             args = _native_args(b, with_logprobs=False)
             try:
                 exec(change)
-                if "score_tokens" not in name:
+                if "torch.ops" not in change:
                     torch.ops.nthr.native_advantages(*args)
             except RuntimeError as e:
                 print(name, "ERROR", str(e).splitlines()[0], flush=True)
