@@ -365,11 +365,13 @@ def _native_implied_mass(budget):
     return lambda batch, idx: native_impl.implied_mass(batch, idx, budget)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("impl, blocks", [("torch", 1 << 26), ("torch", 300), ("native", None), ("native", 300)])
-def test_implied_mass_matches_float64(monkeypatch, packed, impl, blocks):
+def test_implied_mass_matches_float64(monkeypatch, packed, impl, blocks, dtype):
     """The old_logprobs check's implied log-mass on V*, from the torch blocks (one block; many blocks and
-    split groups) and the native kernels (default scratch; a budget that splits rows and V*)."""
+    split groups) and the native kernels (default scratch; a budget that splits rows and V*); float32 and
+    bfloat16 inputs (the float64 reference reads the same rounded values)."""
     from nthr_kernels.core import checks
     from nthr_kernels.core.checks import implied_vstar_mass, logprob_sample, validate_batch
     from nthr_kernels.core.rules import Options
@@ -379,7 +381,7 @@ def test_implied_mass_matches_float64(monkeypatch, packed, impl, blocks):
         mass = None
     else:
         mass = _native_implied_mass(blocks)
-    b = make_batch(4, 3, (0, 15), 8, 97, seed=11, packed=packed, temperature=0.7)
+    b = make_batch(4, 3, (0, 15), 8, 97, seed=11, packed=packed, temperature=0.7, dtype=dtype)
     gids = torch.tensor([3, 1, 3, 0, 2, 1, 0, 2, 3, 1, 0, 2])  # groups interleaved across responses
     x = Inputs(b.hidden, b.token_ids, b.rewards, b.advantages, b.lm_head_weight, None, b.old_logprobs,
                b.mask, b.cu_seqlens, None, gids)
