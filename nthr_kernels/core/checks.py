@@ -248,20 +248,9 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
     Recorded on ``pending`` when given, else read and raised here."""
     own = pending is None
     pending = Pending() if own else pending
-    if logits is None and hidden.dtype in _NARROW_FLOATS and lm_head_weight.dtype in _NARROW_FLOATS:
-        # every finite value of these dtypes lies within float32 range, and a row's norm is finite iff its
-        # values are (or they are too large for the logit bound anyway): one pass over each tensor serves
-        # both checks; a non-finite norm sends the builder to the element scans for the message
-        top_h, top_w = _max_row_norm(hidden, rows), _max_row_norm(lm_head_weight)
-        pending.fail_if(~(torch.isfinite(top_h) & torch.isfinite(top_w)), _first_error(
-            lambda: check_float32_range("hidden", hidden, rows), lambda: check_float32_range("lm_head_weight", lm_head_weight)))
-        _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND)
-        if own:
-            pending.read()
-        return
-    if hidden is not None:
-        defer_float32_range(pending, "hidden", hidden, rows)
     if logits is not None:
+        if hidden is not None:
+            defer_float32_range(pending, "hidden", hidden, rows)
         top, _ = defer_float32_range(pending, "logits", logits, rows)
 
         def exact():  # padding may hold anything: the scale of the rows read (host side, failure path only)
@@ -271,9 +260,18 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
 
         _defer_logit_scale(pending, temperature, top, "max |logits|", exact)
     else:
-        defer_float32_range(pending, "lm_head_weight", lm_head_weight)
-        bound = _max_row_norm(hidden, rows) * _max_row_norm(lm_head_weight)
-        _defer_logit_scale(pending, temperature, bound, _NORM_BOUND)
+        top_h, top_w = _max_row_norm(hidden, rows), _max_row_norm(lm_head_weight)
+        if hidden.dtype in _NARROW_FLOATS and lm_head_weight.dtype in _NARROW_FLOATS:
+            # every finite value of these dtypes lies within float32 range, and a row's norm is finite only if
+            # its values are: the norm pass serves the range check too; a non-finite norm sends the builder
+            # to the element scans (which clear values that are finite but too large for the float32 norm)
+            pending.fail_if(~(torch.isfinite(top_h) & torch.isfinite(top_w)), _first_error(
+                lambda: check_float32_range("hidden", hidden, rows),
+                lambda: check_float32_range("lm_head_weight", lm_head_weight)))
+        else:
+            defer_float32_range(pending, "hidden", hidden, rows)
+            defer_float32_range(pending, "lm_head_weight", lm_head_weight)
+        _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND)
     if own:
         pending.read()
 
