@@ -95,6 +95,24 @@ NTHR_INLINE double hsum(dvec v) {  // fixed pairwise order
   return a[0];
 }
 
+// The dot products keep kChains independent accumulators (vector i goes to chain i % kChains, the chains
+// are added in a fixed order at the end): one accumulator left each step waiting for the previous add.
+constexpr int kChains = 4;
+
+// Sum of term(j) over the vector offsets j = 0, kLanes, ... with j + kLanes <= n, in kChains chains;
+// *tail = the first index not covered (the caller adds the scalar remainder).
+template <typename V, typename Term>
+NTHR_INLINE V chained_sum(int64_t n, int64_t* tail, Term term) {
+  static_assert(kChains == 4, "the final add below names four chains");
+  V acc[kChains] = {};
+  int64_t i = 0;
+  for (; i + kChains * kLanes <= n; i += kChains * kLanes)
+    for (int c = 0; c < kChains; ++c) acc[c] += term(i + c * kLanes);
+  for (int c = 0; i + kLanes <= n; i += kLanes, ++c) acc[c] += term(i);
+  *tail = i;
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 }  // namespace
 
 NTHR_CLONES
@@ -134,46 +152,29 @@ void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z) {
   for (; i < n; ++i) e[i] = -sexp(e[i] * inv - log_z);
 }
 
-// The dot products keep kChains independent accumulators (vector i goes to chain i % kChains, the chains
-// are added in a fixed order at the end): one accumulator left each step waiting for the previous add.
-constexpr int kChains = 4;
-
 NTHR_CLONES
 float dot(const float* a, const float* b, int64_t n) {
-  fvec acc[kChains] = {};
-  int64_t i = 0;
-  for (; i + kChains * kLanes <= n; i += kChains * kLanes)
-    for (int c = 0; c < kChains; ++c) acc[c] += load(a + i + c * kLanes) * load(b + i + c * kLanes);
-  for (int c = 0; i + kLanes <= n; i += kLanes, ++c) acc[c] += load(a + i) * load(b + i);
-  float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  int64_t i;
+  float s = hsum(chained_sum<fvec>(n, &i, [&](int64_t j) { return load(a + j) * load(b + j); }));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
 NTHR_CLONES
 double dot_f64(const float* a, const float* b, int64_t n) {
-  dvec acc[kChains] = {};
-  int64_t i = 0;
-  for (; i + kChains * kLanes <= n; i += kChains * kLanes)
-    for (int c = 0; c < kChains; ++c) acc[c] += widen(load(a + i + c * kLanes)) * widen(load(b + i + c * kLanes));
-  for (int c = 0; i + kLanes <= n; i += kLanes, ++c) acc[c] += widen(load(a + i)) * widen(load(b + i));
-  double s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  int64_t i;
+  double s = hsum(chained_sum<dvec>(n, &i, [&](int64_t j) { return widen(load(a + j)) * widen(load(b + j)); }));
   for (; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
   return s;
 }
 
 NTHR_CLONES
 double dot_others_f64(const float* m, const float* x, int64_t n) {
-  dvec acc[kChains] = {};
-  auto term = [&](int64_t j) {
+  int64_t i;
+  double s = hsum(chained_sum<dvec>(n, &i, [&](int64_t j) {
     const dvec xv = widen(load(x + j));
     return (widen(load(m + j)) - xv) * xv;
-  };
-  int64_t i = 0;
-  for (; i + kChains * kLanes <= n; i += kChains * kLanes)
-    for (int c = 0; c < kChains; ++c) acc[c] += term(i + c * kLanes);
-  for (int c = 0; i + kLanes <= n; i += kLanes, ++c) acc[c] += term(i);
-  double s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  }));
   for (; i < n; ++i) s += (static_cast<double>(m[i]) - x[i]) * x[i];
   return s;
 }
