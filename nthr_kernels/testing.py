@@ -84,9 +84,9 @@ def count_host_syncs(fn, cuda: Optional[bool] = None) -> tuple:
     import traceback
     import warnings
 
-    events = []
     import torch
 
+    events = []
     if cuda is None:
         cuda = torch.cuda.is_available()
     if cuda:
@@ -100,6 +100,7 @@ def count_host_syncs(fn, cuda: Optional[bool] = None) -> tuple:
             torch.cuda.set_sync_debug_mode("default")
         events = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
         return len(events), events
+
     def _caller() -> str:
         here = [f for f in traceback.extract_stack()[:-2] if "nthr_kernels" in f.filename]
         return f"{Path(here[-1].filename).name}:{here[-1].lineno}" if here else "?"
@@ -117,27 +118,28 @@ def count_host_syncs(fn, cuda: Optional[bool] = None) -> tuple:
         "__getitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
         "__setitem__": lambda a, k: is_mask(a[1]) if len(a) > 1 else False,
     }
-    patched = []
+    patched = []  # (owner, name, the attribute it had in its own __dict__, or None: inherited)
 
-    def wrap(owner, name, orig, cond):
+    def wrap(name, orig, cond):
         def call(*a, **k):
             if cond is None or cond(a, k):
                 events.append(f"{name} at {_caller()}")
             return orig(*a, **k)
         return call
 
+    targets = [(torch.Tensor, name) for name in when] + [(torch, name) for name in TORCH_SYNC_FUNCTIONS]
     try:
-        for name, cond in when.items():
-            for owner in (torch.Tensor, torch):
-                orig = owner.__dict__.get(name) if owner is torch.Tensor else getattr(torch, name, None)
-                if orig is None and owner is torch.Tensor:
-                    orig = getattr(torch.Tensor, name, None)
-                if orig is None or (owner is torch and name not in TORCH_SYNC_FUNCTIONS):
-                    continue
-                patched.append((owner, name, orig))
-                setattr(owner, name, wrap(owner, name, orig, cond))
+        for owner, name in targets:
+            orig = getattr(owner, name, None)
+            if orig is None:
+                continue
+            patched.append((owner, name, vars(owner).get(name)))
+            setattr(owner, name, wrap(name, orig, when[name]))
         fn()
     finally:
-        for owner, name, orig in reversed(patched):
-            setattr(owner, name, orig)
+        for owner, name, own in reversed(patched):
+            if own is None:
+                delattr(owner, name)  # inherited: the base class's attribute shows through again
+            else:
+                setattr(owner, name, own)
     return len(events), events
