@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from benchmarks.report import README, RESULTS, _ms  # noqa: E402  (one millisecond format for both README blocks)
 from gpu_suite import CONFIGS, kernel_sources  # noqa: E402
 from nthr_kernels.testing import HOST_SYNCS_PER_CALL  # noqa: E402
-RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
 BEGIN, END = "<!-- gpu-results: begin (python -m benchmarks.gpu_readme) -->", "<!-- gpu-results: end -->"
 
 # The targets of issue 12, stated once for the verdicts.
@@ -40,10 +40,6 @@ def gpu_results() -> list:
                 and "interpreter" not in str(d.get("device")):
             out.append((d.get("date", ""), p.name, p))
     return [p for _, _, p in sorted(out)]
-
-
-def _ms(x) -> str:
-    return "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.2f}" if x < 10 else f"{x:.1f}")
 
 
 def _verdict(ok: bool) -> str:
