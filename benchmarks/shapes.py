@@ -9,7 +9,10 @@ active group with ``T`` tokens, ``T+`` of them in positive responses, ``T- = T -
 - the algorithm run with ``score_positive=False`` (the default): ``2 |V*| d (T + T+ + T-)`` (errors,
   ``M = sum_i N_i``, ``g_t^T M`` for the negative tokens only) plus ``2 n+ |V*| d`` for the anchors
   ``<M, N_i>`` of the ``n+`` positive responses;
-- without ``old_logprobs`` both add ``2 N |V| d`` for the full-vocabulary normaliser.
+- the native backend's algorithm: the same, except that a group where the pairwise path is cheaper
+  (``nthr_kernels.ops.advantages.native_impl.pairwise_group``: few positive tokens) costs
+  ``2 |V*| d T`` (errors) plus ``2 T+ T (|V*| + d)`` (the positive tokens' products with every token);
+- without ``old_logprobs`` all add ``2 N |V| d`` for the full-vocabulary normaliser.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ from typing import Optional
 
 import torch
 
+from nthr_kernels.core.rules import pairwise_cost
+from nthr_kernels.ops import native_lib
+from nthr_kernels.ops.advantages.native_impl import pairwise_group
 from nthr_kernels.synthetic import RolloutBatch, make_batch
 
 
@@ -73,13 +79,15 @@ class Work:
     score_flops: int  # sum over active groups of 2 |V*| d (2 T + T+)
     lse_flops: int  # 2 N |V| d over the active tokens (the full normaliser)
     algorithm_score_flops: int = 0  # sum over active groups of 2 |V*| d (T + T+ + T-) + 2 n+ |V*| d
+    native_score_flops: int = 0  # the same with the native backend's per-group pairwise path where it takes it
 
     def floor(self, with_logprobs: bool) -> int:
         return self.score_flops + (0 if with_logprobs else self.lse_flops)
 
-    def algorithm(self, with_logprobs: bool) -> int:
-        """FLOPs of the algorithm with ``score_positive=False`` (positive tokens not scored one by one)."""
-        return self.algorithm_score_flops + (0 if with_logprobs else self.lse_flops)
+    def algorithm(self, with_logprobs: bool, native: bool = False) -> int:
+        """FLOPs of the algorithm with ``score_positive=False`` (positive tokens not scored one by one); with
+        ``native``, of the native backend's (per-group pairwise path)."""
+        return (self.native_score_flops if native else self.algorithm_score_flops) + (0 if with_logprobs else self.lse_flops)
 
 
 def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
@@ -96,7 +104,7 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
         resp_ids = [ids[r][mask[r]] for r in range(ids.shape[0])]
     positive = (rb.rewards.cpu().double() > reward_threshold).tolist()
     g_size = rb.group_size
-    n_act = score = algorithm = 0
+    n_act = score = algorithm = native = 0
     for g in range(len(resp_ids) // g_size):
         rs = range(g * g_size, (g + 1) * g_size)
         n_pos = sum(positive[r] for r in rs)
@@ -107,5 +115,8 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
         v_star = torch.unique(torch.cat([resp_ids[r] for r in rs])).numel()
         n_act += t
         score += 2 * v_star * d * (2 * t + t_pos)
-        algorithm += 2 * v_star * d * (t + t_pos + (t - t_pos)) + 2 * n_pos * v_star * d
-    return Work(n_act, score, 2 * n_act * vocab * d, algorithm)
+        factored = 2 * v_star * d * (t + t_pos + (t - t_pos)) + 2 * n_pos * v_star * d
+        algorithm += factored
+        native += (2 * v_star * d * t + pairwise_cost(t_pos, t, v_star, d)
+                   if native_lib.available() and pairwise_group(t_pos, t, v_star, d) else factored)
+    return Work(n_act, score, 2 * n_act * vocab * d, algorithm, native)

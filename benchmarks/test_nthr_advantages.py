@@ -56,7 +56,8 @@ def _reference(rb):
 
 def _flops(rb, with_logprobs):
     work = batch_work(rb)
-    return {"floor": work.floor(with_logprobs), "algorithm": work.algorithm(with_logprobs)}
+    return {"floor": work.floor(with_logprobs), "algorithm": work.algorithm(with_logprobs),
+            "native_algorithm": work.algorithm(with_logprobs, native=True)}
 
 
 OP = runner.Op(

@@ -9,17 +9,22 @@
 //     group_log_z        log Z_t from the old log-probs or the logits (unless done above);
 //     per column block of V*:
 //       errors_block       E = onehot - exp(z / T - log Z) of every token of the group;
+//       factored groups:
 //       positive_block     N_i = E_i^T H_i per positive response i, M = sum_i N_i, and the anchor terms
 //                          <M, N_i> ("all") or <M - N_i, N_i> ("others"), in float64;
 //       score_block        s_t += (E_t M) . h_t for the negative tokens (every token with score_positive);
+//       pairwise groups (pairwise_group: few positive tokens):
+//       pairwise_block     K_e += E+ E^T [T+, T];
+//     pairwise_finish    pairwise groups: K_h = H+ H^T per token tile, s_t = sum_u K_e K_h, anchor sums;
 //     finish_group       anchors sbar_i = sum / |y_i|, tau, selection s_t > tau, rescaled advantages.
 // Positive tokens are not scored one by one unless asked: a positive response's mean score is
 // <M, N_i> / |y_i|, which saves 2 |V*| d T+ FLOPs per group.
 // Scratch per worker slice of E = scratch_elems / kWorkers float32 elements: the E cache [T, vb] <= E,
 // N and M [(P+1) vb, d] <= E, W* rows [vb, d], hidden cache [T, d] (when <= E, else [tb, d] blocks),
-// one [tb, d] product tile, the logits' log-sum-exp tile <= E; plus O(T) index vectors and one [|V|] int32
+// one [tb, d] product tile, the logits' log-sum-exp tile <= E; pairwise groups keep K_e [T+, T] <= E in the
+// N_i and M buffer and K_h tiles <= E in the product tile; plus O(T) index vectors and one [|V|] int32
 // marker (distinct_ids). Block sizes depend on E and the group only, never on the thread count. Nothing of
-// size [n, |V|] or [T+, T] exists.
+// size [n, |V|] exists, and [T+, T] only within a slice.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -52,10 +57,11 @@ struct Workspace {
   std::vector<int32_t> mark;  // [|V|], -1 between uses (distinct_ids)
 };
 
-// The distinct values of ids[0..n) (each in [0, vocab)), ascending, into vs; with col, col[i] = the index of
-// ids[i] in vs. Marks seen ids in ws.mark (O(n) and a sort of the distinct ids only, not of all n).
+// The distinct values of ids[0..n) (each in [0, vocab)) into vs, ascending (else in order of first
+// appearance); with col, col[i] = the index of ids[i] in vs. Marks seen ids in ws.mark (O(n) and a sort of
+// the distinct ids only, not of all n).
 void distinct_ids(const int64_t* ids, int64_t n, int64_t vocab, Workspace& ws, std::vector<int64_t>& vs,
-                  int64_t* col) {
+                  int64_t* col, bool ascending = true) {
   if (static_cast<int64_t>(ws.mark.size()) < vocab) ws.mark.assign(vocab, -1);
   vs.clear();
   for (int64_t i = 0; i < n; ++i)
@@ -63,7 +69,7 @@ void distinct_ids(const int64_t* ids, int64_t n, int64_t vocab, Workspace& ws, s
       ws.mark[ids[i]] = 0;
       vs.push_back(ids[i]);
     }
-  std::sort(vs.begin(), vs.end());
+  if (ascending) std::sort(vs.begin(), vs.end());
   for (size_t j = 0; j < vs.size(); ++j) ws.mark[vs[j]] = static_cast<int32_t>(j);
   if (col)
     for (int64_t i = 0; i < n; ++i) col[i] = ws.mark[ids[i]];
@@ -208,6 +214,8 @@ struct Group {
   // scratch (the worker's): hidden cache [T, d] or one [tb, d] block; W* rows, E cache, N_i and M, tile
   float *h = nullptr, *wc = nullptr, *e = nullptr, *nm = nullptr, *prod = nullptr;
   bool h_cached = false;
+  bool pairwise = false;  // scores from the positive tokens' products (pairwise_group), no M
+  float* ke = nullptr;  // pairwise: K_e = E+ E^T [tp, T], summed over the column blocks
 
   // hidden rows t0..t0+tn of the group (from the cache, or gathered into the block buffer)
   const float* hrows(const AdvantagesParams& p, int64_t t0, int64_t tn) {
@@ -228,6 +236,23 @@ void group_vstar(const AdvantagesParams& p, Group& g, Workspace& ws) {
   if (g.tp > 0) g.seg.push_back(g.tp);
 }
 
+// One worker's slice of the scratch budget (params.h): scratch_elems / kWorkers float32 elements, at least d.
+int64_t worker_slice(int64_t scratch_elems, int64_t d) {
+  return std::max<int64_t>(std::max<int64_t>(scratch_elems, 1) / kWorkers, d);
+}
+
+// Pairwise or factored, per group (docs/NTHR.md, "Paths"): the scores need sum_u (e_u . e_t)(h_u . h_t) over
+// the positive tokens u, for the negative tokens t and (as the anchors' sums) the positive ones: 2 T+ T (|V*| + d)
+// FLOPs, against 2 |V*| d T for M and E_t M (plus 2 |V*| d T+ with score_positive). Pairwise needs K_e [T+, T]
+// and the hidden cache [T, d] within the slice. The cost comparison is the rule of
+// nthr_kernels.ops.advantages.native_impl.pairwise_cheaper (tests compare the two through
+// nthr::native_pairwise_group); exact integer arithmetic.
+bool pairwise_group(int64_t tp, int64_t T, int64_t nv, int64_t d, bool score_positive, int64_t slice) {
+  if (tp <= 0 || tp > slice / std::max<int64_t>(T, 1) || T > slice / std::max<int64_t>(d, 1)) return false;
+  using wide = __int128;
+  return wide(tp) * T * (nv + d) < wide(nv) * d * (T + (score_positive ? tp : 0));
+}
+
 // Block sizes from the slice E alone: E cache T vb <= E, N and M (P + 1) vb d <= E, tiles tb d <= E;
 // V* in equal column blocks (no small remainder block). The logits GEMM of a block computes
 // errors_width(cw) >= cw columns (see there), still within vb_max.
@@ -243,7 +268,9 @@ int64_t errors_width(const AdvantagesParams& p, const Group& g, int64_t cw) {
 void group_blocks(const AdvantagesParams& p, Group& g, Workspace& ws) {
   const int64_t d = p.d, E = p.slice, nv = static_cast<int64_t>(g.vs.size());
   const int64_t n_pos = static_cast<int64_t>(g.seg.size()) - 1;
-  const int64_t vb_max = std::max<int64_t>(1, std::min<int64_t>({nv, E / std::max<int64_t>(g.T, 1), E / ((n_pos + 1) * d)}));
+  g.pairwise = pairwise_group(g.tp, g.T, nv, d, p.score_positive, E);
+  const int64_t nm_cols = g.pairwise ? nv : E / ((n_pos + 1) * d);  // pairwise keeps no N_i, M
+  const int64_t vb_max = std::max<int64_t>(1, std::min<int64_t>({nv, E / std::max<int64_t>(g.T, 1), nm_cols}));
   const int64_t n_blocks = std::max<int64_t>(1, (nv + vb_max - 1) / vb_max);
   g.vb = std::max<int64_t>(1, (nv + n_blocks - 1) / n_blocks);
   g.vb_max = std::max(g.vb, std::min(E / std::max<int64_t>(g.T, 1), E / d));
@@ -253,8 +280,9 @@ void group_blocks(const AdvantagesParams& p, Group& g, Workspace& ws) {
   if (g.h_cached) gather_tokens(p, p.hidden, g.toks, g.T, nullptr, d, g.h, d);
   g.wc = ws.wc.get(p.weight.defined() ? errors_width(p, g, g.vb) * d : 0);
   g.e = ws.e.get(g.T * errors_width(p, g, g.vb));
-  g.nm = ws.nm.get((n_pos + 1) * g.vb * d);
+  g.nm = g.pairwise ? nullptr : ws.nm.get((n_pos + 1) * g.vb * d);
   g.prod = ws.prod.get(g.tb * d);
+  g.ke = g.pairwise ? ws.nm.get(g.tp * g.T) : nullptr;
 }
 
 // log Z_t = z_t[y_t] / T - l_t (old log-probs), or the log-sum-exp of the given logits row.
@@ -347,6 +375,42 @@ void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, st
   }
 }
 
+// Pairwise: K_e [tp, T] (+)= E+ E^T on the columns of this block (E+ the first tp rows of the E cache).
+void pairwise_block(Group& g, int64_t cw, bool first) {
+  Tensor ke = mat(g.ke, g.tp, g.T, g.T);
+  const Tensor ep = mat(g.e, g.tp, cw, g.ld), ea = mat(g.e, g.T, cw, g.ld).t();
+  if (first) at::mm_out(ke, ep, ea);
+  else ke.addmm_(ep, ea);
+}
+
+// Pairwise, after the last block: per token tile, K_h = H+ H_tile^T [tp, tn] (hidden cache), then
+// s_t = sum_u K_e[u, t] K_h[u, t] (float32, u in order) for the negative tokens (every token with
+// score_positive), and the anchor sums in float64: anchor[k] += K_e[u, t] K_h[u, t] over the tokens t of
+// positive response k and the positive tokens u (not those of response k for "others").
+void pairwise_finish(const AdvantagesParams& p, Group& g, Workspace& ws, std::vector<double>& anchor,
+                     std::vector<float>& s) {
+  const int64_t d = p.d, tp = g.tp, T = g.T;
+  const int64_t tn_max = std::max<int64_t>(1, std::min(T, p.slice / tp));
+  float* kh = ws.prod.get(tp * tn_max);
+  std::vector<int64_t> resp(tp);  // each positive token's response slot
+  for (size_t k = 0; k + 1 < g.seg.size(); ++k)
+    for (int64_t i = g.seg[k]; i < g.seg[k + 1]; ++i) resp[i] = static_cast<int64_t>(k);
+  const Tensor hp = mat(g.h, tp, d, d);
+  for (int64_t t0 = 0; t0 < T; t0 += tn_max) {
+    const int64_t tn = std::min(tn_max, T - t0);
+    Tensor khm = mat(kh, tp, tn, tn);
+    at::mm_out(khm, hp, mat(g.h + t0 * d, tn, d, d).t());
+    const int64_t r0 = std::max<int64_t>(t0, p.score_positive ? 0 : tp);  // first token scored in the tile
+    if (r0 < t0 + tn) vec::colsum_product(g.ke + r0, T, kh + (r0 - t0), tn, tp, t0 + tn - r0, s.data() + r0);
+    for (int64_t t = t0; t < std::min(t0 + tn, tp); ++t) {  // the positive tokens of the tile
+      double a = 0.0;
+      for (int64_t u = 0; u < tp; ++u)
+        if (!(p.anchor_others && resp[u] == resp[t])) a += static_cast<double>(g.ke[u * T + t]) * kh[u * tn + (t - t0)];
+      anchor[resp[t]] += a;
+    }
+  }
+}
+
 // tau = beta * min anchor, with beta = 0 -> 0 and beta = -inf -> -inf: the rule of
 // nthr_kernels.core.rules.tau_from_min_anchor (tests compare the two).
 double tau_from_min_anchor(double min_anchor, double beta) {
@@ -384,9 +448,14 @@ void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const flo
   for (int64_t c0 = 0; c0 < nv; c0 += g.vb) {
     const int64_t cw = std::min(g.vb, nv - c0);
     errors_block(p, g, c0, cw);
-    positive_block(p, g, cw, anchor);
-    score_block(p, g, cw, p.score_positive ? 0 : g.tp, s);
+    if (g.pairwise) {
+      pairwise_block(g, cw, c0 == 0);
+    } else {
+      positive_block(p, g, cw, anchor);
+      score_block(p, g, cw, p.score_positive ? 0 : g.tp, s);
+    }
   }
+  if (g.pairwise) pairwise_finish(p, g, ws, anchor, s);
   finish_group(p, g, anchor, s);
 }
 
@@ -438,7 +507,7 @@ void set_token_params(AdvantagesParams& p, const char* op_name, const Tensor& hi
     CHECK_IN_RANGE(p.tok_ids[t], p.vocab, "tok_ids");
   }
   p.temperature = static_cast<float>(temperature);
-  p.slice = std::max<int64_t>(std::max<int64_t>(scratch_elems, 1) / kWorkers, p.d);
+  p.slice = worker_slice(scratch_elems, p.d);
 }
 
 AdvantagesParams set_advantages_params(
@@ -534,8 +603,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
 // the old log-probs check
 // ---------------------------------------------------------------------------------------------------
 // m_j = l_j + log sum_{v in V*} exp((w_v - w_{y_t}) . h_t / T) at the sampled canonical tokens t = idx[j]
-// (docs/NTHR.md, "Checking old_logprobs"), V* the distinct ids of token t's group, float32 products and
-// float64 result. One item per group holding sampled tokens: its V*, then its sampled rows in blocks of
+// (docs/NTHR.md, "Checking old_logprobs"), V* the distinct ids of token t's group (in order of first
+// appearance), float32 products and float64 result. One item per group holding sampled tokens: its V*, then its sampled rows in blocks of
 // rb against V* in column blocks of vc (rb d, vc d, rb vc <= the slice), through lse_over_rows.
 Tensor implied_mass_cpu(const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b,
                         const Tensor& tok_ids, const Tensor& tok_group, const Tensor& lm_head_weight,
@@ -566,7 +635,7 @@ Tensor implied_mass_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
   for_each_item(static_cast<int64_t>(items.size()), [&](int64_t item, int64_t w) {
     const int64_t g = items[item], kg = static_cast<int64_t>(picks[g].size());
     std::vector<int64_t> vs;
-    distinct_ids(ids[g].data(), static_cast<int64_t>(ids[g].size()), p.vocab, ws[w], vs, nullptr);
+    distinct_ids(ids[g].data(), static_cast<int64_t>(ids[g].size()), p.vocab, ws[w], vs, nullptr, false);
     const int64_t nv = static_cast<int64_t>(vs.size());
     const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(kg, p.slice / d));
     const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(nv, p.slice / std::max(rb, d)));
@@ -589,6 +658,76 @@ Tensor implied_mass_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
       }
     }
   });
+  return out;
+}
+
+
+// nthr::native_pairwise_group: the per-group path rule above at a scratch budget (tests, FLOP counts).
+bool pairwise_group_op(int64_t t_pos, int64_t t_all, int64_t nv, int64_t d, bool score_positive,
+                       int64_t scratch_elems) {
+  return pairwise_group(t_pos, t_all, nv, d, score_positive, worker_slice(scratch_elems, d));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// the row norms of the value checks
+// ---------------------------------------------------------------------------------------------------
+// float64 [2]: the largest Euclidean norm of the hidden rows at the canonical tokens and of the lm_head_weight
+// rows the call reads (every row with weight_all_rows, else the rows of the distinct ids in tok_ids), from
+// float32 sums of squares of the float32 values, like the torch path's vector_norm (a non-finite value gives
+// a non-finite norm, and so does a finite one beyond ~1.8e19; NaN wins).
+// Items of kNormRows rows; float32 rows are read in place, other dtypes converted into a [kNormRows, d] buffer.
+namespace {
+constexpr int64_t kNormRows = 64, kPrefetchRows = 4;
+
+inline double max_norm(double acc, double r) { return (r > acc || std::isnan(r)) && !std::isnan(acc) ? r : acc; }
+}  // namespace
+
+Tensor row_norms_cpu(const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b,
+                     const Tensor& tok_ids, const Tensor& lm_head_weight, bool weight_all_rows) {
+  constexpr const char* op_name = "native_row_norms";
+  AdvantagesParams p;
+  set_token_params(p, op_name, hidden, tok_a, tok_b, tok_ids, lm_head_weight, std::nullopt, 1.0, kWorkers * kNormRows * hidden.size(-1));
+  const int64_t d = p.d, n = p.n_tokens;
+  std::vector<int64_t> wrows;  // the weight rows read (empty with weight_all_rows)
+  if (!weight_all_rows) {
+    Workspace ws;
+    distinct_ids(p.tok_ids, n, p.vocab, ws, wrows, nullptr, false);
+  }
+  const int64_t nw = weight_all_rows ? p.vocab : static_cast<int64_t>(wrows.size());
+  const int64_t items_h = (n + kNormRows - 1) / kNormRows, items_w = (nw + kNormRows - 1) / kNormRows;
+  std::vector<double> part(2 * kWorkers, 0.0);
+  std::vector<Workspace> ws(kWorkers);
+  for_each_item(items_h + items_w, [&](int64_t item, int64_t w) {
+    const bool is_w = item >= items_h;
+    const Tensor& src = is_w ? p.weight : p.hidden;
+    const int64_t r0 = (is_w ? item - items_h : item) * kNormRows, rn = std::min(kNormRows, (is_w ? nw : n) - r0);
+    int64_t ia[kNormRows], ib[kNormRows];
+    for (int64_t i = 0; i < rn; ++i) {
+      ia[i] = is_w ? (weight_all_rows ? r0 + i : wrows[r0 + i]) : p.tok_a[r0 + i];
+      if (!is_w && p.tok_b) ib[i] = p.tok_b[r0 + i];
+    }
+    const int64_t* b = !is_w && p.tok_b ? ib : nullptr;
+    double acc = 0.0;  // local: the workers' partial maxima share a cache line
+    if (src.scalar_type() == at::kFloat && src.stride(-1) == 1) {
+      const float* base = src.const_data_ptr<float>();
+      const int64_t s0 = src.stride(0), s1 = b ? src.stride(1) : 0;
+      auto row = [&](int64_t i) { return base + ia[i] * s0 + (b ? b[i] * s1 : 0); };
+      for (int64_t i = 0; i < rn; ++i) {
+        if (i + kPrefetchRows < rn)  // rows scattered by tok_a/tok_b or the ids: fetch ahead (~2x the bandwidth)
+          for (int64_t j = 0; j < d; j += 16) __builtin_prefetch(row(i + kPrefetchRows) + j);
+        acc = max_norm(acc, std::sqrt(vec::dot(row(i), row(i), d)));
+      }
+    } else {
+      float* buf = ws[w].h.get(rn * d);
+      gather_rows(src, ia, b, rn, nullptr, d, buf, d);
+      for (int64_t i = 0; i < rn; ++i) acc = max_norm(acc, std::sqrt(vec::dot(buf + i * d, buf + i * d, d)));
+    }
+    part[2 * w + is_w] = max_norm(part[2 * w + is_w], acc);
+  });
+  Tensor out = at::zeros({2}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t w = 0; w < kWorkers; ++w)
+    for (int k = 0; k < 2; ++k) o[k] = max_norm(o[k], part[2 * w + k]);
   return out;
 }
 

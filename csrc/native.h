@@ -37,4 +37,14 @@ at::Tensor implied_mass_cpu(const at::Tensor& hidden, const at::Tensor& tok_a, c
                             const at::Tensor& logprobs, const at::Tensor& idx, int64_t n_groups, double temperature,
                             int64_t scratch_elems);
 
+// nthr::native_row_norms: float64 [2], the largest row norm of hidden at the canonical tokens and of the
+// lm_head_weight rows read (all, or those of the distinct tok_ids); the value checks' norm pass.
+at::Tensor row_norms_cpu(const at::Tensor& hidden, const at::Tensor& tok_a, const std::optional<at::Tensor>& tok_b,
+                         const at::Tensor& tok_ids, const at::Tensor& lm_head_weight, bool weight_all_rows);
+
+// nthr::native_pairwise_group: whether native_advantages takes the pairwise path for a group of t_all tokens,
+// t_pos of them positive, |V*| = nv, hidden size d, at the scratch budget scratch_elems.
+bool pairwise_group_op(int64_t t_pos, int64_t t_all, int64_t nv, int64_t d, bool score_positive,
+                       int64_t scratch_elems);
+
 }  // namespace nthr

@@ -139,6 +139,12 @@ TORCH_LIBRARY_IMPL(nthr, CPU, m) {
   m.impl("native_score_tokens", &nthr::score_tokens_cpu);
   m.impl("native_advantages", &nthr::advantages_cpu);
   m.impl("native_implied_mass", &nthr::implied_mass_cpu);
+  m.impl("native_row_norms", &nthr::row_norms_cpu);
+}
+
+// No tensor argument to dispatch on: the path rule serves every key.
+TORCH_LIBRARY_IMPL(nthr, CompositeExplicitAutograd, m) {
+  m.impl("native_pairwise_group", &nthr::pairwise_group_op);
 }
 
 // Nothing here is differentiable: backward through these ops raises instead of returning wrong grads.
@@ -146,4 +152,5 @@ TORCH_LIBRARY_IMPL(nthr, Autograd, m) {
   m.impl("native_score_tokens", torch::autograd::autogradNotImplementedFallback());
   m.impl("native_advantages", torch::autograd::autogradNotImplementedFallback());
   m.impl("native_implied_mass", torch::autograd::autogradNotImplementedFallback());
+  m.impl("native_row_norms", torch::autograd::autogradNotImplementedFallback());
 }

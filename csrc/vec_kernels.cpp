@@ -77,23 +77,22 @@ NTHR_INLINE float hmax(fvec v) {
   return m;
 }
 
-NTHR_INLINE float hsum(fvec v) {  // fixed pairwise order
-  float a[kLanes];
-  store(a, v);
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) a[l] += a[l + w];
-  return a[0];
+// Horizontal sums in a fixed pairwise order: lane l += lane l + w for w = kLanes/2, ..., 1 (halves of the
+// vector added in registers; the same bits as that loop over an array, without the store and reloads).
+template <typename V>
+NTHR_INLINE auto hsum_lanes(V v) {
+  auto v8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto v4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3) + __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
+  auto v2 = __builtin_shufflevector(v4, v4, 0, 1) + __builtin_shufflevector(v4, v4, 2, 3);
+  return v2[0] + v2[1];
 }
+static_assert(kLanes == 16, "hsum_lanes halves 16 lanes");
+
+NTHR_INLINE float hsum(fvec v) { return hsum_lanes(v); }
 
 NTHR_INLINE dvec widen(fvec v) { return __builtin_convertvector(v, dvec); }
 
-NTHR_INLINE double hsum(dvec v) {  // fixed pairwise order
-  double a[kLanes];
-  std::memcpy(a, &v, sizeof(a));
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) a[l] += a[l + w];
-  return a[0];
-}
+NTHR_INLINE double hsum(dvec v) { return hsum_lanes(v); }
 
 // The dot products keep kChains independent accumulators (vector i goes to chain i % kChains, the chains
 // are added in a fixed order at the end): one accumulator left each step waiting for the previous add.

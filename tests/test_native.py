@@ -23,7 +23,9 @@ from nthr_kernels.ops import native_lib
 from nthr_kernels.ops.score_tokens.native_impl import score_tokens as native_score_tokens
 from nthr_kernels.registry import native_available, resolve
 
-from _helpers import assert_matches_reference, backends, case, run, run_impl, stable_seed, validated
+from nthr_kernels.ops.advantages.native_impl import pairwise_cheaper, pairwise_group
+
+from _helpers import assert_matches_reference, backends, case, grpo_advantages, run, run_impl, stable_seed, validated
 
 NATIVE = native_available()
 needs_native = pytest.mark.skipif(
@@ -61,6 +63,87 @@ def test_budget_paths_match_reference(budget, anchor, source, score_positive):
     kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", anchor=anchor, beta=0.5,
               score_positive=score_positive)
     assert_matches_reference(run_impl(b, "native", budget, **kw), run(b, "reference", **kw), b)
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-group path: pairwise where a group's positive tokens are few
+# --------------------------------------------------------------------------------------------------
+def _two_path_batch(seed: int, dtype=torch.float32, packed=False):
+    """Groups 0, 1 with one short correct response (the pairwise path), groups 2, 3 mostly correct (factored)."""
+    lengths = [6, 20, 22, 18, 21, 5, 19, 23, 20, 24, 22, 3, 4, 25, 21, 23]
+    b = case(n_groups=4, group_size=4, lengths=lengths, d=48, vocab=397, seed=seed, dtype=dtype, packed=packed,
+             holes=not packed, temperature=0.8)
+    b.rewards = torch.tensor([1., 0, 0, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1])
+    b.advantages = grpo_advantages(b.rewards, b.group_size)
+    return b
+
+
+def _paths(b, budget=None, score_positive=False) -> list:
+    """``pairwise_group`` of every active group of a synthetic batch (True: pairwise)."""
+    batch = validated(b)
+    tok_group, tok_pos = batch.resp_group[batch.tok_resp], batch.positive[batch.tok_resp]
+    out = []
+    for g in range(batch.group_ids.numel()):
+        at = tok_group == g
+        if bool(batch.group_active[g]):
+            out.append(pairwise_group(int((at & tok_pos).sum()), int(at.sum()), torch.unique(batch.tok_ids[at]).numel(),
+                                      b.hidden.shape[-1], score_positive, budget))
+    return out
+
+
+@needs_native
+def test_pairwise_rule_is_the_python_rule():
+    """nthr::native_pairwise_group = pairwise_cheaper where the scratch fits; never where it does not."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(400):
+        tp, tn, nv, d = (int(x) for x in torch.randint(1, 3000, (4,), generator=g))
+        sp = bool(torch.randint(0, 2, (), generator=g))
+        assert pairwise_group(tp, tp + tn, nv, d, sp, 1 << 50) == pairwise_cheaper(tp, tp + tn, nv, d, sp), (tp, tn, nv, d, sp)
+    assert pairwise_cheaper(1, 50, 1000, 8, False) and not pairwise_group(1, 50, 1000, 8, False, 1)  # scratch
+    assert not pairwise_group(0, 50, 1000, 8, False)  # no positive token: no path to take
+
+
+@needs_native
+@pytest.mark.parametrize("score_positive", [False, True])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
+@pytest.mark.parametrize("budget", [1 << 15, None])  # 1 << 15: K_e and the hidden cache just fit one slice
+def test_pairwise_and_factored_groups_match_reference(budget, source, anchor, score_positive):
+    """One call with groups on both paths: scores, anchors (tau) and selection are the reference's."""
+    b = _two_path_batch(stable_seed("paths", budget, source, anchor, score_positive))
+    assert _paths(b, budget, score_positive) == [True, True, False, False]
+    kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", anchor=anchor, beta=0.7,
+              score_positive=score_positive)
+    res = run_impl(b, "native", budget, **kw)
+    assert_matches_reference(res, run(b, "reference", **kw), b)
+    if not score_positive:  # positive tokens are not scored on either path: 0
+        positive = (b.rewards > 0.5)[:, None].expand_as(b.mask) & b.mask
+        assert not bool(res.scores[positive].any())
+
+
+@needs_native
+@pytest.mark.parametrize("score_positive", [False, True])
+@pytest.mark.parametrize("anchor", ["all", "others"])
+def test_pairwise_same_bits_at_one_and_two_threads(anchor, score_positive):
+    b = _two_path_batch(stable_seed("paths-threads", anchor, score_positive))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(run(b, "native", anchor=anchor, score_positive=score_positive))
+    finally:
+        torch.set_num_threads(before)
+    for f in ("scores", "token_advantages", "selected", "tau"):
+        assert torch.equal(getattr(outs[0], f).nan_to_num(0.5), getattr(outs[1], f).nan_to_num(0.5)), f
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_pairwise_groups_low_precision(dtype, packed):
+    b = _two_path_batch(5, dtype=dtype, packed=packed)
+    assert_matches_reference(run(b, "native"), run(b, "reference"), b, dtype=dtype)
 
 
 @needs_native
@@ -357,6 +440,15 @@ DIRECT_CALLS = {
                                    "tok_group: index"),
     "implied-no-sample": (_IMPLIED.format(group="args[5][args[4]]", idx="torch.zeros(0, dtype=torch.long)")
                           + "; assert out.numel() == 0", None),
+    # the value checks' norm pass: (hidden, tok_a, tok_b, tok_ids, weight, weight_all_rows)
+    "norms-tok_a-out-of-range": ("out = torch.ops.nthr.native_row_norms(args[0], args[1] + 10**6, args[2], args[3], "
+                                 "args[10], False)", "tok_a: index"),
+    "norms-id-out-of-range": ("out = torch.ops.nthr.native_row_norms(args[0], args[1], args[2], args[3] + 10**6, "
+                              "args[10], False)", "tok_ids: index"),
+    "norms-no-tokens": ("out = torch.ops.nthr.native_row_norms(args[0], args[1][:0], args[2][:0], args[3][:0], "
+                        "args[10], False); assert out.tolist() == [0.0, 0.0]", None),
+    "pairwise-rule-degenerate": ("assert not any(torch.ops.nthr.native_pairwise_group(*a, False, e) for a in "
+                                 "((0, 0, 0, 0), (1, 1, 0, 0), (-1, 5, 3, 2), (1, 2, -3, 4)) for e in (0, 1, -5))", None),
 }
 
 

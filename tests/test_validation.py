@@ -1,4 +1,5 @@
 """Bad input is loud: a ValueError or TypeError whose message starts with the argument's name."""
+import dataclasses
 import math
 
 import pytest
@@ -177,7 +178,7 @@ def test_non_finite_detected(b, where, value):
         kw["hidden"] = h
     elif where == "lm_head_weight":
         w = b.lm_head_weight.clone()
-        w[3, 1] = value
+        w[int(b.token_ids[b.mask][0]), 1] = value  # a row the call reads (a completion token's id)
         kw["lm_head_weight"] = w
     else:
         lg = (b.hidden @ b.lm_head_weight.T).clone()
@@ -302,6 +303,73 @@ def _bad_policy_value(b, where):
         lp[r, c] = -1e300
         return dict(old_logprobs=lp)
     raise AssertionError(where)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_weight_rows_not_read_are_not_checked(b, backend, dtype):
+    """With old_logprobs a call reads only the weight rows of the completion tokens' ids: NaN in another row
+    is fine (like NaN at padding); a NaN in a row read is named; without old_logprobs every row is read
+    (the full-vocabulary normaliser), so every row is checked. The native backend's own norm pass (float32,
+    float16, bfloat16) and the torch expressions (float64 here) agree on this."""
+    bd = case(seed=3, n_groups=2, group_size=4, lengths=(1, 6), d=8, vocab=23, dtype=dtype)
+    read = set(bd.token_ids[bd.mask].tolist())
+    unread = min(set(range(23)) - read)
+    w = bd.lm_head_weight.clone()
+    w[unread, 2] = float("nan")
+    res = call(bd, lm_head_weight=w, backend=backend)
+    assert bool(torch.isfinite(res.scores).all())
+    assert torch.equal(res.selected, call(bd, backend=backend).selected)
+    raises(ValueError, "lm_head_weight", lambda: call(bd, lm_head_weight=w, old_logprobs=None, backend=backend))
+    w = bd.lm_head_weight.clone()
+    w[min(read), 2] = float("inf")
+    with pytest.raises(ValueError, match=r"^lm_head_weight: .*in a row of a completion token's id"):
+        call(bd, lm_head_weight=w, backend=backend)
+    call(bd, lm_head_weight=w, backend=backend, check_finite=False)  # opt-out: no check
+
+
+def test_native_row_norms_are_the_torch_norms():
+    """nthr::native_row_norms (the native backend's norm pass) against torch's vector_norm over the same
+    rows: hidden at the completion positions, the weight rows read; padded and packed, strided, bf16."""
+    from nthr_kernels.core.checks import _max_row_norm, validate_batch, weight_rows_read
+    from nthr_kernels.core.rules import Options
+    from nthr_kernels.registry import native_available
+
+    if not native_available():
+        pytest.skip("native C++ ops not built here")
+    from nthr_kernels.ops.advantages.native_impl import policy_norms
+
+    for packed, dtype in ((False, torch.float32), (True, torch.float32), (False, torch.bfloat16)):
+        bb = make_batch(3, 4, (0, 40), 24, 301, seed=2, packed=packed, dtype=dtype, holes=not packed)
+        h = torch.empty(bb.hidden.shape[:-1] + (2 * bb.hidden.shape[-1],), dtype=dtype)[..., ::2]
+        h.copy_(bb.hidden)  # strided rows
+        x = Inputs(h, bb.token_ids, bb.rewards, bb.advantages, bb.lm_head_weight, None, bb.old_logprobs,
+                   bb.mask, bb.cu_seqlens, bb.group_size, None)
+        batch = validate_batch(x, Options(check_finite=False, check_logprobs=False))
+        rows = None if packed else bb.mask
+        seen = weight_rows_read(bb.token_ids, rows, 301)
+        assert int(seen.sum()) < 301  # some rows are not read
+        for all_rows, wrows in ((False, seen), (True, None)):
+            got = policy_norms(batch, all_rows)
+            want = torch.stack([_max_row_norm(h, rows), _max_row_norm(bb.lm_head_weight, wrows)]).double()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        hn = h.clone()  # NaN in the first completion row: a NaN norm
+        first = (int(batch.tok_a[0]),) if batch.tok_b is None else (int(batch.tok_a[0]), int(batch.tok_b[0]))
+        hn[first][0] = float("nan")
+        assert math.isnan(float(policy_norms(dataclasses.replace(batch, hidden=hn), False)[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inf_is_named(dtype):
+    """Inf in a bfloat16/float16 hidden is named as such (the row scan compared with FLOAT32_MAX rounded to
+    the dtype's inf, let it pass, and the logit-scale check spoke of the temperature instead)."""
+    bd = case(seed=3, n_groups=2, group_size=4, lengths=(1, 6), d=8, vocab=23, dtype=dtype)
+    h = bd.hidden.clone()
+    r, c = bd.mask.nonzero()[0].tolist()
+    h[r, c, 1] = float("inf")
+    for backend in ALL_BACKENDS:
+        with pytest.raises(ValueError, match=r"^hidden: contains NaN, Inf"):
+            call(bd, hidden=h, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

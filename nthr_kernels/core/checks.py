@@ -78,18 +78,24 @@ def check_backend(backend) -> str:
     return backend
 
 
+_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # every finite value fits float32
+
+
 def _in_range(x: torch.Tensor) -> torch.Tensor:
-    """Elementwise: finite and within float32 range (NaN compares False)."""
-    return x.abs() <= FLOAT32_MAX
+    """Elementwise: finite and within float32 range (NaN compares False). For float32/16/bf16 that is
+    finiteness: comparing a bfloat16 tensor with FLOAT32_MAX rounds the bound to bfloat16's inf."""
+    return torch.isfinite(x) if x.dtype in _NARROW_FLOATS else x.abs() <= FLOAT32_MAX
 
 
 _SKIP_HINT = "; pass check_finite=False to skip this check"
+_AT_COMPLETION = "at a completion position "  # check_float32_range's ``at``: a selected row of hidden/logits
 
 
-def check_float32_range(name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None, hint: str = _SKIP_HINT) -> float:
+def check_float32_range(name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None, hint: str = _SKIP_HINT,
+                        at: str = _AT_COMPLETION) -> float:
     """Raise unless every value of ``x`` is finite and within float32 range (the maths is float32: a
-    float64 1e39 would become inf); with ``rows`` (bool over the leading dims) only where it is True.
-    Returns the largest magnitude (over all of ``x``; 0 when empty).
+    float64 1e39 would become inf); with ``rows`` (bool over the leading dims) only where it is True
+    (``at`` names such a row in the message). Returns the largest magnitude (over all of ``x``; 0 when empty).
 
     Fast path: one ``aminmax`` over the whole tensor (a single read, no temporary; NaN and Inf
     propagate into min/max). Only if that finds a bad value and ``rows`` is given does a row-wise scan
@@ -110,7 +116,7 @@ def check_float32_range(name: str, x: torch.Tensor, rows: Optional[torch.Tensor]
             ok |= ~sel[r0 : r0 + step]
         if not bool(ok.all()):
             bad = int(r0 + (~ok).nonzero()[0, 0])
-            where = "at a completion position " if sel is not None else ""
+            where = at if sel is not None else ""
             raise ValueError(
                 f"{name}: contains NaN, Inf or a value beyond float32 range (|x| > {FLOAT32_MAX:.4g}) {where}"
                 f"(first bad row {bad} of the flattened leading dims){hint}"
@@ -190,7 +196,7 @@ def _masked_minmax(x: torch.Tensor, rows: Optional[torch.Tensor]):
 
 
 def defer_float32_range(pending: Pending, name: str, x: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                        hint: str = None):
+                        hint: str = None, at: str = _AT_COMPLETION):
     """:func:`check_float32_range` recorded on ``pending``; returns the 0-d largest magnitude and the 0-d
     maximum. ``rows``: elementwise (``x``'s shape) selects the values checked; over whole rows (the leading
     dims of a padded ``hidden``/``logits``) the device checks all of ``x`` in one pass (the fast path), and
@@ -206,7 +212,7 @@ def defer_float32_range(pending: Pending, name: str, x: torch.Tensor, rows: Opti
     if rows is not None and not per_row:  # elementwise selection: the message reads the selected values
         pending.fail_if(~ok, _error_of(lambda: check_float32_range(name, x[rows], None, hint)))
     else:
-        pending.fail_if(~ok, _error_of(lambda: check_float32_range(name, x, rows, hint)))
+        pending.fail_if(~ok, _error_of(lambda: check_float32_range(name, x, rows, hint, at)))
     return torch.maximum(-lo, hi).float(), hi
 
 
@@ -229,7 +235,6 @@ def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch
     return norms.max() if norms.numel() else torch.zeros((), dtype=norms.dtype, device=norms.device)
 
 
-_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # every finite value fits float32
 _NORM_BOUND = "bounded by max ||hidden row|| * max ||lm_head_weight row||"
 
 
@@ -240,12 +245,35 @@ def _defer_logit_scale(pending: Pending, temperature: float, top: torch.Tensor, 
                     _error_of(lambda: check_logit_scale(temperature, exact() if exact else float(top), source)))
 
 
+_WEIGHT_ROWS_READ = "in a row of a completion token's id "  # check_float32_range's ``at`` for lm_head_weight
+
+
+def weight_rows_read(token_ids: torch.Tensor, rows: Optional[torch.Tensor], vocab: int) -> torch.Tensor:
+    """``[vocab]`` bool: the ``lm_head_weight`` rows a call with ``old_logprobs`` reads (the ids of the
+    completion tokens, ``rows`` of a padded layout; ids must be in range). No synchronisation."""
+    ids = token_ids.reshape(-1).to(torch.int64)
+    if rows is None:
+        return torch.zeros(vocab, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+    hits = torch.zeros(vocab, dtype=torch.int32, device=ids.device)
+    return hits.index_add_(0, ids, rows.reshape(-1).to(torch.int32)) > 0
+
+
+def policy_norms_apply(hidden, lm_head_weight) -> bool:
+    """Whether the row-norm pass serves the value checks of ``hidden`` + ``lm_head_weight`` (both float32,
+    float16 or bfloat16, where every finite value fits float32): see :func:`check_policy_values`."""
+    return hidden.dtype in _NARROW_FLOATS and lm_head_weight.dtype in _NARROW_FLOATS
+
+
 def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows=None,
-                        pending: Optional[Pending] = None) -> None:
+                        pending: Optional[Pending] = None, weight_rows=None, norms=None) -> None:
     """The value checks of the old policy's inputs: float32 range, then the logit scale against the
     temperature (exact with ``logits``; with ``hidden`` + ``lm_head_weight`` the Cauchy-Schwarz bound
-    ``max ||h_t|| * max ||w_v||``). ``rows``: the completion positions of a padded ``hidden``/``logits``.
-    Recorded on ``pending`` when given, else read and raised here."""
+    ``max ||h_t|| * max ||w_v||``). Only values the call reads are checked: ``rows``, the completion
+    positions of a padded ``hidden``/``logits``; ``weight_rows`` (``[V]`` bool, from
+    :func:`weight_rows_read`), the ``lm_head_weight`` rows read with ``old_logprobs`` (None: all).
+    ``norms``: the two 0-d largest row norms (hidden, weight) over those rows, computed by the caller (the
+    native backend's own pass) when :func:`policy_norms_apply`. Recorded on ``pending`` when given, else
+    read and raised here."""
     own = pending is None
     pending = Pending() if own else pending
     if logits is not None:
@@ -260,17 +288,19 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
 
         _defer_logit_scale(pending, temperature, top, "max |logits|", exact)
     else:
-        top_h, top_w = _max_row_norm(hidden, rows), _max_row_norm(lm_head_weight)
-        if hidden.dtype in _NARROW_FLOATS and lm_head_weight.dtype in _NARROW_FLOATS:
+        if norms is None:
+            norms = _max_row_norm(hidden, rows), _max_row_norm(lm_head_weight, weight_rows)
+        top_h, top_w = norms
+        if policy_norms_apply(hidden, lm_head_weight):
             # every finite value of these dtypes lies within float32 range, and a row's norm is finite only if
             # its values are: the norm pass serves the range check too; a non-finite norm sends the builder
             # to the element scans (which clear values that are finite but too large for the float32 norm)
             pending.fail_if(~(torch.isfinite(top_h) & torch.isfinite(top_w)), _first_error(
                 lambda: check_float32_range("hidden", hidden, rows),
-                lambda: check_float32_range("lm_head_weight", lm_head_weight)))
+                lambda: check_float32_range("lm_head_weight", lm_head_weight, weight_rows, at=_WEIGHT_ROWS_READ)))
         else:
             defer_float32_range(pending, "hidden", hidden, rows)
-            defer_float32_range(pending, "lm_head_weight", lm_head_weight)
+            defer_float32_range(pending, "lm_head_weight", lm_head_weight, weight_rows, at=_WEIGHT_ROWS_READ)
         _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND)
     if own:
         pending.read()
@@ -563,7 +593,7 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     return StaticInfo(lead_shape, n_resp, vocab, check_options(opts), group_ids)
 
 
-def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mass=None) -> Batch:
+def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mass=None, policy_norms=None) -> Batch:
     """All checks (:func:`check_batch_static`, then the value checks) and the canonical token list.
 
     Host synchronisations: the value checks, the token count of a padded layout and the sizes the
@@ -573,6 +603,10 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mas
     first read (the Triton path), so that a call costs no extra synchronisation for it.
     ``implied_mass(batch, idx)``: an implementation's own :func:`implied_vstar_mass` for the check (the
     native backend's finds each group's ``V*`` itself); by default the blocks of :func:`_implied_mass`.
+    ``policy_norms(batch, weight_all_rows)``: an implementation's own row-norm pass for
+    :func:`check_policy_values` (0-d norms of ``hidden`` at the canonical tokens and of the weight rows
+    read), run once the token list exists and recorded on ``batch.pending`` ahead of the ``old_logprobs``
+    check (the order of the checks is unchanged: the policy values are the last of the first read's).
     """
     st = check_batch_static(x, opts)
     opts = st.opts
@@ -615,8 +649,13 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mas
         ))
     if old_logprobs is not None:
         check_logprob_values(old_logprobs, rows, pend)
-    if opts.check_finite:
-        check_policy_values(hidden, lm_head_weight, logits, opts.temperature, rows, pend)
+    own_norms = (opts.check_finite and policy_norms is not None and lm_head_weight is not None
+                 and policy_norms_apply(hidden, lm_head_weight))
+    weight_rows = None  # the weight rows read: all, or with old_logprobs those of the completion ids
+    if opts.check_finite and lm_head_weight is not None and old_logprobs is not None:
+        weight_rows = weight_rows_read(ids_pos.clamp(0, vocab - 1), rows, vocab)  # bad ids: raised first
+    if opts.check_finite and not own_norms:
+        check_policy_values(hidden, lm_head_weight, logits, opts.temperature, rows, pend, weight_rows)
 
     # ---- group statistics ------------------------------------------------------------------------------
     zeros = lambda: torch.zeros(n_groups, dtype=torch.int64, device=dev)  # noqa: E731
@@ -666,6 +705,10 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mas
         n_resp=n_resp_g,
         group_active=active,
     )
+    if own_norms:
+        top = policy_norms(batch, old_logprobs is None)
+        check_policy_values(hidden, lm_head_weight, None, opts.temperature, rows, batch.pending, weight_rows,
+                            norms=(top[0], top[1]))
     if check_lp and n:
         if implied_mass is not None:
             excess = implied_mass(batch, logprob_sample(n, dev))

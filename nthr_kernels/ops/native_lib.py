@@ -26,7 +26,9 @@ Kernels (``csrc/advantages.cpp``, ``csrc/ops.cpp``; arguments in ``csrc/params.h
 scored one by one unless ``score_positive``: each positive response's anchor is ``<M, N_i> / |y_i|``
 (``"all"``) or ``<M - N_i, N_i> / |y_i|`` (``"others"``) with ``N_i = E_i^T H_i`` and
 ``M = sum_i N_i``, so a group costs ``2 |V*| d (T + T+ + T-)`` FLOPs instead of
-``2 |V*| d (2 T + T+)``. With ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary
+``2 |V*| d (2 T + T+)``. A group with few positive tokens takes the pairwise path instead
+(``native_impl.pairwise_cheaper``, docs/NTHR.md): ``K_e = E+ E^T`` and ``K_h = H+ H^T`` give the negative
+tokens' scores and the anchor sums for ``2 T+ T (|V*| + d)`` FLOPs, no ``M``. With ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary
 ``log Z`` runs first (row chunks in parallel, per vocabulary chunk one GEMM tile folded at once into
 an online log-sum-exp); then every active group in parallel, largest first: ``V*``, the prediction
 errors of all its tokens (cached per column block of ``V*``), ``N_i``, ``M``, the anchors and the
@@ -37,8 +39,10 @@ float32 buffers of a slice (E cache, ``N_i`` and ``M``, ``W*`` rows, hidden rows
 a log-sum-exp tile; reused from one group to the next), so at most about ``24 * SCRATCH_ELEMS``
 bytes in all (under ``32 * SCRATCH_ELEMS``, 128 MiB by default; far less in practice: the buffers
 are sized to the group), plus ``O(n)`` per-token vectors (about 40 bytes per completion token) and one
-``[|V|]`` int32 marker per working thread (the distinct ids of a group); no ``[n, |V|]`` or ``[T+, T]``
-tensor is formed.
+``[|V|]`` int32 marker per working thread (the distinct ids of a group); no ``[n, |V|]`` tensor is formed,
+and a ``[T+, T]`` one (``K_e`` of a pairwise group, in the ``N_i``/``M`` buffer) only within one slice.
+The value checks' norm pass (``nthr::native_row_norms``) and the old log-probs check
+(``nthr::native_implied_mass``) run on the same kernels' building blocks before the op.
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
 (passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item.
 
@@ -85,6 +89,13 @@ _lib.define(
     "native_implied_mass(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor tok_group, "
     "Tensor lm_head_weight, Tensor logprobs, Tensor idx, int n_groups, float temperature, int scratch_elems) -> Tensor"
 )
+_lib.define(
+    "native_pairwise_group(int t_pos, int t_all, int nv, int d, bool score_positive, int scratch_elems) -> bool"
+)
+_lib.define(
+    "native_row_norms(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor lm_head_weight, "
+    "bool weight_all_rows) -> Tensor"
+)
 
 
 @torch.library.register_fake("nthr::native_score_tokens")
@@ -111,6 +122,11 @@ def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group,
 def _native_implied_mass_fake(hidden, tok_a, tok_b, tok_ids, tok_group, lm_head_weight, logprobs, idx, n_groups,
                               temperature, scratch_elems):
     return idx.new_empty((idx.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake("nthr::native_row_norms")
+def _native_row_norms_fake(hidden, tok_a, tok_b, tok_ids, lm_head_weight, weight_all_rows):
+    return hidden.new_empty((2,), dtype=torch.float64)
 
 
 

@@ -6,8 +6,24 @@ from typing import Optional
 
 import torch
 
-from ...core.rules import SCRATCH_ELEMS, group_eta
+from ...core.rules import SCRATCH_ELEMS, factored_cost, group_eta, pairwise_cost
 from .. import native_lib
+
+
+def pairwise_cheaper(t_pos: int, t_all: int, nv: int, d: int, score_positive: bool) -> bool:
+    """The native op's cost rule per group (docs/NTHR.md, "Paths"): pairwise (the positive tokens' products
+    ``(e_u . e_t)(h_u . h_t)`` for every token, ``2 T+ T (|V*| + d)`` FLOPs) iff cheaper than factored
+    (``M`` and ``E_t M`` for the negative tokens, ``2 |V*| d T``, plus ``2 |V*| d T+`` with
+    ``score_positive``). The op takes it where its scratch also fits (``nthr::native_pairwise_group``)."""
+    return pairwise_cost(t_pos, t_all, nv, d) < factored_cost(t_pos if score_positive else 0, t_all, nv, d)
+
+
+def pairwise_group(t_pos: int, t_all: int, nv: int, d: int, score_positive: bool = False,
+                   budget: Optional[int] = None) -> bool:
+    """Whether ``nthr::native_advantages`` runs a group of ``t_all`` tokens (``t_pos`` positive, ``|V*| = nv``)
+    on the pairwise path: :func:`pairwise_cheaper` and its scratch within one worker's slice."""
+    native_lib.require()
+    return bool(torch.ops.nthr.native_pairwise_group(t_pos, t_all, nv, d, score_positive, int(budget or SCRATCH_ELEMS)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,4 +77,16 @@ def implied_mass(batch, idx: torch.Tensor, budget: Optional[int] = None) -> torc
     )
 
 
-nthr_advantages.implied_mass = implied_mass  # read by nthr_kernels.library: validation's old_logprobs check
+def policy_norms(batch, weight_all_rows: bool) -> torch.Tensor:
+    """float64 ``[2]``: the largest row norm of ``hidden`` at the canonical tokens and of the
+    ``lm_head_weight`` rows read (all, or with ``old_logprobs`` those of the completion ids), in one native
+    pass over those rows only; validation's :func:`~nthr_kernels.core.checks.check_policy_values` uses it
+    when this backend runs the call."""
+    native_lib.require()
+    return torch.ops.nthr.native_row_norms(batch.hidden, batch.tok_a, batch.tok_b, batch.tok_ids,
+                                           batch.lm_head_weight, weight_all_rows)
+
+
+# read by nthr_kernels.library: validation's old_logprobs check and the norm pass of its value checks
+nthr_advantages.implied_mass = implied_mass
+nthr_advantages.policy_norms = policy_norms
