@@ -4,8 +4,8 @@
 // place, set_advantages_params; then:
 //   order_groups       the active groups' tokens in `order`, positive responses first (counting sort);
 //   log_z_full_vocab   weight without old log-probs only: log Z_t over the whole vocabulary;
-//   then per active group, groups in parallel (largest first), each on its own scratch slice:
-//     group_vstar        V* (sorted unique ids) and each token's column in it;
+//   group_vstar        per active group, in parallel: V* (sorted unique ids) and each token's column in it;
+//   then per active group, groups in parallel (most FLOPs first, group_flops), each on its own scratch slice:
 //     group_log_z        log Z_t from the old log-probs or the logits (unless done above);
 //     per column block of V*:
 //       errors_block       E = onehot - exp(z / T - log Z) of every token of the group;
@@ -50,6 +50,8 @@ namespace nthr {
 namespace {
 
 using at::Tensor;
+
+constexpr int64_t kFloatsPerLine = 16;  // float32 values per 64-byte cache line
 
 // Per-worker scratch, reused across work items (see Scratch in params.h).
 struct Workspace {
@@ -139,7 +141,11 @@ void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, i
   if (weight.scalar_type() == at::kFloat && weight.stride(1) == 1) {
     const float* w = weight.const_data_ptr<float>();
     const int64_t ldw = weight.stride(0);
-    for (int64_t i = 0; i < n; ++i) out[i] = vec::dot(h + i * d, w + ids[i] * ldw, d);
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kPrefetchRows < n)  // scattered rows, mostly from memory: fetch a few ahead
+        for (int64_t j = 0; j < d; j += kFloatsPerLine) __builtin_prefetch(w + ids[i + kPrefetchRows] * ldw + j);
+      out[i] = vec::dot(h + i * d, w + ids[i] * ldw, d);
+    }
     return;
   }
   gather_rows(weight, ids, nullptr, n, nullptr, d, buf, d);
@@ -371,7 +377,7 @@ void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, st
     Tensor st = mat(g.prod, tn, d, d);
     at::mm_out(st, mat(g.e + t0 * g.ld, tn, cw, g.ld), mat(g.nm, cw, d, d));
     const float* h = g.hrows(p, t0, tn);
-    for (int64_t i = 0; i < tn; ++i) s[t0 + i] += vec::dot(g.prod + i * d, h + i * d, d);
+    vec::dot_rows(g.prod, h, tn, d, s.data() + t0);
   }
 }
 
@@ -437,8 +443,15 @@ void finish_group(const AdvantagesParams& p, const Group& g, const std::vector<d
   p.tau[g.batch_index] = tau;
 }
 
+// The group's FLOPs on the path it takes (for the schedule only; V* known).
+double group_flops(const AdvantagesParams& p, const Group& g) {
+  const double nv = static_cast<double>(g.vs.size()), d = static_cast<double>(p.d), T = g.T, tp = g.tp;
+  return pairwise_group(g.tp, g.T, g.vs.size(), p.d, p.score_positive, p.slice) ? 2 * nv * d * T + 2 * tp * T * (nv + d)
+                                                                                 : 4 * nv * d * T;
+}
+
+// After group_vstar.
 void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full) {
-  group_vstar(p, g, ws);
   group_blocks(p, g, ws);
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
   else group_log_z(p, g, ws);
@@ -586,53 +599,134 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   }
   lap("log Z (full vocabulary)");
   const int64_t n_act = static_cast<int64_t>(g.batch_index.size());
-  std::vector<int64_t> by_size(n_act);  // largest groups first: better balance, same results
-  for (int64_t k = 0; k < n_act; ++k) by_size[k] = k;
-  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t x, int64_t y) { return g.len[x] > g.len[y]; });
+  std::vector<Group> groups;
+  groups.reserve(n_act);
+  for (int64_t k = 0; k < n_act; ++k) groups.emplace_back(g.order.data() + g.start[k], g.len[k], g.n_pos_tokens[k], g.batch_index[k]);
   std::vector<Workspace> ws(kWorkers);
+  for_each_item(n_act, [&](int64_t k, int64_t w) { group_vstar(p, groups[k], ws[w]); });
+  // most FLOPs first (pairwise groups do far less work per token): better balance, same results
+  std::vector<double> flops(n_act);
+  std::vector<int64_t> order(n_act);
+  for (int64_t k = 0; k < n_act; ++k) {
+    flops[k] = group_flops(p, groups[k]);
+    order[k] = k;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return flops[x] > flops[y]; });
+  lap("V*");
   for_each_item(n_act, [&](int64_t i, int64_t w) {
-    const int64_t k = by_size[i];
-    Group grp(g.order.data() + g.start[k], g.len[k], g.n_pos_tokens[k], g.batch_index[k]);
-    process_group(p, grp, ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k]);
+    const int64_t k = order[i];
+    process_group(p, groups[k], ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k]);
   });
   lap("groups");
   return {scores, selected, token_adv, tau, eta_out};
 }
 
 // ---------------------------------------------------------------------------------------------------
-// the old log-probs check
+// the value checks: row norms and the old log-probs check
 // ---------------------------------------------------------------------------------------------------
-// m_j = l_j + log sum_{v in V*} exp((w_v - w_{y_t}) . h_t / T) at the sampled canonical tokens t = idx[j]
-// (docs/NTHR.md, "Checking old_logprobs"), V* the distinct ids of token t's group (in order of first
-// appearance), float32 products and float64 result. One item per group holding sampled tokens: its V*, then its sampled rows in blocks of
-// rb against V* in column blocks of vc (rb d, vc d, rb vc <= the slice), through lse_over_rows.
-Tensor implied_mass_cpu(const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b,
-                        const Tensor& tok_ids, const Tensor& tok_group, const Tensor& lm_head_weight,
-                        const Tensor& logprobs, const Tensor& idx, int64_t n_groups, double temperature,
-                        int64_t scratch_elems) {
-  constexpr const char* op_name = "native_implied_mass";
+namespace {
+constexpr int64_t kNormRows = 256;  // rows per norm item
+
+inline double max_norm(double acc, double r) { return (r > acc || std::isnan(r)) && !std::isnan(acc) ? r : acc; }
+
+// The largest norm of rows ia[0..rn) (with ib: src[ia, ib]) of src, from float32 sums of squares of the float32
+// values, like the torch path's vector_norm (a non-finite value gives a non-finite norm, and so does a finite one
+// beyond ~1.8e19; NaN wins). float32 rows are read in place, other dtypes converted into buf [rn, d].
+double max_row_norm(const Tensor& src, const int64_t* ia, const int64_t* ib, int64_t rn, int64_t d, Scratch& buf) {
+  double acc = 0.0;
+  if (src.scalar_type() == at::kFloat && src.stride(-1) == 1) {
+    const float* base = src.const_data_ptr<float>();
+    const int64_t s0 = src.stride(0), s1 = ib ? src.stride(1) : 0;
+    auto row = [&](int64_t i) { return base + ia[i] * s0 + (ib ? ib[i] * s1 : 0); };
+    for (int64_t i = 0; i < rn; ++i) {
+      if (i + kPrefetchRows < rn)
+        for (int64_t j = 0; j < d; j += kFloatsPerLine) __builtin_prefetch(row(i + kPrefetchRows) + j);
+      acc = max_norm(acc, std::sqrt(vec::dot(row(i), row(i), d)));
+    }
+    return acc;
+  }
+  float* b = buf.get(rn * d);
+  gather_rows(src, ia, ib, rn, nullptr, d, b, d);
+  for (int64_t i = 0; i < rn; ++i) acc = max_norm(acc, std::sqrt(vec::dot(b + i * d, b + i * d, d)));
+  return acc;
+}
+}  // namespace
+
+// float64 [2 + k]. With `norms`: [0] the largest norm of the hidden rows at the canonical tokens, [1] of the
+// lm_head_weight rows the call reads (every row with weight_all_rows, else the rows of the distinct tok_ids);
+// else both 0. With idx (k sampled canonical tokens, their old log-probs logprobs [k], tok_group [n]): [2 + j] =
+// m_j = l_j + log sum_{v in V*} exp((w_v - w_{y_t}) . h_t / T) at t = idx[j] (docs/NTHR.md, "Checking
+// old_logprobs"), V* the distinct ids of token t's group (in order of first appearance), float32 products and
+// float64 result, per group in blocks of rb sampled rows against V* in column blocks of vc (rb d, vc d, rb vc <=
+// the slice), through lse_over_rows.
+// One parallel region: the groups holding sampled tokens (GEMMs) interleaved with chunks of kNormRows rows for
+// the norms (memory reads), so that one thread streams rows while the other multiplies.
+Tensor check_values_cpu(const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b,
+                        const Tensor& tok_ids, const Tensor& lm_head_weight, bool norms, bool weight_all_rows,
+                        const std::optional<Tensor>& tok_group, const std::optional<Tensor>& logprobs,
+                        const std::optional<Tensor>& idx, int64_t n_groups, double temperature, int64_t scratch_elems) {
+  constexpr const char* op_name = "native_check_values";
   AdvantagesParams p;
   set_token_params(p, op_name, hidden, tok_a, tok_b, tok_ids, lm_head_weight, std::nullopt, temperature, scratch_elems);
-  CHECK_NUMEL(tok_group, p.n_tokens, "tok_group");
-  CHECK_NUMEL(logprobs, idx.numel(), "logprobs");
-  const int64_t k = idx.numel(), d = p.d;
-  const int64_t* group = owned<int64_t>(p, tok_group, at::kLong);
-  const int64_t* sample = owned<int64_t>(p, idx, at::kLong);
-  const float* lp = owned<float>(p, logprobs, at::kFloat);
-  for (int64_t t = 0; t < p.n_tokens; ++t) CHECK_IN_RANGE(group[t], n_groups, "tok_group");
-  for (int64_t j = 0; j < k; ++j) CHECK_IN_RANGE(sample[j], p.n_tokens, "idx");
-  Tensor out = at::empty({k}, at::TensorOptions().dtype(at::kDouble));
+  CHECK_ARG(idx.has_value() == logprobs.has_value() && idx.has_value() == tok_group.has_value(), "idx/logprobs/tok_group",
+            "pass all three or none");
+  const int64_t k = idx ? idx->numel() : 0, d = p.d, n = p.n_tokens;
+  const int64_t *group = nullptr, *sample = nullptr;
+  const float* lp = nullptr;
+  if (idx) {
+    CHECK_NUMEL(*tok_group, n, "tok_group");
+    CHECK_NUMEL(*logprobs, k, "logprobs");
+    group = owned<int64_t>(p, *tok_group, at::kLong);
+    sample = owned<int64_t>(p, *idx, at::kLong);
+    lp = owned<float>(p, *logprobs, at::kFloat);
+    for (int64_t t = 0; t < n; ++t) CHECK_IN_RANGE(group[t], n_groups, "tok_group");
+    for (int64_t j = 0; j < k; ++j) CHECK_IN_RANGE(sample[j], n, "idx");
+  }
+  Tensor out = at::zeros({2 + k}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  // each group's token ids and sampled positions, in canonical / sample order
-  std::vector<std::vector<int64_t>> ids(n_groups), picks(n_groups);
+
+  // the old log-probs check: each group's token ids and sampled positions, in canonical / sample order
+  std::vector<std::vector<int64_t>> ids(k ? n_groups : 0), picks(k ? n_groups : 0);
+  std::vector<int64_t> mass_items;
   for (int64_t j = 0; j < k; ++j) picks[group[sample[j]]].push_back(j);
+  for (int64_t g = 0; g < static_cast<int64_t>(picks.size()); ++g)
+    if (!picks[g].empty()) mass_items.push_back(g);
+  if (k)
+    for (int64_t t = 0; t < n; ++t)
+      if (!picks[group[t]].empty()) ids[group[t]].push_back(p.tok_ids[t]);
+
+  // the norms: hidden rows, then the weight rows read
+  std::vector<int64_t> wrows;  // the distinct ids (empty with weight_all_rows)
+  if (norms && !weight_all_rows) {
+    Workspace ws;
+    distinct_ids(p.tok_ids, n, p.vocab, ws, wrows, nullptr, false);
+  }
+  const int64_t nw = !norms ? 0 : weight_all_rows ? p.vocab : static_cast<int64_t>(wrows.size());
+  const int64_t items_h = norms ? (n + kNormRows - 1) / kNormRows : 0, items_w = (nw + kNormRows - 1) / kNormRows;
+
+  // items: >= 0 a group of the mass check, < 0 norm chunk -1 - c; interleaved (see above)
   std::vector<int64_t> items;
-  for (int64_t g = 0; g < n_groups; ++g)
-    if (!picks[g].empty()) items.push_back(g);
-  for (int64_t t = 0; t < p.n_tokens; ++t)
-    if (!picks[group[t]].empty()) ids[group[t]].push_back(p.tok_ids[t]);
+  const int64_t n_mass = static_cast<int64_t>(mass_items.size()), n_norm = items_h + items_w;
+  for (int64_t a = 0, b = 0; a < n_mass || b < n_norm;) {
+    if (a < n_mass) items.push_back(mass_items[a++]);
+    for (int64_t r = 0; b < n_norm && (r == 0 || a >= n_mass || b * n_mass < a * n_norm); ++r) items.push_back(-1 - b++);
+  }
+  std::vector<double> part(2 * kWorkers, 0.0);
   std::vector<Workspace> ws(kWorkers);
   for_each_item(static_cast<int64_t>(items.size()), [&](int64_t item, int64_t w) {
+    if (items[item] < 0) {
+      const int64_t c = -1 - items[item];
+      const bool is_w = c >= items_h;
+      const int64_t r0 = (is_w ? c - items_h : c) * kNormRows, rn = std::min(kNormRows, (is_w ? nw : n) - r0);
+      int64_t ia[kNormRows], ib[kNormRows];
+      for (int64_t i = 0; i < rn; ++i) {
+        ia[i] = is_w ? (weight_all_rows ? r0 + i : wrows[r0 + i]) : p.tok_a[r0 + i];
+        if (!is_w && p.tok_b) ib[i] = p.tok_b[r0 + i];
+      }
+      const double m = max_row_norm(is_w ? p.weight : p.hidden, ia, !is_w && p.tok_b ? ib : nullptr, rn, d, ws[w].h);
+      part[2 * w + is_w] = max_norm(part[2 * w + is_w], m);
+      return;
+    }
     const int64_t g = items[item], kg = static_cast<int64_t>(picks[g].size());
     std::vector<int64_t> vs;
     distinct_ids(ids[g].data(), static_cast<int64_t>(ids[g].size()), p.vocab, ws[w], vs, nullptr, false);
@@ -653,82 +747,20 @@ Tensor implied_mass_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
       lse_over_rows(p.weight, p.temperature, h, rn, d, vs.data(), nv, vc, ws[w], rmax.data(), rsum.data());
       for (int64_t i = 0; i < rn; ++i) {
         const int64_t j = picks[g][r0 + i];
-        o[j] = static_cast<double>(lp[j]) + rmax[i] + std::log(static_cast<double>(rsum[i])) -
-               static_cast<double>(zy[i]) / p.temperature;
+        o[2 + j] = static_cast<double>(lp[j]) + rmax[i] + std::log(static_cast<double>(rsum[i])) -
+                   static_cast<double>(zy[i]) / p.temperature;
       }
     }
   });
+  for (int64_t w = 0; w < kWorkers; ++w)
+    for (int c = 0; c < 2; ++c) o[c] = max_norm(o[c], part[2 * w + c]);
   return out;
 }
-
 
 // nthr::native_pairwise_group: the per-group path rule above at a scratch budget (tests, FLOP counts).
 bool pairwise_group_op(int64_t t_pos, int64_t t_all, int64_t nv, int64_t d, bool score_positive,
                        int64_t scratch_elems) {
   return pairwise_group(t_pos, t_all, nv, d, score_positive, worker_slice(scratch_elems, d));
-}
-
-// ---------------------------------------------------------------------------------------------------
-// the row norms of the value checks
-// ---------------------------------------------------------------------------------------------------
-// float64 [2]: the largest Euclidean norm of the hidden rows at the canonical tokens and of the lm_head_weight
-// rows the call reads (every row with weight_all_rows, else the rows of the distinct ids in tok_ids), from
-// float32 sums of squares of the float32 values, like the torch path's vector_norm (a non-finite value gives
-// a non-finite norm, and so does a finite one beyond ~1.8e19; NaN wins).
-// Items of kNormRows rows; float32 rows are read in place, other dtypes converted into a [kNormRows, d] buffer.
-namespace {
-constexpr int64_t kNormRows = 64, kPrefetchRows = 4;
-
-inline double max_norm(double acc, double r) { return (r > acc || std::isnan(r)) && !std::isnan(acc) ? r : acc; }
-}  // namespace
-
-Tensor row_norms_cpu(const Tensor& hidden, const Tensor& tok_a, const std::optional<Tensor>& tok_b,
-                     const Tensor& tok_ids, const Tensor& lm_head_weight, bool weight_all_rows) {
-  constexpr const char* op_name = "native_row_norms";
-  AdvantagesParams p;
-  set_token_params(p, op_name, hidden, tok_a, tok_b, tok_ids, lm_head_weight, std::nullopt, 1.0, kWorkers * kNormRows * hidden.size(-1));
-  const int64_t d = p.d, n = p.n_tokens;
-  std::vector<int64_t> wrows;  // the weight rows read (empty with weight_all_rows)
-  if (!weight_all_rows) {
-    Workspace ws;
-    distinct_ids(p.tok_ids, n, p.vocab, ws, wrows, nullptr, false);
-  }
-  const int64_t nw = weight_all_rows ? p.vocab : static_cast<int64_t>(wrows.size());
-  const int64_t items_h = (n + kNormRows - 1) / kNormRows, items_w = (nw + kNormRows - 1) / kNormRows;
-  std::vector<double> part(2 * kWorkers, 0.0);
-  std::vector<Workspace> ws(kWorkers);
-  for_each_item(items_h + items_w, [&](int64_t item, int64_t w) {
-    const bool is_w = item >= items_h;
-    const Tensor& src = is_w ? p.weight : p.hidden;
-    const int64_t r0 = (is_w ? item - items_h : item) * kNormRows, rn = std::min(kNormRows, (is_w ? nw : n) - r0);
-    int64_t ia[kNormRows], ib[kNormRows];
-    for (int64_t i = 0; i < rn; ++i) {
-      ia[i] = is_w ? (weight_all_rows ? r0 + i : wrows[r0 + i]) : p.tok_a[r0 + i];
-      if (!is_w && p.tok_b) ib[i] = p.tok_b[r0 + i];
-    }
-    const int64_t* b = !is_w && p.tok_b ? ib : nullptr;
-    double acc = 0.0;  // local: the workers' partial maxima share a cache line
-    if (src.scalar_type() == at::kFloat && src.stride(-1) == 1) {
-      const float* base = src.const_data_ptr<float>();
-      const int64_t s0 = src.stride(0), s1 = b ? src.stride(1) : 0;
-      auto row = [&](int64_t i) { return base + ia[i] * s0 + (b ? b[i] * s1 : 0); };
-      for (int64_t i = 0; i < rn; ++i) {
-        if (i + kPrefetchRows < rn)  // rows scattered by tok_a/tok_b or the ids: fetch ahead (~2x the bandwidth)
-          for (int64_t j = 0; j < d; j += 16) __builtin_prefetch(row(i + kPrefetchRows) + j);
-        acc = max_norm(acc, std::sqrt(vec::dot(row(i), row(i), d)));
-      }
-    } else {
-      float* buf = ws[w].h.get(rn * d);
-      gather_rows(src, ia, b, rn, nullptr, d, buf, d);
-      for (int64_t i = 0; i < rn; ++i) acc = max_norm(acc, std::sqrt(vec::dot(buf + i * d, buf + i * d, d)));
-    }
-    part[2 * w + is_w] = max_norm(part[2 * w + is_w], acc);
-  });
-  Tensor out = at::zeros({2}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (int64_t w = 0; w < kWorkers; ++w)
-    for (int k = 0; k < 2; ++k) o[k] = max_norm(o[k], part[2 * w + k]);
-  return out;
 }
 
 }  // namespace nthr

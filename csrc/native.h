@@ -30,17 +30,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> advantage
     const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& logprobs, double temperature,
     double beta, bool anchor_others, int64_t scratch_elems, bool score_positive);
 
-// nthr::native_implied_mass: the old log-probs check's implied log-mass on V* at sampled tokens idx
-// (float64 [k]); tok_group [n] is each canonical token's group, logprobs [k] the sampled tokens' l_t.
-at::Tensor implied_mass_cpu(const at::Tensor& hidden, const at::Tensor& tok_a, const std::optional<at::Tensor>& tok_b,
-                            const at::Tensor& tok_ids, const at::Tensor& tok_group, const at::Tensor& lm_head_weight,
-                            const at::Tensor& logprobs, const at::Tensor& idx, int64_t n_groups, double temperature,
-                            int64_t scratch_elems);
-
-// nthr::native_row_norms: float64 [2], the largest row norm of hidden at the canonical tokens and of the
-// lm_head_weight rows read (all, or those of the distinct tok_ids); the value checks' norm pass.
-at::Tensor row_norms_cpu(const at::Tensor& hidden, const at::Tensor& tok_a, const std::optional<at::Tensor>& tok_b,
-                         const at::Tensor& tok_ids, const at::Tensor& lm_head_weight, bool weight_all_rows);
+// nthr::native_check_values: float64 [2 + k], the value checks' arithmetic in one pass: with `norms`, the
+// largest row norm of hidden at the canonical tokens and of the lm_head_weight rows read (all, or those of the
+// distinct tok_ids); with idx, the old log-probs check's implied log-mass on V* at the k sampled canonical tokens
+// (logprobs [k] their l_t, tok_group [n] each canonical token's group).
+at::Tensor check_values_cpu(const at::Tensor& hidden, const at::Tensor& tok_a, const std::optional<at::Tensor>& tok_b,
+                            const at::Tensor& tok_ids, const at::Tensor& lm_head_weight, bool norms,
+                            bool weight_all_rows, const std::optional<at::Tensor>& tok_group,
+                            const std::optional<at::Tensor>& logprobs, const std::optional<at::Tensor>& idx,
+                            int64_t n_groups, double temperature, int64_t scratch_elems);
 
 // nthr::native_pairwise_group: whether native_advantages takes the pairwise path for a group of t_all tokens,
 // t_pos of them positive, |V*| = nv, hidden size d, at the scratch budget scratch_elems.

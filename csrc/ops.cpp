@@ -25,8 +25,12 @@ void gather_rows(const at::Tensor& src, const int64_t* ia, const int64_t* ib, in
   const int64_t width = cols ? ncols : src.size(dim - 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "nthr_gather_rows", [&] {
     const scalar_t* base = src.const_data_ptr<scalar_t>();
+    auto at_row = [&](int64_t r) { return base + ia[r] * s0 + (ib ? ib[r] * s1 : 0); };
+    constexpr int64_t per_line = 64 / sizeof(scalar_t);
     for (int64_t r = 0; r < count; ++r) {
-      const scalar_t* row = base + ia[r] * s0 + (ib ? ib[r] * s1 : 0);
+      const scalar_t* row = at_row(r);
+      if (!cols && sx == 1 && r + kPrefetchRows < count)  // indexed rows: fetch a few ahead (see params.h)
+        for (int64_t j = 0; j < width; j += per_line) __builtin_prefetch(at_row(r + kPrefetchRows) + j);
       float* o = out + r * ld;
       if (cols) {
         for (int64_t j = 0; j < width; ++j) o[j] = static_cast<float>(row[cols[j] * sx]);
@@ -87,7 +91,7 @@ void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
       at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
       const float* sp = s.const_data_ptr<float>();
       const float* hp = h.const_data_ptr<float>();
-      for (int64_t i = 0; i < rn; ++i) o[r0 + i] += vec::dot(sp + i * d, hp + i * d, d);
+      vec::dot_rows(sp, hp, rn, d, o + r0);
     });
   }
 }
@@ -138,8 +142,7 @@ at::Tensor score_tokens_cpu(const at::Tensor& h_pos, const at::Tensor& h_neg, co
 TORCH_LIBRARY_IMPL(nthr, CPU, m) {
   m.impl("native_score_tokens", &nthr::score_tokens_cpu);
   m.impl("native_advantages", &nthr::advantages_cpu);
-  m.impl("native_implied_mass", &nthr::implied_mass_cpu);
-  m.impl("native_row_norms", &nthr::row_norms_cpu);
+  m.impl("native_check_values", &nthr::check_values_cpu);
 }
 
 // No tensor argument to dispatch on: the path rule serves every key.
@@ -151,6 +154,5 @@ TORCH_LIBRARY_IMPL(nthr, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(nthr, Autograd, m) {
   m.impl("native_score_tokens", torch::autograd::autogradNotImplementedFallback());
   m.impl("native_advantages", torch::autograd::autogradNotImplementedFallback());
-  m.impl("native_implied_mass", torch::autograd::autogradNotImplementedFallback());
-  m.impl("native_row_norms", torch::autograd::autogradNotImplementedFallback());
+  m.impl("native_check_values", torch::autograd::autogradNotImplementedFallback());
 }

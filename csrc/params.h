@@ -43,6 +43,11 @@ struct SerialThread {
   SerialThread& operator=(const SerialThread&) = delete;
 };
 
+// Rows read through an index (weight rows by token id, hidden rows by position) are prefetched this many rows
+// ahead, one prefetch per cache line: the hardware prefetcher cannot guess the next row, and the row loops
+// waited on memory.
+constexpr int64_t kPrefetchRows = 4;
+
 // Scratch is split into kWorkers equal slices whatever the thread count, so every block size (and with it
 // every reduction order) depends on the inputs and scratch_elems alone: the same bits at any thread count.
 // At most kWorkers threads work at once; each holds at most ~6 float32 buffers of one slice.

@@ -151,12 +151,19 @@ void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z) {
   for (; i < n; ++i) e[i] = -sexp(e[i] * inv - log_z);
 }
 
-NTHR_CLONES
-float dot(const float* a, const float* b, int64_t n) {
+static NTHR_INLINE float dot_body(const float* a, const float* b, int64_t n) {
   int64_t i;
   float s = hsum(chained_sum<fvec>(n, &i, [&](int64_t j) { return load(a + j) * load(b + j); }));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+NTHR_CLONES
+float dot(const float* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+
+NTHR_CLONES
+void dot_rows(const float* a, const float* b, int64_t rows, int64_t d, float* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] += dot_body(a + r * d, b + r * d, d);
 }
 
 NTHR_CLONES

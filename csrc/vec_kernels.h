@@ -17,6 +17,9 @@ void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z);
 // Dot product in float32 with a fixed (deterministic) lane-wise summation order.
 float dot(const float* a, const float* b, int64_t n);
 
+// out[r] += dot(a + r * d, b + r * d, d) for r < rows (the same bits as dot per row, in one streaming pass).
+void dot_rows(const float* a, const float* b, int64_t rows, int64_t d, float* out);
+
 // sum_i a[i] * b[i] with exact float64 products, summed in float64 in a fixed lane-wise order.
 double dot_f64(const float* a, const float* b, int64_t n);
 

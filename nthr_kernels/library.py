@@ -95,10 +95,9 @@ def nthr_advantages(
                    score_positive=score_positive)
     impl = registry.implementation("nthr_advantages", registry.resolve(backend, hidden.device))
     # an implementation that reads batch.pending with its own first host read saves a synchronisation;
-    # one with its own implied_mass / policy_norms runs that check's arithmetic (same values, same rule)
+    # one with its own value_checks runs the checks' arithmetic (same values, same rules, same messages)
     batch = validate_batch(x, opts, defer=getattr(impl, "reads_pending", False),
-                           implied_mass=getattr(impl, "implied_mass", None),
-                           policy_norms=getattr(impl, "policy_norms", None))
+                           value_checks=getattr(impl, "value_checks", None))
     if eta_table is not None and eta_table.shape != batch.group_ids.shape:
         raise ValueError(f"eta: expected one value per group ({batch.group_ids.numel()}), got {tuple(eta_table.shape)}")
     scores, selected, token_adv, tau, eta_g = impl(batch)

@@ -412,8 +412,9 @@ def _native_args(b, **kw):
             batch.adv, batch.group_active, eta_g, batch.lm_head_weight, batch.logits, None, 1.0, 1.0, False, 1 << 20]
 
 
-_IMPLIED = ("out = torch.ops.nthr.native_implied_mass(args[0], args[1], args[2], args[3], {group}, args[10], "
-            "torch.zeros({idx}.numel()), {idx}, int(args[5].max()) + 1, 1.0, 1 << 20)")
+_IMPLIED = ("out = torch.ops.nthr.native_check_values(args[0], args[1], args[2], args[3], args[10], False, False, "
+            "{group}, torch.zeros({idx}.numel()), {idx}, int(args[5].max()) + 1, 1.0, 1 << 20)")
+_NORMS = "out = torch.ops.nthr.native_check_values(args[0], {tok_a}, args[2]{cut}, {ids}, args[10], True, False, None, None, None, 1, 1.0, 1 << 20)"
 
 
 # Direct calls of the ops (no public checks before them) with zero sizes or indices out of range: a clear
@@ -434,19 +435,20 @@ DIRECT_CALLS = {
     "short-positive": ("args[6] = args[6][:1]", "positive: expected"),
     "weight-wrong-d": ("args[10] = args[10][:, 1:]", "lm_head_weight: expected"),
     "bad-temperature": ("args[13] = 0.0", "temperature"),
-    # the old log-probs check's op: (hidden, tok_a, tok_b, tok_ids, tok_group, weight, logprobs, idx, groups, T, E)
+    # the value checks' op, old log-probs part: (hidden, tok_a, tok_b, tok_ids, weight, norms, all rows, tok_group,
+    # logprobs, idx, groups, T, E)
     "implied-idx-out-of-range": (_IMPLIED.format(group="args[5][args[4]]", idx="torch.tensor([0, 10**6])"), "idx: index"),
     "implied-group-out-of-range": (_IMPLIED.format(group="args[5][args[4]] + 99", idx="torch.tensor([0, 1])"),
                                    "tok_group: index"),
     "implied-no-sample": (_IMPLIED.format(group="args[5][args[4]]", idx="torch.zeros(0, dtype=torch.long)")
-                          + "; assert out.numel() == 0", None),
-    # the value checks' norm pass: (hidden, tok_a, tok_b, tok_ids, weight, weight_all_rows)
-    "norms-tok_a-out-of-range": ("out = torch.ops.nthr.native_row_norms(args[0], args[1] + 10**6, args[2], args[3], "
-                                 "args[10], False)", "tok_a: index"),
-    "norms-id-out-of-range": ("out = torch.ops.nthr.native_row_norms(args[0], args[1], args[2], args[3] + 10**6, "
-                              "args[10], False)", "tok_ids: index"),
-    "norms-no-tokens": ("out = torch.ops.nthr.native_row_norms(args[0], args[1][:0], args[2][:0], args[3][:0], "
-                        "args[10], False); assert out.tolist() == [0.0, 0.0]", None),
+                          + "; assert out.numel() == 2", None),
+    # the value checks' norm pass
+    "norms-tok_a-out-of-range": (_NORMS.format(tok_a="args[1] + 10**6", cut="", ids="args[3]"), "tok_a: index"),
+    "norms-id-out-of-range": (_NORMS.format(tok_a="args[1]", cut="", ids="args[3] + 10**6"), "tok_ids: index"),
+    "norms-no-tokens": (_NORMS.format(tok_a="args[1][:0]", cut="[:0]", ids="args[3][:0]")
+                        + "; assert out.tolist() == [0.0, 0.0]", None),
+    "checks-half-sample": ("out = torch.ops.nthr.native_check_values(args[0], args[1], args[2], args[3], args[10], "
+                           "True, False, None, None, torch.tensor([0]), 1, 1.0, 1 << 20)", "idx/logprobs/tok_group"),
     "pairwise-rule-degenerate": ("assert not any(torch.ops.nthr.native_pairwise_group(*a, False, e) for a in "
                                  "((0, 0, 0, 0), (1, 1, 0, 0), (-1, 5, 3, 2), (1, 2, -3, 4)) for e in (0, 1, -5))", None),
 }

@@ -329,7 +329,7 @@ def test_weight_rows_not_read_are_not_checked(b, backend, dtype):
 
 
 def test_native_row_norms_are_the_torch_norms():
-    """nthr::native_row_norms (the native backend's norm pass) against torch's vector_norm over the same
+    """nthr::native_check_values' norms (the native backend's norm pass) against torch's vector_norm over the same
     rows: hidden at the completion positions, the weight rows read; padded and packed, strided, bf16."""
     from nthr_kernels.core.checks import _max_row_norm, validate_batch, weight_rows_read
     from nthr_kernels.core.rules import Options
@@ -453,7 +453,11 @@ def test_implied_mass_matches_float64(monkeypatch, packed, impl, blocks, dtype):
     gids = torch.tensor([3, 1, 3, 0, 2, 1, 0, 2, 3, 1, 0, 2])  # groups interleaved across responses
     x = Inputs(b.hidden, b.token_ids, b.rewards, b.advantages, b.lm_head_weight, None, b.old_logprobs,
                b.mask, b.cu_seqlens, None, gids)
-    batch = validate_batch(x, Options(temperature=0.7), implied_mass=mass)
+    checks = None
+    if mass is not None:  # the native backend's hook at this budget
+        from nthr_kernels.ops.advantages import native_impl
+        checks = lambda batch, w, idx: native_impl.value_checks(batch, w, idx, blocks)  # noqa: E731
+    batch = validate_batch(x, Options(temperature=0.7), value_checks=checks)
     everyone = torch.arange(batch.n_tokens)
     got = (mass or implied_vstar_mass)(batch, everyone)
     g_tok = batch.resp_group[batch.tok_resp]
@@ -470,4 +474,4 @@ def test_implied_mass_matches_float64(monkeypatch, packed, impl, blocks, dtype):
     # the check itself, in the same blocks: consistent log-probs pass, log-probs one position off fail
     shifted = b.old_logprobs.roll(1, dims=-1 if not packed else 0)
     with pytest.raises(ValueError, match="old_logprobs: inconsistent"):
-        validate_batch(x._replace(old_logprobs=shifted), Options(temperature=0.7), implied_mass=mass)
+        validate_batch(x._replace(old_logprobs=shifted), Options(temperature=0.7), value_checks=checks)

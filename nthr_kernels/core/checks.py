@@ -270,7 +270,8 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
     temperature (exact with ``logits``; with ``hidden`` + ``lm_head_weight`` the Cauchy-Schwarz bound
     ``max ||h_t|| * max ||w_v||``). Only values the call reads are checked: ``rows``, the completion
     positions of a padded ``hidden``/``logits``; ``weight_rows`` (``[V]`` bool, from
-    :func:`weight_rows_read`), the ``lm_head_weight`` rows read with ``old_logprobs`` (None: all).
+    :func:`weight_rows_read`, or a function returning it, called only where needed), the
+    ``lm_head_weight`` rows read with ``old_logprobs`` (None: all).
     ``norms``: the two 0-d largest row norms (hidden, weight) over those rows, computed by the caller (the
     native backend's own pass) when :func:`policy_norms_apply`. Recorded on ``pending`` when given, else
     read and raised here."""
@@ -288,8 +289,9 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
 
         _defer_logit_scale(pending, temperature, top, "max |logits|", exact)
     else:
+        rows_read = weight_rows if callable(weight_rows) else (lambda: weight_rows)
         if norms is None:
-            norms = _max_row_norm(hidden, rows), _max_row_norm(lm_head_weight, weight_rows)
+            norms = _max_row_norm(hidden, rows), _max_row_norm(lm_head_weight, rows_read())
         top_h, top_w = norms
         if policy_norms_apply(hidden, lm_head_weight):
             # every finite value of these dtypes lies within float32 range, and a row's norm is finite only if
@@ -297,10 +299,10 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
             # to the element scans (which clear values that are finite but too large for the float32 norm)
             pending.fail_if(~(torch.isfinite(top_h) & torch.isfinite(top_w)), _first_error(
                 lambda: check_float32_range("hidden", hidden, rows),
-                lambda: check_float32_range("lm_head_weight", lm_head_weight, weight_rows, at=_WEIGHT_ROWS_READ)))
+                lambda: check_float32_range("lm_head_weight", lm_head_weight, rows_read(), at=_WEIGHT_ROWS_READ)))
         else:
             defer_float32_range(pending, "hidden", hidden, rows)
-            defer_float32_range(pending, "lm_head_weight", lm_head_weight, weight_rows, at=_WEIGHT_ROWS_READ)
+            defer_float32_range(pending, "lm_head_weight", lm_head_weight, rows_read(), at=_WEIGHT_ROWS_READ)
         _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND)
     if own:
         pending.read()
@@ -593,7 +595,7 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     return StaticInfo(lead_shape, n_resp, vocab, check_options(opts), group_ids)
 
 
-def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mass=None, policy_norms=None) -> Batch:
+def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, value_checks=None) -> Batch:
     """All checks (:func:`check_batch_static`, then the value checks) and the canonical token list.
 
     Host synchronisations: the value checks, the token count of a padded layout and the sizes the
@@ -601,12 +603,14 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mas
     ``unique``). The ``old_logprobs`` check itself is computed on the device and left on
     ``batch.pending``: read here, or with ``defer=True`` by the implementation together with its own
     first read (the Triton path), so that a call costs no extra synchronisation for it.
-    ``implied_mass(batch, idx)``: an implementation's own :func:`implied_vstar_mass` for the check (the
-    native backend's finds each group's ``V*`` itself); by default the blocks of :func:`_implied_mass`.
-    ``policy_norms(batch, weight_all_rows)``: an implementation's own row-norm pass for
-    :func:`check_policy_values` (0-d norms of ``hidden`` at the canonical tokens and of the weight rows
-    read), run once the token list exists and recorded on ``batch.pending`` ahead of the ``old_logprobs``
-    check (the order of the checks is unchanged: the policy values are the last of the first read's).
+    ``value_checks(batch, weight_all_rows, idx) -> (norms, excess)``: an implementation's own arithmetic for
+    the checks that need it, in one pass, once the token list exists (the native backend's):
+    ``norms`` ``[2]`` for :func:`check_policy_values` (the largest norm of ``hidden`` at the canonical tokens
+    and of the weight rows read; asked for with ``weight_all_rows`` not None, when :func:`policy_norms_apply`)
+    and ``excess`` for the ``old_logprobs`` check (:func:`implied_vstar_mass` at ``idx``, when not None); by
+    default the torch norm pass (in the first read) and the blocks of :func:`_implied_mass`. Its checks are
+    recorded on ``batch.pending``, the policy values ahead of the ``old_logprobs`` check: the order of the
+    checks is unchanged (the policy values are the last of the first read's).
     """
     st = check_batch_static(x, opts)
     opts = st.opts
@@ -649,11 +653,15 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mas
         ))
     if old_logprobs is not None:
         check_logprob_values(old_logprobs, rows, pend)
-    own_norms = (opts.check_finite and policy_norms is not None and lm_head_weight is not None
+    own_norms = (opts.check_finite and value_checks is not None and lm_head_weight is not None
                  and policy_norms_apply(hidden, lm_head_weight))
     weight_rows = None  # the weight rows read: all, or with old_logprobs those of the completion ids
     if opts.check_finite and lm_head_weight is not None and old_logprobs is not None:
-        weight_rows = weight_rows_read(ids_pos.clamp(0, vocab - 1), rows, vocab)  # bad ids: raised first
+        # the torch norm pass needs them now; the native pass finds its rows itself, and only the message
+        # builder of a failure calls weight_rows() (ids clamped: bad ids raise first, at the first read)
+        weight_rows = lambda: weight_rows_read(ids_pos.clamp(0, vocab - 1), rows, vocab)  # noqa: E731
+        if not own_norms:
+            weight_rows = weight_rows()
     if opts.check_finite and not own_norms:
         check_policy_values(hidden, lm_head_weight, logits, opts.temperature, rows, pend, weight_rows)
 
@@ -668,7 +676,7 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mas
     extra = [resp_len.sum()] if rows is not None else []
     sample = None
     check_lp = old_logprobs is not None and opts.check_logprobs and n_pos and n_resp
-    if check_lp and implied_mass is None:
+    if check_lp and value_checks is None:
         sample = _sample_vstar(ids_pos.reshape(-1), rows, pos_resp, resp_group, resp_len.sum(), n_groups, vocab)
         extra.append(sample[0])
     got = pend.read(*extra)
@@ -705,14 +713,15 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, implied_mas
         n_resp=n_resp_g,
         group_active=active,
     )
+    own_lp = bool(check_lp and n) and value_checks is not None
+    if own_norms or own_lp:
+        top, excess = value_checks(batch, (old_logprobs is None) if own_norms else None,
+                                   logprob_sample(n, dev) if own_lp else None)
     if own_norms:
-        top = policy_norms(batch, old_logprobs is None)
         check_policy_values(hidden, lm_head_weight, None, opts.temperature, rows, batch.pending, weight_rows,
                             norms=(top[0], top[1]))
     if check_lp and n:
-        if implied_mass is not None:
-            excess = implied_mass(batch, logprob_sample(n, dev))
-        else:
+        if not own_lp:
             k, (_, dk, lo, cnt) = min(n, LOGPROB_SAMPLE), sample
             host = got[-1]
             excess = _implied_mass(batch, logprob_sample(n, dev), dk, lo[:k], cnt[:k],

@@ -41,8 +41,8 @@ bytes in all (under ``32 * SCRATCH_ELEMS``, 128 MiB by default; far less in prac
 are sized to the group), plus ``O(n)`` per-token vectors (about 40 bytes per completion token) and one
 ``[|V|]`` int32 marker per working thread (the distinct ids of a group); no ``[n, |V|]`` tensor is formed,
 and a ``[T+, T]`` one (``K_e`` of a pairwise group, in the ``N_i``/``M`` buffer) only within one slice.
-The value checks' norm pass (``nthr::native_row_norms``) and the old log-probs check
-(``nthr::native_implied_mass``) run on the same kernels' building blocks before the op.
+The value checks' norm pass and the old log-probs check run before the op, in one parallel region
+(``nthr::native_check_values``: row chunks interleaved with the groups' GEMMs).
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
 (passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item.
 
@@ -84,17 +84,13 @@ _lib.define(
     "Tensor? lm_head_weight, Tensor? logits, Tensor? logprobs, float temperature, float beta, "
     "bool anchor_others, int scratch_elems, bool score_positive=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
-
 _lib.define(
-    "native_implied_mass(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor tok_group, "
-    "Tensor lm_head_weight, Tensor logprobs, Tensor idx, int n_groups, float temperature, int scratch_elems) -> Tensor"
+    "native_check_values(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor lm_head_weight, "
+    "bool norms, bool weight_all_rows, Tensor? tok_group, Tensor? logprobs, Tensor? idx, int n_groups, "
+    "float temperature, int scratch_elems) -> Tensor"
 )
 _lib.define(
     "native_pairwise_group(int t_pos, int t_all, int nv, int d, bool score_positive, int scratch_elems) -> bool"
-)
-_lib.define(
-    "native_row_norms(Tensor hidden, Tensor tok_a, Tensor? tok_b, Tensor tok_ids, Tensor lm_head_weight, "
-    "bool weight_all_rows) -> Tensor"
 )
 
 
@@ -118,16 +114,10 @@ def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group,
     )
 
 
-@torch.library.register_fake("nthr::native_implied_mass")
-def _native_implied_mass_fake(hidden, tok_a, tok_b, tok_ids, tok_group, lm_head_weight, logprobs, idx, n_groups,
-                              temperature, scratch_elems):
-    return idx.new_empty((idx.shape[0],), dtype=torch.float64)
-
-
-@torch.library.register_fake("nthr::native_row_norms")
-def _native_row_norms_fake(hidden, tok_a, tok_b, tok_ids, lm_head_weight, weight_all_rows):
-    return hidden.new_empty((2,), dtype=torch.float64)
-
+@torch.library.register_fake("nthr::native_check_values")
+def _native_check_values_fake(hidden, tok_a, tok_b, tok_ids, lm_head_weight, norms, weight_all_rows, tok_group, logprobs,
+                              idx, n_groups, temperature, scratch_elems):
+    return hidden.new_empty((2 + (0 if idx is None else idx.shape[0]),), dtype=torch.float64)
 
 
 _log = logging.getLogger("nthr_kernels")

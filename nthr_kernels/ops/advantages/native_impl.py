@@ -57,36 +57,42 @@ def nthr_advantages(batch, budget: Optional[int] = None):
     )
 
 
-def implied_mass(batch, idx: torch.Tensor, budget: Optional[int] = None) -> torch.Tensor:
-    """float64 ``[k]``: :func:`~nthr_kernels.core.checks.implied_vstar_mass` at canonical tokens ``idx`` on the
-    native kernels (each sampled token's group ``V*`` found in C++; no padding, no host-side block plan).
-    Validation uses it for the ``old_logprobs`` check when this backend runs the call."""
+def value_checks(batch, weight_all_rows: Optional[bool], idx: Optional[torch.Tensor], budget: Optional[int] = None):
+    """Validation's arithmetic on the native kernels, in one pass (``nthr::native_check_values``): ``(norms,
+    excess)``. ``norms`` (unless ``weight_all_rows`` is None): float64 ``[2]``, the largest row norm of
+    ``hidden`` at the canonical tokens and of the ``lm_head_weight`` rows read (all, or with ``old_logprobs``
+    those of the completion ids), for :func:`~nthr_kernels.core.checks.check_policy_values`. ``excess``
+    (unless ``idx`` is None): float64 ``[k]``, :func:`~nthr_kernels.core.checks.implied_vstar_mass` at the
+    canonical tokens ``idx`` (each sampled token's group ``V*`` found in C++). Used by validation when this
+    backend runs the call."""
     native_lib.require()
-    return torch.ops.nthr.native_implied_mass(
+    sampled = idx is not None
+    out = torch.ops.nthr.native_check_values(
         batch.hidden,
         batch.tok_a,
         batch.tok_b,
         batch.tok_ids,
-        batch.resp_group[batch.tok_resp],
         batch.lm_head_weight,
-        batch.gather(batch.old_logprobs, idx).to(torch.float32),
+        weight_all_rows is not None,
+        bool(weight_all_rows),
+        batch.resp_group[batch.tok_resp] if sampled else None,
+        batch.gather(batch.old_logprobs, idx).to(torch.float32) if sampled else None,
         idx,
         batch.group_ids.numel(),
         float(batch.opts.temperature),
         int(budget or SCRATCH_ELEMS),
     )
+    return (out[:2] if weight_all_rows is not None else None), (out[2:] if sampled else None)
+
+
+def implied_mass(batch, idx: torch.Tensor, budget: Optional[int] = None) -> torch.Tensor:
+    """The ``excess`` part of :func:`value_checks` alone."""
+    return value_checks(batch, None, idx, budget)[1]
 
 
 def policy_norms(batch, weight_all_rows: bool) -> torch.Tensor:
-    """float64 ``[2]``: the largest row norm of ``hidden`` at the canonical tokens and of the
-    ``lm_head_weight`` rows read (all, or with ``old_logprobs`` those of the completion ids), in one native
-    pass over those rows only; validation's :func:`~nthr_kernels.core.checks.check_policy_values` uses it
-    when this backend runs the call."""
-    native_lib.require()
-    return torch.ops.nthr.native_row_norms(batch.hidden, batch.tok_a, batch.tok_b, batch.tok_ids,
-                                           batch.lm_head_weight, weight_all_rows)
+    """The ``norms`` part of :func:`value_checks` alone."""
+    return value_checks(batch, weight_all_rows, None)[0]
 
 
-# read by nthr_kernels.library: validation's old_logprobs check and the norm pass of its value checks
-nthr_advantages.implied_mass = implied_mass
-nthr_advantages.policy_norms = policy_norms
+nthr_advantages.value_checks = value_checks  # read by nthr_kernels.library: validation's arithmetic
