@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 
 from nthr_kernels.core.rules import pairwise_cost
-from nthr_kernels.ops import native_lib
 from nthr_kernels.ops.advantages.native_impl import pairwise_group
 from nthr_kernels.synthetic import RolloutBatch, make_batch
 
@@ -79,7 +78,7 @@ class Work:
     score_flops: int  # sum over active groups of 2 |V*| d (2 T + T+)
     lse_flops: int  # 2 N |V| d over the active tokens (the full normaliser)
     algorithm_score_flops: int = 0  # sum over active groups of 2 |V*| d (T + T+ + T-) + 2 n+ |V*| d
-    native_score_flops: int = 0  # the same with the native backend's per-group pairwise path where it takes it
+    native_score_flops: Optional[int] = None  # with the native backend's per-group pairwise path (batch_work(native=True))
 
     def floor(self, with_logprobs: bool) -> int:
         return self.score_flops + (0 if with_logprobs else self.lse_flops)
@@ -87,11 +86,15 @@ class Work:
     def algorithm(self, with_logprobs: bool, native: bool = False) -> int:
         """FLOPs of the algorithm with ``score_positive=False`` (positive tokens not scored one by one); with
         ``native``, of the native backend's (per-group pairwise path)."""
+        if native and self.native_score_flops is None:
+            raise ValueError("native: batch_work(..., native=True) counts the native backend's FLOPs")
         return (self.native_score_flops if native else self.algorithm_score_flops) + (0 if with_logprobs else self.lse_flops)
 
 
-def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
-    """FLOP floor of NTHR on a padded or packed :class:`RolloutBatch` (``group_size`` groups)."""
+def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5, native: bool = False) -> Work:
+    """FLOP floor of NTHR on a padded or packed :class:`RolloutBatch` (``group_size`` groups); with ``native``
+    also the native backend's own count (which asks the built native library for its per-group path: the
+    CPU suites only; the GPU suite would build the library for nothing)."""
     d, vocab = rb.lm_head_weight.shape[1], rb.lm_head_weight.shape[0]
     if rb.cu_seqlens is not None:
         lens = (rb.cu_seqlens[1:] - rb.cu_seqlens[:-1]).long().cpu()
@@ -104,7 +107,7 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
         resp_ids = [ids[r][mask[r]] for r in range(ids.shape[0])]
     positive = (rb.rewards.cpu().double() > reward_threshold).tolist()
     g_size = rb.group_size
-    n_act = score = algorithm = native = 0
+    n_act = score = algorithm = native_flops = 0
     for g in range(len(resp_ids) // g_size):
         rs = range(g * g_size, (g + 1) * g_size)
         n_pos = sum(positive[r] for r in rs)
@@ -117,6 +120,7 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5) -> Work:
         score += 2 * v_star * d * (2 * t + t_pos)
         factored = 2 * v_star * d * (t + t_pos + (t - t_pos)) + 2 * n_pos * v_star * d
         algorithm += factored
-        native += (2 * v_star * d * t + pairwise_cost(t_pos, t, v_star, d)
-                   if native_lib.available() and pairwise_group(t_pos, t, v_star, d) else factored)
-    return Work(n_act, score, 2 * n_act * vocab * d, algorithm, native)
+        if native:
+            native_flops += (2 * v_star * d * t + pairwise_cost(t_pos, t, v_star, d)
+                             if pairwise_group(t_pos, t, v_star, d) else factored)
+    return Work(n_act, score, 2 * n_act * vocab * d, algorithm, native_flops if native else None)
