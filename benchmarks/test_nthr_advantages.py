@@ -35,7 +35,6 @@ def _backend(name: str, **options):
     return call
 
 
-
 PROVIDERS = (
     runner.Provider("reference", _backend("reference"), configs=lambda s: (True, False) if s == "small" else (True,)),
     runner.Provider("torch", _backend("torch")),

@@ -134,22 +134,30 @@ Groups order_groups(const AdvantagesParams& p) {
   return g;
 }
 
-// out[i] = h_i . w_{ids[i]} for the n rows h [n, d]: the weight rows read in place where they are float32
-// rows, else copied into buf [n, d] first.
-void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, int64_t n, int64_t d, float* buf,
-                     float* out) {
-  if (weight.scalar_type() == at::kFloat && weight.stride(1) == 1) {
-    const float* w = weight.const_data_ptr<float>();
-    const int64_t ldw = weight.stride(0);
+// fn(i, row) for the rows ia[i] (with ib: src[ia[i], ib[i]]) of src, i < n, each as float32 [d]: read in place
+// where src has float32 rows, kPrefetchRows rows ahead prefetched, else converted into buf [n, d] first.
+template <typename F>
+void for_rows(const Tensor& src, const int64_t* ia, const int64_t* ib, int64_t n, int64_t d, Scratch& buf, const F& fn) {
+  if (src.scalar_type() == at::kFloat && src.stride(-1) == 1) {
+    const float* base = src.const_data_ptr<float>();
+    const int64_t s0 = src.stride(0), s1 = ib ? src.stride(1) : 0;
+    auto row = [&](int64_t i) { return base + ia[i] * s0 + (ib ? ib[i] * s1 : 0); };
     for (int64_t i = 0; i < n; ++i) {
-      if (i + kPrefetchRows < n)  // scattered rows, mostly from memory: fetch a few ahead
-        for (int64_t j = 0; j < d; j += kFloatsPerLine) __builtin_prefetch(w + ids[i + kPrefetchRows] * ldw + j);
-      out[i] = vec::dot(h + i * d, w + ids[i] * ldw, d);
+      if (i + kPrefetchRows < n)
+        for (int64_t j = 0; j < d; j += kFloatsPerLine) __builtin_prefetch(row(i + kPrefetchRows) + j);
+      fn(i, row(i));
     }
     return;
   }
-  gather_rows(weight, ids, nullptr, n, nullptr, d, buf, d);
-  for (int64_t i = 0; i < n; ++i) out[i] = vec::dot(h + i * d, buf + i * d, d);
+  float* b = buf.get(n * d);
+  gather_rows(src, ia, ib, n, nullptr, d, b, d);
+  for (int64_t i = 0; i < n; ++i) fn(i, b + i * d);
+}
+
+// out[i] = h_i . w_{ids[i]} for the n rows h [n, d] (weight rows through for_rows).
+void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, int64_t n, int64_t d, Scratch& buf,
+                     float* out) {
+  for_rows(weight, ids, nullptr, n, d, buf, [&](int64_t i, const float* w) { out[i] = vec::dot(h + i * d, w, d); });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -220,7 +228,7 @@ struct Group {
   // scratch (the worker's): hidden cache [T, d] or one [tb, d] block; W* rows, E cache, N_i and M, tile
   float *h = nullptr, *wc = nullptr, *e = nullptr, *nm = nullptr, *prod = nullptr;
   bool h_cached = false;
-  bool pairwise = false;  // scores from the positive tokens' products (pairwise_group), no M
+  bool pairwise = false;  // scores from the positive tokens' products, no M (pairwise_group, set by group_vstar)
   float* ke = nullptr;  // pairwise: K_e = E+ E^T [tp, T], summed over the column blocks
 
   // hidden rows t0..t0+tn of the group (from the cache, or gathered into the block buffer)
@@ -231,25 +239,14 @@ struct Group {
   }
 };
 
-void group_vstar(const AdvantagesParams& p, Group& g, Workspace& ws) {
-  std::vector<int64_t> ids(g.T);
-  for (int64_t i = 0; i < g.T; ++i) ids[i] = p.tok_ids[g.toks[i]];
-  g.col.resize(g.T);
-  distinct_ids(ids.data(), g.T, p.vocab, ws, g.vs, g.col.data());
-  g.seg.assign(1, 0);
-  for (int64_t i = 1; i < g.tp; ++i)
-    if (p.tok_resp[g.toks[i]] != p.tok_resp[g.toks[i - 1]]) g.seg.push_back(i);
-  if (g.tp > 0) g.seg.push_back(g.tp);
-}
-
 // One worker's slice of the scratch budget (params.h): scratch_elems / kWorkers float32 elements, at least d.
 int64_t worker_slice(int64_t scratch_elems, int64_t d) {
   return std::max<int64_t>(std::max<int64_t>(scratch_elems, 1) / kWorkers, d);
 }
 
-// Pairwise or factored, per group (docs/NTHR.md, "Paths"): the scores need sum_u (e_u . e_t)(h_u . h_t) over
-// the positive tokens u, for the negative tokens t and (as the anchors' sums) the positive ones: 2 T+ T (|V*| + d)
-// FLOPs, against 2 |V*| d T for M and E_t M (plus 2 |V*| d T+ with score_positive). Pairwise needs K_e [T+, T]
+// Pairwise or factored, per group (docs/NTHR.md, "Positive anchors without scoring positive tokens"): the
+// scores need sum_u (e_u . e_t)(h_u . h_t) over the positive tokens u, for the negative tokens t and (as the
+// anchors' sums) the positive ones: 2 T+ T (|V*| + d) FLOPs, against 2 |V*| d T for M and E_t M (plus 2 |V*| d T+ with score_positive). Pairwise needs K_e [T+, T]
 // and the hidden cache [T, d] within the slice. The cost comparison is the rule of
 // nthr_kernels.ops.advantages.native_impl.pairwise_cheaper (tests compare the two through
 // nthr::native_pairwise_group); exact integer arithmetic.
@@ -257,6 +254,19 @@ bool pairwise_group(int64_t tp, int64_t T, int64_t nv, int64_t d, bool score_pos
   if (tp <= 0 || tp > slice / std::max<int64_t>(T, 1) || T > slice / std::max<int64_t>(d, 1)) return false;
   using wide = __int128;
   return wide(tp) * T * (nv + d) < wide(nv) * d * (T + (score_positive ? tp : 0));
+}
+
+// V*, each token's column in it, the path, the positive responses' segments.
+void group_vstar(const AdvantagesParams& p, Group& g, Workspace& ws) {
+  std::vector<int64_t> ids(g.T);
+  for (int64_t i = 0; i < g.T; ++i) ids[i] = p.tok_ids[g.toks[i]];
+  g.col.resize(g.T);
+  distinct_ids(ids.data(), g.T, p.vocab, ws, g.vs, g.col.data());
+  g.pairwise = pairwise_group(g.tp, g.T, static_cast<int64_t>(g.vs.size()), p.d, p.score_positive, p.slice);
+  g.seg.assign(1, 0);
+  for (int64_t i = 1; i < g.tp; ++i)
+    if (p.tok_resp[g.toks[i]] != p.tok_resp[g.toks[i - 1]]) g.seg.push_back(i);
+  if (g.tp > 0) g.seg.push_back(g.tp);
 }
 
 // Block sizes from the slice E alone: E cache T vb <= E, N and M (P + 1) vb d <= E, tiles tb d <= E;
@@ -274,7 +284,6 @@ int64_t errors_width(const AdvantagesParams& p, const Group& g, int64_t cw) {
 void group_blocks(const AdvantagesParams& p, Group& g, Workspace& ws) {
   const int64_t d = p.d, E = p.slice, nv = static_cast<int64_t>(g.vs.size());
   const int64_t n_pos = static_cast<int64_t>(g.seg.size()) - 1;
-  g.pairwise = pairwise_group(g.tp, g.T, nv, d, p.score_positive, E);
   const int64_t nm_cols = g.pairwise ? nv : E / ((n_pos + 1) * d);  // pairwise keeps no N_i, M
   const int64_t vb_max = std::max<int64_t>(1, std::min<int64_t>({nv, E / std::max<int64_t>(g.T, 1), nm_cols}));
   const int64_t n_blocks = std::max<int64_t>(1, (nv + vb_max - 1) / vb_max);
@@ -300,7 +309,7 @@ void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
     for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
       const int64_t tn = std::min(g.tb, g.T - t0);
       for (int64_t i = 0; i < tn; ++i) ids[i] = p.tok_ids[g.toks[t0 + i]];
-      dot_weight_rows(p.weight, ids.data(), g.hrows(p, t0, tn), tn, d, g.prod, g.lz.data() + t0);
+      dot_weight_rows(p.weight, ids.data(), g.hrows(p, t0, tn), tn, d, ws.prod, g.lz.data() + t0);
       for (int64_t i = 0; i < tn; ++i) g.lz[t0 + i] = g.lz[t0 + i] / p.temperature - p.logprobs[g.toks[t0 + i]];
     }
     return;
@@ -397,7 +406,7 @@ void pairwise_finish(const AdvantagesParams& p, Group& g, Workspace& ws, std::ve
                      std::vector<float>& s) {
   const int64_t d = p.d, tp = g.tp, T = g.T;
   const int64_t tn_max = std::max<int64_t>(1, std::min(T, p.slice / tp));
-  float* kh = ws.prod.get(tp * tn_max);
+  float* kh = g.prod = ws.prod.get(tp * tn_max);
   std::vector<int64_t> resp(tp);  // each positive token's response slot
   for (size_t k = 0; k + 1 < g.seg.size(); ++k)
     for (int64_t i = g.seg[k]; i < g.seg[k + 1]; ++i) resp[i] = static_cast<int64_t>(k);
@@ -446,8 +455,7 @@ void finish_group(const AdvantagesParams& p, const Group& g, const std::vector<d
 // The group's FLOPs on the path it takes (for the schedule only; V* known).
 double group_flops(const AdvantagesParams& p, const Group& g) {
   const double nv = static_cast<double>(g.vs.size()), d = static_cast<double>(p.d), T = g.T, tp = g.tp;
-  return pairwise_group(g.tp, g.T, g.vs.size(), p.d, p.score_positive, p.slice) ? 2 * nv * d * T + 2 * tp * T * (nv + d)
-                                                                                 : 4 * nv * d * T;
+  return g.pairwise ? 2 * nv * d * T + 2 * tp * T * (nv + d) : 4 * nv * d * T;
 }
 
 // After group_vstar.
@@ -629,25 +637,12 @@ constexpr int64_t kNormRows = 256;  // rows per norm item
 
 inline double max_norm(double acc, double r) { return (r > acc || std::isnan(r)) && !std::isnan(acc) ? r : acc; }
 
-// The largest norm of rows ia[0..rn) (with ib: src[ia, ib]) of src, from float32 sums of squares of the float32
-// values, like the torch path's vector_norm (a non-finite value gives a non-finite norm, and so does a finite one
-// beyond ~1.8e19; NaN wins). float32 rows are read in place, other dtypes converted into buf [rn, d].
+// The largest norm of rows ia[0..rn) (with ib: src[ia, ib]) of src (through for_rows), from float32 sums of
+// squares of the float32 values, like the torch path's vector_norm (a non-finite value gives a non-finite norm,
+// and so does a finite one beyond ~1.8e19; NaN wins).
 double max_row_norm(const Tensor& src, const int64_t* ia, const int64_t* ib, int64_t rn, int64_t d, Scratch& buf) {
   double acc = 0.0;
-  if (src.scalar_type() == at::kFloat && src.stride(-1) == 1) {
-    const float* base = src.const_data_ptr<float>();
-    const int64_t s0 = src.stride(0), s1 = ib ? src.stride(1) : 0;
-    auto row = [&](int64_t i) { return base + ia[i] * s0 + (ib ? ib[i] * s1 : 0); };
-    for (int64_t i = 0; i < rn; ++i) {
-      if (i + kPrefetchRows < rn)
-        for (int64_t j = 0; j < d; j += kFloatsPerLine) __builtin_prefetch(row(i + kPrefetchRows) + j);
-      acc = max_norm(acc, std::sqrt(vec::dot(row(i), row(i), d)));
-    }
-    return acc;
-  }
-  float* b = buf.get(rn * d);
-  gather_rows(src, ia, ib, rn, nullptr, d, b, d);
-  for (int64_t i = 0; i < rn; ++i) acc = max_norm(acc, std::sqrt(vec::dot(b + i * d, b + i * d, d)));
+  for_rows(src, ia, ib, rn, d, buf, [&](int64_t, const float* r) { acc = max_norm(acc, std::sqrt(vec::dot(r, r, d))); });
   return acc;
 }
 }  // namespace
@@ -696,11 +691,9 @@ Tensor check_values_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
       if (!picks[group[t]].empty()) ids[group[t]].push_back(p.tok_ids[t]);
 
   // the norms: hidden rows, then the weight rows read
+  std::vector<Workspace> ws(kWorkers);
   std::vector<int64_t> wrows;  // the distinct ids (empty with weight_all_rows)
-  if (norms && !weight_all_rows) {
-    Workspace ws;
-    distinct_ids(p.tok_ids, n, p.vocab, ws, wrows, nullptr, false);
-  }
+  if (norms && !weight_all_rows) distinct_ids(p.tok_ids, n, p.vocab, ws[0], wrows, nullptr, false);
   const int64_t nw = !norms ? 0 : weight_all_rows ? p.vocab : static_cast<int64_t>(wrows.size());
   const int64_t items_h = norms ? (n + kNormRows - 1) / kNormRows : 0, items_w = (nw + kNormRows - 1) / kNormRows;
 
@@ -712,7 +705,6 @@ Tensor check_values_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
     for (int64_t r = 0; b < n_norm && (r == 0 || a >= n_mass || b * n_mass < a * n_norm); ++r) items.push_back(-1 - b++);
   }
   std::vector<double> part(2 * kWorkers, 0.0);
-  std::vector<Workspace> ws(kWorkers);
   for_each_item(static_cast<int64_t>(items.size()), [&](int64_t item, int64_t w) {
     if (items[item] < 0) {
       const int64_t c = -1 - items[item];
@@ -743,7 +735,7 @@ Tensor check_values_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
         ys[i] = p.tok_ids[toks[i]];
       }
       gather_tokens(p, p.hidden, toks.data(), rn, nullptr, d, h, d);
-      dot_weight_rows(p.weight, ys.data(), h, rn, d, ws[w].prod.get(rn * d), zy.data());
+      dot_weight_rows(p.weight, ys.data(), h, rn, d, ws[w].prod, zy.data());
       lse_over_rows(p.weight, p.temperature, h, rn, d, vs.data(), nv, vc, ws[w], rmax.data(), rsum.data());
       for (int64_t i = 0; i < rn; ++i) {
         const int64_t j = picks[g][r0 + i];

@@ -11,10 +11,10 @@ from .. import native_lib
 
 
 def pairwise_cheaper(t_pos: int, t_all: int, nv: int, d: int, score_positive: bool) -> bool:
-    """The native op's cost rule per group (docs/NTHR.md, "Paths"): pairwise (the positive tokens' products
-    ``(e_u . e_t)(h_u . h_t)`` for every token, ``2 T+ T (|V*| + d)`` FLOPs) iff cheaper than factored
-    (``M`` and ``E_t M`` for the negative tokens, ``2 |V*| d T``, plus ``2 |V*| d T+`` with
-    ``score_positive``). The op takes it where its scratch also fits (``nthr::native_pairwise_group``)."""
+    """The native op's cost rule per group (docs/NTHR.md, "Positive anchors without scoring positive
+    tokens"): pairwise (the positive tokens' products ``(e_u . e_t)(h_u . h_t)`` for every token,
+    ``2 T+ T (|V*| + d)`` FLOPs) iff cheaper than factored (``M`` and ``E_t M`` for the negative tokens,
+    ``2 |V*| d T``, plus ``2 |V*| d T+`` with ``score_positive``). The op takes it where its scratch also fits (``nthr::native_pairwise_group``)."""
     return pairwise_cost(t_pos, t_all, nv, d) < factored_cost(t_pos if score_positive else 0, t_all, nv, d)
 
 
