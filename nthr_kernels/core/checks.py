@@ -823,8 +823,8 @@ def _implied_mass(batch: Batch, idx: torch.Tensor, dk: torch.Tensor, lo: torch.T
         while r1 < len(runs) and (r1 - r + 1) * max(vmax, runs[r1][1]) * d <= _CHECK_ELEMS:
             vmax, b, r1 = max(vmax, runs[r1][1]), b + runs[r1][2], r1 + 1
         nr, kmax = r1 - r, max(x[2] for x in runs[r:r1])
-        slot = (run_id[a:b] - r) * kmax + within[a:b]  # each token's row in the padded [runs * kmax] layout
         rr = run_id[a:b] - r
+        slot = rr * kmax + within[a:b]  # each token's row in the padded [runs * kmax] layout
         hp = h.new_zeros(nr * kmax, d).index_copy_(0, slot, h[a:b]).view(nr, kmax, d)
         run_lo = torch.zeros(nr, dtype=torch.int64, device=dev).scatter_(0, rr, slo[a:b])
         run_cnt = torch.zeros(nr, dtype=torch.int64, device=dev).scatter_(0, rr, scnt[a:b])
