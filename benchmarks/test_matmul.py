@@ -1,8 +1,12 @@
 """The matrix unit's rate, measured in the same run as the ops: float32 sgemm on CPU, bf16 on CUDA.
 
-The summary divides every FLOP floor by the best rate measured here (over the sizes below), so "x
-floor" says how far a call is from what this machine's matrix unit can do under the same settings
-(threads, load). Smoke runs use a tiny size.
+The summary divides every FLOP floor by the best rate measured here (over the sizes and engines below),
+so "x floor" says how far a call is from what this machine's matrix unit can do under the same settings
+(threads, load). Engines: ``torch`` (``a @ b``: the BLAS torch ships, MKL on x86) everywhere, and on CPU
+``native`` (``nthr::native_mm``, the GEMM of the native ops, csrc/gemm.cpp) where that backend is built:
+on a CPU where it beats torch's BLAS (MKL takes its AVX2 path on AMD CPUs with AVX-512) the floor is
+that faster rate, so no backend looks closer to the limit than the machine allows. Smoke runs use a
+tiny size.
 """
 from __future__ import annotations
 
@@ -10,22 +14,25 @@ import pytest
 import torch
 
 from benchmarks import runner
+from nthr_kernels.registry import native_available
 
 SIZES = (512, 1024, 2048)
 SMOKE_SIZE = 64
 ROUNDS = (10, 2)  # (measured, warm-up)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ENGINES = [("cpu", "torch")] + ([("cpu", "native")] if native_available() else []) + (
+    [("cuda", "torch")] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("n", SIZES, ids=[f"n{n}" for n in SIZES])
-@pytest.mark.parametrize("device", DEVICES)
-def test_matmul(benchmark, bench_session, device, n):
+@pytest.mark.parametrize("device,engine", ENGINES, ids=[f"{d}-{e}" for d, e in ENGINES])
+def test_matmul(benchmark, bench_session, device, engine, n):
     n = SMOKE_SIZE if bench_session.smoke else n
     a, b = runner.matmul_operands(device, n)
+    mm = torch.ops.nthr.native_mm if engine == "native" else torch.mm
     rounds, warmup = ROUNDS
-    out = benchmark.pedantic(runner.synced(lambda: a @ b, device), rounds=rounds, warmup_rounds=warmup, iterations=1)
+    out = benchmark.pedantic(runner.synced(lambda: mm(a, b), device), rounds=rounds, warmup_rounds=warmup, iterations=1)
     want = a.double() @ b.double()
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
     benchmark.group = "matmul"
-    benchmark.extra_info.update(op="matmul", device=device, dtype=str(a.dtype).replace("torch.", ""), n=n,
+    benchmark.extra_info.update(op="matmul", device=device, engine=engine, dtype=str(a.dtype).replace("torch.", ""), n=n,
                                 flops=runner.matmul_flops(n), threads=torch.get_num_threads())

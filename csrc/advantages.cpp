@@ -35,6 +35,7 @@
 #include <limits>
 #include <vector>
 
+#include "gemm.h"
 #include "native.h"
 #include "params.h"
 #include "vec_kernels.h"
@@ -188,7 +189,7 @@ void lse_over_rows(const Tensor& weight, float temperature, const float* h, int6
       wc = mat(wb, vn, d, d);
     }
     Tensor zt = mat(z, rn, vn, vn);
-    at::mm_out(zt, mat(const_cast<float*>(h), rn, d, d), wc.t());
+    gemm(zt, mat(const_cast<float*>(h), rn, d, d), wc.t());
     for (int64_t i = 0; i < rn; ++i) vec::lse_update(z + i * vn, vn, temperature, &rmax[i], &rsum[i]);
   }
 }
@@ -344,7 +345,7 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
     float* et = g.e + t0 * ld;
     if (p.weight.defined()) {
       Tensor z = mat(et, tn, ld, ld);
-      at::mm_out(z, mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc, ld, d, d).t());
+      gemm(z, mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc, ld, d, d).t());
     } else {
       gather_tokens(p, p.logits, g.toks + t0, tn, g.vs.data() + c0, cw, et, ld);
     }
@@ -364,10 +365,10 @@ void positive_block(const AdvantagesParams& p, Group& g, int64_t cw, std::vector
   Tensor m = mat(g.nm, cw, d, d);
   for (int64_t k = 0; k < n_pos; ++k) {
     Tensor nk = mat(g.nm + (k + 1) * cw * d, cw, d, d);
-    nk.zero_();
     for (int64_t t0 = g.seg[k]; t0 < g.seg[k + 1]; t0 += g.tb) {
       const int64_t tn = std::min(g.tb, g.seg[k + 1] - t0);
-      nk.addmm_(mat(g.e + t0 * g.ld, tn, cw, g.ld).t(), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d));
+      gemm(nk, mat(g.e + t0 * g.ld, tn, cw, g.ld).t(), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d),
+           t0 > g.seg[k]);
     }
     if (k == 0) m.copy_(nk);
     else m.add_(nk);
@@ -384,7 +385,7 @@ void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, st
   for (int64_t t0 = r0; t0 < g.T; t0 += g.tb) {
     const int64_t tn = std::min(g.tb, g.T - t0);
     Tensor st = mat(g.prod, tn, d, d);
-    at::mm_out(st, mat(g.e + t0 * g.ld, tn, cw, g.ld), mat(g.nm, cw, d, d));
+    gemm(st, mat(g.e + t0 * g.ld, tn, cw, g.ld), mat(g.nm, cw, d, d));
     const float* h = g.hrows(p, t0, tn);
     vec::dot_rows(g.prod, h, tn, d, s.data() + t0);
   }
@@ -394,8 +395,7 @@ void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, st
 void pairwise_block(Group& g, int64_t cw, bool first) {
   Tensor ke = mat(g.ke, g.tp, g.T, g.T);
   const Tensor ep = mat(g.e, g.tp, cw, g.ld), ea = mat(g.e, g.T, cw, g.ld).t();
-  if (first) at::mm_out(ke, ep, ea);
-  else ke.addmm_(ep, ea);
+  gemm(ke, ep, ea, !first);
 }
 
 // Pairwise, after the last block: per token tile, K_h = H+ H_tile^T [tp, tn] (hidden cache), then
@@ -414,7 +414,7 @@ void pairwise_finish(const AdvantagesParams& p, Group& g, Workspace& ws, std::ve
   for (int64_t t0 = 0; t0 < T; t0 += tn_max) {
     const int64_t tn = std::min(tn_max, T - t0);
     Tensor khm = mat(kh, tp, tn, tn);
-    at::mm_out(khm, hp, mat(g.h + t0 * d, tn, d, d).t());
+    gemm(khm, hp, mat(g.h + t0 * d, tn, d, d).t());
     const int64_t r0 = std::max<int64_t>(t0, p.score_positive ? 0 : tp);  // first token scored in the tile
     if (r0 < t0 + tn) vec::colsum_product(g.ke + r0, T, kh + (r0 - t0), tn, tp, t0 + tn - r0, s.data() + r0);
     for (int64_t t = t0; t < std::min(t0 + tn, tp); ++t) {  // the positive tokens of the tile

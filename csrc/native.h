@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace nthr {
@@ -44,5 +45,9 @@ at::Tensor check_values_cpu(const at::Tensor& hidden, const at::Tensor& tok_a, c
 // t_pos of them positive, |V*| = nv, hidden size d, at the scratch budget scratch_elems.
 bool pairwise_group_op(int64_t t_pos, int64_t t_all, int64_t nv, int64_t d, bool score_positive,
                        int64_t scratch_elems);
+
+// nthr::native_mm: a @ b (float32) on the native ops' gemm, across the threads; nthr::native_gemm_engine: its engine.
+at::Tensor mm_cpu(const at::Tensor& a, const at::Tensor& b);
+std::string gemm_engine_op();
 
 }  // namespace nthr

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "gemm.h"
 #include "native.h"
 #include "params.h"
 #include "vec_kernels.h"
@@ -79,15 +80,15 @@ void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
     for_each_item((cw + kMRows - 1) / kMRows, [&](int64_t item, int64_t) {
       const int64_t j0 = item * kMRows, jn = std::min(kMRows, cw - j0);
       at::Tensor mj = m.narrow(0, j0, jn);
-      mj.zero_();
       for (int64_t r0 = 0; r0 < tp; r0 += rb) {
         const int64_t rn = std::min(rb, tp - r0);
-        mj.addmm_(block(err_pos, r0, rn, c0 + j0, jn).t(), block(h_pos, r0, rn, 0, d));
+        gemm(mj, block(err_pos, r0, rn, c0 + j0, jn).t(), block(h_pos, r0, rn, 0, d), r0 > 0);
       }
     });
     for_each_item((tn + sb - 1) / sb, [&](int64_t b, int64_t) {
       const int64_t r0 = b * sb, rn = std::min(sb, tn - r0);
-      at::Tensor s = at::mm(block(err_neg, r0, rn, c0, cw), m);
+      at::Tensor s = at::empty({rn, d}, at::TensorOptions().dtype(at::kFloat));
+      gemm(s, block(err_neg, r0, rn, c0, cw), m);
       at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
       const float* sp = s.const_data_ptr<float>();
       const float* hp = h.const_data_ptr<float>();
@@ -107,14 +108,39 @@ void score_pairwise(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
     at::Tensor en = block(err_neg, n0, nn, 0, v), hn = block(h_neg, n0, nn, 0, d);
     for (int64_t p0 = 0; p0 < tp; p0 += bp) {
       const int64_t pn = std::min(bp, tp - p0);
-      at::Tensor a = at::mm(block(err_pos, p0, pn, 0, v), en.t()).contiguous();  // [pn, nn]
-      at::Tensor k = at::mm(block(h_pos, p0, pn, 0, d), hn.t()).contiguous();
+      at::Tensor a = at::empty({pn, nn}, at::TensorOptions().dtype(at::kFloat));  // [pn, nn]
+      at::Tensor k = at::empty({pn, nn}, at::TensorOptions().dtype(at::kFloat));
+      gemm(a, block(err_pos, p0, pn, 0, v), en.t());
+      gemm(k, block(h_pos, p0, pn, 0, d), hn.t());
       vec::colsum_product(a.const_data_ptr<float>(), nn, k.const_data_ptr<float>(), nn, pn, nn, o + n0);
     }
   });
 }
 
+// Rows of a per work item of native_mm (fixed, so the bits do not depend on the thread count).
+constexpr int64_t kMmRows = 256;
+
 }  // namespace
+
+// nthr::native_mm: a @ b for float32 [M, K] x [K, N] on gemm (gemm.cpp), rows in items of kMmRows across
+// the threads. The native ops' own matrix products, exposed for tests and the benchmarks' matrix rate.
+at::Tensor mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.dim() == 2 && b.dim() == 2 &&
+                  a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+              "nthr native_mm: expected two 2-D float32 CPU tensors, got ", a.dim(), "-D ", a.scalar_type(), " and ",
+              b.dim(), "-D ", b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(0), "nthr native_mm: b: expected ", a.size(1), " rows (the columns of a), got ",
+              b.size(0));
+  const int64_t m = a.size(0);
+  at::Tensor out = at::empty({m, b.size(1)}, at::TensorOptions().dtype(at::kFloat));
+  for_each_item((m + kMmRows - 1) / kMmRows, [&](int64_t item, int64_t) {
+    const int64_t r0 = item * kMmRows, rn = std::min(kMmRows, m - r0);
+    gemm(out.narrow(0, r0, rn), a.narrow(0, r0, rn), b);
+  });
+  return out;
+}
+
+std::string gemm_engine_op() { return gemm_engine(); }
 
 // s_t = sum_u <err_pos[u], err_neg[t]> <h_pos[u], h_neg[t]> in float32, on the path the caller chose.
 // Every temporary holds at most `scratch_elems` elements (per item for the per-block ones).
@@ -143,11 +169,13 @@ TORCH_LIBRARY_IMPL(nthr, CPU, m) {
   m.impl("native_score_tokens", &nthr::score_tokens_cpu);
   m.impl("native_advantages", &nthr::advantages_cpu);
   m.impl("native_check_values", &nthr::check_values_cpu);
+  m.impl("native_mm", &nthr::mm_cpu);
 }
 
 // No tensor argument to dispatch on: the path rule serves every key.
 TORCH_LIBRARY_IMPL(nthr, CompositeExplicitAutograd, m) {
   m.impl("native_pairwise_group", &nthr::pairwise_group_op);
+  m.impl("native_gemm_engine", &nthr::gemm_engine_op);
 }
 
 // Nothing here is differentiable: backward through these ops raises instead of returning wrong grads.
@@ -155,4 +183,5 @@ TORCH_LIBRARY_IMPL(nthr, Autograd, m) {
   m.impl("native_score_tokens", torch::autograd::autogradNotImplementedFallback());
   m.impl("native_advantages", torch::autograd::autogradNotImplementedFallback());
   m.impl("native_check_values", torch::autograd::autogradNotImplementedFallback());
+  m.impl("native_mm", torch::autograd::autogradNotImplementedFallback());
 }

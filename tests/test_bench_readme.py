@@ -69,3 +69,25 @@ def test_checks_cost_line():
     cost = [ln for ln in lines if ln.startswith("- Input checks")]
     assert len(cost) == 1 and "takes 10.0 ms more than with both off (20 % of the call" in cost[0]
     assert not any(ln.startswith("- Input checks") for ln in report.body([MATMUL, on], threads=2))
+
+
+def test_floor_at_the_best_engine_and_each_backends_own_engine():
+    """Where the native GEMM beats torch.mm, every floor is at the native rate, and a backend that multiplies
+    with torch.mm also gets its ratio at torch.mm's rate (the target judged at both, never hidden)."""
+    fast = copy.deepcopy(MATMUL)
+    fast["extra_info"]["engine"] = "native"
+    slow = copy.deepcopy(MATMUL)
+    slow["stats"]["median"] = 2.0  # torch.mm at half the native rate
+    rates = report.matmul_rates([slow, fast])
+    assert rates["cpu"]["engine"] == "native" and rates["cpu"]["rate"] == 1e9
+    assert rates["cpu"]["engines"] == {"native": (1e9, 1000), "torch": (5e8, 1000)}
+    assert "every floor below is at this best rate" in " ".join(report.header(
+        {"description": "x", "threads": 2, "triton": "-", "python": "-", "pytest_benchmark": "-",
+         "load_avg_start": 0.0, "load_avg_end": 0.0}, rates))
+    lines = report.body([slow, fast, _row("medium", "torch", True, 3.0, 10**9),
+                         _row("medium", "native", True, 0.9, 10**9)], threads=2)
+    torch_line = next(ln for ln in lines if ln.startswith("- `torch`"))
+    assert "3.00x its FLOP floor" in torch_line and "1.50x the floor at the rate of torch.mm" in torch_line
+    assert "Target <= 2.0x (issue 14): missed at the best rate; met at its own engine's rate" in torch_line
+    native_line = next(ln for ln in lines if ln.startswith("- `native`"))
+    assert "at the rate of" not in native_line and "Target <= 1.0x (issue 14): met" in native_line

@@ -25,7 +25,7 @@ from nthr_kernels.registry import native_available, resolve
 
 from nthr_kernels.ops.advantages.native_impl import pairwise_cheaper, pairwise_group
 
-from _helpers import assert_matches_reference, backends, case, grpo_advantages, run, run_impl, stable_seed, validated
+from _helpers import TOL, assert_matches_reference, backends, case, grpo_advantages, run, run_impl, stable_seed, validated
 
 NATIVE = native_available()
 needs_native = pytest.mark.skipif(
@@ -485,3 +485,71 @@ def test_direct_calls_never_crash():
             assert got == "OK", (name, got)
         else:
             assert got.startswith("ERROR") and message in got, (name, got)
+
+
+# --------------------------------------------------------------------------------------------------
+# the native ops' own GEMM (csrc/gemm.cpp), through nthr::native_mm
+# --------------------------------------------------------------------------------------------------
+# (m, k, n): odd sizes, one row or column, K past one K block (256), N past one N block (512), M past
+# one packed A block (144) and the rows of one native_mm item (256).
+MM_SHAPES = [(1, 1, 1), (7, 13, 5), (12, 256, 32), (13, 257, 33), (145, 300, 47), (300, 513, 600), (3, 1000, 17)]
+
+
+def _mm_operands(m, k, n, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g)
+    b = torch.randn(k, n, generator=g)
+    if layout == "transposed":  # column-major views of the same values
+        a, b = a.t().contiguous().t(), b.t().contiguous().t()
+    elif layout == "strided":  # rows further apart than their length
+        a = torch.randn(m, k + 5, generator=g)[:, 2:k + 2]
+        b = torch.randn(k, n + 3, generator=g)[:, 1:n + 1]
+    return a, b
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("shape", MM_SHAPES, ids=["x".join(map(str, s)) for s in MM_SHAPES])
+def test_native_mm_matches_float64(shape, layout):
+    """Every native op's matrix products go through gemm (gemm.cpp): the packed AVX-512 kernel where the CPU
+    has it, else ATen's mm. Each entry within the float32 score tolerance of |A| |B| (a float32 sum of K
+    products errs by at most ~K * 2^-24 of it)."""
+    a, b = _mm_operands(*shape, layout, stable_seed("mm", shape, layout))
+    a0, b0 = a.clone(), b.clone()
+    out = torch.ops.nthr.native_mm(a, b)
+    want = a.double() @ b.double()
+    scale = a.double().abs() @ b.double().abs()
+    assert out.dtype == torch.float32 and out.shape == want.shape
+    assert ((out.double() - want).abs() <= TOL[torch.float32] * scale).all()
+    assert torch.equal(a, a0) and torch.equal(b, b0)  # inputs untouched
+
+
+@needs_native
+def test_native_mm_same_bits_at_one_and_two_threads_and_empty_sizes():
+    a, b = _mm_operands(600, 300, 70, "strided", stable_seed("mm-threads"))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(torch.ops.nthr.native_mm(a, b))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(torch.ops.nthr.native_mm(torch.ones(3, 0), torch.ones(0, 4)), torch.zeros(3, 4))
+    assert torch.ops.nthr.native_mm(torch.ones(0, 5), torch.ones(5, 4)).shape == (0, 4)
+    with pytest.raises(RuntimeError, match="native_mm: b: expected 5 rows"):
+        torch.ops.nthr.native_mm(torch.ones(3, 5), torch.ones(4, 4))
+    with pytest.raises(RuntimeError, match="native_mm: expected two 2-D float32 CPU tensors"):
+        torch.ops.nthr.native_mm(torch.ones(3, 5, dtype=torch.float64), torch.ones(5, 4))
+
+
+@needs_native
+def test_gemm_engine_is_the_packed_kernel_where_the_cpu_has_avx512():
+    engine = torch.ops.nthr.native_gemm_engine()
+    assert engine in ("nthr-avx512", "aten")
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
+    assert (engine == "nthr-avx512") == (" avx512f" in flags)

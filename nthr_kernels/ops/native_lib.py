@@ -32,7 +32,7 @@ tokens' scores and the anchor sums for ``2 T+ T (|V*| + d)`` FLOPs, no ``M``. Wi
 ``log Z`` runs first (row chunks in parallel, per vocabulary chunk one GEMM tile folded at once into
 an online log-sum-exp); then every active group in parallel, largest first: ``V*``, the prediction
 errors of all its tokens (cached per column block of ``V*``), ``N_i``, ``M``, the anchors and the
-negative tokens' scores ``(E_t M) . h_t`` with ATen GEMMs, then ``tau``, selection and rescaled
+negative tokens' scores ``(E_t M) . h_t``, then ``tau``, selection and rescaled
 advantages. Scratch memory: ``SCRATCH_ELEMS`` is cut into ``kWorkers = 8`` slices (``csrc/params.h``)
 whatever the thread count; at most 8 threads work at once, each on one slice with at most ~6
 float32 buffers of a slice (E cache, ``N_i`` and ``M``, ``W*`` rows, hidden rows, a product tile,
@@ -41,14 +41,17 @@ bytes in all (under ``32 * SCRATCH_ELEMS``, 128 MiB by default; far less in prac
 are sized to the group), plus ``O(n)`` per-token vectors (about 40 bytes per completion token) and one
 ``[|V|]`` int32 marker per working thread (the distinct ids of a group); no ``[n, |V|]`` tensor is formed,
 and a ``[T+, T]`` one (``K_e`` of a pairwise group, in the ``N_i``/``M`` buffer) only within one slice.
+Every matrix product runs on ``csrc/gemm.cpp`` (``nthr::native_gemm_engine()`` names it): a packed AVX-512
+kernel of the library's own where the CPU has AVX-512 (the BLAS torch ships takes its AVX2 path on AMD
+CPUs: half the rate there), else ATen's mm; its packing buffers add 524 KiB per thread.
 The value checks' norm pass and the old log-probs check run before the op, in one parallel region
 (``nthr::native_check_values``: row chunks interleaved with the groups' GEMMs).
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
 (passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item.
 
 All arithmetic is float32 (anchors in float64), in a fixed order; block sizes depend on the inputs
-and the scratch budget only, and each work item calls BLAS single-threaded: the same inputs give the
-same bits at every thread count. ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of
+and the scratch budget only, and each work item runs its matrix products single-threaded: the same
+inputs give the same bits at every thread count. ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of
 ``native_advantages`` on stderr.
 """
 from __future__ import annotations
@@ -92,6 +95,8 @@ _lib.define(
 _lib.define(
     "native_pairwise_group(int t_pos, int t_all, int nv, int d, bool score_positive, int scratch_elems) -> bool"
 )
+_lib.define("native_mm(Tensor a, Tensor b) -> Tensor")
+_lib.define("native_gemm_engine() -> str")
 
 
 @torch.library.register_fake("nthr::native_score_tokens")
@@ -114,6 +119,11 @@ def _native_advantages_fake(hidden, tok_a, tok_b, tok_ids, tok_resp, resp_group,
     )
 
 
+@torch.library.register_fake("nthr::native_mm")
+def _native_mm_fake(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+
 @torch.library.register_fake("nthr::native_check_values")
 def _native_check_values_fake(hidden, tok_a, tok_b, tok_ids, lm_head_weight, norms, weight_all_rows, tok_group, logprobs,
                               idx, n_groups, temperature, scratch_elems):
@@ -122,8 +132,8 @@ def _native_check_values_fake(hidden, tok_a, tok_b, tok_ids, lm_head_weight, nor
 
 _log = logging.getLogger("nthr_kernels")
 _NAME = "nthr_native"
-_SOURCES = ("vec_kernels.cpp", "ops.cpp", "advantages.cpp")
-_HEADERS = ("vec_kernels.h", "native.h", "params.h")
+_SOURCES = ("vec_kernels.cpp", "gemm.cpp", "ops.cpp", "advantages.cpp")
+_HEADERS = ("vec_kernels.h", "gemm.h", "native.h", "params.h")
 _CFLAGS = ("-O3", "-std=c++17")
 # -fopenmp compiles ATen's at::parallel_for as a parallel region (for_each_item in params.h runs its
 # workers on ATen's OpenMP team); the link step gets no -fopenmp, so the OpenMP symbols resolve to the
