@@ -1,5 +1,6 @@
 // sgemm for the native ops: C = A B or C += A B on float32 matrices of any strides, on one thread, in a
-// fixed summation order. On CPUs with AVX-512 a kernel of its own (below); elsewhere ATen's mm (BLAS).
+// fixed summation order. On CPUs with AVX-512 a kernel of its own (below); elsewhere, or with the environment
+// variable NTHR_NATIVE_GEMM=aten, ATen's mm (BLAS).
 //
 // Why its own kernel: the BLAS torch ships (MKL) takes its AVX2 path on AMD CPUs, so on an AVX-512 Zen CPU it
 // reaches about half of the float32 FMA peak (measured on the 2-core Zen 5 dev box, one thread: MKL ~108
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -40,6 +42,7 @@ struct PackBuffers {
   PackBuffers() {
     a = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kMr * kKc));
     b = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kNc * kKc));
+    TORCH_CHECK(a && b, "nthr gemm: out of memory for the packing buffers");
   }
   ~PackBuffers() {
     std::free(a);
@@ -123,8 +126,15 @@ __attribute__((target("avx512f"))) void kernel(int64_t kc, const float* a, int64
   }
 }
 
-bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+// The packed kernel where the CPU has AVX-512, unless NTHR_NATIVE_GEMM=aten asks for ATen's mm (read once;
+// any other value than "auto" or "aten" is refused).
+bool use_kernel() {
+  static const bool yes = [] {
+    const char* env = std::getenv("NTHR_NATIVE_GEMM");
+    const std::string want = env ? env : "auto";
+    TORCH_CHECK(want == "auto" || want == "aten", "NTHR_NATIVE_GEMM: expected 'auto' or 'aten', got '", want, "'");
+    return want == "auto" && __builtin_cpu_supports("avx512f");
+  }();
   return yes;
 }
 
@@ -163,7 +173,7 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
 
 const char* gemm_engine() {
 #if NTHR_HAVE_AVX512_KERNEL
-  if (have_avx512()) return "nthr-avx512";
+  if (use_kernel()) return "nthr-avx512";
 #endif
   return "aten";
 }
@@ -172,7 +182,7 @@ void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == K && c.size(0) == M && c.size(1) == N, "nthr gemm: shapes do not match");
 #if NTHR_HAVE_AVX512_KERNEL
-  if (have_avx512() && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+  if (use_kernel() && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
       b.scalar_type() == at::kFloat && c.stride(1) == 1) {
     if (M == 0 || N == 0) return;
     if (K == 0) {

@@ -546,10 +546,37 @@ def test_native_mm_same_bits_at_one_and_two_threads_and_empty_sizes():
 
 @needs_native
 def test_gemm_engine_is_the_packed_kernel_where_the_cpu_has_avx512():
-    engine = torch.ops.nthr.native_gemm_engine()
+    engine = native_lib.gemm_engine()
     assert engine in ("nthr-avx512", "aten")
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
     assert (engine == "nthr-avx512") == (" avx512f" in flags)
+
+
+@needs_native
+def test_aten_gemm_fallback_matches_reference_and_bad_setting_is_refused():
+    """NTHR_NATIVE_GEMM=aten: every product on ATen's mm, as on a CPU without AVX-512 (the path CI's AVX-512
+    machine would otherwise never run); the op still matches the reference. Any other value is refused."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        import nthr_kernels as nk
+        from _helpers import assert_matches_reference, case, run
+        from nthr_kernels.ops import native_lib
+        print(native_lib.gemm_engine())
+        b = case(n_groups=4, group_size=5, lengths=(0, 37), d=19, vocab=301, seed=11)
+        for kw in (dict(), dict(with_logprobs=False, anchor="others")):
+            assert_matches_reference(run(b, "native", **kw), run(b, "reference", **kw), b)
+        a = torch.randn(30, 17)
+        torch.testing.assert_close(torch.ops.nthr.native_mm(a, a.t()), a @ a.t())
+    """)
+    env = dict(os.environ, NTHR_NATIVE_GEMM="aten")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[0] == "aten"
+    env["NTHR_NATIVE_GEMM"] = "mkl"
+    out = subprocess.run([sys.executable, "-c", "from nthr_kernels.ops import native_lib; native_lib.gemm_engine()"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "NTHR_NATIVE_GEMM: expected 'auto' or 'aten', got 'mkl'" in out.stderr

@@ -43,7 +43,8 @@ are sized to the group), plus ``O(n)`` per-token vectors (about 40 bytes per com
 and a ``[T+, T]`` one (``K_e`` of a pairwise group, in the ``N_i``/``M`` buffer) only within one slice.
 Every matrix product runs on ``csrc/gemm.cpp`` (``nthr::native_gemm_engine()`` names it): a packed AVX-512
 kernel of the library's own where the CPU has AVX-512 (the BLAS torch ships takes its AVX2 path on AMD
-CPUs: half the rate there), else ATen's mm; its packing buffers add 524 KiB per thread.
+CPUs: half the rate there), else ATen's mm (also with ``NTHR_NATIVE_GEMM=aten``; any value but ``auto`` and
+``aten`` is refused); its packing buffers add 524 KiB per thread.
 The value checks' norm pass and the old log-probs check run before the op, in one parallel region
 (``nthr::native_check_values``: row chunks interleaved with the groups' GEMMs).
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
@@ -72,7 +73,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "build", "require", "unavailable_reason"]
+__all__ = ["available", "build", "gemm_engine", "require", "unavailable_reason"]
 
 # The schemas of the native ops (implemented by the C++ library under TORCH_LIBRARY_IMPL(nthr, CPU)) and
 # their fake kernels, defined before the library loads so they exist either way.
@@ -442,6 +443,14 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why :func:`available` is False ("" when it is True or was not asked yet)."""
     return _state.get("reason", "")
+
+
+def gemm_engine() -> str:
+    """The engine of the native ops' matrix products on this CPU (builds or loads the library):
+    ``"nthr-avx512"`` (csrc/gemm.cpp's packed kernel) or ``"aten"`` (ATen's mm: no AVX-512, or
+    ``NTHR_NATIVE_GEMM=aten``)."""
+    require()
+    return torch.ops.nthr.native_gemm_engine()
 
 
 def require():
