@@ -165,9 +165,10 @@ void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, i
 // log-sum-exp over weight rows: log Z over the whole vocabulary, and the old log-probs check over V*
 // ---------------------------------------------------------------------------------------------------
 // (max, sum) with max + log(sum) = log sum_v exp(h_i . w_v / T), for the rn hidden rows h [rn, d] and the
-// weight rows ids[0..nc) (rows 0..nc when ids is null): per chunk of vc rows one GEMM tile [rn, vc] (scratch
-// ws.z) folded at once into a running (max, sum) per row. The weight rows are read in place where they are
-// float32 rows, else copied (scratch ws.wc, [vc, d]).
+// weight rows ids[0..nc) (rows 0..nc when ids is null): per chunk of vc rows one GEMM tile Z^T = W_chunk H^T
+// [vc, rn] (scratch ws.z; the weight rows are the GEMM's row-major left operand, read in place where they are
+// float32 rows, else copied into ws.wc [vc, d]; H^T, the smaller operand when rn < vc, is the packed one),
+// folded at once into a running (max, sum) per row of h.
 void lse_over_rows(const Tensor& weight, float temperature, const float* h, int64_t rn, int64_t d,
                    const int64_t* ids, int64_t nc, int64_t vc, Workspace& ws, float* rmax, float* rsum) {
   const bool w_view = ids == nullptr && weight.scalar_type() == at::kFloat && weight.stride(1) == 1;
@@ -176,6 +177,7 @@ void lse_over_rows(const Tensor& weight, float temperature, const float* h, int6
   std::vector<int64_t> seq(ids || w_view ? 0 : vc);
   std::fill(rmax, rmax + rn, -std::numeric_limits<float>::infinity());
   std::fill(rsum, rsum + rn, 0.0f);
+  const Tensor ht = mat(const_cast<float*>(h), rn, d, d).t();
   for (int64_t v0 = 0; v0 < nc; v0 += vc) {
     const int64_t vn = std::min(vc, nc - v0);
     Tensor wc;
@@ -188,9 +190,8 @@ void lse_over_rows(const Tensor& weight, float temperature, const float* h, int6
       gather_rows(weight, rows, nullptr, vn, nullptr, d, wb, d);
       wc = mat(wb, vn, d, d);
     }
-    Tensor zt = mat(z, rn, vn, vn);
-    gemm(zt, mat(const_cast<float*>(h), rn, d, d), wc.t());
-    for (int64_t i = 0; i < rn; ++i) vec::lse_update(z + i * vn, vn, temperature, &rmax[i], &rsum[i]);
+    gemm(mat(z, vn, rn, rn), wc, ht);
+    vec::lse_update_cols(z, vn, rn, rn, temperature, rmax, rsum);
   }
 }
 

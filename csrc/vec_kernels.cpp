@@ -143,6 +143,43 @@ void lse_update(const float* x, int64_t n, float temperature, float* run_max, fl
 }
 
 NTHR_CLONES
+void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, float temperature, float* run_max,
+                     float* run_sum) {
+  const float inv = 1.0f / temperature;
+  const fvec iv = splat(inv), ninf = splat(-INFINITY), zero = fvec{};
+  int64_t c = 0;
+  for (; c + kLanes <= cols; c += kLanes) {
+    fvec vm = ninf;
+    for (int64_t r = 0; r < rows; ++r) {
+      const fvec v = load(z + r * ld + c);
+      vm = v > vm ? v : vm;
+    }
+    vm *= iv;  // max(x) / T = max(x / T) for T > 0
+    const fvec old_max = load(run_max + c), old_sum = load(run_sum + c);
+    const fvec nm = vm > old_max ? vm : old_max;
+    const fvec live = nm == ninf ? zero : splat(1.0f);  // lanes whose values are all -inf so far: unchanged
+    const fvec shift = nm == ninf ? zero : nm;
+    fvec vs = fvec{};
+    for (int64_t r = 0; r < rows; ++r) vs += vexp(load(z + r * ld + c) * iv - shift);
+    const fvec old = old_sum == zero ? zero : old_sum * vexp(old_max - shift);
+    store(run_sum + c, live == zero ? old_sum : old + vs);
+    store(run_max + c, nm);
+  }
+  for (; c < cols; ++c) {
+    float m = -INFINITY;
+    for (int64_t r = 0; r < rows; ++r) m = z[r * ld + c] > m ? z[r * ld + c] : m;
+    m *= inv;
+    const float new_max = m > run_max[c] ? m : run_max[c];
+    if (new_max == -INFINITY) continue;
+    float s = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) s += sexp(z[r * ld + c] * inv - new_max);
+    const float old = run_sum[c] == 0.0f ? 0.0f : run_sum[c] * sexp(run_max[c] - new_max);
+    run_sum[c] = old + s;
+    run_max[c] = new_max;
+  }
+}
+
+NTHR_CLONES
 void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z) {
   const float inv = 1.0f / temperature;
   const fvec iv = splat(inv), lz = splat(log_z);

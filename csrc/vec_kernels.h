@@ -11,6 +11,11 @@ namespace vec {
 // the running value is run_max + log(run_sum).
 void lse_update(const float* x, int64_t n, float temperature, float* run_max, float* run_sum);
 
+// lse_update for every column c < cols of the tile z [rows, cols] (row stride ld): merges the column's values into
+// (run_max[c], run_sum[c]), lanes across columns, each column summed over its rows in order.
+void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, float temperature, float* run_max,
+                     float* run_sum);
+
 // In place: e[i] = -exp(e[i] * (1 / temperature) - log_z). The caller adds the one-hot term.
 void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z);
 
