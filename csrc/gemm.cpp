@@ -58,31 +58,60 @@ void pack_a(const float* a, int64_t ars, int64_t acs, int64_t mr, int64_t kc, fl
   }
 }
 
+// In-register transpose of 16 rows of 16 floats: on return r[c] holds column c (rows 0..15 in order).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved per 128-bit lane
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + m], lane l: column 4l + m of rows 4i .. 4i + 3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  __m512 o[16];
+  for (int m = 0; m < 4; ++m) {  // column 4l + m: lane l of r[m], r[4 + m], r[8 + m], r[12 + m]
+    const __m512 a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), b = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88), d = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+    o[m] = _mm512_shuffle_f32x4(a, c, 0x88);
+    o[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    o[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
+    o[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = o[i];
+}
+
 // B[0 .. kc, 0 .. nc] into column panels of kNr: bp[q][k][j] (zero columns past nc). Rows of B contiguous
-// (bcs = 1): two masked vector copies per k; columns contiguous (B = W^T, W row-major): gathers of 16
-// columns per k, each column read sequentially.
+// (bcs = 1): two masked vector copies per k; columns contiguous (brs = 1, e.g. B = W^T of a row-major W):
+// 16 x 16 blocks loaded along the columns and transposed in registers; other strides: element by element.
 __attribute__((target("avx512f"))) void pack_b(const float* b, int64_t brs, int64_t bcs, int64_t kc, int64_t nc,
                                                 float* bp) {
-  const bool gather = bcs != 1 && bcs <= (int64_t{1} << 26) && brs <= (int64_t{1} << 26);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j0 = 0; j0 < nc; j0 += kNr, bp += kNr * kc) {
     const int64_t nr = std::min(kNr, nc - j0);
-    const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
-    const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
     if (bcs == 1) {
+      const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
+      const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = b + k * brs + j0;
         _mm512_store_ps(bp + k * kNr, _mm512_maskz_loadu_ps(m0, src));
         _mm512_store_ps(bp + k * kNr + 16, _mm512_maskz_loadu_ps(m1, src + 16));
       }
-    } else if (gather) {
-      const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(bcs)));
-      const float* c0 = b + j0 * bcs;
-      const float* c1 = c0 + 16 * bcs;
-      for (int64_t k = 0; k < kc; ++k) {
-        _mm512_store_ps(bp + k * kNr, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, idx, c0 + k * brs, 4));
-        _mm512_store_ps(bp + k * kNr + 16, m1 ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, idx, c1 + k * brs, 4)
-                                              : _mm512_setzero_ps());
+    } else if (brs == 1) {
+      for (int64_t h = 0; h < kNr; h += 16) {
+        const int64_t nh = std::max<int64_t>(0, std::min<int64_t>(16, nr - h));  // valid columns of this half
+        for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+          const int64_t kn = std::min<int64_t>(16, kc - k0);
+          const __mmask16 km = kn >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << kn) - 1);
+          __m512 r[16];
+          for (int64_t j = 0; j < 16; ++j)
+            r[j] = j < nh ? _mm512_maskz_loadu_ps(km, b + (j0 + h + j) * bcs + k0) : _mm512_setzero_ps();
+          transpose16(r);
+          for (int64_t k = 0; k < kn; ++k) _mm512_store_ps(bp + (k0 + k) * kNr + h, r[k]);
+        }
       }
     } else {
       for (int64_t k = 0; k < kc; ++k)
