@@ -46,6 +46,13 @@
   CHECK_ARG((x).device().is_cpu() && at::isFloatingType((x).scalar_type()), name, "expected a floating-point CPU tensor")
 #define CHECK_NUMEL(x, n, name) CHECK_ARG((x).numel() == (n), name, "expected ", (n), " elements, got ", (x).numel())
 #define CHECK_IN_RANGE(v, hi, name) CHECK_ARG((v) >= 0 && (v) < (hi), name, "index ", (v), " outside [0, ", (hi), ")")
+// Every x[0..n) in [0, hi): one branch-free min/max pass; the element-wise check (naming the first bad index)
+// only when that pass fails.
+#define CHECK_ALL_IN_RANGE(x, n, hi, name)                                     \
+  do {                                                                         \
+    if (!all_in_range((x), (n), (hi)))                                         \
+      for (int64_t i_ = 0; i_ < (n); ++i_) CHECK_IN_RANGE((x)[i_], (hi), name); \
+  } while (0)
 
 namespace nthr {
 namespace {
@@ -53,6 +60,15 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kFloatsPerLine = 16;  // float32 values per 64-byte cache line
+
+bool all_in_range(const int64_t* x, int64_t n, int64_t hi) {
+  int64_t lo = 0, top = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    top = std::max(top, x[i]);
+  }
+  return lo >= 0 && top < hi;
+}
 
 // Per-worker scratch, reused across work items (see Scratch in params.h).
 struct Workspace {
@@ -523,11 +539,9 @@ void set_token_params(AdvantagesParams& p, const char* op_name, const Tensor& hi
     CHECK_NUMEL(*tok_b, p.n_tokens, "tok_b");
     p.tok_b = owned<int64_t>(p, *tok_b, at::kLong);
   }
-  for (int64_t t = 0; t < p.n_tokens; ++t) {
-    CHECK_IN_RANGE(p.tok_a[t], hidden.size(0), "tok_a");
-    if (p.tok_b) CHECK_IN_RANGE(p.tok_b[t], hidden.size(1), "tok_b");
-    CHECK_IN_RANGE(p.tok_ids[t], p.vocab, "tok_ids");
-  }
+  CHECK_ALL_IN_RANGE(p.tok_a, p.n_tokens, hidden.size(0), "tok_a");
+  if (p.tok_b) CHECK_ALL_IN_RANGE(p.tok_b, p.n_tokens, hidden.size(1), "tok_b");
+  CHECK_ALL_IN_RANGE(p.tok_ids, p.n_tokens, p.vocab, "tok_ids");
   p.temperature = static_cast<float>(temperature);
   p.slice = worker_slice(scratch_elems, p.d);
 }
@@ -559,8 +573,8 @@ AdvantagesParams set_advantages_params(
     CHECK_NUMEL(*logprobs, p.n_tokens, "logprobs");
     p.logprobs = owned<float>(p, *logprobs, at::kFloat);
   }
-  for (int64_t r = 0; r < p.n_resp; ++r) CHECK_IN_RANGE(p.resp_group[r], p.n_groups, "resp_group");
-  for (int64_t t = 0; t < p.n_tokens; ++t) CHECK_IN_RANGE(p.tok_resp[t], p.n_resp, "tok_resp");
+  CHECK_ALL_IN_RANGE(p.resp_group, p.n_resp, p.n_groups, "resp_group");
+  CHECK_ALL_IN_RANGE(p.tok_resp, p.n_tokens, p.n_resp, "tok_resp");
   p.beta = beta;
   p.anchor_others = anchor_others;
   p.score_positive = score_positive;
@@ -675,21 +689,25 @@ Tensor check_values_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
     group = owned<int64_t>(p, *tok_group, at::kLong);
     sample = owned<int64_t>(p, *idx, at::kLong);
     lp = owned<float>(p, *logprobs, at::kFloat);
-    for (int64_t t = 0; t < n; ++t) CHECK_IN_RANGE(group[t], n_groups, "tok_group");
-    for (int64_t j = 0; j < k; ++j) CHECK_IN_RANGE(sample[j], n, "idx");
+    CHECK_ALL_IN_RANGE(group, n, n_groups, "tok_group");
+    CHECK_ALL_IN_RANGE(sample, k, n, "idx");
   }
   Tensor out = at::zeros({2 + k}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
 
-  // the old log-probs check: each group's token ids and sampled positions, in canonical / sample order
-  std::vector<std::vector<int64_t>> ids(k ? n_groups : 0), picks(k ? n_groups : 0);
-  std::vector<int64_t> mass_items;
+  // the old log-probs check: each group's sampled positions (sample order) and token ids (canonical order,
+  // ids[id_start[g] .. id_start[g + 1]), a counting sort)
+  std::vector<std::vector<int64_t>> picks(k ? n_groups : 0);
+  std::vector<int64_t> mass_items, id_start(k ? n_groups + 1 : 0, 0), ids(k ? n : 0);
   for (int64_t j = 0; j < k; ++j) picks[group[sample[j]]].push_back(j);
   for (int64_t g = 0; g < static_cast<int64_t>(picks.size()); ++g)
     if (!picks[g].empty()) mass_items.push_back(g);
-  if (k)
-    for (int64_t t = 0; t < n; ++t)
-      if (!picks[group[t]].empty()) ids[group[t]].push_back(p.tok_ids[t]);
+  if (k) {
+    for (int64_t t = 0; t < n; ++t) ++id_start[group[t] + 1];
+    for (int64_t g = 0; g < n_groups; ++g) id_start[g + 1] += id_start[g];
+    std::vector<int64_t> cur(id_start.begin(), id_start.end() - 1);
+    for (int64_t t = 0; t < n; ++t) ids[cur[group[t]]++] = p.tok_ids[t];
+  }
 
   // the norms: hidden rows, then the weight rows read
   std::vector<Workspace> ws(kWorkers);
@@ -722,7 +740,7 @@ Tensor check_values_cpu(const Tensor& hidden, const Tensor& tok_a, const std::op
     }
     const int64_t g = items[item], kg = static_cast<int64_t>(picks[g].size());
     std::vector<int64_t> vs;
-    distinct_ids(ids[g].data(), static_cast<int64_t>(ids[g].size()), p.vocab, ws[w], vs, nullptr, false);
+    distinct_ids(ids.data() + id_start[g], id_start[g + 1] - id_start[g], p.vocab, ws[w], vs, nullptr, false);
     const int64_t nv = static_cast<int64_t>(vs.size());
     const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(kg, p.slice / d));
     const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(nv, p.slice / std::max(rb, d)));
