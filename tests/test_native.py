@@ -580,3 +580,19 @@ def test_aten_gemm_fallback_matches_reference_and_bad_setting_is_refused():
     out = subprocess.run([sys.executable, "-c", "from nthr_kernels.ops import native_lib; native_lib.gemm_engine()"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "NTHR_NATIVE_GEMM: expected 'auto' or 'aten', got 'mkl'" in out.stderr
+
+
+@needs_native
+def test_native_mm_non_finite_values_stay_in_their_rows_and_columns():
+    """Padding lanes of the packed panels (rows past a panel's last, columns past a block's last) must never mix
+    a non-finite value into a valid entry: Inf/NaN in one row of A or one column of B shows up exactly where
+    torch.mm puts it."""
+    g = torch.Generator().manual_seed(stable_seed("mm-nonfinite"))
+    a, b = torch.randn(13, 300, generator=g), torch.randn(300, 35, generator=g)
+    a[12, 5], b[7, 33], b[299, 2] = float("inf"), float("nan"), float("-inf")
+    for x, y in ((a, b), (a.t().contiguous().t(), b.t().contiguous().t())):
+        out, want = torch.ops.nthr.native_mm(x, y), x @ y
+        assert torch.equal(torch.isnan(out), torch.isnan(want))
+        assert torch.equal(torch.isinf(out), torch.isinf(want))
+        ok = torch.isfinite(want)
+        assert ((out - want).abs()[ok] <= TOL[torch.float32] * (x.abs() @ y.abs())[ok]).all()
