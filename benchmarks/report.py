@@ -253,7 +253,8 @@ def header(machine: dict, rates: dict) -> list[str]:
     ]
     for dev, r in sorted(rates.items()):
         each = "; ".join(f"{_ENGINE_TEXT.get(e, e)} {rate / 1e9:,.1f} at {n}^3" for e, (rate, n) in sorted(r["engines"].items()))
-        lines.append(f"Matrix unit ({dev}, {r['dtype']}, best of the sizes and engines timed in this run): "
+        lines.append(f"Matrix unit ({dev}, {r['dtype']}, best of the sizes, engines and passes (before and after "
+                     f"the ops) timed in this run): "
                      f"{r['rate'] / 1e9:,.1f} GFLOP/s ({each}); every floor below is at this best rate.")
     return lines + [""]
 

@@ -1,6 +1,7 @@
 """The matrix unit's rate, measured in the same run as the ops: float32 sgemm on CPU, bf16 on CUDA.
 
-The summary divides every FLOP floor by the best rate measured here (over the sizes and engines below),
+The summary divides every FLOP floor by the best rate measured here (over the sizes, engines and the two
+passes below),
 so "x floor" says how far a call is from what this machine's matrix unit can do under the same settings
 (threads, load). Engines: ``torch`` (``a @ b``: the BLAS torch ships, MKL on x86) everywhere, and on CPU
 ``native`` (``nthr::native_mm``, the GEMM of the native ops, csrc/gemm.cpp) where that backend is built:
@@ -23,9 +24,16 @@ ENGINES = [("cpu", "torch")] + ([("cpu", "native")] if native_available() else [
     [("cuda", "torch")] if torch.cuda.is_available() else [])
 
 
+# Each size and engine is timed twice, once before the ops and once after them (benchmarks/conftest.py moves
+# the "last" pass to the end of the session): the floor takes the best of both, so a slow spell of a shared
+# machine during one pass does not lengthen every floor of the run.
+PASSES = ("first", "last")
+
+
+@pytest.mark.parametrize("when", PASSES)
 @pytest.mark.parametrize("n", SIZES, ids=[f"n{n}" for n in SIZES])
 @pytest.mark.parametrize("device,engine", ENGINES, ids=[f"{d}-{e}" for d, e in ENGINES])
-def test_matmul(benchmark, bench_session, device, engine, n):
+def test_matmul(benchmark, bench_session, device, engine, n, when):
     n = SMOKE_SIZE if bench_session.smoke else n
     a, b = runner.matmul_operands(device, n)
     mm = torch.ops.nthr.native_mm if engine == "native" else torch.mm
@@ -34,5 +42,5 @@ def test_matmul(benchmark, bench_session, device, engine, n):
     want = a.double() @ b.double()
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
     benchmark.group = "matmul"
-    benchmark.extra_info.update(op="matmul", device=device, engine=engine, dtype=str(a.dtype).replace("torch.", ""), n=n,
+    benchmark.extra_info.update(op="matmul", device=device, engine=engine, when=when, dtype=str(a.dtype).replace("torch.", ""), n=n,
                                 flops=runner.matmul_flops(n), threads=torch.get_num_threads())
