@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
-#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -49,6 +48,12 @@ struct PackBuffers {
     std::free(b);
   }
 };
+
+// Lanes of the q-th 16-lane vector that hold one of a row's first n values.
+inline __mmask16 lane_mask(int64_t n, int q) {
+  const int64_t k = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * q));
+  return static_cast<__mmask16>(k >= 16 ? 0xFFFFu : (1u << k) - 1u);
+}
 
 // The A panel A[0 .. mr, 0 .. kc] as ap[k][i] (kMr values per k; zero rows past mr).
 void pack_a(const float* a, int64_t ars, int64_t acs, int64_t mr, int64_t kc, float* ap) {
@@ -93,8 +98,7 @@ __attribute__((target("avx512f"))) void pack_b(const float* b, int64_t brs, int6
   for (int64_t j0 = 0; j0 < nc; j0 += kNr, bp += kNr * kc) {
     const int64_t nr = std::min(kNr, nc - j0);
     if (bcs == 1) {
-      const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
-      const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
+      const __mmask16 m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = b + k * brs + j0;
         _mm512_store_ps(bp + k * kNr, _mm512_maskz_loadu_ps(m0, src));
@@ -105,7 +109,7 @@ __attribute__((target("avx512f"))) void pack_b(const float* b, int64_t brs, int6
         const int64_t nh = std::max<int64_t>(0, std::min<int64_t>(16, nr - h));  // valid columns of this half
         for (int64_t k0 = 0; k0 < kc; k0 += 16) {
           const int64_t kn = std::min<int64_t>(16, kc - k0);
-          const __mmask16 km = kn >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << kn) - 1);
+          const __mmask16 km = lane_mask(kn, 0);
           __m512 r[16];
           for (int64_t j = 0; j < 16; ++j)
             r[j] = j < nh ? _mm512_maskz_loadu_ps(km, b + (j0 + h + j) * bcs + k0) : _mm512_setzero_ps();
@@ -128,8 +132,6 @@ __attribute__((target("avx512f"))) void pack_b(const float* b, int64_t brs, int6
 template <bool kRows>
 __attribute__((target("avx512f"))) void kernel(int64_t kc, const float* a, int64_t ars, int64_t acs, const float* b,
                                                 float* c, int64_t ldc, bool add, int64_t mr, int64_t nr) {
-  const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
-  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
   __m512 acc[kMr][2];
   for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, b += kNr) {
@@ -142,6 +144,7 @@ __attribute__((target("avx512f"))) void kernel(int64_t kc, const float* a, int64
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
     }
   }
+  const __mmask16 m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
   for (int i = 0; i < kMr; ++i) {
     if (i >= mr) break;
     float* row = c + i * ldc;
