@@ -116,7 +116,7 @@ def _ratio(r: float) -> str:
 
 def _engine(x: dict) -> str:
     """The matrix engine a row's backend multiplies with (test_matmul's engines): the native GEMM for the
-    native backend, torch.mm for the others."""
+    native backend's rows (UNCHECKED's two), torch.mm for the others."""
     return "native" if x["backend"] in UNCHECKED else "torch"
 
 
@@ -150,7 +150,7 @@ def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int,
 
 def _own_algorithm_flops(x: dict) -> int:
     """The FLOPs of the algorithm the row's backend runs (the native backend's own per-group paths)."""
-    native = x["backend"] in UNCHECKED and "native_algorithm_flops" in x
+    native = _engine(x) == "native" and "native_algorithm_flops" in x
     return x["native_algorithm_flops"] if native else x["algorithm_flops"]
 
 

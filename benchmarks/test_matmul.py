@@ -1,9 +1,8 @@
 """The matrix unit's rate, measured in the same run as the ops: float32 sgemm on CPU, bf16 on CUDA.
 
 The summary divides every FLOP floor by the best rate measured here (over the sizes, engines and the two
-passes below),
-so "x floor" says how far a call is from what this machine's matrix unit can do under the same settings
-(threads, load). Engines: ``torch`` (``a @ b``: the BLAS torch ships, MKL on x86) everywhere, and on CPU
+passes below), so "x floor" says how far a call is from what this machine's matrix unit can do under the
+same settings (threads, load). Engines: ``torch`` (``a @ b``: the BLAS torch ships, MKL on x86) everywhere, and on CPU
 ``native`` (``nthr::native_mm``, the GEMM of the native ops, csrc/gemm.cpp) where that backend is built:
 on a CPU where it beats torch's BLAS (MKL takes its AVX2 path on AMD CPUs with AVX-512) the floor is
 that faster rate, so no backend looks closer to the limit than the machine allows. Smoke runs use a
