@@ -579,7 +579,7 @@ def test_aten_gemm_fallback_matches_reference_and_bad_setting_is_refused():
     env["NTHR_NATIVE_GEMM"] = "mkl"
     out = subprocess.run([sys.executable, "-c", "from nthr_kernels.ops import native_lib; native_lib.gemm_engine()"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0 and "NTHR_NATIVE_GEMM: expected 'auto' or 'aten', got 'mkl'" in out.stderr
+    assert out.returncode != 0 and "ValueError: NTHR_NATIVE_GEMM: expected 'auto' or 'aten', got 'mkl'" in out.stderr
 
 
 @needs_native

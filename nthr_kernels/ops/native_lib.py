@@ -450,12 +450,18 @@ def gemm_engine() -> str:
     ``"nthr-avx512"`` (csrc/gemm.cpp's packed kernel) or ``"aten"`` (ATen's mm: no AVX-512, or
     ``NTHR_NATIVE_GEMM=aten``)."""
     require()
-    return torch.ops.nthr.native_gemm_engine()
+    return _state["gemm"]
 
 
 def require():
+    """The native ops, loaded, with a valid ``NTHR_NATIVE_GEMM``; else ``ValueError`` before any work."""
     if not available():
         raise ValueError(f"backend: 'native' is not available ({unavailable_reason()})")
+    if "gemm" not in _state:
+        try:  # the C++ side reads and checks NTHR_NATIVE_GEMM once (csrc/gemm.cpp, use_kernel)
+            _state["gemm"] = torch.ops.nthr.native_gemm_engine()
+        except RuntimeError as e:
+            raise ValueError(str(e).splitlines()[0]) from None
 
 
 
