@@ -6,9 +6,11 @@
 //   log_z_full_vocab   weight without old log-probs only: log Z_t over the whole vocabulary;
 //   group_vstar        per active group, in parallel: V* (sorted unique ids) and each token's column in it;
 //   then per active group, groups in parallel (most FLOPs first, group_flops), each on its own scratch slice:
-//     group_log_z        log Z_t from the old log-probs or the logits (unless done above);
+//     group_log_z        log Z_t from the old log-probs or the logits (unless done above, or taken from each
+//                        token's own logit by errors_block: old log-probs and V* in one column block);
 //     per column block of V*:
-//       errors_block       E = onehot - exp(z / T - log Z) of every token of the group;
+//       errors_block       E = onehot - exp(z / T - log Z) of every token of the group (with the weight: in
+//                          the logits GEMM's epilogue, per row panel while it is in cache);
 //       factored groups:
 //       positive_block     N_i = E_i^T H_i per positive response i, M = sum_i N_i, and the anchor terms
 //                          <M, N_i> ("all") or <M - N_i, N_i> ("others"), in float64;
@@ -246,6 +248,7 @@ struct Group {
   // scratch (the worker's): hidden cache [T, d] or one [tb, d] block; W* rows, E cache, N_i and M, tile
   float *h = nullptr, *wc = nullptr, *e = nullptr, *nm = nullptr, *prod = nullptr;
   bool h_cached = false;
+  bool lz_from_row = false;  // log Z from each token's own logit in the logits GEMM (old log-probs, one V* block)
   bool pairwise = false;  // scores from the positive tokens' products, no M (pairwise_group, set by group_vstar)
   float* ke = nullptr;  // pairwise: K_e = E+ E^T [tp, T], summed over the column blocks
 
@@ -350,7 +353,9 @@ void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
   }
 }
 
-// E [T, cw] = onehot - exp(z / T - log Z) on columns [c0, c0 + cw) of V*, rows g.ld apart.
+// E [T, cw] = onehot - exp(z / T - log Z) on columns [c0, c0 + cw) of V*, rows g.ld apart; with the weight,
+// each row finished by the logits GEMM's epilogue while it is in cache (with g.lz_from_row, first its
+// log Z = z[y_t] / T - l_t from its own logit).
 void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
   const int64_t d = p.d, ld = g.ld = errors_width(p, g, cw);
   if (p.weight.defined()) {
@@ -360,17 +365,21 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
   for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
     const int64_t tn = std::min(g.tb, g.T - t0);
     float* et = g.e + t0 * ld;
+    auto finish = [&](int64_t r0, int64_t rn) {
+      for (int64_t i = r0; i < r0 + rn; ++i) {
+        float* row = et + i * ld;
+        const int64_t t = t0 + i, c = g.col[t] - c0;
+        if (g.lz_from_row) g.lz[t] = row[c] / p.temperature - p.logprobs[g.toks[t]];
+        vec::neg_softmax_slice(row, cw, p.temperature, g.lz[t]);
+        if (c >= 0 && c < cw) row[c] += 1.0f;
+      }
+    };
     if (p.weight.defined()) {
-      Tensor z = mat(et, tn, ld, ld);
-      gemm(z, mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc, ld, d, d).t());
+      gemm(mat(et, tn, ld, ld), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc, ld, d, d).t(), false,
+           finish);
     } else {
       gather_tokens(p, p.logits, g.toks + t0, tn, g.vs.data() + c0, cw, et, ld);
-    }
-    for (int64_t i = 0; i < tn; ++i) {
-      float* row = et + i * ld;
-      vec::neg_softmax_slice(row, cw, p.temperature, g.lz[t0 + i]);
-      const int64_t c = g.col[t0 + i] - c0;
-      if (c >= 0 && c < cw) row[c] += 1.0f;
+      finish(0, tn);
     }
   }
 }
@@ -478,7 +487,9 @@ double group_flops(const AdvantagesParams& p, const Group& g) {
 // After group_vstar.
 void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full) {
   group_blocks(p, g, ws);
+  g.lz_from_row = p.logprobs && g.vb >= static_cast<int64_t>(g.vs.size());
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
+  else if (g.lz_from_row) g.lz.resize(g.T);
   else group_log_z(p, g, ws);
   std::vector<double> anchor(g.seg.size() - 1, 0.0);
   std::vector<float> s(g.T, 0.0f);

@@ -170,15 +170,16 @@ bool use_kernel() {
   return yes;
 }
 
+// `done` after each row panel of the last column and K block (the rows' last writes).
 void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
-                  int64_t brs, int64_t bcs, float* c, int64_t ldc, bool accumulate) {
+                  int64_t brs, int64_t bcs, float* c, int64_t ldc, bool accumulate, const RowsDone& done) {
   thread_local PackBuffers buf;
   const bool rows = acs == 1, cols = !rows && ars == 1;  // else every A panel is packed
   for (int64_t j0 = 0; j0 < N; j0 += kNc) {
     const int64_t nc = std::min(kNc, N - j0);
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
-      const bool add = accumulate || k0 > 0;
+      const bool add = accumulate || k0 > 0, last = j0 + kNc >= N && k0 + kKc >= K;
       const float* bk = b + k0 * brs + j0 * bcs;
       pack_b(bk, brs, bcs, kc, nc, buf.b);
       auto panel = [&](int64_t jr) { return buf.b + jr * kc; };
@@ -195,6 +196,7 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
           for (int64_t jr = 0; jr < nc; jr += kNr)
             kernel<false>(kc, buf.a, 1, kMr, panel(jr), ci + jr, ldc, add, mr, std::min(kNr, nc - jr));
         }
+        if (last && done) done(i0, mr);
       }
     }
   }
@@ -210,25 +212,27 @@ const char* gemm_engine() {
   return "aten";
 }
 
-void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate, const RowsDone& done) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == K && c.size(0) == M && c.size(1) == N, "nthr gemm: shapes do not match");
 #if NTHR_HAVE_AVX512_KERNEL
   if (use_kernel() && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
       b.scalar_type() == at::kFloat && c.stride(1) == 1) {
-    if (M == 0 || N == 0) return;
-    if (K == 0) {
-      if (!accumulate) const_cast<at::Tensor&>(c).zero_();
+    if (M > 0 && N > 0 && K > 0) {
+      packed_sgemm(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
+                   b.stride(0), b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate,
+                   done);
       return;
     }
-    packed_sgemm(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
-                 b.stride(0), b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate);
-    return;
-  }
+    if (M > 0 && N > 0 && !accumulate) const_cast<at::Tensor&>(c).zero_();  // K == 0
+  } else
 #endif
-  at::Tensor out = c;
-  if (accumulate) out.addmm_(a, b);
-  else at::mm_out(out, a, b);
+  {
+    at::Tensor out = c;
+    if (accumulate) out.addmm_(a, b);
+    else at::mm_out(out, a, b);
+  }
+  if (done && M > 0) done(0, M);
 }
 
 }  // namespace nthr

@@ -2,11 +2,18 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
+
 namespace nthr {
 
+// done(r0, rn): rows [r0, r0 + rn) of C are final (no later step of the product writes them); called once per
+// row, rows in increasing order, while they are still in cache: a row-wise epilogue.
+using RowsDone = std::function<void(int64_t r0, int64_t rn)>;
+
 // c = a b, or c += a b with accumulate: float32 2-D views of any strides (c with unit column stride for the
-// packed kernel, else ATen's mm).
-void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
+// packed kernel, else ATen's mm); then `done` (if given) over every row of c.
+void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
+          const RowsDone& done = nullptr);
 
 // Which engine gemm uses on this CPU: "nthr-avx512" (the packed kernel) or "aten" (ATen's mm).
 const char* gemm_engine();
