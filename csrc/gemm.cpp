@@ -30,7 +30,7 @@ namespace nthr {
 namespace {
 
 #if NTHR_HAVE_AVX512_KERNEL
-constexpr int64_t kMr = 12, kNr = 32;  // register block of C
+constexpr int64_t kMr = kGemmRowBlock, kNr = 32;  // register block of C
 constexpr int64_t kKc = 256;           // K block: one A panel (12 KiB) in L1, the B block in L2
 constexpr int64_t kNc = 512;           // columns of B per packed block (512 KiB at kKc)
 

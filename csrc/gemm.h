@@ -6,6 +6,9 @@
 
 namespace nthr {
 
+// Rows of C per register block of the packed kernel: row splits in multiples of it keep every panel full.
+constexpr int64_t kGemmRowBlock = 12;
+
 // done(r0, rn): rows [r0, r0 + rn) of C are final (no later step of the product writes them); called once per
 // row, rows in increasing order, while they are still in cache: a row-wise epilogue.
 using RowsDone = std::function<void(int64_t r0, int64_t rn)>;

@@ -58,27 +58,34 @@ namespace {
   TORCH_CHECK((x).size(dim) == (n), "nthr native_score_tokens: ", name, ": expected size ", (n), " in dim ", \
               (dim), ", got ", (x).sizes())
 
-// Rows per work item, fixed so that the bits do not depend on the thread count: of M, and of the scores.
-constexpr int64_t kMRows = 64, kScoreRows = 128;
+// Rows per work item (of M, of the scores): `rows` cut into one item per working thread, in multiples of the
+// GEMM's register block and at most `cap`. Few items: each packs its B operand once, and no thread waits on a
+// small last item. The split changes no bits: every element of M and every score is summed in the same order
+// whichever item holds its row (gemm sums each element over K in order; the score rows are independent).
+int64_t item_rows(int64_t rows, int64_t cap) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), kWorkers));
+  const int64_t per = (rows + workers - 1) / workers;
+  return std::max<int64_t>(1, std::min(cap, (per + kGemmRowBlock - 1) / kGemmRowBlock * kGemmRowBlock));
+}
 
 // Rows [r0, r0 + n) and columns [c0, c0 + nc) of x as float32 (a view when x already is float32).
 at::Tensor block(const at::Tensor& x, int64_t r0, int64_t n, int64_t c0, int64_t nc) {
   return x.narrow(0, r0, n).narrow(1, c0, nc).to(at::kFloat);
 }
 
-// Factored: per column block of at most vb columns, M = E+^T H+ [cw, d] (items of kMRows rows of M, each
-// summed over row blocks of rb positive tokens in order), then s_t += (E_t M) . h_t, items of sb tokens.
+// Factored: per column block of at most vb columns, M = E+^T H+ [cw, d] (items of rows of M, each summed over
+// row blocks of rb positive tokens in order), then s_t += (E_t M) . h_t, items of at most sb tokens.
 void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
                     const at::Tensor& err_neg, int64_t budget, float* o) {
   const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
   const int64_t vb = std::max<int64_t>(1, std::min(v, budget / d));
   const int64_t rb = std::max<int64_t>(1, budget / std::max(vb, d));
-  const int64_t sb = std::min(rb, kScoreRows);
+  const int64_t sb = item_rows(tn, rb);
   for (int64_t c0 = 0; c0 < v; c0 += vb) {
-    const int64_t cw = std::min(vb, v - c0);
+    const int64_t cw = std::min(vb, v - c0), mb = item_rows(cw, cw);
     at::Tensor m = at::empty({cw, d}, at::TensorOptions().dtype(at::kFloat));
-    for_each_item((cw + kMRows - 1) / kMRows, [&](int64_t item, int64_t) {
-      const int64_t j0 = item * kMRows, jn = std::min(kMRows, cw - j0);
+    for_each_item((cw + mb - 1) / mb, [&](int64_t item, int64_t) {
+      const int64_t j0 = item * mb, jn = std::min(mb, cw - j0);
       at::Tensor mj = m.narrow(0, j0, jn);
       for (int64_t r0 = 0; r0 < tp; r0 += rb) {
         const int64_t rn = std::min(rb, tp - r0);

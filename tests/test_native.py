@@ -188,6 +188,30 @@ def test_score_tokens_paths(path, budget, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("budget", [2000, None])  # 2000: V* in several column blocks, short row blocks
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+def test_score_tokens_same_bits_at_any_thread_count(path, budget):
+    """The work items of native score_tokens follow the thread count (one per thread); every score is summed in
+    the same order whichever item holds it: 1, 2 and 3 threads give the same bits (odd sizes, 13 rows per
+    item or more, so items end inside the GEMM's 12-row panels too)."""
+    g = torch.Generator().manual_seed(stable_seed("score-threads", path, budget))
+    tp, tn, v, d = (61, 157, 83, 29) if path == "factored" else (3, 41, 97, 35)
+    hp, hn = torch.randn(tp, d, generator=g), torch.randn(tn, d, generator=g)
+    ep, en = torch.randn(tp, v, generator=g), torch.randn(tn, v, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(native_score_tokens(hp, hn, ep, en, budget))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref = nk.score_tokens(hp, hn, ep, en, backend="reference")
+    assert float((outs[0] - ref).abs().max()) <= 2e-5 * float(ref.abs().max()) * math.sqrt(max(tp, v, d))
+
+
+@needs_native
 def test_score_tokens_empty_sides():
     z = torch.zeros(0, 4)
     out = nk.score_tokens(z, torch.randn(3, 4), torch.zeros(0, 5), torch.randn(3, 5), backend="native")

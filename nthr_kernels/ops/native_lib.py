@@ -48,11 +48,12 @@ CPUs: half the rate there), else ATen's mm (also with ``NTHR_NATIVE_GEMM=aten``;
 The value checks' norm pass and the old log-probs check run before the op, in one parallel region
 (``nthr::native_check_values``: row chunks interleaved with the groups' GEMMs).
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
-(passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item.
+(passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item,
+one work item per thread (rows of ``M``, then of the scores: where an item ends changes no sum).
 
-All arithmetic is float32 (anchors in float64), in a fixed order; block sizes depend on the inputs
-and the scratch budget only, and each work item runs its matrix products single-threaded: the same
-inputs give the same bits at every thread count. ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of
+All arithmetic is float32 (anchors in float64), in a fixed order; every block size that sets a summation
+order depends on the inputs and the scratch budget only, and each work item runs its matrix products
+single-threaded: the same inputs give the same bits at every thread count. ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of
 ``native_advantages`` on stderr.
 """
 from __future__ import annotations
