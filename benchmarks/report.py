@@ -96,7 +96,8 @@ def matmul_rates(records: list[dict]) -> dict[str, dict]:
     return best
 
 
-_ENGINE_TEXT = {"torch": "torch.mm (the BLAS torch ships)", "native": "the native ops' GEMM (`nthr::native_mm`)"}
+_ENGINE_TEXT = {"torch": "torch.mm (the BLAS torch ships)", "native": "the native ops' GEMM (`nthr::native_mm`)",
+                "onednn": "oneDNN's inner product (a rate only: no backend uses it)"}
 
 
 def _lp_text(x: dict) -> str:

@@ -91,3 +91,19 @@ def test_floor_at_the_best_engine_and_each_backends_own_engine():
     assert "Target <= 2.0x (issue 14): missed at the best rate; met at its own engine's rate" in torch_line
     native_line = next(ln for ln in lines if ln.startswith("- `native`"))
     assert "at the rate of" not in native_line and "Target <= 1.0x (issue 14): met" in native_line
+
+
+def test_engine_faster_than_every_backends_own():
+    """Where an engine no backend uses (oneDNN) is the fastest, the floors are at its rate and the native rows
+    too get their ratio at their own GEMM's rate, with the target judged at both."""
+    onednn = copy.deepcopy(MATMUL)
+    onednn["extra_info"]["engine"] = "onednn"
+    native = copy.deepcopy(MATMUL)
+    native["extra_info"]["engine"] = "native"
+    native["stats"]["median"] = 1.25  # the native GEMM at 0.8x oneDNN's rate
+    rates = report.matmul_rates([native, onednn])
+    assert rates["cpu"]["engine"] == "onednn" and rates["cpu"]["engines"]["native"] == (8e8, 1000)
+    lines = report.body([native, onednn, _row("medium", "native", True, 1.1, 10**9)], threads=2)
+    native_line = next(ln for ln in lines if ln.startswith("- `native`"))
+    assert "1.10x its FLOP floor" in native_line and "0.88x the floor at the rate of the native ops' GEMM" in native_line
+    assert "Target <= 1.0x (issue 14): missed at the best rate; met at its own engine's rate" in native_line
