@@ -106,7 +106,10 @@ struct AdvantagesParams {
   std::vector<at::Tensor> keep;  // owners of the converted inputs the pointers above point into
 };
 
-// Runs fn(i, w) for every i in [0, n) on workers w in [0, kWorkers), handing items out one at a time
+// The threads for_each_item runs on: torch's thread count, at most kWorkers.
+inline int64_t worker_count() { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), kWorkers)); }
+
+// Runs fn(i, w) for every i in [0, n) on workers w in [0, worker_count()), handing items out one at a time
 // (uneven items and busy cores leave no thread idle). Each item's bits do not depend on the thread count or
 // on which worker ran it: BLAS and ATen run single-threaded inside (SerialThread), as at one thread.
 // The workers are the threads of ATen's own pool (one at::parallel_for region; with ATen's OpenMP backend
@@ -117,7 +120,7 @@ struct AdvantagesParams {
 template <typename F>
 void for_each_item(int64_t n, const F& fn) {
   if (n <= 0) return;
-  const int64_t workers = std::min<int64_t>({at::get_num_threads(), kWorkers, n});
+  const int64_t workers = std::min(worker_count(), n);
   std::atomic<int64_t> next{0};
   std::exception_ptr error;
   std::mutex error_mutex;
