@@ -21,6 +21,8 @@ from nthr_kernels.registry import native_available
 SIZES = (512, 1024, 2048)
 SMOKE_SIZE = 64
 ROUNDS = (10, 2)  # (measured, warm-up)
+
+
 def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 

@@ -10,7 +10,8 @@ namespace nthr {
 constexpr int64_t kGemmRowBlock = 12;
 
 // done(r0, rn): rows [r0, r0 + rn) of C are final (no later step of the product writes them); called once per
-// row, rows in increasing order, while they are still in cache: a row-wise epilogue.
+// row, rows in increasing order: a row-wise epilogue. The packed kernel calls it per panel of kGemmRowBlock
+// rows, while they are still in cache; ATen's path once for all rows, after the product.
 using RowsDone = std::function<void(int64_t r0, int64_t rn)>;
 
 // c = a b, or c += a b with accumulate: float32 2-D views of any strides (c with unit column stride for the
