@@ -61,8 +61,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kFloatsPerLine = 16;  // float32 values per 64-byte cache line
-
 bool all_in_range(const int64_t* x, int64_t n, int64_t hi) {
   int64_t lo = 0, top = -1;
   for (int64_t i = 0; i < n; ++i) {
@@ -208,7 +206,7 @@ void lse_over_rows(const Tensor& weight, float temperature, const float* h, int6
       gather_rows(weight, rows, nullptr, vn, nullptr, d, wb, d);
       wc = mat(wb, vn, d, d);
     }
-    gemm(mat(z, vn, rn, rn), wc, ht);
+    gemm(mat(z, vn, rn, rn), wc, ht, false, nullptr, w_view);  // rows read in place stream from memory
     vec::lse_update_cols(z, vn, rn, rn, temperature, rmax, rsum);
   }
 }

@@ -172,7 +172,8 @@ bool use_kernel() {
 
 // `done` after each row panel of the last column and K block (the rows' last writes).
 void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
-                  int64_t brs, int64_t bcs, float* c, int64_t ldc, bool accumulate, const RowsDone& done) {
+                  int64_t brs, int64_t bcs, float* c, int64_t ldc, bool accumulate, const RowsDone& done,
+                  bool prefetch_a) {
   thread_local PackBuffers buf;
   const bool rows = acs == 1, cols = !rows && ars == 1;  // else every A panel is packed
   for (int64_t j0 = 0; j0 < N; j0 += kNc) {
@@ -187,6 +188,10 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
         const int64_t mr = std::min(kMr, M - i0);
         const float* ap = a + i0 * ars + k0 * acs;
         float* ci = c + i0 * ldc + j0;
+        if (prefetch_a && rows && i0 + 2 * kMr <= M)  // the next panel's rows into L2 while this one runs
+          for (int64_t i = kMr; i < 2 * kMr; ++i)
+            for (int64_t k = 0; k < kc; k += kFloatsPerLine)
+              _mm_prefetch(reinterpret_cast<const char*>(ap + i * ars + k), _MM_HINT_T1);
         if (mr == kMr && (rows || cols)) {
           for (int64_t jr = 0; jr < nc; jr += kNr)
             if (rows) kernel<true>(kc, ap, ars, 1, panel(jr), ci + jr, ldc, add, kMr, std::min(kNr, nc - jr));
@@ -212,7 +217,8 @@ const char* gemm_engine() {
   return "aten";
 }
 
-void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate, const RowsDone& done) {
+void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate, const RowsDone& done,
+          bool prefetch_a) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == K && c.size(0) == M && c.size(1) == N, "nthr gemm: shapes do not match");
 #if NTHR_HAVE_AVX512_KERNEL
@@ -221,7 +227,7 @@ void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
     if (M > 0 && N > 0 && K > 0) {
       packed_sgemm(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
                    b.stride(0), b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate,
-                   done);
+                   done, prefetch_a);
       return;
     }
     if (M > 0 && N > 0 && !accumulate) const_cast<at::Tensor&>(c).zero_();  // K == 0
