@@ -21,7 +21,7 @@ using RowsDone = std::function<void(int64_t r0, int64_t rn)>;
 // packed kernel, else ATen's mm); then `done` (if given) over every row of c. prefetch_a: a's rows come from
 // memory the thread has not touched lately (weight rows streamed through once per product): the packed kernel
 // then prefetches each next row panel of a into L2 while the current one computes (measured on the
-// full-vocabulary log Z pass: 3 % faster; on a cache-resident a it costs about 1 %, so it is a hint).
+// full-vocabulary log Z pass: about 2.5 % faster; on a cache-resident a it cost about 1 %, so it is a hint).
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
           const RowsDone& done = nullptr, bool prefetch_a = false);
 
