@@ -97,10 +97,13 @@ def render(path: Path, before: Path | None) -> str:
     if missing:
         lines.append("")
         lines.append("Not in this run (see the log beside the results): " + ", ".join(f"`{n}`" for n in missing) + ".")
-    if d.get("kernel_sources") != kernel_sources():
+    now, then = kernel_sources(), d.get("kernel_sources") or {}
+    if then != now:
+        changed = sorted(f for f in set(now) | set(then) if now.get(f) != then.get(f))
         lines.append("")
         lines.append("These figures predate the current Triton sources: the `kernel_sources` recorded in the "
-                     "results differ from the code's (`benchmarks/gpu_suite.py` computes them).")
+                     "results differ from the code's (`benchmarks/gpu_suite.py` computes them) in "
+                     + ", ".join(f"`{f}`" for f in changed) + ".")
     if before is not None:
         b = json.loads(before.read_text())
         pairs = [(n, b["configs"][n]["triton_ms"], r["triton_ms"]) for n, r in d["configs"].items()

@@ -13,6 +13,7 @@ from . import library  # noqa: F401  (registers the torch.ops.nthr.* ops this mo
 from .core.checks import (
     check_backend,
     check_batch_static,
+    check_bool,
     check_prediction_inputs,
     check_score_inputs,
     group_success_rates,
@@ -39,7 +40,9 @@ def score_tokens(
     ``h_pos [T+, d]``, ``err_pos [T+, V]`` are the hidden states and prediction errors of every token of
     the group's positive responses; ``h_neg [T, d]``, ``err_neg [T, V]`` those of the tokens to score.
     ``V`` is any vocabulary slice common to both (normally the group's ``V*``; see
-    :func:`prediction_errors`). Any float dtype; float32 accumulation; returns float32 ``[T]``.
+    :func:`prediction_errors`). float16, bfloat16, float32 or float64 inputs; float32 accumulation; returns
+    float32 ``[T]``. ``check_finite`` (default True): finite inputs within float32 range, and scores that
+    cannot leave it (``T+`` times the four largest row norms).
     The backend computes either the factored form (``M = err_pos^T h_pos``) or the pairwise form,
     whichever costs fewer FLOPs; neither forms a ``T+ x T`` matrix.
 
@@ -49,8 +52,9 @@ def score_tokens(
     """
     with torch.no_grad():
         check_backend(backend)
+        check_bool("check_finite", check_finite)
         check_score_inputs(h_pos, h_neg, err_pos, err_neg, False)
-        return torch.ops.nthr.score_tokens(h_pos, h_neg, err_pos, err_neg, backend, bool(check_finite))
+        return torch.ops.nthr.score_tokens(h_pos, h_neg, err_pos, err_neg, backend, check_finite)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,6 +75,7 @@ def prediction_errors(
     temperature: float = 1.0,
     vocab: Optional[torch.Tensor] = None,
     check_finite: bool = True,
+    check_logprobs: bool = True,
 ) -> ErrorsOnVocab:
     """Prediction errors on ``V*`` for :func:`score_tokens`, from logits or from hidden + lm_head.
 
@@ -78,9 +83,13 @@ def prediction_errors(
     ``vocab`` defaults to their sorted unique ids (the group's ``V*``). The old policy is
     ``softmax(logits / T)`` (``logits [T, V]``) or ``softmax(W h / T)`` (``hidden [T, d]`` with
     ``lm_head_weight [V, d]``); with ``old_logprobs [T]`` the normaliser uses the shortcut
-    ``log Z_t = (w_{y_t} . h_t) / T - l_t`` and only the ``|vocab|`` rows of ``W`` are read. Without
-    them, ``log Z`` takes one chunked pass over the vocabulary. Probabilities are not renormalised on
-    the slice. Scratch: ``O(T * |vocab|)`` output plus a bounded logsumexp chunk.
+    ``log Z_t = (w_{y_t} . h_t) / T - l_t`` and only the ``|vocab|`` rows of ``W`` (and those of the token
+    ids) are read. Without them, ``log Z`` takes one chunked pass over the vocabulary. Probabilities are not
+    renormalised on the slice. Scratch: ``O(T * |vocab|)`` output plus a bounded logsumexp chunk.
+    ``check_logprobs`` (default True): the :func:`nthr_advantages` check that ``old_logprobs`` belong to the
+    hidden states, on the same sample and rule, over ``vocab`` (a sampled token may imply at most
+    probability ``exp(LOGPROB_TOLERANCE)`` on it). ``check_finite`` (default True): finite inputs within
+    float32 range and the logit scale, on the values read.
 
     Example::
 
@@ -90,7 +99,7 @@ def prediction_errors(
     """
     with torch.no_grad():
         ids, vocab, temperature = check_prediction_inputs(
-            token_ids, hidden, lm_head_weight, logits, old_logprobs, temperature, vocab, check_finite
+            token_ids, hidden, lm_head_weight, logits, old_logprobs, temperature, vocab, check_finite, check_logprobs
         )
         err = _pe.prediction_errors(ids, vocab, hidden=hidden, lm_head_weight=lm_head_weight, logits=logits,
                                     old_logprobs=old_logprobs, temperature=temperature)
@@ -128,8 +137,8 @@ def nthr_advantages(
     marking the completion tokens, holes allowed; pass an all-true mask when there is no padding) or
     packed (``hidden [N, d]``, ``token_ids [N]``, ``cu_seqlens [R+1]``). ``hidden`` at a token is the
     lm_head input that produced that token's distribution. ``rewards [R]`` are binary: 0/1 or bool by
-    default; with an explicit ``reward_threshold``, correct iff ``reward > reward_threshold`` (one
-    value on each side). ``advantages [R]`` the response-level advantages (e.g. GRPO's). Groups:
+    default; with an explicit ``reward_threshold``, correct iff ``reward > reward_threshold`` (at
+    most one distinct value on each side). ``advantages [R]`` the response-level advantages (e.g. GRPO's). Groups:
     ``group_size`` (responses ``g*G .. g*G+G-1``) or ``group_ids [R]`` (any integers, any order).
     Response and token counts may be 0; the hidden size and the vocabulary may not.
 

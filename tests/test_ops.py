@@ -177,7 +177,7 @@ def test_torch_compile_raises_value_errors_from_inside_the_op():
         (lambda k: k.update(token_ids=k["token_ids"] + 1000), ValueError, r"^token_ids: completion token ids must lie in"),
         (lambda k: k.update(group_size=5), ValueError, r"^group_size: must be a positive divisor"),
         (lambda k: k.update(eta=1.5), ValueError, r"^eta: a constant eta must lie in"),
-        (lambda k: k.update(advantages=k["advantages"].to(torch.int64)), TypeError, r"^advantages: expected a floating-point"),
+        (lambda k: k.update(advantages=k["advantages"].to(torch.int64)), TypeError, r"^advantages: expected a float16, bfloat16, float32 or float64 tensor"),
     ],
 )
 def test_errors_name_the_argument(mutate, exc, pattern):

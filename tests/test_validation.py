@@ -421,6 +421,103 @@ def test_meta_tensors_named(b):  # finding 9: prediction_errors failed inside Te
     raises(ValueError, "h_pos", lambda: nk.score_tokens(meta(h), h, h, h))
 
 
+
+# --------------------------------------------------------------------------------------------------
+# the second audit (2026-11-27): dtypes, scalars on the meta device, bool flags, the scores' float32
+# range, prediction_errors' old_logprobs
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("where", ["hidden", "lm_head_weight", "advantages", "old_logprobs"])
+def test_float8_is_refused(b, backend, where):  # is_floating_point() let it through to a RuntimeError
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    f8 = getattr(b, where).to(torch.float8_e4m3fn)
+    raises(TypeError, where, lambda: call(b, backend=backend, **{where: f8}))
+    raises(TypeError, where, lambda: call(b, backend=backend, check_finite=False, **{where: f8}))
+    h = torch.randn(3, 4)
+    raises(TypeError, "h_pos", lambda: nk.score_tokens(h.to(torch.float8_e4m3fn), h, h, h))
+    ids = b.token_ids[b.mask]
+    raises(TypeError, "hidden", lambda: nk.prediction_errors(ids, hidden=b.hidden[b.mask].to(torch.float8_e4m3fn),
+                                                             lm_head_weight=b.lm_head_weight))
+
+
+def test_scalars_on_the_meta_device(b):  # Tensor.item() raised a RuntimeError
+    meta = torch.tensor(0.5, device="meta")
+    for name in ("temperature", "beta", "reward_threshold"):
+        raises(TypeError, name, lambda: call(b, **{name: meta}))
+    raises(TypeError, "eta", lambda: call(b, eta=lambda p: meta))
+    call(b, temperature=torch.tensor(1.5), beta=torch.tensor(0.5))  # a real 0-d tensor is a number
+
+
+def test_check_flags_must_be_bools(b):  # score_tokens and prediction_errors took None or 0 as False
+    h = torch.randn(3, 4)
+    ids = b.token_ids[b.mask]
+    for flag in (None, 0, "no"):
+        raises(TypeError, "check_finite", lambda: nk.score_tokens(h, h, h, h, check_finite=flag))
+        raises(TypeError, "check_finite", lambda: nk.prediction_errors(ids, hidden=b.hidden[b.mask],
+                                                                        lm_head_weight=b.lm_head_weight, check_finite=flag))
+        raises(TypeError, "check_logprobs", lambda: nk.prediction_errors(ids, hidden=b.hidden[b.mask],
+                                                                          lm_head_weight=b.lm_head_weight, check_logprobs=flag))
+        raises(TypeError, "check_finite", lambda: call(b, check_finite=flag))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("source", ["old_logprobs", "weight", "logits"])
+def test_scores_beyond_float32_range(b, backend, source):  # the torch backend's anchors became inf / NaN
+    def over(scale):
+        h = b.hidden * scale
+        o = dict(hidden=h, backend=backend, check_logprobs=False)
+        if source == "weight":
+            o["old_logprobs"] = _DROP
+        if source == "logits":
+            o.update(lm_head_weight=_DROP, old_logprobs=_DROP, logits=(h @ b.lm_head_weight.T) * 0)
+        return o
+    top = float(b.hidden[b.mask].norm(dim=-1).max())
+    raises(ValueError, "hidden", lambda: call(b, temperature=1e30, **over(3e18 / top)))
+    res = call(b, temperature=1e30, **over(1e15 / top))  # 1e30-sized scores: fine in float32
+    ref = call(b, temperature=1e30, **{**over(1e15 / top), "backend": "reference"})
+    assert torch.isfinite(res.tau[res.active]).all() and torch.equal(res.selected, ref.selected)
+    call(b, temperature=1e30, check_finite=False, **{**over(3e18 / top), "backend": "reference"})  # the switch
+
+
+def test_large_finite_hidden_gets_the_score_message_not_the_temperature_one(b):
+    # a float32 row norm overflows past ~1.8e19 although every value is finite: the logit bound is
+    # recomputed in float64 (it was reported as "temperature: ... up to inf"), and the scores' range fails
+    raises(ValueError, "hidden: row norms", lambda: call(b, hidden=b.hidden * 1e19, temperature=1e30,
+                                                          check_logprobs=False))
+
+
+def test_score_tokens_scores_beyond_float32_range():
+    g = torch.Generator().manual_seed(1)
+    hp, hn, ep, en = (torch.randn(n, 6, generator=g) for n in (4, 3, 4, 3))
+    raises(ValueError, "h_pos, h_neg, err_pos, err_neg", lambda: nk.score_tokens(hp * 1e20, hn * 1e20, ep, en))
+    s = nk.score_tokens(hp * 1e15, hn * 1e15, ep, en)  # the magnitude bound fails, the exact norms pass
+    assert torch.isfinite(s).all()
+    nk.score_tokens(hp * 1e20, hn * 1e20, ep, en, check_finite=False)  # the switch
+
+
+def test_prediction_errors_checks_old_logprobs(b):  # it returned errors of -1e6 for log-probs of 0
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    ids = torch.randint(0, 30, (40,), generator=g)
+    lp = torch.log_softmax(h @ w.T, -1).gather(1, ids[:, None])[:, 0]
+    ok = nk.prediction_errors(ids, hidden=h, lm_head_weight=w, old_logprobs=lp)
+    ref = nk.prediction_errors(ids, logits=h @ w.T)
+    torch.testing.assert_close(ok.errors, ref.errors, atol=1e-5, rtol=0)
+    raises(ValueError, "old_logprobs: inconsistent", lambda: nk.prediction_errors(
+        ids, hidden=h, lm_head_weight=w, old_logprobs=torch.zeros(40)))
+    shifted = torch.roll(lp, 1)  # one position off
+    raises(ValueError, "old_logprobs: inconsistent", lambda: nk.prediction_errors(
+        ids, hidden=h, lm_head_weight=w, old_logprobs=shifted))
+    nk.prediction_errors(ids, hidden=h, lm_head_weight=w, old_logprobs=shifted, check_logprobs=False)  # the switch
+    # only the rows of vocab and of the ids are read: NaN in another row is no error
+    w_nan = w.clone()
+    unused = sorted(set(range(30)) - set(ids.tolist()))
+    w_nan[unused[0]] = float("nan")
+    nk.prediction_errors(ids, hidden=h, lm_head_weight=w_nan, old_logprobs=lp)
+    raises(ValueError, "lm_head_weight", lambda: nk.prediction_errors(ids, hidden=h, lm_head_weight=w_nan))
+    raises(ValueError, "hidden", lambda: nk.prediction_errors(ids, hidden=h, logits=h @ w.T))  # ignored before
+
 # --------------------------------------------------------------------------------------------------
 # the old_logprobs check's implied mass, computed in blocks without synchronisation
 # --------------------------------------------------------------------------------------------------

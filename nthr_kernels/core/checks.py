@@ -27,7 +27,10 @@ from .rules import (
     Options,
     SCAN_ELEMS,
     SCRATCH_ELEMS,
+    FLOAT_DTYPES,
     check_eta,
+    describe,
+    real_or_none,
 )
 
 
@@ -47,8 +50,8 @@ def check_feature_size(name: str, size: int, what: str) -> None:
 
 def check_float_tensor(name: str, x) -> torch.Tensor:
     _is_tensor(name, x)
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:  # float8 and other exotic floats: no arithmetic the kernels could run
+        raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}")
     return x
 
 
@@ -60,11 +63,10 @@ def check_int_tensor(name: str, x) -> torch.Tensor:
 
 
 def check_real(name: str, x, *, allow_neg_inf: bool = False) -> float:
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        x = x.item()
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
-    x = float(x)
+    v = real_or_none(x)
+    if v is None:
+        raise TypeError(f"{name}: expected a real number, got {describe(x)}")
+    x = v
     if math.isnan(x):
         raise ValueError(f"{name}: must not be NaN")
     if math.isinf(x) and not (allow_neg_inf and x < 0):
@@ -264,8 +266,32 @@ def policy_norms_apply(hidden, lm_head_weight) -> bool:
     return hidden.dtype in _NARROW_FLOATS and lm_head_weight.dtype in _NARROW_FLOATS
 
 
+def score_terms(pos_tok_per_group: torch.Tensor, pos_len: torch.Tensor) -> torch.Tensor:
+    """0-d float64 ``2 max_g T+_g max_i |y_i|`` (positive responses ``i``): with ``|e_u . e_t| <= 2`` and
+    ``|h_u . h_t| <= H^2`` (``H`` the largest hidden row norm), ``terms * H^2`` bounds every score times
+    the length of a positive response, i.e. every sum the anchors divide (docs/NTHR.md, "Input contract")."""
+    top = lambda x: x.max().double() if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)  # noqa: E731
+    return 2.0 * top(pos_tok_per_group) * top(pos_len)
+
+
+def _defer_score_range(pending: Pending, terms: torch.Tensor, top_h: torch.Tensor, exact_h) -> None:
+    """The float32 range of the scores and anchor sums: ``terms * H^2 <= FLOAT32_MAX`` (:func:`score_terms`)
+    for the bound ``top_h`` on the hidden rows' norms; the builder recomputes ``H`` exactly in float64
+    (``exact_h()``, failure path only: ``top_h`` may be a looser bound, or a float32 norm that overflowed)."""
+    def build():
+        h = exact_h()
+        bound = float(terms) * h * h
+        if bound <= FLOAT32_MAX:
+            return None
+        return ValueError(
+            f"hidden: row norms up to {h:.4g} let the scores and anchor sums reach {bound:.3g} "
+            f"(2 x positive tokens of a group x positive response length x norm^2), beyond float32 range "
+            f"({FLOAT32_MAX:.4g}); the maths is float32: scale hidden down{_SKIP_HINT}")
+    pending.fail_if(~(terms * top_h.double() ** 2 <= FLOAT32_MAX), build)
+
+
 def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows=None,
-                        pending: Optional[Pending] = None, weight_rows=None, norms=None) -> None:
+                        pending: Optional[Pending] = None, weight_rows=None, norms=None, terms=None) -> None:
     """The value checks of the old policy's inputs: float32 range, then the logit scale against the
     temperature (exact with ``logits``; with ``hidden`` + ``lm_head_weight`` the Cauchy-Schwarz bound
     ``max ||h_t|| * max ||w_v||``). Only values the call reads are checked: ``rows``, the completion
@@ -273,13 +299,17 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
     :func:`weight_rows_read`, or a function returning it, called only where needed), the
     ``lm_head_weight`` rows read with ``old_logprobs`` (None: all).
     ``norms``: the two 0-d largest row norms (hidden, weight) over those rows, computed by the caller (the
-    native backend's own pass) when :func:`policy_norms_apply`. Recorded on ``pending`` when given, else
+    native backend's own pass) when :func:`policy_norms_apply`. ``terms``: :func:`score_terms` of the batch,
+    for the float32 range of its scores (none checked when None). Recorded on ``pending`` when given, else
     read and raised here."""
     own = pending is None
     pending = Pending() if own else pending
+
+    def exact_h():  # the largest norm of the hidden rows read, in float64 (failure paths only)
+        return float(_max_row_norm(hidden.detach().double(), rows))
+
     if logits is not None:
-        if hidden is not None:
-            defer_float32_range(pending, "hidden", hidden, rows)
+        top_abs = defer_float32_range(pending, "hidden", hidden, rows)[0] if hidden is not None else None
         top, _ = defer_float32_range(pending, "logits", logits, rows)
 
         def exact():  # padding may hold anything: the scale of the rows read (host side, failure path only)
@@ -288,6 +318,8 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
             return float(logits.detach()[rows].abs().max()) if bool(rows.any()) else 0.0
 
         _defer_logit_scale(pending, temperature, top, "max |logits|", exact)
+        if terms is not None and top_abs is not None:  # ||h|| <= sqrt(d) max |h|
+            _defer_score_range(pending, terms, top_abs * math.sqrt(hidden.shape[-1]), exact_h)
     else:
         rows_read = weight_rows if callable(weight_rows) else (lambda: weight_rows)
         if norms is None:
@@ -303,7 +335,10 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
         else:
             defer_float32_range(pending, "hidden", hidden, rows)
             defer_float32_range(pending, "lm_head_weight", lm_head_weight, rows_read(), at=_WEIGHT_ROWS_READ)
-        _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND)
+        _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND, lambda: exact_h() * float(
+            _max_row_norm(lm_head_weight.detach().double(), rows_read())))  # a float32 norm overflows past ~1.8e19
+        if terms is not None:
+            _defer_score_range(pending, terms, top_h, exact_h)
     if own:
         pending.read()
 
@@ -321,7 +356,14 @@ def check_logprob_values(lp: torch.Tensor, rows: Optional[torch.Tensor] = None,
         pending.read()
 
 
+def check_bool(name: str, x) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name}: expected a bool, got {describe(x)}")
+    return x
+
+
 def check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite: bool):
+    check_bool("check_finite", check_finite)
     for name, x in (("h_pos", h_pos), ("h_neg", h_neg), ("err_pos", err_pos), ("err_neg", err_neg)):
         check_float_tensor(name, x)
         if x.dim() != 2:
@@ -340,8 +382,18 @@ def check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite: bool):
     if len(devs) != 1:
         raise ValueError(f"h_pos, h_neg, err_pos, err_neg: expected one device, got {sorted(map(str, devs))}")
     if check_finite:
-        for name, x in (("h_pos", h_pos), ("h_neg", h_neg), ("err_pos", err_pos), ("err_neg", err_neg)):
-            check_float32_range(name, x)
+        top = [check_float32_range(name, x) * math.sqrt(x.shape[1])  # ||row|| <= sqrt(columns) max |x|
+               for name, x in (("h_pos", h_pos), ("h_neg", h_neg), ("err_pos", err_pos), ("err_neg", err_neg))]
+        # |s_t| <= T+ max |err_u . err_t| max |h_u . h_t|: within float32 range (exact norms if the bound fails)
+        if h_pos.shape[0] * math.prod(top) > FLOAT32_MAX:
+            norms = [float(_max_row_norm(x.detach().double())) for x in (h_pos, h_neg, err_pos, err_neg)]
+            bound = h_pos.shape[0] * math.prod(norms)
+            if bound > FLOAT32_MAX:
+                raise ValueError(
+                    f"h_pos, h_neg, err_pos, err_neg: row norms up to {norms[0]:.3g}, {norms[1]:.3g}, {norms[2]:.3g}, "
+                    f"{norms[3]:.3g} let the scores reach {bound:.3g} ({h_pos.shape[0]} positive tokens x the four "
+                    f"norms), beyond float32 range ({FLOAT32_MAX:.4g}); the maths is float32: scale the inputs "
+                    f"down{_SKIP_HINT}")
 
 
 @dataclass
@@ -419,7 +471,7 @@ class Batch:
 
 def binary_positive(rewards: torch.Tensor, threshold: Optional[float], pending: Optional[Pending] = None) -> torch.Tensor:
     """Which responses are correct: ``reward == 1`` of 0/1 rewards (``threshold`` None), else
-    ``reward > threshold`` with one value on each side. The value checks are recorded on ``pending``
+    ``reward > threshold`` with at most one distinct value on each side. The value checks are recorded on ``pending``
     when given, else read and raised here."""
     if rewards.dtype == torch.bool:
         if threshold is not None:
@@ -552,10 +604,10 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     for name, x in (("rewards", rewards), ("advantages", advantages)):
         if x.dim() != 1 or x.shape[0] != n_resp:
             raise ValueError(f"{name}: expected shape [{n_resp}] (one per response), got {tuple(x.shape)}")
-        if x.is_complex():
-            raise TypeError(f"{name}: expected a real tensor, got dtype {x.dtype}")
-    if not advantages.is_floating_point():
-        raise TypeError(f"advantages: expected a floating-point tensor, got dtype {advantages.dtype}")
+        if x.is_complex() or (x.is_floating_point() and x.dtype not in FLOAT_DTYPES):
+            raise TypeError(f"{name}: expected a bool, integer, float16, bfloat16, float32 or float64 tensor, "
+                            f"got dtype {x.dtype}")
+    check_float_tensor("advantages", advantages)
     if (group_size is None) == (group_ids is None):
         raise ValueError("group_size, group_ids: pass exactly one of the two")
     if group_size is not None:
@@ -639,10 +691,19 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, value_check
         pos_resp = None  # position // L
 
     # ---- rewards, advantages, groups ------------------------------------------------------------------
-    defer_float32_range(pend, "advantages", advantages)
+    defer_float32_range(pend, "advantages", advantages, hint="")  # always checked: one value per response
     positive = binary_positive(rewards, opts.reward_threshold, pend)
     gids, resp_group = _groups(n_resp, group_size, group_ids, dev)
     n_groups = gids.numel()
+
+    # ---- group statistics ------------------------------------------------------------------------------
+    zeros = lambda: torch.zeros(n_groups, dtype=torch.int64, device=dev)  # noqa: E731
+    n_resp_g = zeros().scatter_add_(0, resp_group, torch.ones_like(resp_group))
+    n_pos_g = zeros().scatter_add_(0, resp_group, positive.to(torch.int64))
+    pos_len = torch.where(positive, resp_len, 0)
+    pos_tok_per_group = zeros().scatter_add_(0, resp_group, pos_len)
+    active = (n_pos_g > 0) & (n_pos_g < n_resp_g) & (pos_tok_per_group > 0)
+    terms = score_terms(pos_tok_per_group, pos_len)
 
     # ---- old policy -----------------------------------------------------------------------------------
     ids_pos = (token_ids if rows is None else torch.where(rows, token_ids, 0)).to(torch.int64)
@@ -663,14 +724,7 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, value_check
         if not own_norms:
             weight_rows = weight_rows()
     if opts.check_finite and not own_norms:
-        check_policy_values(hidden, lm_head_weight, logits, opts.temperature, rows, pend, weight_rows)
-
-    # ---- group statistics ------------------------------------------------------------------------------
-    zeros = lambda: torch.zeros(n_groups, dtype=torch.int64, device=dev)  # noqa: E731
-    n_resp_g = zeros().scatter_add_(0, resp_group, torch.ones_like(resp_group))
-    n_pos_g = zeros().scatter_add_(0, resp_group, positive.to(torch.int64))
-    pos_tok_per_group = zeros().scatter_add_(0, resp_group, torch.where(positive, resp_len, 0))
-    active = (n_pos_g > 0) & (n_pos_g < n_resp_g) & (pos_tok_per_group > 0)
+        check_policy_values(hidden, lm_head_weight, logits, opts.temperature, rows, pend, weight_rows, terms=terms)
 
     # ---- the one read: checks, token count, the old_logprobs sample's V* ranges ------------------------
     extra = [resp_len.sum()] if rows is not None else []
@@ -719,14 +773,14 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, value_check
                                    logprob_sample(n, dev) if own_lp else None)
     if own_norms:
         check_policy_values(hidden, lm_head_weight, None, opts.temperature, rows, batch.pending, weight_rows,
-                            norms=(top[0], top[1]))
+                            norms=(top[0], top[1]), terms=terms)
     if check_lp and n:
         if not own_lp:
             k, (_, dk, lo, cnt) = min(n, LOGPROB_SAMPLE), sample
             host = got[-1]
             excess = _implied_mass(batch, logprob_sample(n, dev), dk, lo[:k], cnt[:k],
                                    host[:k], host[LOGPROB_SAMPLE:LOGPROB_SAMPLE + k])
-        defer_logprobs_consistent(batch, excess)
+        defer_logprobs_consistent(batch.pending, excess, opts.temperature)
     if not defer:
         batch.pending.read()
     return batch
@@ -857,16 +911,34 @@ def implied_vstar_mass(batch: Batch, idx: torch.Tensor) -> torch.Tensor:
     return _implied_mass(batch, idx, dk, lo, cnt, host[:idx.numel()], host[idx.numel():])
 
 
-def defer_logprobs_consistent(batch: Batch, excess: torch.Tensor) -> None:
-    """Record on ``batch.pending`` the ``old_logprobs`` check of the implied log-masses ``excess`` of the
+def implied_mass_on(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor, old_logprobs: torch.Tensor,
+                    vocab: torch.Tensor, temperature: float, idx: torch.Tensor) -> torch.Tensor:
+    """float64 ``[k]``: :func:`implied_vstar_mass` for the rows ``idx`` of one group (``hidden [T, d]``,
+    ``ids [T]``, ``old_logprobs [T]``) over one vocabulary slice ``vocab`` (the check of
+    :func:`nthr_kernels.prediction_errors`), the same arithmetic in column blocks of at most ``_CHECK_ELEMS``
+    weight elements and ``_CHECK_ELEMS`` logits."""
+    w = lm_head_weight.detach()
+    h = hidden.detach()[idx].float()
+    zy = (h * w.index_select(0, ids[idx]).float()).sum(-1)
+    lse = torch.full((idx.numel(),), -math.inf, dtype=torch.float64, device=h.device)
+    vb = max(1, min(_CHECK_ELEMS // w.shape[1], _CHECK_ELEMS // max(idx.numel(), 1)))
+    for c0 in range(0, vocab.numel(), vb):
+        z = (h @ w.index_select(0, vocab[c0 : c0 + vb]).float().T - zy[:, None]) / temperature
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1).double())
+    return old_logprobs.detach()[idx].double() + lse
+
+
+def defer_logprobs_consistent(pending: Pending, excess: torch.Tensor, temperature: float,
+                              over: str = "the group's V*") -> None:
+    """Record on ``pending`` the ``old_logprobs`` check of the implied log-masses ``excess`` of the
     :func:`logprob_sample` tokens: it fails if ``old_logprobs`` do not belong to ``hidden`` (e.g. taken one
-    position off, or at another temperature), i.e. if the implied mass on ``V*`` exceeds
+    position off, or at another temperature), i.e. if the implied mass on ``V*`` (``over``) exceeds
     ``exp(LOGPROB_TOLERANCE)`` on more than ``LOGPROB_MAX_BAD`` tokens (docs/NTHR.md)."""
     bad = (excess > LOGPROB_TOLERANCE) & torch.isfinite(excess)  # non-finite inputs: check_finite's business
     n_bad = bad.sum()
-    batch.pending.fail_if(n_bad > LOGPROB_MAX_BAD, lambda: ValueError(
-        f"old_logprobs: inconsistent with hidden, lm_head_weight and temperature={batch.opts.temperature:g}: "
-        f"on {int(n_bad)} of {bad.numel()} sampled tokens the implied probabilities over the group's V* "
+    pending.fail_if(n_bad > LOGPROB_MAX_BAD, lambda: ValueError(
+        f"old_logprobs: inconsistent with hidden, lm_head_weight and temperature={temperature:g}: "
+        f"on {int(n_bad)} of {bad.numel()} sampled tokens the implied probabilities over {over} "
         f"sum to more than exp({LOGPROB_TOLERANCE}) (largest: exp({float(excess[bad].max()):.3g})). Check the "
         "alignment (hidden position t predicts token t+1) and the temperature; pass check_logprobs=False "
         "to skip this check"
@@ -887,16 +959,18 @@ def check_options(opts: Options) -> Options:
         raise ValueError(f"anchor: expected one of {ANCHORS}, got {opts.anchor!r}")
     check_backend(opts.backend)
     for name in ("check_finite", "check_logprobs", "score_positive"):
-        if not isinstance(getattr(opts, name), bool):
-            raise TypeError(f"{name}: expected a bool, got {type(getattr(opts, name)).__name__}")
+        check_bool(name, getattr(opts, name))
     rt = opts.reward_threshold
     return dataclasses.replace(
         opts, temperature=temperature, beta=beta, reward_threshold=None if rt is None else check_real("reward_threshold", rt)
     )
 
 
-def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logprobs, temperature, vocab, check_finite):
+def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logprobs, temperature, vocab, check_finite,
+                            check_logprobs=True):
     """Every check of :func:`nthr_kernels.prediction_errors`; returns ``(ids int64, vocab int64, temperature)``."""
+    check_bool("check_finite", check_finite)
+    check_bool("check_logprobs", check_logprobs)
     check_int_tensor("token_ids", token_ids)
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids: expected a 1-D tensor [T], got shape {tuple(token_ids.shape)}")
@@ -918,6 +992,8 @@ def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logpr
         v_size = lm_head_weight.shape[0]
         check_feature_size("lm_head_weight", v_size, "vocabulary size")
     else:
+        if hidden is not None:
+            raise ValueError("hidden: only used with lm_head_weight; with logits pass logits alone")
         check_float_tensor("logits", logits)
         if logits.dim() != 2 or logits.shape[0] != n:
             raise ValueError(f"logits: expected shape [{n}, V], got {tuple(logits.shape)}")
@@ -943,6 +1019,12 @@ def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logpr
         if tuple(old_logprobs.shape) != (n,):
             raise ValueError(f"old_logprobs: expected shape [{n}], got {tuple(old_logprobs.shape)}")
         check_logprob_values(old_logprobs)
-    if check_finite:
-        check_policy_values(hidden, lm_head_weight, logits, temperature)
+    if check_finite:  # with old_logprobs only the weight rows of vocab and of the token ids are read
+        rows = None if old_logprobs is None else weight_rows_read(torch.cat([vocab, ids]), None, v_size)
+        check_policy_values(hidden, lm_head_weight, logits, temperature, weight_rows=rows)
+    if old_logprobs is not None and check_logprobs and n:
+        pending = Pending()
+        excess = implied_mass_on(hidden, lm_head_weight, ids, old_logprobs, vocab, temperature, logprob_sample(n, ids.device))
+        defer_logprobs_consistent(pending, excess, temperature, "vocab")
+        pending.read()
     return ids, vocab, temperature

@@ -19,6 +19,8 @@ EtaSpec = Union[str, float, int, Callable[[float], float]]
 ETA_NAMES = ("2|0.5-p|", "1-p", "p")
 BACKENDS = ("auto", "reference", "torch", "triton", "native")
 ANCHORS = ("all", "others")
+# The input dtypes every backend computes with (float32 arithmetic; float64 only in the reference).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Scratch budgets (see each implementation's docstring for how they bound its memory).
 SCRATCH_ELEMS = 1 << 22  # torch and native backends: float32 elements per block tensor (16 MiB)
@@ -32,8 +34,8 @@ SCAN_ELEMS = 1 << 24  # elements of one temporary in the input scans and in a lo
 # float32: every implementation accumulates in float32 from float32 inputs; the error is float32 rounding
 #   of sums over |V*| and d terms plus exp() of float32 logits (observed ~1e-6; 2e-4 leaves room for
 #   cancellation between positive and negative error products).
-# bfloat16 / float16: the fused Triton kernels round the float32 prediction errors (and M) to the input
-#   dtype before the tensor-core dots (unit roundoff 2^-8 for bf16, 2^-11 for fp16); summed with
+# bfloat16 / float16: the fused Triton kernels round the float32 prediction errors to the input dtype
+#   before the tensor-core dots (M too for bfloat16; float16's range is too small for M, kept in float32) (unit roundoff 2^-8 for bf16, 2^-11 for fp16); summed with
 #   cancellation this gives a few units of roundoff relative to the group's score scale.
 # float64: the reference against itself (factored vs pairwise order of summation).
 SCORE_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-6}
@@ -79,6 +81,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def real_or_none(x) -> Optional[float]:
+    """``x`` as a float if it is a real number: a Python real other than bool, or a one-element tensor
+    holding one on a device with values (not ``meta``); else None."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.device.type == "meta":
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    return float(x)
+
+
+def describe(x) -> str:
+    """What ``x`` is, for an error message: its type, and a tensor's shape, dtype and device."""
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype}, on {x.device}"
+    return type(x).__name__
+
+
 def check_eta(eta: EtaSpec) -> None:
     """Raise unless ``eta`` is a known name, a number in [0, 1], or a callable."""
     if isinstance(eta, str):
@@ -110,11 +131,10 @@ def eta_value(eta: EtaSpec, p: float) -> float:
             v = eta(p)
         except Exception as e:  # noqa: BLE001 - the caller's code: name the argument it came from
             raise ValueError(f"eta: the callable raised {type(e).__name__} for p={p}: {e}") from e
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"eta: the callable returned a {type(v).__name__} for p={p}; expected a number in [0, 1]")
-        v = float(v)
+        r = real_or_none(v)
+        if r is None:
+            raise TypeError(f"eta: the callable returned {describe(v)} for p={p}; expected a number in [0, 1]")
+        v = r
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"eta: the callable returned {v} for p={p}; expected a value in [0, 1]")
         return v
