@@ -3,7 +3,7 @@
 completion token of real rollouts, for log-probs that belong to the hidden states (float32, a bf16
 forward, rollout-engine noise) and for ones that do not (one position off, another temperature).
 
-    python benchmarks/logprob_check.py [--quick]
+    python benchmarks/logprob_check.py [--prompts N]
 
 Prints, per case, quantiles of the implied log-mass (nats; > 0: the slice holds more than probability 1),
 the fraction of tokens above LOGPROB_TOLERANCE (all tokens, and the check's sample), and whether the
@@ -18,29 +18,23 @@ import torch
 
 from nthr_kernels.core.checks import implied_vstar_mass, logprob_sample, validate_batch
 from nthr_kernels.core.rules import LOGPROB_MAX_BAD, LOGPROB_TOLERANCE, Inputs, Options
-from nthr_kernels.grpo.model import DEFAULT_SPEC, QUICK_SPEC, load_default_model, torch_threads
+from nthr_kernels.grpo.model import load_default_model, torch_threads
 from nthr_kernels.grpo.rollout import collect_rollout
 from nthr_kernels.testing import logprob_variants
 
 TEMPERATURE = 1.0
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="the QUICK_SPEC model (trains in seconds)")
-    ap.add_argument("--prompts", type=int, default=16)
-    args = ap.parse_args()
-    spec = QUICK_SPEC if args.quick else DEFAULT_SPEC
+def measure(prompts: int = 16) -> list:
+    """Per case of :func:`nthr_kernels.testing.logprob_variants`: ``(name, q50, q90, q99, max, fraction of
+    tokens above the tolerance, sampled tokens above it, sample size, "pass" or "FAIL")``, and the token count."""
+    rows = []
     with torch_threads():
-        model, task = load_default_model(spec, progress=False)
-        problems = task.sample_problems(args.prompts, seed=123)
+        model, task = load_default_model(progress=False)
+        problems = task.sample_problems(prompts, seed=123)
         ro = collect_rollout(model, task, problems, group_size=8, temperature=TEMPERATURE,
                              generator=torch.Generator().manual_seed(0))
         w = model.lm_head.weight.detach()
-        print(f"model {'QUICK' if args.quick else 'DEFAULT'}_SPEC, {args.prompts} prompts x 8, "
-              f"{int(ro.mask.sum())} completion tokens, tolerance {LOGPROB_TOLERANCE} nats, at most "
-              f"{LOGPROB_MAX_BAD} sampled tokens above it")
-        print(f"{'case':42s} {'q50':>8s} {'q90':>8s} {'q99':>8s} {'max':>8s} {'>tol all':>9s} {'>tol sample':>12s}  check")
         for name, (lp, t) in logprob_variants(model, ro).items():
             x = Inputs(ro.hidden, ro.completion_ids, ro.rewards, ro.advantages, lm_head_weight=w, old_logprobs=lp,
                        mask=ro.mask, group_size=8)
@@ -48,11 +42,22 @@ def main():
             every = implied_vstar_mass(batch, torch.arange(batch.n_tokens))
             sample = implied_vstar_mass(batch, logprob_sample(batch.n_tokens))
             q = torch.quantile(every, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
-            frac_all = float((every > LOGPROB_TOLERANCE).double().mean())
             n_bad = int((sample > LOGPROB_TOLERANCE).sum())
-            verdict = "pass" if n_bad <= LOGPROB_MAX_BAD else "FAIL"
-            print(f"{name:42s} {q[0]:8.3f} {q[1]:8.3f} {q[2]:8.3f} {float(every.max()):8.3f} {frac_all:9.1%} "
-                  f"{f'{n_bad}/{sample.numel()}':>12s}  {verdict}")
+            rows.append((name, *q, float(every.max()), float((every > LOGPROB_TOLERANCE).double().mean()), n_bad,
+                         sample.numel(), "pass" if n_bad <= LOGPROB_MAX_BAD else "FAIL"))
+    return rows, int(ro.mask.sum())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=16)
+    args = ap.parse_args()
+    rows, n_tokens = measure(args.prompts)
+    print(f"the shipped tiny Qwen2 (DEFAULT_SPEC), {args.prompts} prompts x 8, {n_tokens} completion tokens, "
+          f"tolerance {LOGPROB_TOLERANCE} nats, at most {LOGPROB_MAX_BAD} sampled tokens above it")
+    print(f"{'case':42s} {'q50':>8s} {'q90':>8s} {'q99':>8s} {'max':>8s} {'>tol all':>9s} {'>tol sample':>12s}  check")
+    for name, q50, q90, q99, top, frac_all, n_bad, k, verdict in rows:
+        print(f"{name:42s} {q50:8.3f} {q90:8.3f} {q99:8.3f} {top:8.3f} {frac_all:9.1%} {f'{n_bad}/{k}':>12s}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ class StudySize:
     questions_per_seed: int
 
 
-# about 3 minutes on 2 idle cores; --quick: well under a minute
+# the study about 76 s of CPU (benchmarks/results/lld-study.json, "seconds"), the demo a little over 2
+# minutes with its backend table (README); --quick: well under a minute
 FULL_STUDY = StudySize(seeds=(0, 1, 2, 3, 4), questions_per_seed=52)
 QUICK_STUDY = StudySize(seeds=(0, 1), questions_per_seed=8)
 
