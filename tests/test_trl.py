@@ -131,6 +131,39 @@ def test_train_step_uses_nthr_advantages(tmp_path):
     assert seen == out["completion_ids"].shape[0]
 
 
+def test_unscorable_completions_do_not_count_as_wrong(tmp_path):
+    # TRL leaves a completion that every reward function scored None out of its group's baseline (advantage
+    # 0); NTHR counted it as a wrong response, so its group's success rate, hence eta, was off
+    def some_none(completions, **kwargs):
+        r = example.parity_reward(completions)
+        return [None if i % G == G - 1 else v for i, v in enumerate(r)]  # the last completion of each group
+
+    tr = NTHRGRPOTrainer(model=_model(3), reward_funcs=some_none, args=_args(tmp_path),
+                         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=_tokenizer(),
+                         nthr_beta=0.0)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    checked = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = tr._generate_and_score_completions(_rows(PROMPTS[:2]))
+        res = tr.nthr_last
+        rpf = tr._nthr_rewards_per_func
+        for grp in range(2):
+            r = rpf[grp * G:(grp + 1) * G, 0]
+            scored = r[~torch.isnan(r)]
+            n_pos, n = int((scored == 1).sum()), scored.numel()
+            k = int((res.group_ids == grp).nonzero()[0, 0])
+            assert bool(res.active[k]) == (0 < n_pos < n), (r, res.active[k])
+            if 0 < n_pos < n:
+                checked += 1
+                assert float(res.eta[k]) == pytest.approx(2 * abs(0.5 - n_pos / n))
+        # the unscorable rows keep TRL's advantage of 0 and are never selected
+        none_rows = torch.isnan(rpf[:, 0])
+        assert bool((out["advantages"][none_rows] == 0).all()) and not bool(res.selected[none_rows].any())
+    assert checked > 0, "no mixed group in any draw: the test saw no eta"
+
+
 def test_eta_one_loss_equals_plain_grpo(tmp_path):
     model = _model(1)
     plain = _trainer(GRPOTrainer, tmp_path / "p", model=copy.deepcopy(model))

@@ -23,7 +23,8 @@ token ``t``, so the rows ``[P - 1, P + C - 1)`` line up with the ``C`` completio
 calls :func:`nthr_kernels.nthr_advantages` with the LM head weight, those log-probs, the trainer's
 sampling temperature, the binary rewards (the weighted sum of the reward functions, as TRL logs it),
 TRL's own response-level advantages and the global group ids (global row ``i`` belongs to group
-``i // num_generations``, TRL's layout), and returns the ``[B, C]`` token advantages in place of TRL's
+``i // num_generations``, TRL's layout; a completion that every reward function scored None gets a group of
+its own, so that, as in TRL's baseline, it does not count as a wrong response), and returns the ``[B, C]`` token advantages in place of TRL's
 ``[B]`` ones (TRL's loss broadcasts 1-D advantages with ``unsqueeze(1)`` and uses 2-D ones as they are).
 
 When the per-process batch is not a multiple of ``num_generations`` a group straddles processes; then the
@@ -355,8 +356,14 @@ class NTHRGRPOTrainer(GRPOTrainer):
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         g = self.num_generations
         first = rank * n_local
+        rows = torch.arange(first, first + n_local, device=device)
         rewards = rewards[first : first + n_local].to(device)
-        group_ids = torch.arange(first, first + n_local, device=device) // g
+        # A completion for which every reward function returned None is unscorable: GRPOTrainer leaves it out
+        # of its group's baseline and gives it advantage 0. It must not count as a wrong response here either
+        # (that would change the group's success rate, hence eta, and could make an all-correct group mixed):
+        # it gets a group of its own (id -1 - row, unique across processes), which is inactive and keeps its 0.
+        unscorable = torch.isnan(rpf[first : first + n_local]).all(dim=1).to(device)
+        group_ids = torch.where(unscorable, -1 - rows, rows // g)
         straddles = world > 1 and n_local % g != 0
         pg = None
         if straddles:
@@ -382,7 +389,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
         )
         self.nthr_last = res
         n_sel = res.selected.sum().float()
-        n_neg_tok = (mask.bool() & ~binary_positive(rewards, self.nthr_reward_threshold)[:, None]).sum().float()
+        negative = ~binary_positive(rewards, self.nthr_reward_threshold) & ~unscorable
+        n_neg_tok = (mask.bool() & negative[:, None]).sum().float()
         self._metrics["train"]["nthr/selected_frac_of_negative_tokens"].append(
             (n_sel / n_neg_tok.clamp_min(1)).item()
         )
