@@ -118,8 +118,10 @@ def verl_block(path: Path) -> str:
         f"({_gb(f['driver_hidden_padded'])} as verl's padded `[bs, R, d]`) plus {_mb(f['driver_weight'])} of "
         f"weight, {_gb(driver_lo)} to {_gb(driver_hi)} in all; worker side {_mb(f['worker_scale'])} "
         f"(`nthr_scale`, float32, padded). Among the workers the distributed path moves about "
-        f"`4 * d * sum |V*|` bytes over the groups that straddle a cut (at most one per cut with verl's "
-        f"contiguous dispatch; see below).",
+        f"`4 * d * sum |V*|` bytes over the groups that straddle workers: verl's default "
+        f"`trainer.balance_batch=True` reorders the batch by length before its contiguous dispatch, so most "
+        f"groups straddle (the \"responses at random\" row below); with `balance_batch=False` at most one "
+        f"group per cut does.",
         f"Measured on CPU (`test_verl_driver_vs_worker`, results file [`{rel}`]({rel}): {s['n_groups']} groups "
         f"x {s['group_size']}, lengths {s['lengths'][0]}..{s['lengths'][1]}, d = {s['d']}, |V| = {s['vocab']}, "
         f"one thread per process, groups cut at the rank boundary, medians of {x['rounds']} rounds, "

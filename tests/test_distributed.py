@@ -337,11 +337,24 @@ BAD_ON_RANK_1 = {
 }
 
 
+# options that are valid on each rank but differ between ranks -> the option the message names
+DIFFERENT_ON_RANK_1 = {
+    "beta": lambda k: k.update(beta=0.5),
+    "eta": lambda k: k.update(eta="1-p"),
+    "anchor": lambda k: k.update(anchor="others"),
+    "reward_threshold": lambda k: k.update(reward_threshold=0.5),  # the same split of 0/1 rewards
+    "score_positive": lambda k: k.update(score_positive=True),
+    "check_finite": lambda k: k.update(check_finite=False),
+    "check_logprobs": lambda k: k.update(check_logprobs=False),
+}
+
+
 def _bad_arg_results(rank, world):
     b, gid, src, _ = _full("random_padded")
     rows = (_assignment("random_padded", b.rewards.numel(), world) == rank).nonzero().squeeze(1)
     out = {}
-    for name, (mutate, _, _) in BAD_ON_RANK_1.items():
+    cases = {**{n: m for n, (m, _, _) in BAD_ON_RANK_1.items()}, **{"differs: " + n: m for n, m in DIFFERENT_ON_RANK_1.items()}}
+    for name, mutate in cases.items():
         kw = dict(_local(b, gid, src, rows), rewards=b.rewards[rows], advantages=b.advantages[rows],
                   group_ids=gid[rows])
         if rank == 1:
@@ -377,3 +390,12 @@ def test_bad_argument_on_one_rank_raises_on_every_rank(bad_arg_outcomes, case):
     assert kind0 == exc.__name__ and msg0.startswith(name + ":"), msg0
     assert "[rank 1 of process_group" in msg0
     assert max(t0, t1) < 10.0, f"took {max(t0, t1):.1f} s"
+
+
+@pytest.mark.parametrize("option", list(DIFFERENT_ON_RANK_1))
+def test_options_that_differ_between_ranks_raise_on_every_rank(bad_arg_outcomes, option):
+    # reward_threshold, score_positive and the check flags were not compared: ranks computed with different
+    # rules without a word
+    (kind0, msg0, _), (kind1, msg1, _) = (r["differs: " + option] for r in bad_arg_outcomes)
+    assert (kind0, msg0) == (kind1, msg1), "the ranks raised different errors"
+    assert kind0 == "ValueError" and msg0.startswith(f"{option}: differs between ranks"), msg0

@@ -13,8 +13,9 @@ computes the reward before the old log-probs) it
    log-probs into ``old_log_probs``);
 3. calls :func:`~nthr_kernels.integrations.verl.compute_nthr_scale` with the LM-head weight (gathered from
    FSDP2's DTensor shards), the batch's ``temperature`` and ``process_group=`` the engine's data-parallel
-   group: verl's dispatch cuts the batch into contiguous shares, so a prompt group can straddle workers,
-   and the distributed path scores it over all of its responses;
+   group: verl's dispatch cuts the batch into contiguous shares (after reordering it by length with its
+   default ``trainer.balance_batch=True``), so prompt groups straddle workers, and the distributed path
+   scores each over all of its responses;
 4. returns the usual output plus ``nthr_scale [bs, R]`` (``eta`` or 1, padded layout).
 
 Without outcome scores in the batch it is the parent's ``compute_log_prob``. The driver then needs
@@ -100,13 +101,17 @@ def nthr_scale_on_worker(data, output, captured: list, lm_head_weight: torch.Ten
             f"captured: {hidden.shape[0]} LM-head input rows for {n_tok} tokens (padded forward or sequence "
             "parallelism?); the worker extension needs verl's remove-padding forward"
         )
-    mask = data["response_mask"].bool()
-    old_log_probs = no_padding_2_padding(tu.get(output, "log_probs"), data).float() * mask
+    # verl keeps the worker's batch (and returns infer_batch's output) on the CPU while the captured LM-head
+    # inputs live on the accelerator: everything goes to the hidden states' device (the scale comes back
+    # on it; the caller moves it next to the output)
+    dev = hidden.device
+    mask = data["response_mask"].to(dev).bool()
+    old_log_probs = no_padding_2_padding(tu.get(output, "log_probs"), data).to(dev).float() * mask
     return compute_nthr_scale(
-        data[key].float(),
+        data[key].to(dev).float(),
         mask,
         list(uid),
-        responses=data["responses"],
+        responses=data["responses"].to(dev),
         old_hidden_states=no_padding_2_padding(hidden, data),
         old_log_probs=old_log_probs,
         lm_head_weight=lm_head_weight.to(hidden.device),

@@ -63,7 +63,9 @@ from . import torch_impl
 
 __all__ = ["CommStats", "Payload", "nthr_advantages_distributed", "payload_bytes"]
 
-_DESC = 9  # ok, d, vocab, temperature, beta, anchor index, eta kind, eta value, local group count
+# ok, d, vocab, temperature, beta, anchor index, eta kind, eta value, reward_threshold (inf: None),
+# score_positive, check_finite, check_logprobs, local group count
+_DESC = 13
 
 
 @dataclass
@@ -254,6 +256,10 @@ def _descriptor(batch, dev) -> torch.Tensor:
             batch.opts.beta,
             float(ANCHORS.index(batch.opts.anchor)),
             *_eta_code(batch.opts.eta),
+            math.inf if batch.opts.reward_threshold is None else batch.opts.reward_threshold,
+            float(batch.opts.score_positive),
+            float(batch.opts.check_finite),
+            float(batch.opts.check_logprobs),
             float(batch.group_ids.numel()),
         ],
         dtype=torch.float64,
@@ -302,7 +308,8 @@ def _agree(comm: "_Comm", desc: torch.Tensor, err: Optional[BaseException]) -> N
 
 def _check_consistent(desc: torch.Tensor) -> None:
     """Raise (on every rank alike) unless every rank agrees on the shared scalars."""
-    names = ("hidden (d)", "lm_head_weight/logits (|V|)", "temperature", "beta", "anchor", "eta", "eta")
+    names = ("hidden (d)", "lm_head_weight/logits (|V|)", "temperature", "beta", "anchor", "eta", "eta",
+             "reward_threshold", "score_positive", "check_finite", "check_logprobs")
     for j, name in enumerate(names, start=1):
         col = desc[:, j]
         if not bool((col == col[0]).all()):
