@@ -206,3 +206,26 @@ def test_one_worker_scale_equals_driver_fallback():
     plain = _batch(seed=1)
     td = _worker_td(plain.select(batch_keys=[k for k in plain.batch.keys() if k != "token_level_scores"]))
     assert nv.SCALE_KEY not in worker.compute_log_prob(td).keys()
+
+
+def test_worker_inputs_follow_the_captured_hidden_states(monkeypatch):
+    """verl keeps the worker's batch and infer_batch's output on the CPU while the captured LM-head inputs
+    sit on the accelerator: every tensor reaching compute_nthr_scale must be on the hidden states' device
+    (the meta device stands in for a GPU here; before, responses, mask, scores and log-probs stayed on the
+    CPU and a GPU step raised "token_ids: expected device cuda:0")."""
+    from nthr_kernels.integrations import verl_worker
+
+    model = _model()
+    td = _worker_td(_batch(seed=1))
+    with nv.LMHeadInputCapture(model) as cap:
+        out = _Actor(_Engine(model, None)).infer_batch(td)
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update({f"arg{i}": x.device for i, x in enumerate(args) if torch.is_tensor(x)})
+        seen.update({k: x.device for k, x in kwargs.items() if torch.is_tensor(x)})
+        return torch.zeros(())
+
+    monkeypatch.setattr(verl_worker, "compute_nthr_scale", record)
+    verl_worker.nthr_scale_on_worker(td, out, [c.to("meta") for c in cap.captured], model.lm_head.weight.detach(), None)
+    assert len(seen) == 6 and all(dev.type == "meta" for dev in seen.values()), seen
