@@ -210,12 +210,15 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
 
 }  // namespace
 
-const char* gemm_engine() {
+bool gemm_rows_independent() {
 #if NTHR_HAVE_AVX512_KERNEL
-  if (use_kernel()) return "nthr-avx512";
+  return use_kernel();
+#else
+  return false;
 #endif
-  return "aten";
 }
+
+const char* gemm_engine() { return gemm_rows_independent() ? "nthr-avx512" : "aten"; }
 
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate, const RowsDone& done,
           bool prefetch_a) {

@@ -60,10 +60,12 @@ namespace {
 
 // Rows per work item (of M, of the scores): `rows` cut into one item per working thread, in multiples of the
 // GEMM's register block and at most `cap`. Few items: each packs its B operand once, and no thread waits on a
-// small last item. The split changes no bits: every element of M and every score is summed in the same order
-// whichever item holds its row (gemm sums each element over K in order; the score rows are independent).
+// small last item. With the packed kernel the split changes no bits: every element of M and every score is
+// summed in the same order whichever item holds its row (gemm_rows_independent; the score rows are
+// independent). ATen's mm rounds a row differently at another row count, so there the split is the one for
+// kWorkers threads, whatever the thread count.
 int64_t item_rows(int64_t rows, int64_t cap) {
-  const int64_t workers = worker_count();
+  const int64_t workers = gemm_rows_independent() ? worker_count() : kWorkers;
   const int64_t per = (rows + workers - 1) / workers;
   return std::max<int64_t>(1, std::min(cap, (per + kGemmRowBlock - 1) / kGemmRowBlock * kGemmRowBlock));
 }

@@ -586,7 +586,8 @@ def test_gemm_engine_is_the_packed_kernel_where_the_cpu_has_avx512():
 @needs_native
 def test_aten_gemm_fallback_matches_reference_and_bad_setting_is_refused():
     """NTHR_NATIVE_GEMM=aten: every product on ATen's mm, as on a CPU without AVX-512 (the path CI's AVX-512
-    machine would otherwise never run); the op still matches the reference. Any other value is refused."""
+    machine would otherwise never run); the op still matches the reference and gives the same bits at any
+    thread count. Any other value is refused."""
     code = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, "tests")
@@ -599,6 +600,17 @@ def test_aten_gemm_fallback_matches_reference_and_bad_setting_is_refused():
             assert_matches_reference(run(b, "native", **kw), run(b, "reference", **kw), b)
         a = torch.randn(30, 17)
         torch.testing.assert_close(torch.ops.nthr.native_mm(a, a.t()), a @ a.t())
+        # the same bits at any thread count on this engine too (score_tokens' items followed the thread
+        # count, and ATen's mm rounds a row differently at another row count: 1.2e-4 apart at 1 and 2 threads)
+        g = torch.Generator().manual_seed(1)
+        hp, hn, ep, en = (torch.randn(s, generator=g) for s in [(37, 67), (290, 67), (37, 131), (290, 131)])
+        outs = []
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            outs.append((torch.ops.nthr.native_score_tokens(hp, hn, ep, en, 2000, False),
+                         torch.ops.nthr.native_score_tokens(hp, hn, ep, en, 1 << 22, False),
+                         run(b, "native").scores))
+        assert all(torch.equal(x, y) for o in outs[1:] for x, y in zip(outs[0], o))
     """)
     env = dict(os.environ, NTHR_NATIVE_GEMM="aten")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
