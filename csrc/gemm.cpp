@@ -130,7 +130,7 @@ __attribute__((target("avx512f"))) void pack_b(const float* b, int64_t brs, int6
 // this case with acs = kMr). Every A value is broadcast straight from memory: row-major and column-major A need
 // no packing (the kMr rows of a panel stay in L1 across the column panels of B).
 template <bool kRows>
-__attribute__((target("avx512f"))) void kernel(int64_t kc, const float* a, int64_t ars, int64_t acs, const float* b,
+__attribute__((target("avx512f"), aligned(64))) void kernel(int64_t kc, const float* a, int64_t ars, int64_t acs, const float* b,
                                                 float* c, int64_t ldc, bool add, int64_t mr, int64_t nr) {
   __m512 acc[kMr][2];
   for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();

@@ -1,8 +1,11 @@
 // Inner loops for the native NTHR ops, written with GCC/Clang vector extensions: 16-lane float vectors
 // that the compiler lowers to one AVX-512, two AVX2 or four SSE registers. On x86-64 every function also
 // gets AVX-512 / AVX2 / baseline clones picked at load time (target_clones), so one build runs on any
-// x86-64 CPU. The lane layout and the order of every reduction are fixed by the source, not by the ISA:
-// the same inputs give the same bits on every machine.
+// x86-64 CPU. The lane layout, the order of every reduction and every fused multiply-add are fixed by the
+// source, not by the ISA: the build disables the compiler's own contraction (-ffp-contract=off, which would
+// fuse a * b + c only in the clones whose ISA has FMA), and fmadd() below fuses explicitly in every clone
+// (one vfmadd where the ISA has it, libm's correctly rounded fmaf in the baseline clone). So the same
+// inputs give the same bits on every machine.
 // exp() is a Cody-Waite reduction plus a degree-7 Taylor polynomial on |r| <= ln2/2 (relative error
 // ~2 ulp); inputs below -87 give ~1e-38 instead of a denormal/zero, which is 0 at the float32 precision
 // of every quantity that uses it (probabilities and sums of exponentials of max-shifted values).
@@ -36,6 +39,15 @@ NTHR_INLINE fvec load(const float* p) {
 NTHR_INLINE void store(float* p, fvec v) { std::memcpy(p, &v, sizeof(v)); }
 NTHR_INLINE fvec splat(float x) { return fvec{} + x; }
 
+// a * b + c rounded once (see the top of this file), float32 (the float64 sums below need none: the product
+// of two floats is exact in float64).
+NTHR_INLINE float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+NTHR_INLINE fvec fmadd(fvec a, fvec b, fvec c) {
+  fvec r;
+  for (int l = 0; l < kLanes; ++l) r[l] = fmadd(a[l], b[l], c[l]);
+  return r;
+}
+
 constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
 
@@ -43,19 +55,19 @@ template <typename F, typename I>
 NTHR_INLINE F exp_body(F v, F lo, F hi, F shifter, I shifter_bits) {
   v = v < lo ? lo : v;
   v = v > hi ? hi : v;
-  F t = v * kLog2e + shifter;
+  F t = fmadd(v, kLog2e + F{}, shifter);
   I n;
   std::memcpy(&n, &t, sizeof(n));
   n = n - shifter_bits;
   F fn = t - shifter;
-  F r = v - fn * kLn2Hi - fn * kLn2Lo;
-  F p = r * (1.0f / 5040.0f) + (1.0f / 720.0f);
-  p = p * r + (1.0f / 120.0f);
-  p = p * r + (1.0f / 24.0f);
-  p = p * r + (1.0f / 6.0f);
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  F r = fmadd(fn, -kLn2Lo + F{}, fmadd(fn, -kLn2Hi + F{}, v));
+  F p = fmadd(r, (1.0f / 5040.0f) + F{}, (1.0f / 720.0f) + F{});
+  p = fmadd(p, r, (1.0f / 120.0f) + F{});
+  p = fmadd(p, r, (1.0f / 24.0f) + F{});
+  p = fmadd(p, r, (1.0f / 6.0f) + F{});
+  p = fmadd(p, r, 0.5f + F{});
+  p = fmadd(p, r, 1.0f + F{});
+  p = fmadd(p, r, 1.0f + F{});
   I bits = (n + 127) << 23;
   F scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -98,16 +110,19 @@ NTHR_INLINE double hsum(dvec v) { return hsum_lanes(v); }
 // are added in a fixed order at the end): one accumulator left each step waiting for the previous add.
 constexpr int kChains = 4;
 
-// Sum of term(j) over the vector offsets j = 0, kLanes, ... with j + kLanes <= n, in kChains chains;
-// *tail = the first index not covered (the caller adds the scalar remainder).
-template <typename V, typename Term>
-NTHR_INLINE V chained_sum(int64_t n, int64_t* tail, Term term) {
+// acc = step(acc, j) over the vector offsets j = 0, kLanes, ... with j + kLanes <= n, in kChains chains
+// (step adds one vector's terms, e.g. with an fmadd); *tail = the first index not covered (the caller adds
+// the scalar remainder).
+template <typename V, typename Step>
+NTHR_INLINE V chained_sum(int64_t n, int64_t* tail, Step step) {
   static_assert(kChains == 4, "the final add below names four chains");
   V acc[kChains] = {};
   int64_t i = 0;
-  for (; i + kChains * kLanes <= n; i += kChains * kLanes)
-    for (int c = 0; c < kChains; ++c) acc[c] += term(i + c * kLanes);
-  for (int c = 0; i + kLanes <= n; i += kLanes, ++c) acc[c] += term(i);
+  for (; i + kChains * kLanes <= n; i += kChains * kLanes) {
+#pragma GCC unroll 4  // unrolled, the chains stay in registers
+    for (int c = 0; c < kChains; ++c) acc[c] = step(acc[c], i + c * kLanes);
+  }
+  for (int c = 0; i + kLanes <= n; i += kLanes, ++c) acc[c] = step(acc[c], i);
   *tail = i;
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
@@ -134,9 +149,9 @@ void lse_update(const float* x, int64_t n, float temperature, float* run_max, fl
   const fvec nm = splat(new_max);
   fvec vs = fvec{};
   i = 0;
-  for (; i + kLanes <= n; i += kLanes) vs += vexp(load(x + i) * iv - nm);
+  for (; i + kLanes <= n; i += kLanes) vs += vexp(fmadd(load(x + i), iv, -nm));
   float s = hsum(vs);
-  for (; i < n; ++i) s += sexp(x[i] * inv - new_max);
+  for (; i < n; ++i) s += sexp(fmadd(x[i], inv, -new_max));
   const float old = *run_sum == 0.0f ? 0.0f : *run_sum * sexp(*run_max - new_max);
   *run_sum = old + s;
   *run_max = new_max;
@@ -160,7 +175,7 @@ void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, flo
     const fvec live = nm == ninf ? zero : splat(1.0f);  // lanes whose values are all -inf so far: unchanged
     const fvec shift = nm == ninf ? zero : nm;
     fvec vs = fvec{};
-    for (int64_t r = 0; r < rows; ++r) vs += vexp(load(z + r * ld + c) * iv - shift);
+    for (int64_t r = 0; r < rows; ++r) vs += vexp(fmadd(load(z + r * ld + c), iv, -shift));
     const fvec old = old_sum == zero ? zero : old_sum * vexp(old_max - shift);
     store(run_sum + c, live == zero ? old_sum : old + vs);
     store(run_max + c, nm);
@@ -172,7 +187,7 @@ void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, flo
     const float new_max = m > run_max[c] ? m : run_max[c];
     if (new_max == -INFINITY) continue;
     float s = 0.0f;
-    for (int64_t r = 0; r < rows; ++r) s += sexp(z[r * ld + c] * inv - new_max);
+    for (int64_t r = 0; r < rows; ++r) s += sexp(fmadd(z[r * ld + c], inv, -new_max));
     const float old = run_sum[c] == 0.0f ? 0.0f : run_sum[c] * sexp(run_max[c] - new_max);
     run_sum[c] = old + s;
     run_max[c] = new_max;
@@ -184,14 +199,14 @@ void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z) {
   const float inv = 1.0f / temperature;
   const fvec iv = splat(inv), lz = splat(log_z);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store(e + i, -vexp(load(e + i) * iv - lz));
-  for (; i < n; ++i) e[i] = -sexp(e[i] * inv - log_z);
+  for (; i + kLanes <= n; i += kLanes) store(e + i, -vexp(fmadd(load(e + i), iv, -lz)));
+  for (; i < n; ++i) e[i] = -sexp(fmadd(e[i], inv, -log_z));
 }
 
 static NTHR_INLINE float dot_body(const float* a, const float* b, int64_t n) {
   int64_t i;
-  float s = hsum(chained_sum<fvec>(n, &i, [&](int64_t j) { return load(a + j) * load(b + j); }));
-  for (; i < n; ++i) s += a[i] * b[i];
+  float s = hsum(chained_sum<fvec>(n, &i, [&](fvec acc, int64_t j) { return fmadd(load(a + j), load(b + j), acc); }));
+  for (; i < n; ++i) s = fmadd(a[i], b[i], s);
   return s;
 }
 
@@ -206,7 +221,8 @@ void dot_rows(const float* a, const float* b, int64_t rows, int64_t d, float* ou
 NTHR_CLONES
 double dot_f64(const float* a, const float* b, int64_t n) {
   int64_t i;
-  double s = hsum(chained_sum<dvec>(n, &i, [&](int64_t j) { return widen(load(a + j)) * widen(load(b + j)); }));
+  // a float times a float is exact in float64: the unfused add rounds once, as a fused one would
+  double s = hsum(chained_sum<dvec>(n, &i, [&](dvec acc, int64_t j) { return acc + widen(load(a + j)) * widen(load(b + j)); }));
   for (; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
   return s;
 }
@@ -214,9 +230,9 @@ double dot_f64(const float* a, const float* b, int64_t n) {
 NTHR_CLONES
 double dot_others_f64(const float* m, const float* x, int64_t n) {
   int64_t i;
-  double s = hsum(chained_sum<dvec>(n, &i, [&](int64_t j) {
+  double s = hsum(chained_sum<dvec>(n, &i, [&](dvec acc, int64_t j) {
     const dvec xv = widen(load(x + j));
-    return (widen(load(m + j)) - xv) * xv;
+    return acc + (widen(load(m + j)) - xv) * xv;  // unfused: the same in every clone (no contraction)
   }));
   for (; i < n; ++i) s += (static_cast<double>(m[i]) - x[i]) * x[i];
   return s;
@@ -227,7 +243,7 @@ void colsum_product(const float* a, int64_t lda, const float* b, int64_t ldb, in
   for (int64_t i = 0; i < rows; ++i) {
     const float* ai = a + i * lda;
     const float* bi = b + i * ldb;
-    for (int64_t j = 0; j < cols; ++j) out[j] += ai[j] * bi[j];
+    for (int64_t j = 0; j < cols; ++j) out[j] = fmadd(ai[j], bi[j], out[j]);
   }
 }
 

@@ -49,11 +49,14 @@ The value checks' norm pass and the old log-probs check run before the op, in on
 (``nthr::native_check_values``: row chunks interleaved with the groups' GEMMs).
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
 (passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item,
-one work item per thread (rows of ``M``, then of the scores: where an item ends changes no sum).
+one work item per thread on the packed kernel (rows of ``M``, then of the scores: where an item ends
+changes no sum there), the split for 8 threads on ATen's mm (which rounds a row by the call's shape).
 
 All arithmetic is float32 (anchors in float64), in a fixed order; every block size that sets a summation
 order depends on the inputs and the scratch budget only, and each work item runs its matrix products
-single-threaded: the same inputs give the same bits at every thread count. ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of
+single-threaded: the same inputs give the same bits at every thread count. The build disables the
+compiler's contraction of ``a * b + c`` (``-ffp-contract=off``; the kernels fuse explicitly), so every ISA
+clone of the vector kernels gives the same bits too (``tests/test_native_isa.py``). ``NTHR_NATIVE_TRACE=1`` prints the time of each phase of
 ``native_advantages`` on stderr.
 """
 from __future__ import annotations
@@ -136,7 +139,7 @@ _log = logging.getLogger("nthr_kernels")
 _NAME = "nthr_native"
 _SOURCES = ("vec_kernels.cpp", "gemm.cpp", "ops.cpp", "advantages.cpp")
 _HEADERS = ("vec_kernels.h", "gemm.h", "native.h", "params.h")
-_CFLAGS = ("-O3", "-std=c++17")
+_CFLAGS = ("-O3", "-std=c++17", "-ffp-contract=off")
 # -fopenmp compiles ATen's at::parallel_for as a parallel region (for_each_item in params.h runs its
 # workers on ATen's OpenMP team); the link step gets no -fopenmp, so the OpenMP symbols resolve to the
 # runtime libtorch_cpu already loaded, never a second copy. A compiler without OpenMP builds without it
