@@ -183,6 +183,24 @@ def batch_result(b, **kw):
     return batch.result(*triton_call(batch))
 
 
+@needs_triton
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight"])
+def test_mixed_dtypes_compute_in_float32(source):
+    """fp16 hidden states with a float32 weight holding values beyond fp16's range (within the contract:
+    finite, in float32 range): the kernels work in float32. They used to cast the weight down to the hidden
+    states' dtype: inf weights, NaN scores and tau, the group still marked active."""
+    b = on_device(case(seed=82, n_groups=3, group_size=4, lengths=(1, 9), d=16, vocab=40))
+    h, w = (b.hidden * 1e-4).half(), b.lm_head_weight * 1e5  # logits about 10x the original ones
+    z = (h.float() @ w.T) / b.temperature
+    lp = torch.log_softmax(z, -1).gather(-1, b.token_ids[..., None].long())[..., 0]  # exact for these inputs
+    b = dataclasses.replace(b, hidden=h, lm_head_weight=w, old_logprobs=lp)
+    kw = dict(with_logprobs=source == "weight+logprobs")
+    ref = run(b, "reference", **kw)
+    got = batch_result(b, **kw)
+    assert torch.isfinite(got.tau[got.active]).all()
+    assert_matches_reference(got, ref, b)
+
+
 # --------------------------------------------------------------------------------------------------
 # the kernels build for a GPU (compiled for sm_90 on the CPU: the interpreter does not compile them)
 # --------------------------------------------------------------------------------------------------

@@ -527,8 +527,12 @@ def m_dtype(wd: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if wd == torch.bfloat16 else torch.float32
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels read: the input's for fp32/bf16/fp16, float32 otherwise (fp64)."""
+def work_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype the kernels read ``tensors`` in (None ones skipped): their common dtype for fp32/bf16/fp16,
+    float32 otherwise (fp64, or mixed dtypes: casting a float32 weight down to fp16 hidden states would
+    turn values beyond 65504 into inf)."""
+    dts = {x.dtype for x in tensors if x is not None}
+    dtype = dts.pop() if len(dts) == 1 else torch.float32
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 

@@ -224,7 +224,7 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     every group instead of the cost model (the tests compare both).
     """
     dev = batch.device
-    wd = work_dtype(batch.hidden.dtype)
+    wd = work_dtype(batch.hidden, batch.lm_head_weight)
     h = batch.hidden if batch.hidden.dtype == wd else batch.hidden.to(wd)
     w = batch.lm_head_weight
     if w is not None and w.dtype != wd:

@@ -18,8 +18,7 @@ def score_tokens(h_pos, h_neg, err_pos, err_neg, path: str = "auto"):
     out = torch.zeros(tn, dtype=torch.float32, device=dev)
     if tp == 0 or tn == 0:
         return out
-    dts = {x.dtype for x in (h_pos, h_neg, err_pos, err_neg)}
-    wd = work_dtype(dts.pop()) if len(dts) == 1 else torch.float32
+    wd = work_dtype(h_pos, h_neg, err_pos, err_neg)
     hp, hn, ep, en = (x.to(wd) for x in (h_pos, h_neg, err_pos, err_neg))
     if path == "auto":
         path = cheaper_path(tp, tn, v, d)
