@@ -64,16 +64,16 @@ def bench_session(pytestconfig) -> runner.Session:
 
 @pytest.fixture
 def record(benchmark):
-    """``record(op, shape, backend, floor_flops)`` for suites that time on their own (test_gpu.py): the
-    row joins the summary, on CUDA, with old log-probs."""
+    """``record(op, shape, backend, floor_flops, algorithm_flops)`` for suites that time on their own
+    (test_gpu.py): the row joins the summary, on CUDA, with old log-probs."""
 
-    def add(op: str, shape: str, backend: str, flops: int) -> None:
+    def add(op: str, shape: str, backend: str, flops: int, algorithm_flops: int) -> None:
         import torch
 
         benchmark.extra_info.update(op=op, shape=shape, shape_text=shape, backend=backend, device="cuda",
                                     logprobs=True, rounds=len(benchmark.stats.stats.data) if benchmark.stats else 1,
                                     warmup=1, threads=torch.get_num_threads(), peak_scratch_bytes=None,
-                                    floor_flops=flops, algorithm_flops=flops)
+                                    floor_flops=flops, algorithm_flops=algorithm_flops)
 
     return add
 

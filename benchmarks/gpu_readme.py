@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.report import README, RESULTS, _ms  # noqa: E402  (one millisecond format for both README blocks)
 from gpu_suite import CONFIGS, kernel_sources  # noqa: E402
+from provenance import changed, stale_note  # noqa: E402
 from nthr_kernels.testing import HOST_SYNCS_PER_CALL  # noqa: E402
 BEGIN, END = "<!-- gpu-results: begin (python -m benchmarks.gpu_readme) -->", "<!-- gpu-results: end -->"
 
@@ -93,17 +94,20 @@ def render(path: Path, before: Path | None) -> str:
             if r.get("triton_peak_scratch_mb", 0) > r.get("scratch_bound_mb", float("inf"))]
     verdicts.append("peak scratch within the stated bound: " + ("met" if not over else "missed by " + ", ".join(over)))
     lines.append("Verdicts: " + "; ".join(verdicts) + ".")
+    older = [n for n, c in d["configs"].items() if "speedup_vs_naive" in c and "naive_old_logprobs" not in c]
+    if older:
+        lines.append("")
+        lines.append("`vs naive` in this run: the naive pipeline computed the full-vocabulary normaliser in "
+                     + ", ".join(f"`{n}`" for n in older) + " while triton used the old log-probs (the suite now "
+                     "times it in each config's own setting).")
     missing = [n for n in CONFIGS if n not in d["configs"]]
     if missing:
         lines.append("")
         lines.append("Not in this run (see the log beside the results): " + ", ".join(f"`{n}`" for n in missing) + ".")
-    now, then = kernel_sources(), d.get("kernel_sources") or {}
-    if then != now:
-        changed = sorted(f for f in set(now) | set(then) if now.get(f) != then.get(f))
+    stale = changed(d.get("kernel_sources"), kernel_sources())
+    if stale:
         lines.append("")
-        lines.append("These figures predate the current Triton sources: the `kernel_sources` recorded in the "
-                     "results differ from the code's (`benchmarks/gpu_suite.py` computes them) in "
-                     + ", ".join(f"`{f}`" for f in changed) + ".")
+        lines.append(stale_note("Triton sources", "kernel_sources", "benchmarks/gpu_suite.py", stale))
     if before is not None:
         b = json.loads(before.read_text())
         pairs = [(n, b["configs"][n]["triton_ms"], r["triton_ms"]) for n, r in d["configs"].items()

@@ -27,6 +27,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import nthr_kernels as nk  # noqa: E402
 from naive import naive_nthr  # noqa: E402
+from provenance import file_hashes  # noqa: E402
 from shapes import SHAPES, Shape, batch_work  # noqa: E402
 
 # Margin of tau within which a selection may differ from the float64 reference, relative to the
@@ -129,7 +131,7 @@ def bench_wall(fn, reps: int) -> float:
         fn()
         _sync()
         ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[len(ts) // 2]
+    return statistics.median(ts)
 
 
 def bench_events(fn, reps: int) -> float:
@@ -149,8 +151,7 @@ def bench_events(fn, reps: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)  # with an even count the mean of the middle two, not the larger
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +171,6 @@ def kernel_sources(root: Path = ROOT) -> dict:
     that import them (their host code), and the package modules those import (the rules they apply).
     Recorded with the results, so that anyone can tell which code was measured."""
     import ast
-    import hashlib
 
     pkg = root / "nthr_kernels"
     files = sorted(pkg.rglob("*.py"))
@@ -198,7 +198,7 @@ def kernel_sources(root: Path = ROOT) -> dict:
     jit = {f for f in files if "@triton.jit" in f.read_text()}
     host = {f for f in files if any(by_name.get(m) in jit for m in imports(f))}
     deps = {by_name[m] for f in jit | host for m in imports(f) if m in by_name and m != "nthr_kernels"}
-    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(jit | host | deps)}
+    return file_hashes(jit | host | deps, root)
 
 
 def compile_check(arch: int, quick: bool, all_configs: bool, log) -> dict:
@@ -427,12 +427,15 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
     out["share_of_fwd_bwd"] = out["triton_ms"] / out["model_fwd_bwd_ms"]
     if time_baselines:
         out["torch_ms"] = bench_events(lambda: call("torch"), args.torch_reps)
-        naive_kw = {k: v for k, v in kw.items() if k in ("lm_head_weight", "group_size", "mask", "temperature")}
+        # the naive pipeline in the config's own setting (with old log-probs it takes the shortcut too)
+        naive_kw = {k: v for k, v in kw.items()
+                    if k in ("lm_head_weight", "group_size", "mask", "temperature", "old_logprobs")}
         naive = lambda: naive_nthr(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, **naive_kw)  # noqa: E731
         nres = naive()
         out["naive_selection_agreement_with_triton"] = float((nres.selected == res.selected)[rb.mask].float().mean())
         del nres
         out["naive_ms"] = bench_events(naive, args.naive_reps)
+        out["naive_old_logprobs"] = "old_logprobs" in naive_kw  # the same setting as triton's (the report says so)
         out["speedup_vs_torch"] = out["torch_ms"] / out["triton_ms"]
         out["speedup_vs_naive"] = out["naive_ms"] / out["triton_ms"]
     del res, rb

@@ -3,11 +3,12 @@
 For each prompt group, in a Python loop:
 
 1. the group's completion tokens are gathered from the padded batch;
-2. full logits over the whole vocabulary, ``hidden @ W.T / T`` in float32 (``[T_g, |V|]``; split into
-   row chunks only when one group's logits would exceed ``MAX_LOGITS_BYTES``);
-3. the normaliser ``log Z`` by an fp32 logsumexp over those logits (``old_logprobs`` are ignored: the
-   full normaliser is always computed);
-4. dense fp32 prediction errors on ``V*`` (sorted unique ids of the group), sliced from the logits;
+2. without ``old_logprobs``: full logits over the whole vocabulary, ``hidden @ W.T / T`` in float32
+   (``[T_g, |V|]``; split into row chunks only when one group's logits would exceed ``MAX_LOGITS_BYTES``), and
+   the normaliser ``log Z`` by an fp32 logsumexp over them; with ``old_logprobs``: the logits on ``V*`` only,
+   ``hidden @ W[V*].T / T``, and the shortcut ``log Z_t = w_{y_t} . h_t / T - l_t`` (so that each setting of
+   the library has a naive counterpart doing the same work);
+4. dense fp32 prediction errors on ``V*`` (sorted unique ids of the group);
 5. factored scores ``M = G+^T H+``, ``s = rowsum((G M) * H)`` for every token of the group;
 6. anchors (``anchor="all"``: mean score of each positive response), ``tau = beta * min anchor``,
    selection of the negative tokens with ``s > tau`` and token advantages.
@@ -64,7 +65,7 @@ def naive_nthr(
     lm_head_weight: torch.Tensor,
     group_size: int,
     mask: Optional[torch.Tensor] = None,
-    old_logprobs: Optional[torch.Tensor] = None,  # ignored: the full normaliser is always computed
+    old_logprobs: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     beta: float = 1.0,
     eta: EtaSpec = "2|0.5-p|",
@@ -73,7 +74,6 @@ def naive_nthr(
 ) -> NaiveResult:
     """NTHR (``anchor="all"``) for a padded batch ``hidden [R, L, d]``, ``token_ids [R, L]``, one group
     loop iteration at a time. Same keywords as :func:`nthr_kernels.nthr_advantages`."""
-    del old_logprobs
     with torch.no_grad():
         n_resp = hidden.shape[0]
         dev = hidden.device
@@ -102,7 +102,11 @@ def naive_nthr(
             h = hidden[r0:r1][m].float()  # [T_g, d]
             ids = token_ids[r0:r1][m].to(torch.int64)
             vstar = torch.unique(ids)
-            log_z, z_vs = _log_z_and_vstar_logits(h, w, vstar, temperature)
+            if old_logprobs is None:
+                log_z, z_vs = _log_z_and_vstar_logits(h, w, vstar, temperature)
+            else:  # the shortcut: only the V* rows of the weight (and each token's own row)
+                z_vs = h @ w[vstar].T / temperature
+                log_z = (h * w[ids]).sum(-1) / temperature - old_logprobs[r0:r1][m].float()
             err = torch.exp(z_vs - log_z[:, None]).neg_()  # dense fp32 errors on V*: onehot - p
             err += ids[:, None] == vstar[None, :]
             mm = err[tok_pos].T @ h[tok_pos]  # M = G+^T H+  [|V*|, d]

@@ -42,11 +42,14 @@ def test_nthr_advantages_cuda(benchmark, rb, record, backend):
     kw = rb.kwargs()
     if backend == "naive":
         fn = lambda: naive_nthr(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, lm_head_weight=rb.lm_head_weight,  # noqa: E731
-                                group_size=rb.group_size, mask=rb.mask)
+                                group_size=rb.group_size, mask=rb.mask, old_logprobs=rb.old_logprobs,
+                                temperature=rb.temperature)
     else:
         fn = lambda: nk.nthr_advantages(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, backend=backend, **kw)  # noqa: E731
     benchmark.group = f"nthr_advantages {SHAPE.name} cuda"
     rounds = 10 if backend == "triton" else 2
     out = benchmark.pedantic(_sync_call(fn), rounds=rounds, warmup_rounds=1, iterations=1)
     assert out.token_advantages.shape == rb.token_ids.shape
-    record("nthr_advantages", SHAPE.name, backend if backend != "torch" else "torch-cuda", batch_work(rb).floor(True))
+    work = batch_work(rb)
+    record("nthr_advantages", SHAPE.name, backend if backend != "torch" else "torch-cuda", work.floor(True),
+           work.algorithm(True))

@@ -107,3 +107,16 @@ def test_engine_faster_than_every_backends_own():
     native_line = next(ln for ln in lines if ln.startswith("- `native`"))
     assert "1.10x its FLOP floor" in native_line and "0.88x the floor at the rate of the native ops' GEMM" in native_line
     assert "Target <= 1.0x (issue 14): missed at the best rate; met at its own engine's rate" in native_line
+
+
+def test_figures_of_other_code_are_flagged(monkeypatch):
+    """The results record the hashes of the library's sources; where the checkout's differ, the README's block
+    says so and names the files (the table had gone on describing code that later commits changed)."""
+    path = report.readme_results(report.README.read_text())
+    recorded = dict(report.load(path)[1].get("library_sources") or {})
+    assert recorded, "the results file records no library_sources"
+    monkeypatch.setattr(report, "library_sources", lambda: dict(recorded))
+    assert "These figures predate" not in report.readme_block(path)
+    monkeypatch.setattr(report, "library_sources", lambda: {**recorded, "nthr_kernels/api.py": "0" * 64})
+    block = report.readme_block(path)
+    assert "These figures predate the current library sources" in block and "`nthr_kernels/api.py`" in block
