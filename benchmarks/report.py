@@ -222,7 +222,9 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
     rounds = {(_info(r)["rounds"], _info(r)["warmup"]) for r in rows}
     timing = ", ".join(f"median of {n} rounds after {w} warm-up" for n, w in sorted(rounds))
     lines += ["", f"Every row: {timing}, {x0['threads']} threads; peak scratch = rise of the peak resident "
-                  "memory during one more call; x floor = median / (FLOP floor / matrix rate).", ""]
+                  "memory during one more call (buffers that stay allocated from the warm-up on, such as the native "
+                  "GEMM's per-thread packing buffers, are not in it); x floor = median / (FLOP floor / matrix rate).",
+              ""]
     return lines + verdicts + ([""] if verdicts else [])
 
 

@@ -184,6 +184,19 @@ def batch_result(b, **kw):
 
 
 @needs_triton
+def test_one_token_vocabulary_with_logits_scores_zero():
+    """|V| = 1 with ``logits`` at T != 1: every token is certain (p = 1, error 0, score exactly 0, nothing
+    selected), as in the reference. The kernels apply z * (1/T) and took log Z from z / T: one ulp apart,
+    scores of about 1e-12 above tau = 0 and 3 or 4 tokens selected."""
+    b = on_device(case(seed=0, n_groups=3, group_size=4, lengths=(1, 9), d=8, vocab=1, temperature=0.3))
+    for beta in (1.0, 0.0):
+        ref = run(b, "reference", use_logits=True, beta=beta)
+        got = run(b, "triton", use_logits=True, beta=beta)
+        assert not bool(ref.selected.any()) and not bool(got.selected.any())
+        assert bool((got.scores == 0).all())
+
+
+@needs_triton
 @pytest.mark.parametrize("source", ["weight+logprobs", "weight"])
 def test_mixed_dtypes_compute_in_float32(source):
     """fp16 hidden states with a float32 weight holding values beyond fp16's range (within the contract:

@@ -39,8 +39,11 @@ from ..prediction_errors.torch_impl import vocab_logsumexp
 # log Z
 # --------------------------------------------------------------------------------------------------
 LOGZ_ROWS = 1024  # tokens per block of the old-log-prob shortcut: cache-sized temporaries, reused
-def log_normaliser(batch, tok: torch.Tensor, budget: int) -> torch.Tensor:
-    """``log Z_t`` (float32) of the canonical tokens ``tok`` (temperature applied)."""
+def log_normaliser(batch, tok: torch.Tensor, budget: int, logits_scale: Optional[float] = None) -> torch.Tensor:
+    """``log Z_t`` (float32) of the canonical tokens ``tok`` (temperature applied). ``logits_scale``: with
+    ``logits``, multiply them by this instead of dividing by the temperature (the Triton kernels apply
+    ``z * (1 / T)``, and a token's ``p`` must come from the same rounding as its ``log Z``: with a one-token
+    vocabulary, exactly 1)."""
     n = tok.numel()
     out = torch.empty(n, dtype=torch.float32, device=batch.device)
     if n == 0:
@@ -51,7 +54,7 @@ def log_normaliser(batch, tok: torch.Tensor, budget: int) -> torch.Tensor:
         nb = max(1, budget // vocab)
         for i in range(0, n, nb):
             rows = gather_rows(batch, batch.logits, tok[i : i + nb]).float()
-            out[i : i + nb] = torch.logsumexp(rows / t, dim=-1)
+            out[i : i + nb] = torch.logsumexp(rows / t if logits_scale is None else rows * logits_scale, dim=-1)
         return out
     w = batch.lm_head_weight
     d = w.shape[1]

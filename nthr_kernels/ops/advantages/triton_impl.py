@@ -104,7 +104,7 @@ def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd) -> torch.Tensor:
     """``log Z`` per token of ``order``: shortcut kernel, vocabulary logsumexp kernel, or (logits) torch."""
     n = order.numel()
     if batch.lm_head_weight is None:
-        return log_normaliser(batch, order, SCAN_ELEMS)
+        return log_normaliser(batch, order, SCAN_ELEMS, logits_scale=1.0 / batch.opts.temperature)
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     if n == 0:
         return out
