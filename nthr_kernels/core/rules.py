@@ -39,8 +39,8 @@ SCAN_ELEMS = 1 << 24  # elements of one temporary in the input scans and in a lo
 #   cancellation this gives a few units of roundoff relative to the group's score scale.
 # float64: the reference against itself (factored vs pairwise order of summation).
 # The float32 row holds for logits of moderate scale: a probability carries the float32 rounding of z / T,
-# about |z / T| * 2^-24 relative, which reaches 2e-4 near |z / T| = 3e3. Towards LOGIT_LIMIT (2^16) it grows
-# to about 0.4 %, within the ~1 % that rule allows (below); no tighter bound is promised there. Measured,
+# about |z / T| * 2^-24 relative, which by that argument reaches 2e-4 near |z / T| = 3e3 and about 0.4 % at
+# LOGIT_LIMIT (2^16), within the ~1 % that rule allows (below); no tighter bound is promised there. Measured,
 # torch and native alike, relative to the batch's largest |score| (6 seeds, small random batches): 6e-7 at
 # max |z| = 18, 7e-6 at 1.8e3, 3.6e-5 at 1.8e4.
 SCORE_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-6}
