@@ -154,6 +154,31 @@ def test_torch_compile_fullgraph_matches_eager():
     assert out2[11].numel() == 6
 
 
+def _options_pipeline(hidden, token_ids, rewards, adv, w, mask, temperature, beta):
+    r = nk.nthr_advantages(hidden, token_ids, rewards, adv, lm_head_weight=w, mask=mask, group_size=4,
+                           temperature=temperature, beta=beta)
+    return r.token_advantages, r.scores, r.tau
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_torch_compile_with_temperature_and_beta_as_arguments(dynamic):
+    """A trainer passes beta and temperature as plain arguments: the second value makes them symbolic, and
+    the static checks' isnan on them used to break the full graph ("torch.* op returned non-Tensor"); the op
+    checks the concrete values when it runs, so a NaN beta still raises, naming it."""
+    b, _ = _compile_inputs()
+    args = (b.hidden, b.token_ids, b.rewards, b.advantages, b.lm_head_weight, b.mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(_options_pipeline, fullgraph=True, dynamic=dynamic)
+    for temperature, beta in ((1.0, 1.0), (0.9, 0.5), (0.8, 0.25)):
+        out_c, out_e = compiled(*args, temperature, beta), _options_pipeline(*args, temperature, beta)
+        for e, c in zip(out_e, out_c):
+            assert torch.equal(e.nan_to_num(123.0), c.nan_to_num(123.0))
+    with pytest.raises(ValueError, match=r"^beta: must not be NaN"):
+        compiled(*args, 0.7, math.nan)
+    with pytest.raises(ValueError, match=r"^temperature: must be > 0"):
+        compiled(*args, -0.5, 1.0)
+
+
 def test_torch_compile_raises_value_errors_from_inside_the_op():
     b, extra = _compile_inputs()
     bad = b.rewards.clone()

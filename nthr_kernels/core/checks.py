@@ -62,7 +62,16 @@ def check_int_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
+def _traced() -> bool:
+    """Under ``torch.compile``'s tracing, a float argument may be symbolic (the second value of ``beta`` makes
+    it so), and a Python-level ``isnan`` on it cannot be captured. The public functions pass such numbers on to
+    their op, whose body runs every check on the concrete value when it runs, still before any work."""
+    return torch.compiler.is_compiling()
+
+
 def check_real(name: str, x, *, allow_neg_inf: bool = False) -> float:
+    if _traced():
+        return x
     v = real_or_none(x)
     if v is None:
         raise TypeError(f"{name}: expected a real number, got {describe(x)}")
@@ -951,7 +960,7 @@ def check_options(opts: Options) -> Options:
     if not isinstance(opts, Options):
         raise TypeError(f"options: expected nthr_kernels.core.rules.Options, got {type(opts).__name__}")
     temperature = check_real("temperature", opts.temperature)
-    if temperature <= 0:
+    if not _traced() and temperature <= 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
     beta = check_real("beta", opts.beta, allow_neg_inf=True)
     check_eta(opts.eta)
