@@ -14,6 +14,7 @@ where the methods differ (at 3e-4 most questions already lose likelihood under e
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 import time
@@ -103,6 +104,13 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
     )
 
 
+def stream(seed: int, purpose: str) -> torch.Generator:
+    """The random stream of one purpose of one seed. Streams of different seeds and purposes never coincide
+    (seed s's random selection used to be seeded s + 1, which is seed s + 1's sampling stream)."""
+    digest = hashlib.sha256(f"nthr-kernels lld {purpose} {seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def collect_mixed_groups(model, task: AdditionTask, n_questions: int, *, group_size: int = 8,
                          temperature: float = 1.0, seed: int = 0, batch_prompts: int = 64,
                          max_batches: int = 32, progress: bool = True) -> tuple[Rollout, dict]:
@@ -111,7 +119,7 @@ def collect_mixed_groups(model, task: AdditionTask, n_questions: int, *, group_s
 
     if not isinstance(n_questions, int) or n_questions < 1:
         raise ValueError(f"n_questions must be a positive int, got {n_questions!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = stream(seed, "sampling")
     kept, n_mixed, n_seen, correct = [], 0, 0, 0.0
     bar = tqdm(total=n_questions, desc="sampling mixed groups", disable=not progress, leave=False)
     for b in range(max_batches):
@@ -207,7 +215,7 @@ def _measure_seed(model, task, seed, n_questions, group_size, temperature, lr, o
                                      seed=seed, progress=progress)
     n = ro.n_groups
     t_sampled = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = stream(seed, "random selection")
 
     # token advantages of every method, computed once on the whole batch (NTHR works group by group)
     advs = {}
@@ -272,7 +280,7 @@ def _pool(per_seed: list[dict], ks) -> dict:
     n = len(gw)
     n_neg = max(1, sum(p["setup"]["negative_tokens"] for p in per_seed))
     ks = sorted({k for k in (ks or (max(1, n // 8), max(1, n // 4), max(1, n // 2))) if 1 <= k <= n})
-    rng = torch.Generator().manual_seed(per_seed[0]["seed"] + 2)
+    rng = stream(per_seed[0]["seed"], "top-K random baseline")
     overlap = {}
     for k in ks:
         rand = [topk_overlap(torch.rand(n, generator=rng).tolist(), deltas["grpo"], k) for _ in range(1000)]

@@ -63,10 +63,23 @@ def _identical(a: dict, b: dict) -> bool:
     return all(a["methods"][m]["deltas"] == b["methods"][m]["deltas"] for m in a["methods"])
 
 
+def _gwhes_gap(a: dict, b: dict) -> float:
+    """The largest relative difference between two runs' GWHES scores (0.0: the same bits)."""
+    return max((abs(x - y) / max(abs(x), abs(y)) for x, y in zip(a["gwhes"]["scores"], b["gwhes"]["scores"])
+                if x != y), default=0.0)
+
+
 def _compared_text(results: dict, compared: list[dict]) -> list[str]:
     threads = ", ".join(str(c["setup"]["torch_threads"]) for c in compared)
     if all(_identical(results, c) for c in compared):
-        what = "every Delta of every method is bit-identical, so the thread count changes only the time."
+        gap = max(_gwhes_gap(results, c) for c in compared)
+        same_rank = all(results["gwhes"][k] == c["gwhes"][k] for c in compared for k in results["gwhes"] if k != "scores")
+        what = "every Delta of every method is bit-identical, so the thread count changes only the time"
+        if gap:
+            what += (f"; the GWHES scores differ in the last bits (at most {gap:.0e} relative, float64 rounding "
+                     "that the thread count changes), " + ("their top-K overlap and rank correlation do not" if same_rank
+                                                           else "and so do their top-K overlap or rank correlation"))
+        what += "."
     else:
         what = ("the Deltas differ: the thread count splits matrix products differently, so the last bits of "
                 "the probabilities differ and, once one sampled token differs, so do the responses.")
