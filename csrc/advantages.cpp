@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -612,8 +613,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   p.token_adv = token_adv.data_ptr<float>();
   p.tau = tau.data_ptr<float>();
 
-  // NTHR_NATIVE_TRACE=1: phase timings on stderr (diagnostics)
-  const bool trace = std::getenv("NTHR_NATIVE_TRACE") != nullptr;
+  // NTHR_NATIVE_TRACE=1: phase timings on stderr (diagnostics; any other value, "0" included, leaves them off)
+  const char* trace_env = std::getenv("NTHR_NATIVE_TRACE");
+  const bool trace = trace_env != nullptr && std::strcmp(trace_env, "1") == 0;
   auto clock = std::chrono::steady_clock::now();
   auto lap = [&](const char* what) {
     if (!trace) return;

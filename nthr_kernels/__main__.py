@@ -9,7 +9,22 @@ report (the backend table included), and ends with a verdict in plain words.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _output_problem(path: str, folder: bool) -> str | None:
+    """Why an output path cannot be written (None when it can), checked before the study runs for minutes."""
+    if not path:
+        return "an empty path"
+    if folder:
+        return f"{path!r} exists and is not a folder" if os.path.lexists(path) and not os.path.isdir(path) else None
+    if os.path.isdir(path) and not os.path.islink(path):
+        return f"{path!r} is a folder"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # created on write, like the --out folder
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else f"{parent!r} (a parent of {path!r}) is not a folder"
 
 
 def main(argv=None) -> int:
@@ -24,6 +39,13 @@ def main(argv=None) -> int:
     b = sub.add_parser("backends", help="only the synthetic backend table")
     b.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "demo":
+        if args.skip_lld and args.json is not None:
+            ap.error("--json: the JSON report is the LLD study's; it is not written with --skip-lld")
+        for flag, path, folder in (("--out", args.out, True), ("--json", args.json, False)):
+            problem = None if path is None else _output_problem(path, folder)
+            if problem:
+                ap.error(f"{flag}: cannot write there: {problem}")
 
     from .demo_synthetic import run_backend_table
 

@@ -172,3 +172,28 @@ def test_readme_study_block_matches_the_committed_results():
     assert committed["backend"] != "auto" and committed["backend_table"]["rows"]
     assert all(p.is_file() for p in COMPARED)
     assert update_readme(ROOT / "README.md", check=True), "run: python -m nthr_kernels.grpo.report --readme"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--out", "README.md"], "--out: cannot write there: 'README.md' exists and is not a folder"),
+    (["demo", "--json", "benchmarks"], "--json: cannot write there: 'benchmarks' is a folder"),
+    (["demo", "--json", ""], "--json: cannot write there: an empty path"),
+    (["demo", "--skip-lld", "--json", "x.json"], "--json: the JSON report is the LLD study's"),
+])
+def test_cli_refuses_unwritable_outputs_before_any_work(argv, message, capsys):
+    """The study ran for minutes and then died on an output path it could not write (or, with --skip-lld,
+    wrote nothing and exited 0)."""
+    from nthr_kernels.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_thread_count_variable_is_checked(monkeypatch):
+    from nthr_kernels.grpo.model import torch_threads
+
+    for bad in ("abc", "0", "-2", "1.5"):
+        monkeypatch.setenv("NTHR_KERNELS_THREADS", bad)
+        with pytest.raises(ValueError, match="^NTHR_KERNELS_THREADS: expected a positive integer"):
+            torch_threads()

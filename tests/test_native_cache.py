@@ -229,3 +229,58 @@ def test_prune_removes_only_stale_builds_of_ours(tmp_path):
         os.close(fd)
     assert not stale.exists() and not leftover.exists()
     assert keep.exists() and fresh.exists() and foreign.exists() and other.exists() and busy.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the third audit (2026-11-27): a FIFO, a foreign library with a valid record, sources edited during a
+# build, junk switches
+# --------------------------------------------------------------------------------------------------
+def test_fifo_at_the_library_path_does_not_hang(tmp_path):
+    """A FIFO planted where the library or its record should be blocked the open forever."""
+    cache = _private(tmp_path / "cache")
+    out = _private(_build_dir(cache))
+    os.mkfifo(out / "nthr_native.so", 0o600)
+    os.mkfifo(out / "SHA256", 0o600)
+    run = _python(SMALL_RUN, {"NTHR_KERNELS_CACHE": str(cache), "NTHR_NATIVE": "1", "CXX": NO_CXX}, timeout=120)
+    _fell_back(run, "no C++ compiler found")  # the entry was moved aside, and the rebuild found no compiler
+    assert not out.exists()
+
+
+def test_a_library_that_registers_no_kernels_is_not_used(tmp_path):
+    """A complete entry whose library is another one (its record matching: what a corrupted or mixed-up cache
+    could hold) registers no nthr kernel: refused after loading, one warning, the torch backend. (A
+    library's load-time code runs at the load: the cache's privacy is what keeps strangers' libraries out.)"""
+    cache = _private(tmp_path / "cache")
+    out = _private(_build_dir(cache))
+    shutil.copy(_planted_library(tmp_path), out / "nthr_native.so")
+    (out / "SHA256").write_text(native_lib._sha256(out / "nthr_native.so") + "  nthr_native.so\n")
+    _fell_back(_run(cache, CXX=NO_CXX), "registered no CPU kernel for nthr::native_advantages")
+
+
+@needs_native
+def test_sources_edited_after_the_key_are_not_built_under_it(tmp_path):
+    """The build compiles a private copy of the sources, checked against the key it was asked for: a build
+    whose key no longer matches the sources stops before compiling (an edit between the key and the compile
+    produced a library of other sources under the old key)."""
+    root = _private(tmp_path / "cache")
+    out = root / (native_lib._build_prefix() + "0" * 16)
+    with pytest.raises(RuntimeError, match="changed while the build started"):
+        native_lib._compile(native_lib.source_dir(), root, out, native_lib._FLAGS, verbose=False)
+    assert not out.exists() and not list(root.glob(".build-*"))
+
+
+def test_junk_switch_values_are_refused(monkeypatch):
+    monkeypatch.setenv("NTHR_NATIVE", "nope")
+    with pytest.raises(ValueError, match=r"^NTHR_NATIVE: expected 0 or 1"):
+        native_lib._disabled()
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv("NTHR_NATIVE", off)
+        assert native_lib._disabled()
+
+
+@needs_native
+def test_trace_only_with_one():
+    code = SMALL_RUN
+    on = _python(code, {"NTHR_NATIVE_TRACE": "1"})
+    off = _python(code, {"NTHR_NATIVE_TRACE": "0"})
+    assert "nthr native_advantages:" in on.stderr and "nthr native_advantages:" not in off.stderr

@@ -63,7 +63,12 @@ class torch_threads:
     """
 
     def __init__(self, n: int | None = None) -> None:
-        self.n = int(os.environ.get("NTHR_KERNELS_THREADS", "1")) if n is None else int(n)
+        if n is None:
+            env = os.environ.get("NTHR_KERNELS_THREADS", "1")
+            if not env.strip().isdigit() or int(env) < 1:
+                raise ValueError(f"NTHR_KERNELS_THREADS: expected a positive integer, got {env!r}")
+            n = int(env)
+        self.n = int(n)
         if self.n < 1:
             raise ValueError(f"thread count must be >= 1, got {self.n}")
 

@@ -62,6 +62,7 @@ clone of the vector kernels gives the same bits too (``tests/test_native_isa.py`
 from __future__ import annotations
 
 import hashlib
+import platform
 import logging
 import os
 import shutil
@@ -173,12 +174,19 @@ def cache_root() -> Path:
     return base / "nthr_kernels"
 
 
-def _build_key(src: Path) -> str:
+_FLAGS = _CFLAGS + _OPENMP_CFLAGS  # the build's flags; _CFLAGS alone where the compiler has no OpenMP
+
+
+def _build_key(src: Path, flags: tuple = _FLAGS) -> str:
+    """What the library must match: the sources, the flags the build used (a build without OpenMP has a key
+    of its own), the machine's architecture, the Python and torch builds. Not the compiler: any compiler's
+    build of these sources and flags serves, so a cache built ahead of time serves a machine without one."""
     h = hashlib.sha256()
     for f in _SOURCES + _HEADERS:
         h.update(f.encode())
         h.update((src / f).read_bytes())
-    h.update(repr((_CFLAGS, _OPENMP_CFLAGS, torch.__version__, sys.version_info[:2], torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
+    h.update(repr((flags, platform.machine(), torch.__version__, torch.version.git_version, sys.version_info[:2],
+                   torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
     return h.hexdigest()[:16]
 
 
@@ -186,13 +194,20 @@ def _build_prefix() -> str:
     return f"{_NAME}-torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-"
 
 
-def build_dir(src: Path, root: Path) -> Path:
-    """The folder of the build of these sources in cache folder ``root``."""
-    return root / (_build_prefix() + _build_key(src))
+def build_dir(src: Path, root: Path, flags: tuple = _FLAGS) -> Path:
+    """The folder of the build of these sources (with these flags) in cache folder ``root``."""
+    return root / (_build_prefix() + _build_key(src, flags))
 
 
 def _disabled() -> bool:
-    return os.environ.get("NTHR_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+    """``NTHR_NATIVE``: 0/false/no/off switch the native backend off, 1/true/yes/on (or unset) leave it on;
+    anything else is refused (a typo must not silently keep it on)."""
+    value = os.environ.get("NTHR_NATIVE", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return True
+    if value in ("1", "true", "yes", "on", ""):
+        return False
+    raise ValueError(f"NTHR_NATIVE: expected 0 or 1 (or false/true, no/yes, off/on), got {os.environ['NTHR_NATIVE']!r}")
 
 
 def _missing_toolchain() -> Optional[str]:
@@ -257,8 +272,8 @@ def _private_dir(path: Path) -> Path:
 
 def _open_nofollow(path: Path, flags: int):
     """``os.open`` that never follows a symlink at ``path`` and accepts only a regular file of ours."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:  # O_NONBLOCK: a FIFO planted at the path must not block the open (it is refused below)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except OSError as e:
         if os.path.islink(path):
             _refuse(path, "is a symlink")
@@ -369,8 +384,10 @@ def _openmp_problem() -> Optional[str]:
     return None if run.returncode == 0 else (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
 
 
-def _compile(src: Path, root: Path, out: Path, verbose: bool) -> Path:
-    """Build into a private temporary folder, record the library's sha256, rename it into place."""
+def _compile(src: Path, root: Path, out: Path, flags: tuple, verbose: bool) -> Path:
+    """Build into a private temporary folder, record the library's sha256, rename it into place. The build
+    compiles a private copy of the sources, checked against ``out``'s key first: sources edited between
+    the key and the compile cannot end up under that key."""
     problem = _missing_toolchain()
     if problem:
         raise RuntimeError(problem)
@@ -378,14 +395,15 @@ def _compile(src: Path, root: Path, out: Path, verbose: bool) -> Path:
     _log.warning("nthr_kernels: compiling the native CPU ops once (10 s to a minute); cache: %s", out)
     from torch.utils.cpp_extension import load
 
-    flags = _CFLAGS + _OPENMP_CFLAGS
-    problem = _openmp_problem()
-    if problem:
-        _log.warning("nthr_kernels: the C++ compiler cannot build OpenMP code (%s); building without OpenMP", problem)
-        flags = _CFLAGS
     try:
-        load(name=_NAME, sources=[str(src / f) for f in _SOURCES], extra_cflags=list(flags),
-             extra_include_paths=[str(src)], build_directory=str(tmp), is_python_module=False, verbose=verbose)
+        copy = tmp / "csrc"
+        copy.mkdir()
+        for f in _SOURCES + _HEADERS:
+            shutil.copyfile(src / f, copy / f)
+        if build_dir(copy, root, flags) != out:
+            raise RuntimeError(f"the C++ sources in {src} changed while the build started; build again")
+        load(name=_NAME, sources=[str(copy / f) for f in _SOURCES], extra_cflags=list(flags),
+             extra_include_paths=[str(copy)], build_directory=str(tmp), is_python_module=False, verbose=verbose)
         _write_record(tmp, _sha256(tmp / f"{_NAME}.so"))
         os.rename(tmp, out)
     except BaseException:
@@ -408,20 +426,48 @@ def build(verbose: bool = False) -> str:
     if lib is None:
         fd = _lock(root / (out.name + ".lock"))
         try:
-            lib = _verified_library(out)
+            lib = _verified_or_discarded(out)
+            flags = _FLAGS
+            if lib is None and (problem := _openmp_problem()):  # such a build has a key of its own
+                _log.warning("nthr_kernels: the C++ compiler cannot build OpenMP code (%s); building without "
+                             "OpenMP", problem)
+                flags = _CFLAGS
+                out = build_dir(src, root, flags)
+                lib = _verified_or_discarded(out)
             if lib is None:
-                if os.path.lexists(out):
-                    _log.warning("nthr_kernels: the cached native library in %s is incomplete or does not match "
-                                 "its recorded sha256; rebuilding it", out)
-                    _discard(out)
-                lib = _compile(src, root, out, verbose)
+                lib = _compile(src, root, out, flags, verbose)
                 _prune_stale(root, out)
+                _check_registered(lib)
                 return str(lib)  # loaded by the build
         finally:
             os.close(fd)
-    os.utime(out / _RECORD, follow_symlinks=False)  # last use, for _prune_stale
+    try:
+        os.utime(out / _RECORD, follow_symlinks=False)  # last use, for _prune_stale (bookkeeping only)
+    except OSError as e:  # a read-only cache built ahead of time still serves
+        _log.debug("nthr_kernels: cannot record the last use of %s: %s", out, e)
     torch.ops.load_library(str(lib))
+    _check_registered(lib)
     return str(lib)
+
+
+def _verified_or_discarded(out: Path) -> Optional[Path]:
+    """:func:`_verified_library` of ``out``; an entry there that is not a complete, verified build is moved
+    aside (under the lock), so that it is rebuilt and never loaded."""
+    lib = _verified_library(out)
+    if lib is None and os.path.lexists(out):
+        _log.warning("nthr_kernels: the cached native library in %s is incomplete or does not match its recorded "
+                     "sha256; rebuilding it", out)
+        _discard(out)
+    return lib
+
+
+def _check_registered(lib) -> None:
+    """The loaded library registered the native kernels (a library that does not is not ours)."""
+    missing = [op for op in ("native_advantages", "native_score_tokens", "native_check_values", "native_mm")
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"nthr::{op}", "CPU")]
+    if missing:
+        raise RuntimeError(f"{lib} registered no CPU kernel for nthr::{', nthr::'.join(missing)}: not this "
+                           "library's build")
 
 
 def available() -> bool:
