@@ -36,8 +36,7 @@ class StudySize:
     questions_per_seed: int
 
 
-# the study about 76 s of CPU (benchmarks/results/lld-study.json, "seconds"), the demo a little over 2
-# minutes with its backend table (README); --quick: well under a minute
+# the study's time is recorded in benchmarks/results/lld-study.json ("seconds"); --quick: well under a minute
 FULL_STUDY = StudySize(seeds=(0, 1, 2, 3, 4), questions_per_seed=52)
 QUICK_STUDY = StudySize(seeds=(0, 1), questions_per_seed=8)
 
