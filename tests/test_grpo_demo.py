@@ -197,3 +197,18 @@ def test_thread_count_variable_is_checked(monkeypatch):
         monkeypatch.setenv("NTHR_KERNELS_THREADS", bad)
         with pytest.raises(ValueError, match="^NTHR_KERNELS_THREADS: expected a positive integer"):
             torch_threads()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Written files get 0666 less the umask, as open() would give (they were 0644 whatever the umask), without
+    changing the process's umask on the way (another thread could create a file in that window)."""
+    from nthr_kernels.grpo.files import write_text_atomic
+
+    old = os.umask(0o077)
+    try:
+        assert (write_text_atomic(tmp_path / "a.txt", "x").stat().st_mode & 0o777) == 0o600
+        os.umask(0o022)
+        assert (write_text_atomic(tmp_path / "b.txt", "x").stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temporary left behind
