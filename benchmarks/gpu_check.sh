@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    # CPU self-test: Triton interpreter, tiny shapes
+#   GPU_CONFIGS=qwen1.5b-step,mid-fp16-others bash benchmarks/gpu_check.sh   # a subset of the suite's configs
 #
 # Every step runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
@@ -42,6 +43,8 @@ fi
 PAR=()
 [ ${#SMOKE[@]} -eq 0 ] && "$PY" -c "import xdist" 2>/dev/null && PAR=(-n 8)
 step cuda-tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=8 "${PAR[@]}" tests/test_triton.py
-step suite 240 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" --out "$OUT_DIR"
+SUITE=()
+[ -n "${GPU_CONFIGS:-}" ] && SUITE=(--configs "$GPU_CONFIGS")
+step suite 240 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" "${SUITE[@]}" --out "$OUT_DIR"
 echo "== gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in ${SECONDS}s; results in $OUT_DIR"
 exit $status

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 import sys
+import math
 from pathlib import Path
 
 import pytest
@@ -66,10 +67,12 @@ def test_anchors_and_positive_scores(path, anchor, score_positive):
 
 
 @needs_triton
-def test_anchor_partial_sums_survive_autotuning():
-    """The M pass writes each tile's anchor partial sums into slots of the smallest tile (zeros in the
-    other slots it covers): launches with other tiles before it (what the autotuner does) leave the
-    same sums, bit for bit, and they equal float64 ``<M, N_i>`` and ``<N_i, N_i>``."""
+def test_anchor_sums_do_not_depend_on_the_m_tiles():
+    """The anchor pass: the M kernel writes each positive response's ``N_i`` (a response starting mid-way
+    in a 16-column block of the error buffer, whose other columns hold values that must not leak in), then
+    the anchor kernel sums them into ``M`` and forms ``<M, N_i>`` and ``<N_i, N_i>``. Launches with other
+    tiles into the same buffers first (what the autotuner does) leave no trace: the same bits as a launch
+    into fresh buffers; and every tiling agrees with float64."""
     import triton
 
     from nthr_kernels.ops import triton_kernels as tk
@@ -77,30 +80,36 @@ def test_anchor_partial_sums_survive_autotuning():
     g = torch.Generator().manual_seed(3)
     nv, npos, d, ld = 40, 21, 48, tk.round16(21)
     gp, h = torch.randn(nv * ld, generator=g).to(DEVICE), torch.randn(npos, d, generator=g).to(DEVICE)
-    table = torch.tensor([list(tk.Segment(0, nv, 0, npos, npos, 0, 0, 0, npos, 0, r0=0, nr=2))], device=DEVICE)
-    spans = torch.tensor([[0, 9, 0], [9, 12, nv * d]], device=DEVICE)  # (first row, rows, offset of N_i in the N buffer)
-    (gv, bv_max), (gd, bd_max) = (16, 64), (16, 64)
-    n_slot_d = triton.cdiv(d, bd_max) * (bd_max // gd)
-    n_part = triton.cdiv(nv, bv_max) * (bv_max // gv) * n_slot_d * 2 * 2
+    group = tk.Segment(0, nv, 0, npos, npos, 0, 0, 0, npos, 0, r0=0, nr=2)
+    resp = [tk.Segment(0, nv, 0, npos, 9, 0, 0, 0, 0, 0, col0=0),  # rows 0..8, N_1 at 0
+            tk.Segment(0, nv, 9, npos, 12, 0, nv * d, 0, 0, 0, col0=9)]  # rows 9..20, N_2 at nv * d
+    table, rtable = (torch.tensor([list(r) for r in rows], device=DEVICE) for rows in ([group], resp))
+    row_h = torch.arange(npos, device=DEVICE) * d
+    n_part = triton.cdiv(nv, 16) * triton.cdiv(d, 16) * 2 * 2
 
-    def m_pass(part, bv, bd):
-        tk._KERNELS["m"][(1, triton.cdiv(nv, bv), triton.cdiv(d, bd))](
-            gp, h, torch.arange(npos, device=DEVICE) * d, table, torch.empty(nv * d, device=DEVICE), spans, part,
-            torch.empty(2 * nv * d, device=DEVICE), d, 2, n_slot_d, 1,
-            BV=bv, BD=bd, BU=16, GV=gv, GD=gd, ALIGN=False)
-        return part.view(-1, 2, 2).sum(0)
+    def buffers():  # N buffer, M, partial sums
+        return torch.full((2 * nv * d,), math.nan, device=DEVICE), torch.empty(nv * d, device=DEVICE), torch.zeros(n_part, device=DEVICE)
 
-    tuned = torch.zeros(n_part, device=DEVICE)
-    for bv, bd in ((64, 32), (16, 64), (64, 64), (32, 16)):
-        got = m_pass(tuned, bv, bd)
-    assert torch.equal(got, m_pass(torch.zeros(n_part, device=DEVICE), 32, 16))
-    got, gp, h = got.cpu(), gp.cpu(), h.cpu()
-    e = gp.view(nv, ld)[:, :npos].double()
-    m = e @ h.double()
-    for i, (a, n, _) in enumerate(spans.tolist()):
-        n_i = e[:, a:a + n] @ h[a:a + n].double()
-        want = torch.tensor([(m * n_i).sum(), (n_i * n_i).sum()], dtype=torch.float64)
-        torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-4)
+    def anchor_pass(bufs, bv, bd, bu):
+        nbuf, m, part = bufs
+        tk._KERNELS["m"][(2 * triton.cdiv(nv, bv) * triton.cdiv(d, bd),)](
+            gp, h, row_h, rtable, nbuf, d, nv, 1, BV=bv, BD=bd, BU=bu, ALIGN=False)
+        tk._KERNELS["anchor"][(triton.cdiv(nv, 16) * triton.cdiv(d, 16),)](
+            nbuf, table, rtable, m, part, d, nv, 2, BV=16, BD=16, ALIGN=False)
+        return m.clone(), part.view(-1, 2, 2).sum(0)
+
+    shared = buffers()
+    for tiles in ((64, 32, 16), (32, 64, 32), (16, 16, 64), (16, 16, 16)):
+        m, got = anchor_pass(shared, *tiles)
+        m1, got1 = anchor_pass(buffers(), *tiles)
+        assert torch.equal(m, m1) and torch.equal(got, got1), tiles
+        e = gp.view(nv, ld)[:, :npos].double().cpu()
+        m64 = e @ h.double().cpu()
+        torch.testing.assert_close(m.double().cpu().view(nv, d), m64, rtol=1e-5, atol=1e-4)
+        for i, (a, n) in enumerate(((0, 9), (9, 12))):
+            n_i = e[:, a:a + n] @ h[a:a + n].double().cpu()
+            want = torch.tensor([(m64 * n_i).sum(), (n_i * n_i).sum()], dtype=torch.float64)
+            torch.testing.assert_close(got[i].double().cpu(), want, rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------

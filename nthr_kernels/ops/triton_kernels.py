@@ -61,6 +61,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..core.rules import interpreting
 
@@ -80,18 +81,21 @@ class Segment(NamedTuple):
     vs0: int  # first entry of the segment's V* in VS
     nv: int  # |V*|
     row0: int  # first token of the error rows (the buffer's rows, and the rows of M)
-    nerr: int  # error rows; the buffer is [nv, roundup16(nerr)], transposed
+    nerr: int  # error rows (of the group); the buffer is [nv, roundup16(nerr)], transposed
     npos: int  # positive rows: the first npos error rows (rows of M, partners of the pairwise sum)
     gp: int  # offset of the segment's error buffer in GP (a multiple of 16)
-    m: int  # offset of the segment's M [nv, D] in M
+    m: int  # offset of the segment's M [nv, D] in M (a response's segment: of its N_i in the float32 N buffer)
     sc0: int  # first scored token
     nsc: int  # scored tokens
     group: int  # batch group: row of THR (tau, eta)
-    r0: int = 0  # first of the segment's positive responses in SPANS (anchors from the M pass)
+    r0: int = 0  # first of the group's positive responses in the response table (the anchor pass)
     nr: int = 0  # its positive responses
+    col0: int = 0  # the buffer column of row0 (0 for a group)
+# A positive response's segment (the anchor pass: its N_i by the M kernel) is its group's row with
+# row0 = its first token, npos = its tokens, col0 = row0 - the group's row0, and m = the offset of its N_i.
 
 
-SEG_VS0, SEG_NV, SEG_ROW0, SEG_NERR, SEG_NPOS, SEG_GP, SEG_M, SEG_SC0, SEG_NSC, SEG_GROUP, SEG_R0, SEG_NR = (
+SEG_VS0, SEG_NV, SEG_ROW0, SEG_NERR, SEG_NPOS, SEG_GP, SEG_M, SEG_SC0, SEG_NSC, SEG_GROUP, SEG_R0, SEG_NR, SEG_COL0 = (
     tl.constexpr(i) for i in range(len(Segment._fields)))
 SEG_WIDTH = tl.constexpr(len(Segment._fields))
 
@@ -108,6 +112,15 @@ def _seg(SEG, i_s, FIELD: tl.constexpr):
 @triton.jit
 def _round16(n):
     return tl.multiple_of((n + 15) // 16 * 16, 16)
+
+
+@triton.jit
+def _tile(n_a, n_b):
+    """``(segment, a, b)`` of this program in a 1D grid of ``n_seg * n_a * n_b`` programs, ``b`` fastest and
+    the segment slowest: programs that run at the same time share a segment's operands in L2 (a segment-fastest
+    order interleaves every segment of the launch and evicts them). 1D, so no grid-dimension limit applies."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // (n_a * n_b), pid // n_b % n_a, pid % n_b
 
 
 @triton.jit
@@ -146,9 +159,21 @@ def _rows(ROW, o_t, m_t, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _scale(b_z, inv_t):
+    """``z * (1/T)`` rounded to float32 before any later use: the compiler would fuse the product into an FMA
+    with the subtraction that follows (no rounding in between), and ``log Z`` computed outside the kernels
+    (torch, from logits) rounds it, so a certain token (one-token vocabulary) would get an error of 1e-8,
+    not 0. The interpreter (numpy) never fuses."""
+    if _INTERPRET:
+        return b_z * inv_t
+    else:
+        return libdevice.mul_rn(b_z, inv_t)
+
+
+@triton.jit
 def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t):
     """Prediction errors ``1[v == y_t] - exp(z / T - log Z_t)`` of a ``[BT, BV]`` logits tile (0 where masked)."""
-    b_g = (b_id[:, None] == b_vid[None, :]).to(tl.float32) - tl.exp(b_z * inv_t - b_logz[:, None])
+    b_g = (b_id[:, None] == b_vid[None, :]).to(tl.float32) - tl.exp(_scale(b_z, inv_t) - b_logz[:, None])
     return tl.where(m_tv, b_g, 0.0)
 
 
@@ -233,7 +258,7 @@ def _err_kernel(
     # data pointers
     H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, GP,
     # shapes
-    D,
+    D, max_rows, max_nv,
     # strides
     h_sd, w_sv, w_sd, lg_sv,
     # constants
@@ -242,7 +267,7 @@ def _err_kernel(
 ):
     """Prediction errors of a segment's error rows on its ``V*``, stored transposed in the segment's
     buffer (``[|V*|, ld]``, ``ld`` = rows rounded up to 16) for the M GEMM and the pairwise kernel."""
-    i_s, i_t, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_s, i_t, i_v = _tile(tl.cdiv(max_rows, BT), tl.cdiv(max_nv, BV))  # V* tiles of a row block share its H rows
     n_err = _seg(SEG, i_s, SEG_NERR)
     n_v = _seg(SEG, i_s, SEG_NV)
     if (i_t * BT < n_err) & (i_v * BV < n_v):
@@ -264,94 +289,94 @@ def _err_kernel(
         b_id = tl.load(IDS + o_t, mask=m_r, other=-1)
         b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t)  # [BT, BV]
         o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
-        tl.store(GP + o_gp + o_v[None, :] * ld + o_r[:, None], b_g.to(GP.dtype.element_ty), mask=m_tv)
+        # the columns past the error rows up to ld get zeros (b_g is 0 there): the M kernel reads whole rows
+        tl.store(GP + o_gp + o_v[None, :] * ld + o_r[:, None], b_g.to(GP.dtype.element_ty), mask=(o_r < ld)[:, None] & m_v[None, :])
 
 
-@triton.jit
-def _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, u0, n_u, o_d, m_d, h_sd,
-             BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr):
-    """``[BV, BD]`` tile of ``G^T H`` over the error rows ``u0 .. u0 + n_u`` of a segment: the transposed
-    errors ``[|V*|, ld]`` from its buffer times the same tokens' rows of ``H`` (float32 accumulation)."""
-    b_acc = tl.zeros([BV, BD], dtype=tl.float32)
-    for k0 in range(0, n_u, BU):
-        o_u = u0 + k0 + tl.arange(0, BU).to(tl.int64)  # [BU] error rows
-        m_u = k0 + tl.arange(0, BU) < n_u
-        b_g = tl.load(GP + o_gp + o_v[:, None] * ld + o_u[None, :], mask=m_v[:, None] & m_u[None, :], other=0.0)  # [BV, BU]
-        o_h = _rows(ROW_H, row0 + o_u, m_u, ALIGN)
-        b_h = tl.load(H + o_h[:, None] + o_d[None, :] * h_sd, mask=m_u[:, None] & m_d[None, :], other=0.0)  # [BU, BD]
-        b_acc += _dot(b_g, b_h)
-    return b_acc
-
-
-@triton.heuristics({"ANCHORS": lambda args: args["PART"] is not None})
 @triton.jit
 def _m_kernel(
     # data pointers
-    GP, H, ROW_H, SEG, M, SPANS, PART, NBUF,
+    GP, H, ROW_H, SEG, M,
     # shapes
-    D, n_resp, n_slot_d,
+    D, max_nv,
     # strides
     h_sd,
     # constants
-    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, GV: tl.constexpr, GD: tl.constexpr,
-    ALIGN: tl.constexpr, ANCHORS: tl.constexpr,
+    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """``M = G+^T H+`` per segment: an NN GEMM of the transposed errors of its first ``npos`` rows
-    ``[|V*|, ld]`` and the same rows of ``H`` (float32 accumulation).
+    """``G^T H`` per segment, ``[|V*|, D]`` at offset ``m`` of ``M`` (float32 accumulation): an NN GEMM of
+    the transposed errors ``[|V*|, ld]`` in the segment's buffer and the same tokens' rows of ``H``, over
+    the segment's ``npos`` rows from ``row0``, which sit in buffer columns ``col0 ..`` (a group: ``M``
+    from its positive rows, ``col0 = 0``; a positive response: its ``N_i``, ``col0`` its first row's column).
 
-    ANCHORS: the positive responses of the segment (rows ``(first token, tokens, N offset)`` of ``SPANS``,
-    columns ``r0``, ``nr`` of the table; their spans tile the ``npos`` rows) give ``N_i = G_i^T H_i`` tile
-    by tile, ``M = sum_i N_i`` (one GEMM pass over the positive rows), and ``<M, N_i>``, ``<N_i, N_i>``
-    (docs/NTHR.md: the sum of response i's scores and its own part of it), so no positive token needs a
-    score of its own. The ``N_i`` tiles go to ``NBUF`` (float32, ``[|V*|, D]`` per response at its offset)
-    and are read back by the same program after a barrier, for the products with the finished ``M``
-    tile. The partial sums of a tile go to ``PART [slots_v, n_slot_d, n_resp, 2]``, slots of the smallest
-    tile any launch may use (``GV x GD``): the tile's first slot gets them, the other slots it covers get
-    zeros, so a launch leaves the same sum whatever tiles earlier (autotuning) launches used.
+    The K-loop starts at the column rounded down to 16, so every load of the buffer is aligned and masked
+    only by the row end ``ld`` (a multiple of 16; the error kernel zeroes the columns past the error rows):
+    the loads vectorise. Columns outside the segment's rows meet masked (zero) rows of ``H``.
     """
-    i_s, i_v, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    i_s, i_v, i_d = _tile(tl.cdiv(max_nv, BV), tl.cdiv(D, BD))  # the D tiles of a V* block share its error rows
     n_v = _seg(SEG, i_s, SEG_NV)
     if i_v * BV < n_v:
         ld = _round16(_seg(SEG, i_s, SEG_NERR))
         row0 = _seg(SEG, i_s, SEG_ROW0)
+        c0 = _seg(SEG, i_s, SEG_COL0)
+        n_u = _seg(SEG, i_s, SEG_NPOS)
+        c_lo = tl.multiple_of(c0 // 16 * 16, 16)
         o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
         o_v = i_v * BV + tl.arange(0, BV).to(tl.int64)  # [BV]
         m_v = o_v < n_v
         o_d = i_d * BD + tl.arange(0, BD).to(tl.int64)  # [BD]
         m_d = o_d < D
-        m_vd = m_v[:, None] & m_d[None, :]
-        o_vd = o_v[:, None] * D + o_d[None, :]  # [BV, BD] offsets in a [|V*|, D] matrix
+        b_acc = tl.zeros([BV, BD], dtype=tl.float32)
+        for k0 in range(0, c0 - c_lo + n_u, BU):
+            o_c = c_lo + k0 + tl.arange(0, BU).to(tl.int64)  # [BU] buffer columns
+            m_u = (o_c >= c0) & (o_c < c0 + n_u)  # the segment's rows
+            b_g = tl.load(GP + o_gp + o_v[:, None] * ld + o_c[None, :], mask=m_v[:, None] & (o_c < ld)[None, :], other=0.0)  # [BV, BU]
+            o_h = _rows(ROW_H, row0 + (o_c - c0), m_u, ALIGN)
+            b_h = tl.load(H + o_h[:, None] + o_d[None, :] * h_sd, mask=m_u[:, None] & m_d[None, :], other=0.0)  # [BU, BD]
+            b_acc += _dot(b_g, b_h)
         o_m = _seg(SEG, i_s, SEG_M)
         if ALIGN:
             o_m = tl.multiple_of(o_m, 16)
-        if ANCHORS:
-            r0 = _seg(SEG, i_s, SEG_R0)
-            r1 = r0 + _seg(SEG, i_s, SEG_NR)
-            b_m = tl.zeros([BV, BD], dtype=tl.float32)
-            for i_r in range(r0, r1):
-                b_n = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, tl.load(SPANS + 3 * i_r) - row0,
-                               tl.load(SPANS + 3 * i_r + 1), o_d, m_d, h_sd, BV, BD, BU, ALIGN)  # [BV, BD]
-                b_m += b_n
-                tl.store(NBUF + tl.load(SPANS + 3 * i_r + 2) + o_vd, b_n, mask=m_vd)
-            tl.store(M + o_m + o_vd, b_m.to(M.dtype.element_ty), mask=m_vd)
-            tl.debug_barrier()  # this program's N_i tiles, written by all its threads, are visible to all
-            for i_r in range(r0, r1):
-                b_n = tl.load(NBUF + tl.load(SPANS + 3 * i_r + 2) + o_vd, mask=m_vd, other=0.0)
-                mn = tl.sum(tl.sum(b_m * b_n, axis=1), axis=0)
-                nn = tl.sum(tl.sum(b_n * b_n, axis=1), axis=0)
-                for j in tl.static_range(BV // GV):
-                    for k in tl.static_range(BD // GD):
-                        o_part = (((i_v * (BV // GV) + j) * n_slot_d + i_d * (BD // GD) + k) * n_resp + i_r) * 2
-                        if j == 0 and k == 0:
-                            tl.store(PART + o_part, mn)
-                            tl.store(PART + o_part + 1, nn)
-                        else:
-                            tl.store(PART + o_part, 0.0)
-                            tl.store(PART + o_part + 1, 0.0)
-        else:
-            b_m = _gh_tile(GP, o_gp, ld, o_v, m_v, H, ROW_H, row0, 0, _seg(SEG, i_s, SEG_NPOS), o_d, m_d, h_sd,
-                           BV, BD, BU, ALIGN)  # [BV, BD]
-            tl.store(M + o_m + o_vd, b_m.to(M.dtype.element_ty), mask=m_vd)
+        tl.store(M + o_m + o_v[:, None] * D + o_d[None, :], b_acc.to(M.dtype.element_ty), mask=m_v[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _anchor_kernel(
+    # data pointers
+    NBUF, SEG, RSEG, M, PART,
+    # shapes
+    D, max_nv, n_resp,
+    # constants
+    BV: tl.constexpr, BD: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """The anchor pass of a group (segment of ``SEG``): ``M = sum_i N_i`` over its positive responses (rows
+    ``r0 .. r0 + nr`` of ``RSEG``, whose ``N_i`` the M kernel wrote in float32 at offset ``m`` of ``NBUF``),
+    in response order, stored in ``M``'s dtype; then per response the tile's parts of ``<M, N_i>`` (the sum of
+    the response's scores, docs/NTHR.md) and ``<N_i, N_i>`` (its own part, removed for ``anchor="others"``),
+    with the float32 ``M``, into ``PART [tiles_v, tiles_d, n_resp, 2]`` (one slot per tile and response: the
+    caller sums them in a fixed order)."""
+    n_tv, n_td = tl.cdiv(max_nv, BV), tl.cdiv(D, BD)
+    i_s, i_v, i_d = _tile(n_tv, n_td)
+    n_v = _seg(SEG, i_s, SEG_NV)
+    if i_v * BV < n_v:
+        o_v = i_v * BV + tl.arange(0, BV).to(tl.int64)  # [BV]
+        o_d = i_d * BD + tl.arange(0, BD).to(tl.int64)  # [BD]
+        m_vd = (o_v < n_v)[:, None] & (o_d < D)[None, :]
+        o_vd = o_v[:, None] * D + o_d[None, :]  # [BV, BD] offsets in a [|V*|, D] matrix
+        r0 = _seg(SEG, i_s, SEG_R0)
+        r1 = r0 + _seg(SEG, i_s, SEG_NR)
+        b_m = tl.zeros([BV, BD], dtype=tl.float32)
+        for i_r in range(r0, r1):
+            b_m += tl.load(NBUF + _seg(RSEG, i_r, SEG_M) + o_vd, mask=m_vd, other=0.0)
+        o_m = _seg(SEG, i_s, SEG_M)
+        if ALIGN:
+            o_m = tl.multiple_of(o_m, 16)
+        tl.store(M + o_m + o_vd, b_m.to(M.dtype.element_ty), mask=m_vd)
+        for i_r in range(r0, r1):
+            b_n = tl.load(NBUF + _seg(RSEG, i_r, SEG_M) + o_vd, mask=m_vd, other=0.0)
+            o_part = ((i_v * n_td + i_d) * n_resp + i_r) * 2
+            tl.store(PART + o_part, tl.sum(tl.sum(b_m * b_n, axis=1), axis=0))
+            tl.store(PART + o_part + 1, tl.sum(tl.sum(b_n * b_n, axis=1), axis=0))
 
 
 @triton.heuristics({
@@ -365,7 +390,7 @@ def _score_kernel(
     # data pointers
     H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, M, GP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
     # shapes
-    D,
+    D, max_sc,
     # strides
     h_sd, w_sv, w_sd, lg_sv,
     # constants
@@ -381,7 +406,7 @@ def _score_kernel(
     then error rows of the segment), which saves recomputing the logits of positive tokens.
     FUSE_SELECT applies the threshold and the rescale of the advantages too.
     """
-    i_s, i_t = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_s, _, i_t = _tile(1, tl.cdiv(max_sc, BT))  # a segment's token blocks together: they share its M / errors
     n_sc = _seg(SEG, i_s, SEG_NSC)
     if i_t * BT < n_sc:
         o_t = _seg(SEG, i_s, SEG_SC0) + i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT] tokens
@@ -443,7 +468,7 @@ def _seg_pair_kernel(
     # data pointers
     H, ROW_H, GP, SEG, RESP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
     # shapes
-    D,
+    D, max_sc,
     # strides
     h_sd,
     # constants
@@ -456,7 +481,7 @@ def _seg_pair_kernel(
     The group's errors (every token, positive first) were written transposed, ``[|V*|, ld]``, by the
     error kernel. SELF_ONLY keeps only pairs of the same response (``RESP``: response per token), the
     own contribution that ``anchor="others"`` removes."""
-    i_s, i_t = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_s, _, i_t = _tile(1, tl.cdiv(max_sc, BT))  # a segment's token blocks together: they share its M / errors
     n_sc = _seg(SEG, i_s, SEG_NSC)
     if i_t * BT < n_sc:
         o_t = _seg(SEG, i_s, SEG_SC0) + i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT] tokens
@@ -547,6 +572,7 @@ _TUNE_16 = {
     "score": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]),
     "err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
+    "anchor": (("BV", "BD"), [(32, 128, 4, 2)]),  # bandwidth-bound (float32 N_i read twice): one fixed tile
     "lse": (("BT", "BV", "BK"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]),
     "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]),
@@ -556,23 +582,25 @@ _TUNE_32 = {
     "score": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "err": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
+    "anchor": (("BV", "BD"), [(32, 128, 4, 2)]),
     "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2)]),
     "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
 }
-_KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "lse": _lse_kernel, "pair": _pair_kernel,
-            "seg_pair": _seg_pair_kernel}
+_KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "anchor": _anchor_kernel,
+            "lse": _lse_kernel, "pair": _pair_kernel, "seg_pair": _seg_pair_kernel}
 _KEYS = {
     "zy": ["D"],
     "score": ["D", "FROM_LOGITS", "FROM_BUFFER", "FUSE_SELECT", "M_F32"],
     "err": ["D", "FROM_LOGITS"],
     "m": ["D"],
+    "anchor": ["D"],
     "lse": ["D", "V"],
     "pair": ["V", "D"],
     "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
 # Fixed blocks under the interpreter.
-_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
+_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
 _SMALL_DEFAULT = dict(BT=16, BV=16, BK=16)
 _tuned_cache: dict = {}
 
@@ -669,39 +697,46 @@ class Kernels:
         max_nv, max_rows = seg.max("nv"), seg.max("nerr")
         if max_nv and max_rows:
             launch(
-                "err", lambda meta: (len(seg.rows), triton.cdiv(max_rows, meta["BT"]), triton.cdiv(max_nv, meta["BV"])),
+                "err", lambda meta: (len(seg.rows) * triton.cdiv(max_rows, meta["BT"]) * triton.cdiv(max_nv, meta["BV"]),),
                 self.wd, self.h, self.row_h, self.w, self.lg, self.row_lg, self.ids, self.log_z, self.vs, seg.table, gp,
-                self.d, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
+                self.d, max_rows, max_nv, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
             )
         return gp
 
-    def build_m(self, seg: Segments, gp: torch.Tensor, spans: Optional[torch.Tensor] = None):
+    def build_m(self, seg: Segments, gp: torch.Tensor, resp: Optional[Segments] = None):
         """``M_k = G+_k^T H+_k`` per segment from the error buffer ``gp`` (``M`` in ``self.md``, at offsets ``m``).
 
-        ``spans`` (int64 ``[n_resp, 3]``: first token, tokens, offset in the float32 ``N`` buffer of each
-        positive response, whose ``|V*| * d`` elements it holds; the segments' ``r0``/``nr`` point into it):
-        also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per response. Returns
-        ``(m, anchors or None)``.
+        ``resp``: the segments of the positive responses (see :class:`Segment`; the groups' ``r0``/``nr``
+        point into it): ``M`` is then ``sum_i N_i`` over them, ``N_i = G_i^T H_i`` (float32, by the M
+        kernel), and the call also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per response
+        (:func:`_anchor_kernel`). Returns ``(m, anchors or None)``.
         """
         max_nv = seg.max("nv")
         m = torch.empty(max(sum(r.nv for r in seg.rows) * self.d, 1), dtype=self.md, device=self.dev)
-        n_resp = spans.shape[0] if spans is not None else 0
-        nbuf = torch.empty(max(sum(r.nr * r.nv for r in seg.rows) * self.d, 1), dtype=torch.float32,
-                           device=self.dev) if spans is not None else None
-        # partial sums per response in slots of the smallest tile (g) over the area the largest covers
-        (gv, bv), (gd, bd) = block_range("m", self.wd, "BV"), block_range("m", self.wd, "BD")
-        n_slot_d = triton.cdiv(self.d, bd) * (bd // gd)
-        part = torch.zeros(triton.cdiv(max_nv, bv) * (bv // gv) * n_slot_d * n_resp * 2, dtype=torch.float32,
-                           device=self.dev) if spans is not None else None
+        if not max_nv:
+            return m, None if resp is None else torch.zeros(len(resp.rows), 2, dtype=torch.float32, device=self.dev)
+        if resp is None:
+            self._gemm(seg, gp, m)
+            return m, None
+        n_resp = len(resp.rows)
+        nbuf = torch.empty(max(sum(r.nv for r in resp.rows) * self.d, 1), dtype=torch.float32, device=self.dev)
+        self._gemm(resp, gp, nbuf)
+        (bv, _), (bd, _) = block_range("anchor", self.wd, "BV"), block_range("anchor", self.wd, "BD")
+        part = torch.zeros(triton.cdiv(max_nv, bv) * triton.cdiv(self.d, bd) * n_resp * 2, dtype=torch.float32, device=self.dev)
+        launch(
+            "anchor", lambda meta: (len(seg.rows) * triton.cdiv(max_nv, meta["BV"]) * triton.cdiv(self.d, meta["BD"]),),
+            self.wd, nbuf, seg.table, resp.table, m, part, self.d, max_nv, n_resp, ALIGN=self.align,
+        )
+        return m, part.view(-1, n_resp, 2).sum(0)
+
+    def _gemm(self, seg: Segments, gp: torch.Tensor, out: torch.Tensor) -> None:
+        """The M kernel over ``seg``: ``G^T H`` of each segment's rows into ``out`` at its offset ``m``."""
+        max_nv = seg.max("nv")
         if max_nv:
             launch(
-                "m", lambda meta: (len(seg.rows), triton.cdiv(max_nv, meta["BV"]), triton.cdiv(self.d, meta["BD"])),
-                self.wd, gp, self.h, self.row_h, seg.table, m, spans, part, nbuf, self.d, n_resp, n_slot_d, self.h.stride(-1),
-                GV=gv, GD=gd, ALIGN=self.align,
+                "m", lambda meta: (len(seg.rows) * triton.cdiv(max_nv, meta["BV"]) * triton.cdiv(self.d, meta["BD"]),),
+                self.wd, gp, self.h, self.row_h, seg.table, out, self.d, max_nv, self.h.stride(-1), ALIGN=self.align,
             )
-        if part is None:
-            return m, None
-        return m, part.view(-1, n_resp, 2).sum(0) if n_resp else part.new_zeros(0, 2)
 
     def scores(self, seg: Segments, m: torch.Tensor, out: torch.Tensor, gp=None, select=None):
         """Score kernel over the segments' scored tokens into ``out``: errors from ``gp`` (the buffer
@@ -713,9 +748,9 @@ class Kernels:
         thr, adv, out_adv, out_sel = select if select is not None else (None, None, None, None)
         src = (None, None, None, None, None) if gp is not None else (self.w, self.lg, self.row_lg, self.ids, self.log_z)
         launch(
-            "score", lambda meta: (len(seg.rows), triton.cdiv(max_sc, meta["BT"])),
+            "score", lambda meta: (len(seg.rows) * triton.cdiv(max_sc, meta["BT"]),),
             self.wd, self.h, self.row_h, *src, self.vs if gp is None else None, seg.table, m, gp, thr, adv, out, out_adv,
-            out_sel, self.d, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
+            out_sel, self.d, max_sc, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
         )
 
     def pair_scores(self, seg: Segments, gp: torch.Tensor, out: torch.Tensor, resp=None, select=None):
@@ -727,7 +762,7 @@ class Kernels:
             return
         thr, adv, out_adv, out_sel = select if select is not None else (None, None, None, None)
         launch(
-            "seg_pair", lambda meta: (len(seg.rows), triton.cdiv(max_sc, meta["BT"])),
-            self.wd, self.h, self.row_h, gp, seg.table, resp, thr, adv, out, out_adv, out_sel, self.d, self.h.stride(-1),
+            "seg_pair", lambda meta: (len(seg.rows) * triton.cdiv(max_sc, meta["BT"]),),
+            self.wd, self.h, self.row_h, gp, seg.table, resp, thr, adv, out, out_adv, out_sel, self.d, max_sc, self.h.stride(-1),
             ALIGN=self.align,
         )

@@ -162,8 +162,9 @@ class _Chunk(NamedTuple):
     kind: str  # "factored" or "pairwise"
     pos: list  # [Segment]: error rows (positive tokens; every token for pairwise), scored: positive tokens
     neg: list  # [Segment]: scored: negative tokens
+    resp: list  # [Segment]: factored: each positive response's rows, for its N_i (Segment's note)
     groups: list  # batch group indices
-    spans: tuple  # (first token, tokens, batch group, N buffer offset) lists of the chunk's positive responses
+    spans: tuple  # (first token, tokens, batch group) lists of the chunk's positive responses
 
 
 def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, budget: int) -> list:
@@ -182,7 +183,7 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
         else:
             need = [g.nv * round16(g.n) * elem for g in gs]
         for c0, c1 in _chunks(need, budget):
-            pos, neg, spans = [], [], ([], [], [], [])
+            pos, neg, resp, spans = [], [], [], ([], [], [])
             gp = m = nb = 0
             for i in ids[c0:c1]:
                 g = plan.groups[i]
@@ -192,15 +193,16 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
                 r0, nr = len(spans[0]), len(by_group[i])
                 pos.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start, g.npos, g.batch, r0, nr))
                 neg.append(Segment(g.vs0, g.nv, g.start, nerr, g.npos, gp, m, g.start + g.npos, g.n - g.npos, g.batch))
-                gp += g.nv * round16(nerr)
-                m += g.nv * d if kind == "factored" else 0
                 for r in by_group[i]:
                     spans[0].append(r.start)
                     spans[1].append(r.n)
                     spans[2].append(g.batch)
-                    spans[3].append(nb)
-                    nb += g.nv * d if kind == "factored" else 0
-            chunks.append(_Chunk(kind, pos, neg, [plan.groups[i].batch for i in ids[c0:c1]], spans))
+                    if kind == "factored":
+                        resp.append(Segment(g.vs0, g.nv, r.start, nerr, r.n, gp, nb, 0, 0, g.batch, col0=r.start - g.start))
+                        nb += g.nv * d
+                gp += g.nv * round16(nerr)
+                m += g.nv * d if kind == "factored" else 0
+            chunks.append(_Chunk(kind, pos, neg, resp, [plan.groups[i].batch for i in ids[c0:c1]], spans))
     return chunks
 
 
@@ -262,19 +264,19 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     m_elem = torch.empty(0, dtype=m_dtype(wd)).element_size()
     chunks = _plan_chunks(plan, paths, k.d, elem, m_elem, budget or SCRATCH_BYTES)
     staging = _Staging()
-    parts = [(staging.segments(c.pos), staging.segments(c.neg), staging.put(c.groups),
-              staging.put([x for r in zip(c.spans[0], c.spans[1], c.spans[3]) for x in r]), staging.put(c.spans[2]))
+    parts = [(staging.segments(c.pos), staging.segments(c.neg), staging.segments(c.resp), staging.put(c.groups),
+              staging.put([x for r in zip(c.spans[0], c.spans[1]) for x in r]), staging.put(c.spans[2]))
              for c in chunks]
     dev_parts = staging.upload(dev)
     table = lambda i, rows: Segments(dev_parts[i].view(-1, int(SEG_WIDTH)), rows)  # noqa: E731
 
-    for c, (i_pos, i_neg, i_groups, i_spans, i_grp) in zip(chunks, parts):
+    for c, (i_pos, i_neg, i_resp, i_groups, i_spans, i_grp) in zip(chunks, parts):
         pos, neg = table(i_pos, c.pos), table(i_neg, c.neg)
-        spans = dev_parts[i_spans].view(-1, 3)  # positive responses: (first token, tokens, N buffer offset)
+        spans = dev_parts[i_spans].view(-1, 2)  # positive responses: (first token, tokens)
         gp = k.errors(pos)
         if c.kind == "factored":
             # anchors from the M pass: response i's score sum is <M, N_i>, its own part <N_i, N_i>
-            m, sums = k.build_m(pos, gp, spans=spans)
+            m, sums = k.build_m(pos, gp, resp=table(i_resp, c.resp))
             sums = sums[:, 0] - sums[:, 1] if others else sums[:, 0]
             if batch.opts.score_positive:  # errors read back from the buffer the M pass used
                 k.scores(pos, m, scores_o, gp=gp)
