@@ -10,12 +10,13 @@ plans the chunks and calls the launchers of :class:`Kernels`):
 2. :func:`_err_kernel`: prediction errors ``g = onehot - exp(z / T - log Z)`` of a segment's error rows
    on its ``V*`` (``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of ``W``, or gathered from
    logits), written in the input dtype, transposed, to a scratch buffer ``[|V*|, roundup16(rows)]``.
-3. :func:`_m_kernel`: ``M = G+^T H+`` per segment (``[|V*|, d]``, float32 accumulation), a varlen
-   grouped GEMM over the transposed error buffer. With the tile of ``M`` still in registers it forms
-   each positive response's ``N_i = G_i^T H_i`` tile and writes the partial sums of ``<M, N_i>`` (the
-   sum of the response's scores, so its anchor is that over ``|y_i|``) and ``<N_i, N_i>`` (its own part,
-   removed for ``anchor="others"``): positive tokens need no score of their own, and ``tau`` follows on
-   the device.
+3. :func:`_m_kernel`: ``G^T H`` per segment (``[|V*|, d]``, float32 accumulation), a varlen grouped
+   GEMM over the transposed error buffer; its segments are the positive responses, so it writes each
+   one's ``N_i = G_i^T H_i`` (float32). :func:`_anchor_kernel` then sums a group's ``N_i`` in order into
+   ``M`` and forms the partial sums of ``<M, N_i>`` (the sum of the response's scores, so its anchor is
+   that over ``|y_i|``) and ``<N_i, N_i>`` (its own part, removed for ``anchor="others"``): positive
+   tokens need no score of their own, and ``tau`` follows on the device. (``score_tokens`` runs the M
+   kernel on its one group for ``M`` directly.)
 4. :func:`_score_kernel`: for a block of tokens, loop over ``V*`` tiles; one K-loop over ``d`` forms
    both ``z = h W*^T`` and ``q = h M^T`` and accumulates ``s_t += sum_v g_t[v] q_t[v]``, so
    ``s_t = g_t^T M h_t`` without storing ``g`` or ``G M``. It scores the negative tokens and, in the
@@ -38,16 +39,17 @@ Segments: the groups (or responses) a launch works on are rows of one int64 tabl
 ``[n_seg, SEG_WIDTH]`` (:class:`Segment`, columns ``SEG_*``): where the segment's ``V*``, error rows,
 scratch and scored tokens are. Optional inputs arrive as ``None`` and become compile-time flags
 (``@triton.heuristics``): ``LG`` (z from logits), ``GP`` in the score kernel (errors from the buffer),
-``THR`` (threshold and rescale fused), ``RESP`` (pairwise: only pairs within a response), ``PART`` (the
-M pass writes the anchors' partial sums).
+``THR`` (threshold and rescale fused), ``RESP`` (pairwise: only pairs within a response). Grids are 1D
+with the segment slowest (:func:`_tile`), so the programs in flight share one segment's operands in L2.
 
 Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements; bf16 for bf16 inputs,
 float32 otherwise, since fp16 lacks the range) plus the transposed positive-error buffer
-(``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype), bounded together by
+(``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype) plus each positive response's ``N_i``
+(``|V*_g| d`` float32 elements), bounded together by
 ``SCRATCH_BYTES`` (groups are processed in chunks that fit; a group larger than the bound on its own is
 processed alone); a pairwise group holds its error buffer for all its tokens, ``|V*_g| *
 roundup16(T_g)`` elements, within the same bound. The anchors' partial sums take 8 bytes per tile of
-``M`` and positive response. Plus ``O(N)`` per-token vectors, within ``TOKEN_BYTES`` (512) per completion
+the anchor kernel and positive response. Plus ``O(N)`` per-token vectors, within ``TOKEN_BYTES`` (512) per completion
 token (validation included; ``benchmarks/gpu_suite.py`` measures the peak of one call against
 ``SCRATCH_BYTES + TOKEN_BYTES * N``). No ``[N, |V|]`` or ``[N, N]`` tensor is formed.
 
