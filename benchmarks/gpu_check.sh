@@ -2,8 +2,9 @@
 # The GPU check (issue 12) in one run, well under 10 minutes on one H100/H200: install the checkout, run
 # the CUDA tests (tests/test_triton.py: every GPU path against float64, ops layer, torch.compile, host
 # syncs), then the GPU suite (correctness against float64; timings of triton with the naive and torch
-# baselines and the model in the same process; host syncs; the kernel profile). JSON, Markdown and the
-# log go to one folder: $OUT when set, else benchmarks/results/.
+# baselines and the model in the same process; host syncs; the kernel profile), then the stage table of
+# benchmarks/gpu_stages.py (each stage of one chunk against its floor; the host side). JSON, Markdown and
+# the logs go to one folder: $OUT when set, else benchmarks/results/.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    # CPU self-test: Triton interpreter, tiny shapes
@@ -46,5 +47,6 @@ step cuda-tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=8 "${PAR[
 SUITE=()
 [ -n "${GPU_CONFIGS:-}" ] && SUITE=(--configs "$GPU_CONFIGS")
 step suite 240 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" "${SUITE[@]}" --out "$OUT_DIR"
+step stages 120 "$PY" benchmarks/gpu_stages.py "${SMOKE[@]}" --out "$OUT_DIR"
 echo "== gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in ${SECONDS}s; results in $OUT_DIR"
 exit $status

@@ -262,6 +262,9 @@ def compile_check(arch: int, quick: bool, all_configs: bool, log) -> dict:
                     batch = validated_batch(rb, dict(kw, anchor=anchor, score_positive=score_positive))
                     for path in ("factored", "pairwise"):
                         triton_impl.nthr_advantages(batch, path=path)
+                    if batch.lm_head_weight is not None:  # validation's arithmetic (the public call runs it)
+                        for all_rows in (False, True):
+                            triton_impl.value_checks(batch, all_rows, torch.arange(3) if batch.old_logprobs is not None else None)
             if not quick:
                 x = torch.randn(20, 64, dtype=dtype)
                 for path in ("factored", "pairwise"):

@@ -113,6 +113,69 @@ def test_anchor_sums_do_not_depend_on_the_m_tiles():
 
 
 # --------------------------------------------------------------------------------------------------
+# validation's arithmetic on the Triton kernels
+# --------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_value_checks_match_the_torch_arithmetic(dtype, packed):
+    """The Triton ``value_checks`` (row norms, the ``old_logprobs`` check's implied mass) give the values of
+    the default torch arithmetic: the norms of the hidden rows at the completion tokens and of the weight
+    rows read (all, or those of the completion ids), and ``implied_vstar_mass`` at the sampled tokens."""
+    from nthr_kernels.core.checks import _max_row_norm, implied_vstar_mass, logprob_sample, weight_rows_read
+    from nthr_kernels.ops.advantages import triton_impl
+
+    # d = 72 and |V*| up to 97: two tiles of the interpreter's 64 on both loops of the implied-mass kernel
+    b = on_device(case(seed=stable_seed(str(dtype), packed), n_groups=4, group_size=4, lengths=(0, 30), d=72, vocab=97,
+                       dtype=dtype, packed=packed, holes=not packed))
+    batch = validated(b)
+    idx = logprob_sample(batch.tok_ids.numel(), batch.device)
+    for all_rows in (True, False):
+        norms, excess = triton_impl.value_checks(batch, all_rows, idx)
+        rows = None if packed else b.mask
+        top_w = _max_row_norm(batch.lm_head_weight, None if all_rows else weight_rows_read(batch.tok_ids, None, 97))
+        want = torch.stack([_max_row_norm(batch.hidden, rows).double(), top_w.double()])
+        torch.testing.assert_close(norms.cpu(), want.cpu(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(excess.cpu(), implied_vstar_mass(batch, idx).cpu(), rtol=0, atol=1e-4)
+    assert triton_impl.value_checks(batch, None, None) == (None, None)
+
+
+@needs_triton
+def test_value_checks_refuse_what_the_torch_checks_refuse():
+    """Through the public call on the Triton backend: NaN or inf at a completion position of ``hidden``, NaN
+    in a weight row a completion token reads, and log-probs that do not belong to the hidden states raise
+    ValueError naming the argument; NaN in padding and in unread weight rows does not."""
+    b = on_device(case(seed=11, n_groups=3, group_size=4, lengths=(2, 12), d=16, vocab=53, holes=True))
+    run(b, "triton")  # clean
+
+    def with_(**kw):
+        return dataclasses.replace(b, **kw)
+
+    pos = b.mask.nonzero()[0]
+    for bad in (math.nan, math.inf):
+        h = b.hidden.clone()
+        h[pos[0], pos[1], 3] = bad
+        with pytest.raises(ValueError, match="hidden"):
+            run(with_(hidden=h), "triton")
+    pad = (~b.mask).nonzero()[0]
+    h = b.hidden.clone()
+    h[pad[0], pad[1], 0] = math.nan
+    run(with_(hidden=h), "triton")
+    w = b.lm_head_weight.clone()
+    used = torch.zeros(53, dtype=torch.bool, device=w.device)
+    used[b.token_ids[b.mask]] = True
+    w[int(used.nonzero()[0]), 1] = math.nan
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        run(with_(lm_head_weight=w), "triton")
+    if not bool(used.all()):
+        w = b.lm_head_weight.clone()
+        w[int((~used).nonzero()[0]), 1] = math.nan
+        run(with_(lm_head_weight=w), "triton")
+    with pytest.raises(ValueError, match="old_logprobs"):
+        run(with_(old_logprobs=torch.zeros_like(b.old_logprobs)), "triton")
+
+
+# --------------------------------------------------------------------------------------------------
 # host synchronisations
 # --------------------------------------------------------------------------------------------------
 @needs_triton

@@ -665,7 +665,8 @@ def validate_batch(x: Inputs, opts: Options, *, defer: bool = False, value_check
     ``batch.pending``: read here, or with ``defer=True`` by the implementation together with its own
     first read (the Triton path), so that a call costs no extra synchronisation for it.
     ``value_checks(batch, weight_all_rows, idx) -> (norms, excess)``: an implementation's own arithmetic for
-    the checks that need it, in one pass, once the token list exists (the native backend's):
+    the checks that need it, once the token list exists (the native backend's, in one pass; the Triton
+    backend's, in two kernels):
     ``norms`` ``[2]`` for :func:`check_policy_values` (the largest norm of ``hidden`` at the canonical tokens
     and of the weight rows read; asked for with ``weight_all_rows`` not None, when :func:`policy_norms_apply`)
     and ``excess`` for the ``old_logprobs`` check (:func:`implied_vstar_mass` at ``idx``, when not None); by

@@ -546,6 +546,87 @@ def _pair_kernel(
     tl.store(OUT + o_t, b_s, mask=m_t)
 
 
+@triton.heuristics({"GATHER": lambda args: args["ROW"] is not None, "MASKED": lambda args: args["KEEP"] is not None})
+@triton.jit
+def _norm_kernel(
+    # data pointers
+    X, ROW, KEEP, OUT,
+    # shapes
+    n, D,
+    # strides
+    x_s0, x_sd,
+    # constants
+    BT: tl.constexpr, BK: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Largest squared Euclidean norm (float32) of a block of rows of ``X`` into ``OUT[block]``: the rows at
+    the offsets ``ROW`` (GATHER) or rows ``0 .. n`` (stride ``x_s0``), those where ``KEEP`` is nonzero
+    (MASKED). A row holding NaN counts as ``inf``, so the caller's finiteness check sees it (a maximum
+    would skip NaN)."""
+    i_t = tl.program_id(0).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
+    m_t = o_t < n
+    if MASKED:
+        m_t = m_t & (tl.load(KEEP + o_t, mask=m_t, other=0) != 0)
+    if GATHER:
+        o_x = tl.load(ROW + o_t, mask=m_t, other=0)
+    else:
+        o_x = o_t * x_s0
+    b_acc = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        o_k = k0 + tl.arange(0, BK).to(tl.int64)
+        b_x = tl.load(X + o_x[:, None] + o_k[None, :] * x_sd, mask=m_t[:, None] & (o_k < D)[None, :], other=0.0).to(tl.float32)
+        b_acc += tl.sum(b_x * b_x, axis=1)
+    b_acc = tl.where(b_acc == b_acc, b_acc, float("inf"))
+    tl.store(OUT + i_t, tl.max(tl.where(m_t, b_acc, 0.0), axis=0))
+
+
+@triton.jit
+def _implied_kernel(
+    # data pointers
+    H, ROW_H, W, IDS, DK, LO, CNT, OUT,
+    # shapes
+    D, vocab,
+    # strides
+    h_sd, w_sv, w_sd,
+    # constants
+    temperature,
+    BV: tl.constexpr, BK: tl.constexpr,
+):
+    """The ``old_logprobs`` check's log-sum-exp for one sampled token (``docs/NTHR.md``):
+    ``logsumexp_{v in V*} (w_v - w_y) . h / T`` over its group's ``V*``, the ``CNT`` sorted keys
+    ``group * vocab + id`` from ``LO`` in ``DK`` (float32, online over ``V*`` tiles)."""
+    i_t = tl.program_id(0).to(tl.int64)
+    o_h = tl.load(ROW_H + i_t)
+    i_y = tl.load(IDS + i_t)
+    lo = tl.load(LO + i_t)
+    cnt = tl.load(CNT + i_t)
+    b_zy = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        o_k = k0 + tl.arange(0, BK).to(tl.int64)
+        m_k = o_k < D
+        b_h = tl.load(H + o_h + o_k * h_sd, mask=m_k, other=0.0).to(tl.float32)
+        b_zy += b_h * tl.load(W + i_y * w_sv + o_k * w_sd, mask=m_k, other=0.0).to(tl.float32)
+    zy = tl.sum(b_zy, axis=0)
+    b_max = tl.full([], -float("inf"), tl.float32)
+    b_sum = tl.full([], 0.0, tl.float32)
+    for v0 in range(0, cnt, BV):
+        o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV]
+        m_v = o_v < cnt
+        b_id = tl.load(DK + lo + o_v, mask=m_v, other=0) % vocab
+        b_z = tl.zeros([BV], dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            o_k = k0 + tl.arange(0, BK).to(tl.int64)
+            m_k = o_k < D
+            b_h = tl.load(H + o_h + o_k * h_sd, mask=m_k, other=0.0).to(tl.float32)
+            b_w = tl.load(W + b_id[:, None] * w_sv + o_k[None, :] * w_sd, mask=m_v[:, None] & m_k[None, :], other=0.0)
+            b_z += tl.sum(b_w.to(tl.float32) * b_h[None, :], axis=1)
+        b_z = tl.where(m_v, (b_z - zy) / temperature, -float("inf"))
+        b_new = tl.maximum(b_max, tl.max(b_z, axis=0))
+        b_sum = b_sum * tl.exp(b_max - b_new) + tl.sum(tl.exp(b_z - b_new), axis=0)
+        b_max = b_new
+    tl.store(OUT + i_t, b_max + tl.log(b_sum))
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
@@ -575,6 +656,8 @@ _TUNE_16 = {
     "err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
     "anchor": (("BV", "BD"), [(32, 128, 4, 2)]),  # bandwidth-bound (float32 N_i read twice): one fixed tile
+    "norm": (("BT", "BK"), [(32, 128, 4, 2)]),  # the input checks: bandwidth-bound, one fixed tile
+    "implied": (("BV", "BK"), [(64, 128, 4, 2)]),
     "lse": (("BT", "BV", "BK"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]),
     "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]),
@@ -585,24 +668,29 @@ _TUNE_32 = {
     "err": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "anchor": (("BV", "BD"), [(32, 128, 4, 2)]),
+    "norm": (("BT", "BK"), [(32, 128, 4, 2)]),
+    "implied": (("BV", "BK"), [(64, 128, 4, 2)]),
     "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2)]),
     "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
 }
 _KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "anchor": _anchor_kernel,
-            "lse": _lse_kernel, "pair": _pair_kernel, "seg_pair": _seg_pair_kernel}
+            "lse": _lse_kernel, "pair": _pair_kernel, "seg_pair": _seg_pair_kernel, "norm": _norm_kernel,
+            "implied": _implied_kernel}
 _KEYS = {
     "zy": ["D"],
     "score": ["D", "FROM_LOGITS", "FROM_BUFFER", "FUSE_SELECT", "M_F32"],
     "err": ["D", "FROM_LOGITS"],
     "m": ["D"],
     "anchor": ["D"],
+    "norm": ["D"],
+    "implied": ["D"],
     "lse": ["D", "V"],
     "pair": ["V", "D"],
     "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
-# Fixed blocks under the interpreter.
-_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
+# Fixed blocks under the interpreter (the check kernels, one program per token, larger: fewer interpreted steps).
+_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "norm": dict(BT=64, BK=64), "implied": dict(BV=64, BK=64), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
 _SMALL_DEFAULT = dict(BT=16, BV=16, BK=16)
 _tuned_cache: dict = {}
 

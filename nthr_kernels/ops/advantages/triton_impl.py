@@ -16,10 +16,11 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+from ...core.checks import _distinct_keys, _vstar_range
 from ...core.plan import tau_from_anchors
 from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta
 from ..triton_kernels import (
-    SEG_WIDTH, Kernels, Segment, Segments, launch, m_dtype, round16, row_offsets, upload, work_dtype,
+    SEG_WIDTH, Kernels, Segment, Segments, block_range, launch, m_dtype, round16, row_offsets, upload, work_dtype,
 )
 from .torch_impl import log_normaliser
 
@@ -307,4 +308,42 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     return scores, selected, token_adv, thr[:, 0].contiguous(), thr[:, 1].contiguous()
 
 
+def value_checks(batch, weight_all_rows: Optional[bool], idx: Optional[torch.Tensor]):
+    """Validation's arithmetic on the Triton kernels (the hook :func:`~nthr_kernels.core.checks.validate_batch`
+    documents): ``(norms, excess)``, with no host synchronisation. ``norms`` (unless ``weight_all_rows`` is
+    None): float64 ``[2]``, the largest row norm of ``hidden`` at the canonical tokens and of the
+    ``lm_head_weight`` rows read (all, or those of the completion ids), from float32 sums of squares (a
+    float32 overflow or NaN gives inf, which sends validation to its exact scans). ``excess`` (unless
+    ``idx`` is None): float64 ``[k]``, :func:`~nthr_kernels.core.checks.implied_vstar_mass` at the canonical
+    tokens ``idx``, one program per sampled token over its group's ``V*``. It replaces the torch blocks of
+    the default path, whose many small launches took 17 of the 21 ms of host time of one validation at
+    the qwen1.5b-step shape (``benchmarks/results/h200-2026-11-27-explore-run2-profile.txt``)."""
+    h, w = batch.hidden, batch.lm_head_weight
+    d, dev, wd = h.shape[-1], batch.device, work_dtype(h, w)
+    row_h = row_offsets(h, batch.tok_a, batch.tok_b)
+    norms = excess = None
+    if weight_all_rows is not None:
+        def top(x, n, row, keep):
+            out = torch.zeros(max(triton.cdiv(n, block_range("norm", wd, "BT")[0]), 1), dtype=torch.float32, device=dev)
+            if n:
+                launch("norm", lambda meta: (triton.cdiv(n, meta["BT"]),), wd, x, row, keep, out, n, d, x.stride(0), x.stride(-1))
+            return out.max().double().sqrt()
+
+        keep = None if weight_all_rows else torch.zeros(w.shape[0], dtype=torch.int8, device=dev).index_fill_(0, batch.tok_ids, 1)
+        norms = torch.stack([top(h, row_h.numel(), row_h, None), top(w, w.shape[0], None, keep)])
+    if idx is not None:
+        vocab = batch.vocab_size
+        g_tok = batch.resp_group[batch.tok_resp]
+        dk = _distinct_keys(g_tok * vocab + batch.tok_ids, batch.group_ids.numel() * vocab)
+        lo, cnt = _vstar_range(dk, g_tok[idx], vocab)
+        lse = torch.empty(idx.numel(), dtype=torch.float32, device=dev)
+        if idx.numel():
+            launch("implied", lambda meta: (idx.numel(),), wd, h, row_h[idx].contiguous(), w, batch.tok_ids[idx].contiguous(),
+                   dk, lo.contiguous(), cnt.contiguous(), lse, d, vocab, h.stride(-1), w.stride(0), w.stride(1),
+                   float(batch.opts.temperature))
+        excess = batch.gather(batch.old_logprobs, idx).double() + lse.double()
+    return norms, excess
+
+
 nthr_advantages.reads_pending = True  # plan_on_device reads batch.pending with the plan sizes
+nthr_advantages.value_checks = value_checks  # read by nthr_kernels.library: validation's arithmetic
