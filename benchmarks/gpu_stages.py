@@ -35,6 +35,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def validated(rb, kw):
+    """The validation the public Triton call runs (its ``value_checks`` kernels), on the batch ``rb``."""
+    from gpu_suite import validated_batch
+    from nthr_kernels.ops.advantages import triton_impl
+
+    return validated_batch(rb, kw, value_checks=triton_impl.value_checks)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -47,13 +55,14 @@ def main(argv=None) -> int:
         return 2
     import gpu_suite
     import nthr_kernels as nk
-    from gpu_suite import validated_batch
     from nthr_kernels.core.rules import SCRATCH_BYTES
     from nthr_kernels.ops import triton_kernels as tk
     from nthr_kernels.ops.advantages import triton_impl as ti
     from shapes import SHAPES, Shape
 
     cuda = not args.smoke
+    validated_batch = validated
+
     dev = torch.device("cuda" if cuda else "cpu")
     gpu_suite.DEVICE = dev.type
     out_dir = Path(args.out)

@@ -337,7 +337,7 @@ def compare(res, ref, rb, dtype) -> dict:
     }
 
 
-def validated_batch(rb, kw):
+def validated_batch(rb, kw, value_checks=None):
     """The validated batch of the public call ``nthr_advantages(rb..., **kw)`` (the Triton implementation's input)."""
     import dataclasses
 
@@ -347,7 +347,7 @@ def validated_batch(rb, kw):
     opt_names = {f.name for f in dataclasses.fields(Options)}
     opts = Options(backend="triton", **{k: v for k, v in kw.items() if k in opt_names})
     inputs = Inputs(rb.hidden, rb.token_ids, rb.rewards, rb.advantages, **{k: v for k, v in kw.items() if k not in opt_names})
-    return validate_batch(inputs, opts)
+    return validate_batch(inputs, opts, value_checks=value_checks)
 
 
 def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, args, log) -> dict:

@@ -80,12 +80,13 @@ def test_anchor_sums_do_not_depend_on_the_m_tiles():
     g = torch.Generator().manual_seed(3)
     nv, npos, d, ld = 40, 21, 48, tk.round16(21)
     gp, h = torch.randn(nv * ld, generator=g).to(DEVICE), torch.randn(npos, d, generator=g).to(DEVICE)
+    n_tiles = triton.cdiv(nv, 16) * triton.cdiv(d, 16)  # of the anchor launch below: each response's slots
     group = tk.Segment(0, nv, 0, npos, npos, 0, 0, 0, npos, 0, r0=0, nr=2)
     resp = [tk.Segment(0, nv, 0, npos, 9, 0, 0, 0, 0, 0, col0=0),  # rows 0..8, N_1 at 0
-            tk.Segment(0, nv, 9, npos, 12, 0, nv * d, 0, 0, 0, col0=9)]  # rows 9..20, N_2 at nv * d
+            tk.Segment(0, nv, 9, npos, 12, 0, nv * d, n_tiles, 0, 0, col0=9)]  # rows 9..20, N_2 at nv * d
     table, rtable = (torch.tensor([list(r) for r in rows], device=DEVICE) for rows in ([group], resp))
     row_h = torch.arange(npos, device=DEVICE) * d
-    n_part = triton.cdiv(nv, 16) * triton.cdiv(d, 16) * 2 * 2
+    n_part = n_tiles * 2 * 2
 
     def buffers():  # N buffer, M, partial sums
         return torch.full((2 * nv * d,), math.nan, device=DEVICE), torch.empty(nv * d, device=DEVICE), torch.zeros(n_part, device=DEVICE)
@@ -94,9 +95,9 @@ def test_anchor_sums_do_not_depend_on_the_m_tiles():
         nbuf, m, part = bufs
         tk._KERNELS["m"][(2 * triton.cdiv(nv, bv) * triton.cdiv(d, bd),)](
             gp, h, row_h, rtable, nbuf, d, nv, 1, BV=bv, BD=bd, BU=bu, ALIGN=False)
-        tk._KERNELS["anchor"][(triton.cdiv(nv, 16) * triton.cdiv(d, 16),)](
-            nbuf, table, rtable, m, part, d, nv, 2, BV=16, BD=16, ALIGN=False)
-        return m.clone(), part.view(-1, 2, 2).sum(0)
+        tk._KERNELS["anchor"][(n_tiles,)](
+            nbuf, table, rtable, m, part, d, nv, BV=16, BD=16, ALIGN=False)
+        return m.clone(), part.view(2, -1, 2).sum(1)
 
     shared = buffers()
     for tiles in ((64, 32, 16), (32, 64, 32), (16, 16, 64), (16, 16, 16)):
@@ -110,6 +111,81 @@ def test_anchor_sums_do_not_depend_on_the_m_tiles():
             n_i = e[:, a:a + n] @ h[a:a + n].double().cpu()
             want = torch.tensor([(m64 * n_i).sum(), (n_i * n_i).sum()], dtype=torch.float64)
             torch.testing.assert_close(got[i].double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+def test_m_kernel_reads_only_its_rows_of_the_error_buffer():
+    """score_tokens (factored, check_finite=False): a non-finite error of one negative row must not reach
+    the other rows' scores (the M GEMM is over the positive rows only). The M kernel loads whole
+    16-aligned blocks of the buffer; H rows outside its rows are zero, but 0 * inf is NaN."""
+    from nthr_kernels.ops.score_tokens import triton_impl
+
+    g = torch.Generator().manual_seed(0)
+    tp, tn, v, d = 5, 4, 24, 16
+    hp, hn = torch.randn(tp, d, generator=g), torch.randn(tn, d, generator=g)
+    ep, en = torch.randn(tp, v, generator=g), torch.randn(tn, v, generator=g)
+    en[0, 3] = math.inf  # the first negative row: buffer column tp, in the positive rows' last block
+    want = ((ep.double() @ en.double().T) * (hp.double() @ hn.double().T)).sum(0)
+    got = triton_impl.score_tokens(*(x.to(DEVICE) for x in (hp, hn, ep, en)), path="factored").cpu()
+    assert torch.isfinite(got[1:]).all(), got
+    torch.testing.assert_close(got[1:].double(), want[1:], rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_anchor_partial_sums_fit_the_scratch_budget():
+    """What build_m allocates for a chunk, its anchor partial sums included, fits the budget the chunk was
+    planned within (plus TOKEN_BYTES per token, the peak gpu_suite checks): one group with a large V* and
+    many groups of one-token responses over one id. (The sums once took the chunk's largest V*'s tile count
+    for every response, outside the budget.)"""
+    from nthr_kernels.core.checks import validate_batch
+    from nthr_kernels.core.rules import TOKEN_BYTES, Inputs, Options
+    from nthr_kernels.ops import triton_kernels as tk
+    from nthr_kernels.ops.advantages import triton_impl
+
+    g = torch.Generator().manual_seed(1)
+    d, vocab, n_small = 64, 5000, 3000
+    lens = [1, 400, 400, 400] + [1, 1, 1, 1] * n_small  # group 0: one 1-token positive, long negatives
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0] + [1.0, 1.0, 1.0, 0.0] * n_small)
+    ids = torch.zeros(sum(lens), dtype=torch.int64)
+    ids[:1201] = torch.randint(0, vocab, (1201,), generator=g)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    h = torch.randn(sum(lens), d, generator=g)
+    w = torch.randn(vocab, d, generator=g) * 0.1
+    batch = validate_batch(Inputs(h, ids, rewards, rewards - 0.5, lm_head_weight=w, cu_seqlens=cu, group_size=4),
+                           Options(backend="triton"))
+    plan = triton_impl.plan_on_device(batch)
+    g0 = plan.groups[0]
+    budget = 8 * (g0.nv * d * 4 * 2 + g0.nv * 16 * 4)
+    chunks = triton_impl._plan_chunks(plan, ["factored"] * len(plan.groups), d, 4, 4, budget)
+    c = chunks[0]
+    assert len(c.pos) > 1000
+    # what build_m allocates for this chunk (its launches stubbed out: the sizes are what matters)
+    allocated = []
+    real_zeros, real_empty = torch.zeros, torch.empty
+
+    def rec(f):
+        def g(*a, **kw):
+            t = f(*a, **kw)
+            allocated.append(t.numel() * t.element_size())
+            return t
+        return g
+
+    staging = triton_impl._Staging()
+    i_pos, i_resp = staging.segments(c.pos), staging.segments(c.resp)
+    dev_parts = staging.upload(torch.device("cpu"))
+    seg = lambda i, rows: tk.Segments(dev_parts[i].view(-1, int(tk.SEG_WIDTH)), rows)  # noqa: E731
+    k = tk.Kernels(h, torch.arange(h.shape[0]) * d, torch.float32, w=w)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(tk, "launch", lambda *a, **kw: None)
+    monkey.setattr(torch, "zeros", rec(real_zeros))
+    monkey.setattr(torch, "empty", rec(real_empty))
+    try:
+        k.build_m(seg(i_pos, c.pos), real_zeros(1), resp=seg(i_resp, c.resp))
+    finally:
+        monkey.undo()
+    errors = sum(r.nv * tk.round16(r.npos) * 4 for r in c.pos)
+    tokens = sum(r.npos + r.nsc for r in c.neg)
+    assert errors + sum(allocated) <= budget + TOKEN_BYTES * tokens, (errors, allocated, budget, TOKEN_BYTES * tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +249,49 @@ def test_value_checks_refuse_what_the_torch_checks_refuse():
         run(with_(lm_head_weight=w), "triton")
     with pytest.raises(ValueError, match="old_logprobs"):
         run(with_(old_logprobs=torch.zeros_like(b.old_logprobs)), "triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["float64", "mixed", "w_strided", "vocab1", "temp", "many"])
+def test_value_checks_edge_inputs(variant):
+    """value_checks equals the torch arithmetic on edge inputs: float64, mixed dtypes, a weight with
+    stride(1) != 1, a one-token vocabulary, T != 1, more tokens than LOGPROB_SAMPLE (packed)."""
+    from nthr_kernels.core.checks import _max_row_norm, implied_vstar_mass, logprob_sample, weight_rows_read
+    from nthr_kernels.ops.advantages import triton_impl
+
+    kw = dict(n_groups=3, group_size=4, lengths=(0, 12), d=24, vocab=1 if variant == "vocab1" else 37, holes=True)
+    if variant == "many":
+        kw.update(n_groups=12, group_size=8, lengths=(5, 30), packed=True, holes=False)
+    b = case(seed=5, temperature=0.7 if variant == "temp" else 1.0, **kw)
+    if variant == "float64":
+        b = dataclasses.replace(b, hidden=b.hidden.double(), lm_head_weight=b.lm_head_weight.double())
+    if variant == "mixed":
+        b = dataclasses.replace(b, hidden=b.hidden.to(torch.bfloat16))
+    if variant == "w_strided":
+        b = dataclasses.replace(b, lm_head_weight=b.lm_head_weight.t().contiguous().t())
+    batch = validated(b, check_logprobs=False)
+    idx = logprob_sample(batch.tok_ids.numel())
+    norms, excess = triton_impl.value_checks(batch, False, idx)
+    torch.testing.assert_close(excess, implied_vstar_mass(batch, idx), rtol=0, atol=1e-4)
+    want = torch.stack([_max_row_norm(batch.hidden.float(), None if b.mask is None else b.mask).double(),
+                        _max_row_norm(batch.lm_head_weight.float(), weight_rows_read(batch.tok_ids, None, batch.vocab_size)).double()])
+    torch.testing.assert_close(norms, want, rtol=1e-5, atol=0)
+
+
+@needs_triton
+def test_gpu_stages_times_the_validation_of_the_triton_call(monkeypatch):
+    """gpu_stages' validation column and host profile measure what the public Triton call runs (its
+    value_checks kernels), not the default torch blocks of _implied_mass."""
+    import gpu_stages
+
+    from nthr_kernels.core import checks
+
+    def torch_blocks(*a, **kw):
+        raise AssertionError("validation ran the torch blocks (_implied_mass), not the Triton value_checks")
+
+    monkeypatch.setattr(checks, "_implied_mass", torch_blocks)
+    b = on_device(case(seed=2, n_groups=2, group_size=4, lengths=(1, 9), d=16, vocab=41))
+    gpu_stages.validated(b, b.kwargs(with_logprobs=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,11 +45,11 @@ with the segment slowest (:func:`_tile`), so the programs in flight share one se
 Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements; bf16 for bf16 inputs,
 float32 otherwise, since fp16 lacks the range) plus the transposed positive-error buffer
 (``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype) plus each positive response's ``N_i``
-(``|V*_g| d`` float32 elements), bounded together by
+(``|V*_g| d`` float32 elements) and its anchor partial sums (8 bytes per tile of the anchor kernel,
+:func:`anchor_tiles`), bounded together by
 ``SCRATCH_BYTES`` (groups are processed in chunks that fit; a group larger than the bound on its own is
 processed alone); a pairwise group holds its error buffer for all its tokens, ``|V*_g| *
-roundup16(T_g)`` elements, within the same bound. The anchors' partial sums take 8 bytes per tile of
-the anchor kernel and positive response. Plus ``O(N)`` per-token vectors, within ``TOKEN_BYTES`` (512) per completion
+roundup16(T_g)`` elements, within the same bound. Plus ``O(N)`` per-token vectors, within ``TOKEN_BYTES`` (512) per completion
 token (validation included; ``benchmarks/gpu_suite.py`` measures the peak of one call against
 ``SCRATCH_BYTES + TOKEN_BYTES * N``). No ``[N, |V|]`` or ``[N, N]`` tensor is formed.
 
@@ -87,14 +87,15 @@ class Segment(NamedTuple):
     npos: int  # positive rows: the first npos error rows (rows of M, partners of the pairwise sum)
     gp: int  # offset of the segment's error buffer in GP (a multiple of 16)
     m: int  # offset of the segment's M [nv, D] in M (a response's segment: of its N_i in the float32 N buffer)
-    sc0: int  # first scored token
+    sc0: int  # first scored token (a positive response's segment: the first slot of its anchor partial sums)
     nsc: int  # scored tokens
     group: int  # batch group: row of THR (tau, eta)
     r0: int = 0  # first of the group's positive responses in the response table (the anchor pass)
     nr: int = 0  # its positive responses
     col0: int = 0  # the buffer column of row0 (0 for a group)
 # A positive response's segment (the anchor pass: its N_i by the M kernel) is its group's row with
-# row0 = its first token, npos = its tokens, col0 = row0 - the group's row0, and m = the offset of its N_i.
+# row0 = its first token, npos = its tokens, col0 = row0 - the group's row0, m = the offset of its N_i,
+# and sc0 = its first slot of the anchor partial sums.
 
 
 SEG_VS0, SEG_NV, SEG_ROW0, SEG_NERR, SEG_NPOS, SEG_GP, SEG_M, SEG_SC0, SEG_NSC, SEG_GROUP, SEG_R0, SEG_NR, SEG_COL0 = (
@@ -333,6 +334,7 @@ def _m_kernel(
             o_c = c_lo + k0 + tl.arange(0, BU).to(tl.int64)  # [BU] buffer columns
             m_u = (o_c >= c0) & (o_c < c0 + n_u)  # the segment's rows
             b_g = tl.load(GP + o_gp + o_v[:, None] * ld + o_c[None, :], mask=m_v[:, None] & (o_c < ld)[None, :], other=0.0)  # [BV, BU]
+            b_g = tl.where(m_u[None, :], b_g, 0.0)  # other rows' errors may be non-finite: 0 * inf is NaN
             o_h = _rows(ROW_H, row0 + (o_c - c0), m_u, ALIGN)
             b_h = tl.load(H + o_h[:, None] + o_d[None, :] * h_sd, mask=m_u[:, None] & m_d[None, :], other=0.0)  # [BU, BD]
             b_acc += _dot(b_g, b_h)
@@ -347,7 +349,7 @@ def _anchor_kernel(
     # data pointers
     NBUF, SEG, RSEG, M, PART,
     # shapes
-    D, max_nv, n_resp,
+    D, max_nv,
     # constants
     BV: tl.constexpr, BD: tl.constexpr, ALIGN: tl.constexpr,
 ):
@@ -355,8 +357,9 @@ def _anchor_kernel(
     ``r0 .. r0 + nr`` of ``RSEG``, whose ``N_i`` the M kernel wrote in float32 at offset ``m`` of ``NBUF``),
     in response order, stored in ``M``'s dtype; then per response the tile's parts of ``<M, N_i>`` (the sum of
     the response's scores, docs/NTHR.md) and ``<N_i, N_i>`` (its own part, removed for ``anchor="others"``),
-    with the float32 ``M``, into ``PART [tiles_v, tiles_d, n_resp, 2]`` (one slot per tile and response: the
-    caller sums them in a fixed order)."""
+    with the float32 ``M``, into ``PART``: each response has :func:`anchor_tiles` slots of 2 from slot
+    ``sc0`` of its row of ``RSEG``, one per tile, each written by one program (the caller sums them in a
+    fixed order)."""
     n_tv, n_td = tl.cdiv(max_nv, BV), tl.cdiv(D, BD)
     i_s, i_v, i_d = _tile(n_tv, n_td)
     n_v = _seg(SEG, i_s, SEG_NV)
@@ -376,7 +379,7 @@ def _anchor_kernel(
         tl.store(M + o_m + o_vd, b_m.to(M.dtype.element_ty), mask=m_vd)
         for i_r in range(r0, r1):
             b_n = tl.load(NBUF + _seg(RSEG, i_r, SEG_M) + o_vd, mask=m_vd, other=0.0)
-            o_part = ((i_v * n_td + i_d) * n_resp + i_r) * 2
+            o_part = (_seg(RSEG, i_r, SEG_SC0) + i_v * n_td + i_d) * 2  # the response's own tiles
             tl.store(PART + o_part, tl.sum(tl.sum(b_m * b_n, axis=1), axis=0))
             tl.store(PART + o_part + 1, tl.sum(tl.sum(b_n * b_n, axis=1), axis=0))
 
@@ -644,6 +647,16 @@ def work_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
+def anchor_tiles(nv: int, d: int) -> int:
+    """Tiles of the anchor kernel over one group's ``[|V*|, d]`` (its one fixed tile): partial-sum slots per
+    positive response."""
+    sizes = {(block_range("anchor", dt, "BV"), block_range("anchor", dt, "BD")) for dt in (torch.float32, torch.bfloat16)}
+    if len(sizes) != 1 or any(lo != hi for pair in sizes for lo, hi in pair):
+        raise AssertionError("the anchor kernel must have one fixed tile")
+    ((bv, _), (bd, _)), = sizes
+    return triton.cdiv(nv, bv) * triton.cdiv(d, bd)
+
+
 def round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
@@ -798,26 +811,30 @@ class Kernels:
 
         ``resp``: the segments of the positive responses (see :class:`Segment`; the groups' ``r0``/``nr``
         point into it): ``M`` is then ``sum_i N_i`` over them, ``N_i = G_i^T H_i`` (float32, by the M
-        kernel), and the call also returns float32 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per response
-        (:func:`_anchor_kernel`). Returns ``(m, anchors or None)``.
+        kernel), and the call also returns float64 ``[n_resp, 2]``, ``(<M, N_i>, <N_i, N_i>)`` per response
+        (:func:`_anchor_kernel`'s float32 tile sums, added per response in a fixed order). Returns
+        ``(m, anchors or None)``.
         """
         max_nv = seg.max("nv")
         m = torch.empty(max(sum(r.nv for r in seg.rows) * self.d, 1), dtype=self.md, device=self.dev)
         if not max_nv:
-            return m, None if resp is None else torch.zeros(len(resp.rows), 2, dtype=torch.float32, device=self.dev)
+            return m, None if resp is None else torch.zeros(len(resp.rows), 2, dtype=torch.float64, device=self.dev)
         if resp is None:
             self._gemm(seg, gp, m)
             return m, None
-        n_resp = len(resp.rows)
         nbuf = torch.empty(max(sum(r.nv for r in resp.rows) * self.d, 1), dtype=torch.float32, device=self.dev)
         self._gemm(resp, gp, nbuf)
-        (bv, _), (bd, _) = block_range("anchor", self.wd, "BV"), block_range("anchor", self.wd, "BD")
-        part = torch.zeros(triton.cdiv(max_nv, bv) * triton.cdiv(self.d, bd) * n_resp * 2, dtype=torch.float32, device=self.dev)
+        n_slot = sum(anchor_tiles(r.nv, self.d) for r in resp.rows)
+        part = torch.zeros(max(n_slot, 1) * 2, dtype=torch.float32, device=self.dev)
         launch(
             "anchor", lambda meta: (len(seg.rows) * triton.cdiv(max_nv, meta["BV"]) * triton.cdiv(self.d, meta["BD"]),),
-            self.wd, nbuf, seg.table, resp.table, m, part, self.d, max_nv, n_resp, ALIGN=self.align,
+            self.wd, nbuf, seg.table, resp.table, m, part, self.d, max_nv, ALIGN=self.align,
         )
-        return m, part.view(-1, n_resp, 2).sum(0)
+        # each response's slots in order: sums of consecutive runs (float64 prefix sums, fixed order)
+        csum = torch.cat([part.new_zeros(1, 2, dtype=torch.float64), part.view(-1, 2).double().cumsum(0)])
+        first = resp.table[:, int(SEG_SC0)]
+        last = torch.cat([first[1:], first.new_full((1,), n_slot)])
+        return m, csum[last] - csum[first]
 
     def _gemm(self, seg: Segments, gp: torch.Tensor, out: torch.Tensor) -> None:
         """The M kernel over ``seg``: ``G^T H`` of each segment's rows into ``out`` at its offset ``m``."""

@@ -20,7 +20,8 @@ from ...core.checks import _distinct_keys, _vstar_range
 from ...core.plan import tau_from_anchors
 from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta
 from ..triton_kernels import (
-    SEG_WIDTH, Kernels, Segment, Segments, block_range, launch, m_dtype, round16, row_offsets, upload, work_dtype,
+    SEG_WIDTH, Kernels, Segment, Segments, anchor_tiles, block_range, launch, m_dtype, round16, row_offsets, upload,
+    work_dtype,
 )
 from .torch_impl import log_normaliser
 
@@ -178,14 +179,14 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
     for kind in ("factored", "pairwise"):
         ids = [i for i, pth in enumerate(paths) if pth == kind]
         gs = [plan.groups[i] for i in ids]
-        if kind == "factored":  # M, the positive errors, and N_i (float32) per positive response
-            need = [g.nv * d * m_elem + g.nv * round16(g.npos) * elem + len(by_group[i]) * g.nv * d * 4
+        if kind == "factored":  # M, the positive errors, N_i (float32) and the anchor sums per positive response
+            need = [g.nv * d * m_elem + g.nv * round16(g.npos) * elem + len(by_group[i]) * (g.nv * d * 4 + 8 * anchor_tiles(g.nv, d))
                     for i, g in zip(ids, gs)]
         else:
             need = [g.nv * round16(g.n) * elem for g in gs]
         for c0, c1 in _chunks(need, budget):
             pos, neg, resp, spans = [], [], [], ([], [], [])
-            gp = m = nb = 0
+            gp = m = nb = slot = 0
             for i in ids[c0:c1]:
                 g = plan.groups[i]
                 if sum(r.n for r in by_group[i]) != g.npos:
@@ -199,8 +200,9 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
                     spans[1].append(r.n)
                     spans[2].append(g.batch)
                     if kind == "factored":
-                        resp.append(Segment(g.vs0, g.nv, r.start, nerr, r.n, gp, nb, 0, 0, g.batch, col0=r.start - g.start))
+                        resp.append(Segment(g.vs0, g.nv, r.start, nerr, r.n, gp, nb, slot, 0, g.batch, col0=r.start - g.start))
                         nb += g.nv * d
+                        slot += anchor_tiles(g.nv, d)
                 gp += g.nv * round16(nerr)
                 m += g.nv * d if kind == "factored" else 0
             chunks.append(_Chunk(kind, pos, neg, resp, [plan.groups[i].batch for i in ids[c0:c1]], spans))
