@@ -20,7 +20,7 @@ import nthr_kernels as nk
 from nthr_kernels.registry import triton_available
 from nthr_kernels.testing import HOST_SYNCS_PER_CALL, count_host_syncs
 
-from _helpers import assert_matches_reference, case, run, stable_seed, validated
+from _helpers import assert_matches_reference, case, group_of_tokens, run, stable_seed, validated
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -186,6 +186,63 @@ def test_anchor_partial_sums_fit_the_scratch_budget():
     errors = sum(r.nv * tk.round16(r.npos) * 4 for r in c.pos)
     tokens = sum(r.npos + r.nsc for r in c.neg)
     assert errors + sum(allocated) <= budget + TOKEN_BYTES * tokens, (errors, allocated, budget, TOKEN_BYTES * tokens)
+
+
+def _scaled_group(seed=4):
+    """Two mixed groups; group 0's hidden rows scaled by 1e6 and the weight by 1e-6 (group 0's logits are
+    the original ones, group 1's about 1e-6 of them): every check passes, and group 0's anchor sums are
+    about 1e12 times group 1's."""
+    b = case(seed=seed, n_groups=2, group_size=4, lengths=(3, 9), d=16, vocab=41)
+    h = b.hidden.clone()
+    h[group_of_tokens(b) == 0] *= 1e6
+    return on_device(dataclasses.replace(b, hidden=h, lm_head_weight=b.lm_head_weight * 1e-6))
+
+
+@needs_triton
+@pytest.mark.parametrize("anchor", ["all", "others"])
+def test_factored_anchor_sums_do_not_depend_on_other_groups_in_the_chunk(anchor):
+    """Each positive response's <M, N_i> (and <N_i, N_i>) is its own sum: a group's tau must not depend on
+    the groups that share its chunk. (As differences of one float64 running total over the chunk's slots, a
+    response's sum carried an error of ~1e-16 of that total: group 1's tau was 5e-4 off here, beyond the
+    float32 tolerance.)"""
+    b = _scaled_group()
+    ref = run(b, "reference", with_logprobs=False, anchor=anchor)
+    batch = validated(b, with_logprobs=False, anchor=anchor)
+    for budget in (1, None):  # one chunk per group, then both groups in one chunk
+        got = batch.result(*triton_call(batch, path="factored", budget=budget))
+        assert_matches_reference(got, ref, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["factored", "pairwise"])
+def test_non_finite_anchor_stays_in_its_group(path):
+    """check_finite=False with NaN in one positive hidden row of group 0: group 0's tau is NaN, the other
+    groups' taus are those of the reference (as with one chunk per group, and as on the torch backend). A
+    float64 running total over the chunk's slots (factored) or over every token of the call (pairwise)
+    carried the NaN into every later response's sum."""
+    b = on_device(case(seed=4, n_groups=3, group_size=4, lengths=(3, 9), d=16, vocab=41))
+    pos = b.rewards[torch.arange(b.rewards.numel(), device=b.rewards.device)[:, None].expand_as(b.mask)] > 0
+    r, t = ((group_of_tokens(b) == 0) & pos & b.mask).nonzero()[0].tolist()
+    h = b.hidden.clone()
+    h[r, t, 0] = math.nan
+    b = dataclasses.replace(b, hidden=h)
+    ref = run(b, "reference", check_finite=False)
+    batch = validated(b, check_finite=False)
+    for budget in (1, None):
+        tau = batch.result(*triton_call(batch, path=path, budget=budget)).tau
+        assert math.isnan(float(tau[0]))
+        torch.testing.assert_close(tau[1:], ref.tau[1:], rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("anchor", ["all", "others"])
+def test_pairwise_anchor_sums_do_not_depend_on_other_groups(anchor):
+    """The pairwise path's anchor sums are per response too: the same scaled batch as the factored test."""
+    b = _scaled_group()
+    ref = run(b, "reference", with_logprobs=False, anchor=anchor)
+    batch = validated(b, with_logprobs=False, anchor=anchor)
+    for budget in (1, None):
+        assert_matches_reference(batch.result(*triton_call(batch, path="pairwise", budget=budget)), ref, b)
 
 
 # --------------------------------------------------------------------------------------------------

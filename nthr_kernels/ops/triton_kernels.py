@@ -549,6 +549,28 @@ def _pair_kernel(
     tl.store(OUT + o_t, b_s, mask=m_t)
 
 
+@triton.jit
+def _span_sum_kernel(
+    # data pointers
+    X, START, N, OUT,
+    # strides
+    x_s,
+    # constants
+    BS: tl.constexpr,
+):
+    """``OUT[i] = sum_j X[(START[i] + j) * x_s]`` over ``j < N[i]``, in float64, for span ``i`` (this program):
+    each span summed on its own, in a fixed order, so a value in one span (inf, NaN, or a large magnitude)
+    cannot reach another's sum, as it would through a running total."""
+    i_s = tl.program_id(0).to(tl.int64)
+    start = tl.load(START + i_s)
+    n = tl.load(N + i_s)
+    b_acc = tl.zeros([BS], dtype=tl.float64)
+    for j0 in range(0, n, BS):
+        o_j = j0 + tl.arange(0, BS).to(tl.int64)
+        b_acc += tl.load(X + (start + o_j) * x_s, mask=o_j < n, other=0.0).to(tl.float64)
+    tl.store(OUT + i_s, tl.sum(b_acc, axis=0))
+
+
 @triton.heuristics({"GATHER": lambda args: args["ROW"] is not None, "MASKED": lambda args: args["KEEP"] is not None})
 @triton.jit
 def _norm_kernel(
@@ -661,6 +683,15 @@ def round16(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
+def span_sums(x: torch.Tensor, start: torch.Tensor, n: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """float64 ``[k]``: the sum of ``x[(start[i] + j) * stride]`` over ``j < n[i]`` for each span ``i``
+    (:func:`_span_sum_kernel`: each span on its own, in a fixed order; no host synchronisation)."""
+    out = torch.empty(start.numel(), dtype=torch.float64, device=x.device)
+    if start.numel():
+        launch("span_sum", lambda meta: (start.numel(),), torch.float32, x, start.contiguous(), n.contiguous(), out, stride)
+    return out
+
+
 # Autotuning (GPU only; the interpreter uses the small fixed blocks). Each entry: tuned block sizes,
 # num_warps, num_stages. Keyed on the hidden size, the mode flags and (implicitly) the dtypes.
 _TUNE_16 = {
@@ -670,6 +701,7 @@ _TUNE_16 = {
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
     "anchor": (("BV", "BD"), [(32, 128, 4, 2)]),  # bandwidth-bound (float32 N_i read twice): one fixed tile
     "norm": (("BT", "BK"), [(32, 128, 4, 2)]),  # the input checks: bandwidth-bound, one fixed tile
+    "span_sum": (("BS",), [(128, 4, 1)]),
     "implied": (("BV", "BK"), [(64, 128, 4, 2)]),
     "lse": (("BT", "BV", "BK"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]),
     "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
@@ -683,13 +715,14 @@ _TUNE_32 = {
     "anchor": (("BV", "BD"), [(32, 128, 4, 2)]),
     "norm": (("BT", "BK"), [(32, 128, 4, 2)]),
     "implied": (("BV", "BK"), [(64, 128, 4, 2)]),
+    "span_sum": (("BS",), [(128, 4, 1)]),
     "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2)]),
     "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
 }
 _KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "anchor": _anchor_kernel,
             "lse": _lse_kernel, "pair": _pair_kernel, "seg_pair": _seg_pair_kernel, "norm": _norm_kernel,
-            "implied": _implied_kernel}
+            "implied": _implied_kernel, "span_sum": _span_sum_kernel}
 _KEYS = {
     "zy": ["D"],
     "score": ["D", "FROM_LOGITS", "FROM_BUFFER", "FUSE_SELECT", "M_F32"],
@@ -698,12 +731,13 @@ _KEYS = {
     "anchor": ["D"],
     "norm": ["D"],
     "implied": ["D"],
+    "span_sum": [],
     "lse": ["D", "V"],
     "pair": ["V", "D"],
     "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
 # Fixed blocks under the interpreter (the check kernels, one program per token, larger: fewer interpreted steps).
-_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "norm": dict(BT=64, BK=64), "implied": dict(BV=64, BK=64), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
+_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "norm": dict(BT=64, BK=64), "implied": dict(BV=64, BK=64), "span_sum": dict(BS=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
 _SMALL_DEFAULT = dict(BT=16, BV=16, BK=16)
 _tuned_cache: dict = {}
 
@@ -830,11 +864,10 @@ class Kernels:
             "anchor", lambda meta: (len(seg.rows) * triton.cdiv(max_nv, meta["BV"]) * triton.cdiv(self.d, meta["BD"]),),
             self.wd, nbuf, seg.table, resp.table, m, part, self.d, max_nv, ALIGN=self.align,
         )
-        # each response's slots in order: sums of consecutive runs (float64 prefix sums, fixed order)
-        csum = torch.cat([part.new_zeros(1, 2, dtype=torch.float64), part.view(-1, 2).double().cumsum(0)])
-        first = resp.table[:, int(SEG_SC0)]
-        last = torch.cat([first[1:], first.new_full((1,), n_slot)])
-        return m, csum[last] - csum[first]
+        # each response's own slots, summed on their own (a running total would carry other groups' values)
+        first = resp.table[:, int(SEG_SC0)].contiguous()
+        count = torch.cat([first[1:], first.new_full((1,), n_slot)]) - first
+        return m, torch.stack([span_sums(part[c:], first, count, 2) for c in (0, 1)], 1)
 
     def _gemm(self, seg: Segments, gp: torch.Tensor, out: torch.Tensor) -> None:
         """The M kernel over ``seg``: ``G^T H`` of each segment's rows into ``out`` at its offset ``m``."""

@@ -20,8 +20,8 @@ from ...core.checks import _distinct_keys, _vstar_range
 from ...core.plan import tau_from_anchors
 from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta
 from ..triton_kernels import (
-    SEG_WIDTH, Kernels, Segment, Segments, anchor_tiles, block_range, launch, m_dtype, round16, row_offsets, upload,
-    work_dtype,
+    SEG_WIDTH, Kernels, Segment, Segments, anchor_tiles, block_range, launch, m_dtype, round16, row_offsets, span_sums,
+    upload, work_dtype,
 )
 from .torch_impl import log_normaliser
 
@@ -209,12 +209,6 @@ def _plan_chunks(plan: DevicePlan, paths: list, d: int, elem: int, m_elem: int, 
     return chunks
 
 
-def _span_sums(scores, start, n):
-    """Sums of ``scores`` over the token spans ``start .. start + n`` (a float64 prefix sum)."""
-    csum = torch.cat([scores.new_zeros(1, dtype=torch.float64), torch.cumsum(scores.to(torch.float64), 0)])
-    return csum[start + n] - csum[start]
-
-
 def _chunk_tau(sums, n, grp, groups, thr, n_groups: int, beta: float) -> None:
     """``tau`` of a chunk's groups into ``thr[:, 0]`` from the anchor-score sums of its positive
     responses (``n`` tokens each, batch group ``grp``): the minimum mean per group, times beta; on the device."""
@@ -250,7 +244,6 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
 
     # per token in plan order; per group (tau, eta) in THR
     resp_o = batch.tok_resp[order].contiguous()
-    is_pos = batch.positive[resp_o]
     scores_o = torch.zeros(order.numel(), dtype=torch.float32, device=dev)
     adv_o = batch.adv[resp_o].contiguous()
     out_adv = adv_o.clone()  # positive tokens keep theirs; the fused threshold writes the negative ones
@@ -290,7 +283,7 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
             if others:
                 k.pair_scores(pos, gp, own_buf, resp=resp_o)
                 anchor = scores_o - own_buf
-            sums = _span_sums(torch.where(is_pos, anchor, 0.0), spans[:, 0], spans[:, 1])
+            sums = span_sums(anchor, spans[:, 0], spans[:, 1])  # the positive responses' own tokens
         _chunk_tau(sums, spans[:, 1], dev_parts[i_grp], dev_parts[i_groups], thr, n_groups, batch.opts.beta)
         # pass 2: negative tokens, threshold and rescale fused
         if c.kind == "factored":
