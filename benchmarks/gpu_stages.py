@@ -11,7 +11,8 @@ does and times, on the first chunk of factored groups (``triton.testing.do_bench
   alone, floor ``2 |V*| d T+``;
 - the negative tokens' scores (``z`` and ``q`` per token), floor ``2 * 2 |V*| d T-``;
 
-each floor at the bf16 matmul rate measured in the same run. Then the whole public call, the
+each floor at the bf16 matmul rate measured in the same run; then candidate tiles of the anchor and
+score kernels (``ANCHOR_SWEEP``, ``SCORE_SWEEP``) on the same chunk. Then the whole public call, the
 implementation alone and validation alone, on that batch and on ``mid-fp16-others``; and cProfile of
 the host side (validation of the big batch, the whole mid call), so that the host's share is visible.
 Writes ``stages.json``, ``stages.md`` and ``stages-profile.txt`` to ``--out``.
@@ -33,6 +34,38 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+# Tiles tried for two kernels beside the tables' own (``nthr_kernels/ops/triton_kernels.py``), timed on the
+# chunk: (blocks in the table's order, num_warps, num_stages). The anchor kernel has one fixed tile and is
+# bandwidth-bound (float32 N_i read twice); the score kernel is the largest in the profile.
+ANCHOR_SWEEP = [(32, 128, 4, 2), (64, 128, 4, 2), (64, 128, 8, 2), (64, 256, 8, 2), (128, 128, 8, 2), (32, 256, 4, 2)]
+SCORE_SWEEP = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+               (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)]
+
+
+class forced:
+    """Within the block, launches of kernel ``name`` use the given blocks, warps and stages instead of the
+    table (``launch`` of ``nthr_kernels.ops.triton_kernels`` replaced; other kernels unchanged)."""
+
+    def __init__(self, tk, name, blocks, warps, stages):
+        self.tk, self.name, self.blocks, self.opts = tk, name, blocks, dict(num_warps=warps, num_stages=stages)
+
+    def __enter__(self):
+        tk, name, blocks, opts = self.tk, self.name, self.blocks, self.opts
+        self.orig = tk.launch
+
+        def launch(kernel, grid, dtype, *args, **flags):
+            if kernel != name:
+                return self.orig(kernel, grid, dtype, *args, **flags)
+            extra = {} if tk.interpreting() else opts
+            tk._KERNELS[kernel][grid(blocks)](*args, **flags, **blocks, **extra)
+
+        tk.launch = launch
+        return self
+
+    def __exit__(self, *exc):
+        self.tk.launch = self.orig
 
 
 def validated(rb, kw):
@@ -127,6 +160,24 @@ def main(argv=None) -> int:
         floor_ms = floors[name] / (rate * 1e12) * 1e3
         res["stages"][name] = {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
         print(f"[stages] {name}: {ms:.3f} ms, {ms / floor_ms:.2f}x its floor", flush=True)
+    # ---- other tiles for the anchor and score kernels (the tables' candidates for the next change) -----
+    res["sweeps"] = {}
+    for name, stage, configs in (("anchor", "anchor pass (N_i, then M and the sums)", ANCHOR_SWEEP),
+                                 ("score", "negative scores", SCORE_SWEEP)):
+        keys = (tk._TUNE_16 if wd != torch.float32 else tk._TUNE_32)[name][0]
+        for cfg in (configs if cuda else [tuple(16 for _ in keys) + (4, 1)]):
+            label = ", ".join(f"{k}={v}" for k, v in zip(keys, cfg)) + f", warps={cfg[-2]}, stages={cfg[-1]}"
+            if name == "anchor" and any(b < tk.block_range("anchor", wd, k)[0] for k, b in zip(keys, cfg)):
+                res["sweeps"].setdefault(name, {})[label] = "skipped: smaller than the table's tile (its slots)"
+                continue  # the partial-sum slots are sized for the table's tile: no smaller tile fits them
+            try:
+                with forced(tk, name, dict(zip(keys, cfg[:-2])), cfg[-2], cfg[-1]):
+                    ms = bench(runs[stage])
+            except Exception as e:  # a config that does not fit (shared memory, registers) is reported
+                res["sweeps"].setdefault(name, {})[label] = f"{type(e).__name__}: {str(e)[:120]}"
+                continue
+            res["sweeps"].setdefault(name, {})[label] = ms
+            print(f"[stages] {name} with {label}: {ms:.3f} ms", flush=True)
     del gp, m, scores
 
     # ---- whole calls: public, implementation alone, validation alone -----------------------------------
@@ -163,6 +214,9 @@ def main(argv=None) -> int:
           f"chunk: {res['chunk']['groups']} groups, {res['chunk']['positive_responses']} positive responses", "",
           "| stage | ms | floor ms | x floor |", "|---|---|---|---|"]
     md += [f"| {k} | {v['ms']:.3f} | {v['floor_ms']:.3f} | {v['x_floor']:.2f} |" for k, v in res["stages"].items()]
+    for name, rows in res["sweeps"].items():
+        md += ["", f"| {name} kernel tiles | ms |", "|---|---|"]
+        md += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows.items()]
     md += ["", "| batch | public call ms | implementation ms | validation ms |", "|---|---|---|---|"]
     md += [f"| {k} | {v['public call']:.2f} | {v['implementation']:.2f} | {v['validation']:.2f} |" for k, v in res["calls"].items()]
     (out_dir / "stages.md").write_text("\n".join(md) + "\n")
