@@ -912,13 +912,21 @@ def implied_vstar_mass(batch: Batch, idx: torch.Tensor) -> torch.Tensor:
     ``l_t + logsumexp_{v in V*} (w_v - w_{y_t}) . h_t / T``. At most 0 when ``l_t`` is the model's
     log-probability of ``y_t`` at ``h_t``; above 0 means the slice would hold more than probability 1.
     (A tool: one synchronisation to size its blocks. :func:`validate_batch` reads the sizes with its checks.)"""
-    vocab = batch.vocab_size
     idx = idx.to(batch.device)
+    dk, lo, cnt = vstar_ranges(batch, idx)
+    host = torch.cat([lo, cnt]).tolist()
+    return _implied_mass(batch, idx, dk, lo, cnt, host[:idx.numel()], host[idx.numel():])
+
+
+def vstar_ranges(batch: Batch, idx: torch.Tensor):
+    """``(dk, lo, cnt)``: every group's ``V*`` as sorted ``group * vocab + id`` keys (:func:`_distinct_keys`),
+    and where the ``V*`` of the groups of canonical tokens ``idx`` lies in them (start, length). No
+    synchronisation."""
+    vocab = batch.vocab_size
     g_tok = batch.resp_group[batch.tok_resp]
     dk = _distinct_keys(g_tok * vocab + batch.tok_ids, batch.group_ids.numel() * vocab)
     lo, cnt = _vstar_range(dk, g_tok[idx], vocab)
-    host = torch.cat([lo, cnt]).tolist()
-    return _implied_mass(batch, idx, dk, lo, cnt, host[:idx.numel()], host[idx.numel():])
+    return dk, lo, cnt
 
 
 def implied_mass_on(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor, old_logprobs: torch.Tensor,

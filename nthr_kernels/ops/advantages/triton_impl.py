@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from ...core.checks import _distinct_keys, _vstar_range
+from ...core.checks import vstar_ranges, weight_rows_read
 from ...core.plan import tau_from_anchors
 from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta
 from ..triton_kernels import (
@@ -324,17 +324,14 @@ def value_checks(batch, weight_all_rows: Optional[bool], idx: Optional[torch.Ten
                 launch("norm", lambda meta: (triton.cdiv(n, meta["BT"]),), wd, x, row, keep, out, n, d, x.stride(0), x.stride(-1))
             return out.max().double().sqrt()
 
-        keep = None if weight_all_rows else torch.zeros(w.shape[0], dtype=torch.int8, device=dev).index_fill_(0, batch.tok_ids, 1)
+        keep = None if weight_all_rows else weight_rows_read(batch.tok_ids, None, w.shape[0])
         norms = torch.stack([top(h, row_h.numel(), row_h, None), top(w, w.shape[0], None, keep)])
     if idx is not None:
-        vocab = batch.vocab_size
-        g_tok = batch.resp_group[batch.tok_resp]
-        dk = _distinct_keys(g_tok * vocab + batch.tok_ids, batch.group_ids.numel() * vocab)
-        lo, cnt = _vstar_range(dk, g_tok[idx], vocab)
+        dk, lo, cnt = vstar_ranges(batch, idx)
         lse = torch.empty(idx.numel(), dtype=torch.float32, device=dev)
         if idx.numel():
             launch("implied", lambda meta: (idx.numel(),), wd, h, row_h[idx].contiguous(), w, batch.tok_ids[idx].contiguous(),
-                   dk, lo.contiguous(), cnt.contiguous(), lse, d, vocab, h.stride(-1), w.stride(0), w.stride(1),
+                   dk, lo.contiguous(), cnt.contiguous(), lse, d, batch.vocab_size, h.stride(-1), w.stride(0), w.stride(1),
                    float(batch.opts.temperature))
         excess = batch.gather(batch.old_logprobs, idx).double() + lse.double()
     return norms, excess
