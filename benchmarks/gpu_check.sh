@@ -47,6 +47,6 @@ step cuda-tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=8 "${PAR[
 SUITE=()
 [ -n "${GPU_CONFIGS:-}" ] && SUITE=(--configs "$GPU_CONFIGS")
 step suite 240 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" "${SUITE[@]}" --out "$OUT_DIR"
-step stages 150 "$PY" benchmarks/gpu_stages.py "${SMOKE[@]}" --out "$OUT_DIR"
+step stages 200 "$PY" benchmarks/gpu_stages.py "${SMOKE[@]}" --out "$OUT_DIR"
 echo "== gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in ${SECONDS}s; results in $OUT_DIR"
 exit $status

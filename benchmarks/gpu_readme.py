@@ -33,7 +33,9 @@ CONFIG_TARGET = (5.0, 2.0)  # every config within max(5x floor, 2 ms)
 
 def gpu_results() -> list:
     """Committed GPU results files (those with a ``configs`` table and a CUDA ``device``), oldest first
-    (by date, then name; the test of ``kernel_sources`` orders them the same way)."""
+    (by date, then name; the test of ``kernel_sources`` orders them the same way). The newest run of a
+    date is ``<card>-<date>.json``; when a later run replaces it, it becomes ``<card>-<date>-r<N>-<commit>``
+    with N its run number that date, so that names sort in run order."""
     out = []
     for p in RESULTS.glob("*.json"):
         d = json.loads(p.read_text())

@@ -11,8 +11,8 @@ does and times, on the first chunk of factored groups (``triton.testing.do_bench
   alone, floor ``2 |V*| d T+``;
 - the negative tokens' scores (``z`` and ``q`` per token), floor ``2 * 2 |V*| d T-``;
 
-each floor at the bf16 matmul rate measured in the same run; then candidate tiles of the anchor and
-score kernels (``ANCHOR_SWEEP``, ``SCORE_SWEEP``) on the same chunk. Then the whole public call, the
+each floor at the bf16 matmul rate measured in the same run; then candidate tiles of the anchor, M and
+score kernels (``ANCHOR_SWEEP``, ``M_SWEEP``, ``SCORE_SWEEP``) on the same chunk. Then the whole public call, the
 implementation alone and validation alone, on that batch and on ``mid-fp16-others``; and cProfile of
 the host side (validation of the big batch, the whole mid call), so that the host's share is visible.
 Writes ``stages.json``, ``stages.md`` and ``stages-profile.txt`` to ``--out``.
@@ -39,7 +39,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # Tiles tried for two kernels beside the tables' own (``nthr_kernels/ops/triton_kernels.py``), timed on the
 # chunk: (blocks in the table's order, num_warps, num_stages). The anchor kernel has one fixed tile and is
 # bandwidth-bound (float32 N_i read twice); the score kernel is the largest in the profile.
-ANCHOR_SWEEP = [(32, 128, 4, 2), (64, 128, 4, 2), (64, 128, 8, 2), (64, 256, 8, 2), (128, 128, 8, 2), (32, 256, 4, 2)]
+ANCHOR_SWEEP = [(32, 128, 4, 2), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 128, 8, 2),
+                (64, 256, 8, 2), (128, 128, 8, 2), (32, 256, 4, 2), (32, 256, 8, 3)]
+M_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 256, 64, 8, 3), (256, 128, 32, 8, 3),
+           (128, 128, 64, 4, 4), (128, 256, 32, 8, 4), (256, 256, 32, 8, 3)]
 SCORE_SWEEP = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
                (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)]
 
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     # ---- other tiles for the anchor and score kernels (the tables' candidates for the next change) -----
     res["sweeps"] = {}
     for name, stage, configs in (("anchor", "anchor pass (N_i, then M and the sums)", ANCHOR_SWEEP),
-                                 ("score", "negative scores", SCORE_SWEEP)):
+                                 ("m", "M alone", M_SWEEP), ("score", "negative scores", SCORE_SWEEP)):
         keys = (tk._TUNE_16 if wd != torch.float32 else tk._TUNE_32)[name][0]
         for cfg in (configs if cuda else [tuple(16 for _ in keys) + (4, 1)]):
             label = ", ".join(f"{k}={v}" for k, v in zip(keys, cfg)) + f", warps={cfg[-2]}, stages={cfg[-1]}"

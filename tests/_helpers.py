@@ -80,7 +80,7 @@ def run(b, backend, *, with_logprobs=True, use_logits=False, **kw):
 
 def group_of_tokens(b) -> torch.Tensor:
     """Group index of every position in the token layout (-1 at padding)."""
-    g = torch.arange(b.rewards.numel()) // b.group_size
+    g = torch.arange(b.rewards.numel(), device=b.rewards.device) // b.group_size
     if b.cu_seqlens is not None:
         lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).long()
         return torch.repeat_interleave(g, lens)

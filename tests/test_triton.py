@@ -326,8 +326,9 @@ def test_value_checks_edge_inputs(variant):
         b = dataclasses.replace(b, hidden=b.hidden.to(torch.bfloat16))
     if variant == "w_strided":
         b = dataclasses.replace(b, lm_head_weight=b.lm_head_weight.t().contiguous().t())
+    b = on_device(b)
     batch = validated(b, check_logprobs=False)
-    idx = logprob_sample(batch.tok_ids.numel())
+    idx = logprob_sample(batch.tok_ids.numel(), DEVICE)
     norms, excess = triton_impl.value_checks(batch, False, idx)
     torch.testing.assert_close(excess, implied_vstar_mass(batch, idx), rtol=0, atol=1e-4)
     want = torch.stack([_max_row_norm(batch.hidden.float(), None if b.mask is None else b.mask).double(),
