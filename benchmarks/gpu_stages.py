@@ -12,8 +12,9 @@ does and times, on the first chunk of factored groups (``triton.testing.do_bench
 - the negative tokens' scores (``z`` and ``q`` per token), floor ``2 * 2 |V*| d T-``;
 
 each floor at the bf16 matmul rate measured in the same run; then candidate tiles of the anchor, M and
-score kernels (``ANCHOR_SWEEP``, ``M_SWEEP``, ``SCORE_SWEEP``) on the same chunk. Then the whole public call, the
-implementation alone and validation alone, on that batch and on ``mid-fp16-others``; and cProfile of
+score kernels (``ANCHOR_SWEEP``, ``M_SWEEP``, ``SCORE_SWEEP``) on the same chunk, and of validation's two
+kernels (``NORM_SWEEP``, ``IMPLIED_SWEEP``) on the whole batch's ``value_checks``. Then the whole public
+call, the implementation alone and validation alone, on that batch and on ``mid-fp16-others``; and cProfile of
 the host side (validation of the big batch, the whole mid call), so that the host's share is visible.
 Writes ``stages.json``, ``stages.md`` and ``stages-profile.txt`` to ``--out``.
 """
@@ -47,9 +48,15 @@ SCORE_SWEEP = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (12
                (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)]
 
 
+NORM_SWEEP = [(32, 128, 4, 2), (64, 128, 4, 2), (64, 256, 8, 2), (128, 128, 8, 2), (32, 256, 4, 3), (128, 256, 8, 2)]
+IMPLIED_SWEEP = [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (16, 64, 128, 4, 2), (32, 128, 64, 8, 3),
+                 (64, 64, 64, 4, 3)]
+
+
 class forced:
     """Within the block, launches of kernel ``name`` use the given blocks, warps and stages instead of the
-    table (``launch`` of ``nthr_kernels.ops.triton_kernels`` replaced; other kernels unchanged)."""
+    table (``launch`` replaced in ``nthr_kernels.ops.triton_kernels`` and in every module of the package
+    that imported it; other kernels unchanged)."""
 
     def __init__(self, tk, name, blocks, warps, stages):
         self.tk, self.name, self.blocks, self.opts = tk, name, blocks, dict(num_warps=warps, num_stages=stages)
@@ -57,6 +64,8 @@ class forced:
     def __enter__(self):
         tk, name, blocks, opts = self.tk, self.name, self.blocks, self.opts
         self.orig = tk.launch
+        self.users = [m for n, m in list(sys.modules.items())
+                      if n.startswith("nthr_kernels") and getattr(m, "launch", None) is self.orig]
 
         def launch(kernel, grid, dtype, *args, **flags):
             if kernel != name:
@@ -64,11 +73,13 @@ class forced:
             extra = {} if tk.interpreting() else opts
             tk._KERNELS[kernel][grid(blocks)](*args, **flags, **blocks, **extra)
 
-        tk.launch = launch
+        for m in self.users:
+            m.launch = launch
         return self
 
     def __exit__(self, *exc):
-        self.tk.launch = self.orig
+        for m in self.users:
+            m.launch = self.orig
 
 
 def validated(rb, kw):
@@ -91,6 +102,7 @@ def main(argv=None) -> int:
         return 2
     import gpu_suite
     import nthr_kernels as nk
+    from nthr_kernels.core.checks import logprob_sample
     from nthr_kernels.core.rules import SCRATCH_BYTES
     from nthr_kernels.ops import triton_kernels as tk
     from nthr_kernels.ops.advantages import triton_impl as ti
@@ -164,15 +176,20 @@ def main(argv=None) -> int:
         res["stages"][name] = {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
         print(f"[stages] {name}: {ms:.3f} ms, {ms / floor_ms:.2f}x its floor", flush=True)
     # ---- other tiles for the anchor and score kernels (the tables' candidates for the next change) -----
-    res["sweeps"] = {}
+    idx = logprob_sample(batch.tok_ids.numel(), dev)
+    runs["value checks (norm and implied kernels)"] = lambda: ti.value_checks(batch, False, idx)
+    res["sweeps"], res["swept"] = {}, {}
     for name, stage, configs in (("anchor", "anchor pass (N_i, then M and the sums)", ANCHOR_SWEEP),
-                                 ("m", "M alone", M_SWEEP), ("score", "negative scores", SCORE_SWEEP)):
+                                 ("m", "M alone", M_SWEEP), ("score", "negative scores", SCORE_SWEEP),
+                                 ("norm", "value checks (norm and implied kernels)", NORM_SWEEP),
+                                 ("implied", "value checks (norm and implied kernels)", IMPLIED_SWEEP)):
         keys = (tk._TUNE_16 if wd != torch.float32 else tk._TUNE_32)[name][0]
+        res["swept"][name] = stage
         for cfg in (configs if cuda else [tuple(16 for _ in keys) + (4, 1)]):
             label = ", ".join(f"{k}={v}" for k, v in zip(keys, cfg)) + f", warps={cfg[-2]}, stages={cfg[-1]}"
-            if name == "anchor" and any(b < tk.block_range("anchor", wd, k)[0] for k, b in zip(keys, cfg)):
-                res["sweeps"].setdefault(name, {})[label] = "skipped: smaller than the table's tile (its slots)"
-                continue  # the partial-sum slots are sized for the table's tile: no smaller tile fits them
+            if name in ("anchor", "norm") and any(b < tk.block_range(name, wd, k)[0] for k, b in zip(keys, cfg)):
+                res["sweeps"].setdefault(name, {})[label] = "skipped: smaller than the table's tile (outputs sized for it)"
+                continue  # the partial-sum slots / per-block outputs are sized for the table's tile
             try:
                 with forced(tk, name, dict(zip(keys, cfg[:-2])), cfg[-2], cfg[-1]):
                     ms = bench(runs[stage])
@@ -218,7 +235,7 @@ def main(argv=None) -> int:
           "| stage | ms | floor ms | x floor |", "|---|---|---|---|"]
     md += [f"| {k} | {v['ms']:.3f} | {v['floor_ms']:.3f} | {v['x_floor']:.2f} |" for k, v in res["stages"].items()]
     for name, rows in res["sweeps"].items():
-        md += ["", f"| {name} kernel tiles | ms |", "|---|---|"]
+        md += ["", f"| {name} kernel tiles | ms ({res['swept'][name]}) |", "|---|---|"]
         md += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows.items()]
     md += ["", "| batch | public call ms | implementation ms | validation ms |", "|---|---|---|---|"]
     md += [f"| {k} | {v['public call']:.2f} | {v['implementation']:.2f} | {v['validation']:.2f} |" for k, v in res["calls"].items()]

@@ -309,10 +309,12 @@ def test_value_checks_refuse_what_the_torch_checks_refuse():
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["float64", "mixed", "w_strided", "vocab1", "temp", "many"])
+@pytest.mark.parametrize("variant", ["float64", "mixed", "w_strided", "vocab1", "temp", "many", "interleaved"])
 def test_value_checks_edge_inputs(variant):
     """value_checks equals the torch arithmetic on edge inputs: float64, mixed dtypes, a weight with
-    stride(1) != 1, a one-token vocabulary, T != 1, more tokens than LOGPROB_SAMPLE (packed)."""
+    stride(1) != 1, a one-token vocabulary, T != 1, more tokens than LOGPROB_SAMPLE (packed), and many
+    small groups whose responses are shuffled under arbitrary group ids (each block of sampled tokens of
+    the check kernel then spans several groups, which are not neighbours in the token order)."""
     from nthr_kernels.core.checks import _max_row_norm, implied_vstar_mass, logprob_sample, weight_rows_read
     from nthr_kernels.ops.advantages import triton_impl
 
@@ -326,14 +328,37 @@ def test_value_checks_edge_inputs(variant):
         b = dataclasses.replace(b, hidden=b.hidden.to(torch.bfloat16))
     if variant == "w_strided":
         b = dataclasses.replace(b, lm_head_weight=b.lm_head_weight.t().contiguous().t())
+    extra = {}
+    if variant == "interleaved":
+        b = case(seed=8, n_groups=40, group_size=3, lengths=(1, 5), d=24, vocab=37)
+        perm = torch.randperm(b.rewards.numel(), generator=torch.Generator().manual_seed(7))
+        b = dataclasses.replace(b, **{f: getattr(b, f)[perm] for f in ("hidden", "token_ids", "rewards", "advantages",
+                                                                        "mask", "old_logprobs")})
+        extra = dict(group_size=None, group_ids=(torch.arange(b.rewards.numel()) // 3 * 7919 % 1009)[perm].to(DEVICE))
     b = on_device(b)
-    batch = validated(b, check_logprobs=False)
+    batch = validated(b, check_logprobs=False, **extra)
     idx = logprob_sample(batch.tok_ids.numel(), DEVICE)
     norms, excess = triton_impl.value_checks(batch, False, idx)
     torch.testing.assert_close(excess, implied_vstar_mass(batch, idx), rtol=0, atol=1e-4)
     want = torch.stack([_max_row_norm(batch.hidden.float(), None if b.mask is None else b.mask).double(),
                         _max_row_norm(batch.lm_head_weight.float(), weight_rows_read(batch.tok_ids, None, batch.vocab_size)).double()])
     torch.testing.assert_close(norms, want, rtol=1e-5, atol=0)
+
+
+@needs_triton
+def test_gpu_stages_forced_tiles_reach_every_caller_of_launch():
+    """gpu_stages' sweeps force a tile on every module that imported ``launch`` (validation's kernels are
+    launched from triton_impl, not from triton_kernels), and restore the table afterwards."""
+    import gpu_stages
+
+    from nthr_kernels.ops import triton_kernels as tk
+    from nthr_kernels.ops.advantages import triton_impl
+
+    orig = tk.launch
+    assert triton_impl.launch is orig
+    with gpu_stages.forced(tk, "implied", dict(BT=16, BV=16, BK=16), 4, 1):
+        assert tk.launch is not orig and triton_impl.launch is tk.launch
+    assert tk.launch is orig and triton_impl.launch is orig
 
 
 @needs_triton

@@ -608,48 +608,62 @@ def _norm_kernel(
 @triton.jit
 def _implied_kernel(
     # data pointers
-    H, ROW_H, W, IDS, DK, LO, CNT, OUT,
+    H, ROW_H, W, IDS, DK, LO, CNT, PERM, OUT,
     # shapes
-    D, vocab,
+    k, D, vocab,
     # strides
     h_sd, w_sv, w_sd,
     # constants
     temperature,
-    BV: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
 ):
-    """The ``old_logprobs`` check's log-sum-exp for one sampled token (``docs/NTHR.md``):
-    ``logsumexp_{v in V*} (w_v - w_y) . h / T`` over its group's ``V*``, the ``CNT`` sorted keys
-    ``group * vocab + id`` from ``LO`` in ``DK`` (float32, online over ``V*`` tiles)."""
-    i_t = tl.program_id(0).to(tl.int64)
-    o_h = tl.load(ROW_H + i_t)
-    i_y = tl.load(IDS + i_t)
-    lo = tl.load(LO + i_t)
-    cnt = tl.load(CNT + i_t)
-    b_zy = tl.zeros([BK], dtype=tl.float32)
+    """The ``old_logprobs`` check's log-sum-exp for a block of ``BT`` sampled tokens (``docs/NTHR.md``):
+    ``logsumexp_{v in V*} (w_v - w_y) . h / T`` over each token's group's ``V*``, the ``CNT`` sorted keys
+    ``group * vocab + id`` from ``LO`` in ``DK``. ``PERM`` lists the sampled tokens in group order, so a
+    block's groups are neighbours in ``DK``: the block reads the keys from its first token's ``LO`` to its
+    last token's end once, as ``[BT, BV]`` tiles of ``h W^T`` (one weight tile for every token of the
+    block, not one per token), and masks each token's row to its own range (float32, online over the
+    tiles). Results go to ``OUT`` at the tokens' own positions."""
+    i_b = tl.program_id(0).to(tl.int64)
+    o_j = i_b * BT + tl.arange(0, BT).to(tl.int64)  # [BT] slots in group order
+    m_t = o_j < k
+    o_t = tl.load(PERM + o_j, mask=m_t, other=0)  # [BT] sampled tokens
+    o_h = tl.load(ROW_H + o_t, mask=m_t, other=0)
+    b_y = tl.load(IDS + o_t, mask=m_t, other=0)
+    b_lo = tl.load(LO + o_t, mask=m_t, other=0)
+    b_hi = b_lo + tl.load(CNT + o_t, mask=m_t, other=0)
+    lo = tl.load(LO + tl.load(PERM + i_b * BT))  # the block's first token is a real one: its range starts first
+    hi = tl.max(tl.where(m_t, b_hi, lo), axis=0)
+    b_zy = tl.zeros([BT], dtype=tl.float32)
     for k0 in range(0, D, BK):
         o_k = k0 + tl.arange(0, BK).to(tl.int64)
-        m_k = o_k < D
-        b_h = tl.load(H + o_h + o_k * h_sd, mask=m_k, other=0.0).to(tl.float32)
-        b_zy += b_h * tl.load(W + i_y * w_sv + o_k * w_sd, mask=m_k, other=0.0).to(tl.float32)
-    zy = tl.sum(b_zy, axis=0)
-    b_max = tl.full([], -float("inf"), tl.float32)
-    b_sum = tl.full([], 0.0, tl.float32)
-    for v0 in range(0, cnt, BV):
-        o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV]
-        m_v = o_v < cnt
-        b_id = tl.load(DK + lo + o_v, mask=m_v, other=0) % vocab
-        b_z = tl.zeros([BV], dtype=tl.float32)
+        m_tk = m_t[:, None] & (o_k < D)[None, :]
+        b_h = tl.load(H + o_h[:, None] + o_k[None, :] * h_sd, mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.load(W + b_y[:, None] * w_sv + o_k[None, :] * w_sd, mask=m_tk, other=0.0).to(tl.float32)
+        b_zy += tl.sum(b_h * b_w, axis=1)
+    b_max = tl.full([BT], -float("inf"), tl.float32)
+    b_sum = tl.zeros([BT], dtype=tl.float32)
+    for v0 in range(lo, hi, BV):
+        o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV] positions in DK
+        m_v = o_v < hi
+        o_w = (tl.load(DK + o_v, mask=m_v, other=0) % vocab) * w_sv
+        b_z = tl.zeros([BT, BV], dtype=tl.float32)
         for k0 in range(0, D, BK):
             o_k = k0 + tl.arange(0, BK).to(tl.int64)
             m_k = o_k < D
-            b_h = tl.load(H + o_h + o_k * h_sd, mask=m_k, other=0.0).to(tl.float32)
-            b_w = tl.load(W + b_id[:, None] * w_sv + o_k[None, :] * w_sd, mask=m_v[:, None] & m_k[None, :], other=0.0)
-            b_z += tl.sum(b_w.to(tl.float32) * b_h[None, :], axis=1)
-        b_z = tl.where(m_v, (b_z - zy) / temperature, -float("inf"))
-        b_new = tl.maximum(b_max, tl.max(b_z, axis=0))
-        b_sum = b_sum * tl.exp(b_max - b_new) + tl.sum(tl.exp(b_z - b_new), axis=0)
+            b_h = tl.load(H + o_h[:, None] + o_k[None, :] * h_sd, mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
+            b_w = tl.load(W + o_w[:, None] + o_k[None, :] * w_sd, mask=m_v[:, None] & m_k[None, :], other=0.0)  # [BV, BK]
+            if b_h.dtype != b_w.dtype or b_h.dtype == tl.float64:  # mixed or float64 inputs: float32 tiles
+                b_h = b_h.to(tl.float32)
+                b_w = b_w.to(tl.float32)
+            b_z += _dot(b_h, tl.trans(b_w))
+        m_tv = m_t[:, None] & (o_v[None, :] >= b_lo[:, None]) & (o_v[None, :] < b_hi[:, None])
+        b_z = tl.where(m_tv, (b_z - b_zy[:, None]) / temperature, -float("inf"))
+        b_new = tl.maximum(b_max, tl.max(b_z, axis=1))
+        b_ref = tl.where(b_new == -float("inf"), 0.0, b_new)  # a row with no key in this tile yet
+        b_sum = b_sum * tl.exp(b_max - b_ref) + tl.sum(tl.exp(b_z - b_ref[:, None]), axis=1)
         b_max = b_new
-    tl.store(OUT + i_t, b_max + tl.log(b_sum))
+    tl.store(OUT + o_t, b_max + tl.log(b_sum), mask=m_t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -701,9 +715,12 @@ _TUNE_16 = {
     "err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
     "anchor": (("BV", "BD"), [_ANCHOR_TILE]),
-    "norm": (("BT", "BK"), [(32, 128, 4, 2)]),  # the input checks: bandwidth-bound, one fixed tile
+    # validation's kernels, one fixed tile each; the gpu_stages sweep on an H200 (value_checks of the whole
+    # qwen1.5b-step batch, 3.12 ms with norm 32x128 / 4 warps / 2 stages and implied 16x64x64):
+    # norm 32x256 with 3 stages 2.94 ms, implied BV=128 2.51 ms (h200-2026-11-27-run3-stages.log)
+    "norm": (("BT", "BK"), [(32, 256, 4, 3)]),
     "span_sum": (("BS",), [(128, 4, 1)]),
-    "implied": (("BV", "BK"), [(64, 128, 4, 2)]),
+    "implied": (("BT", "BV", "BK"), [(16, 128, 64, 4, 3)]),
     "lse": (("BT", "BV", "BK"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]),
     "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]),
@@ -715,7 +732,7 @@ _TUNE_32 = {
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "anchor": (("BV", "BD"), [_ANCHOR_TILE]),
     "norm": (("BT", "BK"), [(32, 128, 4, 2)]),
-    "implied": (("BV", "BK"), [(64, 128, 4, 2)]),
+    "implied": (("BT", "BV", "BK"), [(16, 64, 32, 4, 2)]),
     "span_sum": (("BS",), [(128, 4, 1)]),
     "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2)]),
     "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
@@ -738,7 +755,7 @@ _KEYS = {
     "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
 # Fixed blocks under the interpreter (the check kernels, one program per token, larger: fewer interpreted steps).
-_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "norm": dict(BT=64, BK=64), "implied": dict(BV=64, BK=64), "span_sum": dict(BS=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
+_SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "norm": dict(BT=64, BK=64), "implied": dict(BT=16, BV=32, BK=32), "span_sum": dict(BS=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
 _SMALL_DEFAULT = dict(BT=16, BV=16, BK=16)
 _tuned_cache: dict = {}
 

@@ -310,9 +310,11 @@ def value_checks(batch, weight_all_rows: Optional[bool], idx: Optional[torch.Ten
     ``lm_head_weight`` rows read (all, or those of the completion ids), from float32 sums of squares (a
     float32 overflow or NaN gives inf, which sends validation to its exact scans). ``excess`` (unless
     ``idx`` is None): float64 ``[k]``, :func:`~nthr_kernels.core.checks.implied_vstar_mass` at the canonical
-    tokens ``idx``, one program per sampled token over its group's ``V*``. It replaces the torch blocks of
-    the default path, whose many small launches took 17 of the 21 ms of host time of one validation at
-    the qwen1.5b-step shape (``benchmarks/results/h200-2026-11-27-explore-run2-profile.txt``)."""
+    tokens ``idx``: blocks of sampled tokens in group order, each block over its groups' ``V*`` (one weight
+    tile for every token of the block). It replaces the torch blocks of the default path, whose many small
+    launches took 17 of the 21 ms of host time of one validation at the qwen1.5b-step shape
+    (``benchmarks/results/h200-2026-11-27-explore-run2-profile.txt``); one program per sampled token took
+    2.9 ms of GPU time there (each read its group's weight rows on its own; ``h200-2026-11-27.md``)."""
     h, w = batch.hidden, batch.lm_head_weight
     d, dev, wd = h.shape[-1], batch.device, work_dtype(h, w)
     row_h = row_offsets(h, batch.tok_a, batch.tok_b)
@@ -330,9 +332,10 @@ def value_checks(batch, weight_all_rows: Optional[bool], idx: Optional[torch.Ten
         dk, lo, cnt = vstar_ranges(batch, idx)
         lse = torch.empty(idx.numel(), dtype=torch.float32, device=dev)
         if idx.numel():
-            launch("implied", lambda meta: (idx.numel(),), wd, h, row_h[idx].contiguous(), w, batch.tok_ids[idx].contiguous(),
-                   dk, lo.contiguous(), cnt.contiguous(), lse, d, batch.vocab_size, h.stride(-1), w.stride(0), w.stride(1),
-                   float(batch.opts.temperature))
+            perm = torch.argsort(lo, stable=True)  # the sampled tokens in group order (V* ranges ascending)
+            launch("implied", lambda meta: (triton.cdiv(idx.numel(), meta["BT"]),), wd, h, row_h[idx].contiguous(), w,
+                   batch.tok_ids[idx].contiguous(), dk, lo.contiguous(), cnt.contiguous(), perm, lse, idx.numel(), d,
+                   batch.vocab_size, h.stride(-1), w.stride(0), w.stride(1), float(batch.opts.temperature))
         excess = batch.gather(batch.old_logprobs, idx).double() + lse.double()
     return norms, excess
 
