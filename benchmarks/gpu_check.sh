@@ -43,10 +43,10 @@ fi
 # the CUDA tests compile many kernel variants: in parallel where pytest-xdist is there (the GPU image has it)
 PAR=()
 [ ${#SMOKE[@]} -eq 0 ] && "$PY" -c "import xdist" 2>/dev/null && PAR=(-n 8)
-step cuda-tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=8 "${PAR[@]}" tests/test_triton.py
+step cuda-tests 180 "$PY" -m pytest -q -p no:cacheprovider --durations=8 "${PAR[@]}" tests/test_triton.py
 SUITE=()
 [ -n "${GPU_CONFIGS:-}" ] && SUITE=(--configs "$GPU_CONFIGS")
-step suite 240 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" "${SUITE[@]}" --out "$OUT_DIR"
-step stages 200 "$PY" benchmarks/gpu_stages.py "${SMOKE[@]}" --out "$OUT_DIR"
+step suite 220 "$PY" benchmarks/gpu_suite.py "${SMOKE[@]}" "${SUITE[@]}" --out "$OUT_DIR"
+step stages 160 "$PY" benchmarks/gpu_stages.py "${SMOKE[@]}" --out "$OUT_DIR"
 echo "== gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in ${SECONDS}s; results in $OUT_DIR"
 exit $status

@@ -345,6 +345,59 @@ def test_value_checks_edge_inputs(variant):
     torch.testing.assert_close(norms, want, rtol=1e-5, atol=0)
 
 
+def test_gpu_check_steps_fit_one_device_call():
+    """The steps of benchmarks/gpu_check.sh time out, all together, within one 10-minute command on the lent
+    GPU machine (with a margin for the start of the script), so a slow step cannot cost the results of
+    the others."""
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    limits = [int(x) for x in re.findall(r"^\s*step [\w-]+ (\d+) ", text, flags=re.M)]
+    assert len(limits) == 4 and sum(limits) <= 590, limits
+
+
+@needs_triton
+def test_autotune_tables_share_their_order_blocks():
+    """Every config of a kernel's table has the same value of each block that sets a summation order
+    (``ORDER_BLOCKS``), so the autotuner's pick, which is by timing and may differ between processes,
+    cannot change the bits; and every tuned kernel says which of its blocks those are."""
+    from nthr_kernels.ops import triton_kernels as tk
+
+    for table in (tk._TUNE_16, tk._TUNE_32):
+        assert set(table) == set(tk._KERNELS)
+        for name, (keys, configs) in table.items():
+            if name not in ("err", "m"):  # the kernels with no summation outside a tl.dot
+                assert name in tk.ORDER_BLOCKS, f"{name}: which blocks set its summation order?"
+            for block in tk.ORDER_BLOCKS.get(name, ()):
+                values = {c[keys.index(block)] for c in configs}
+                assert len(values) == 1, f"{name}: the autotune configs differ in {block} ({sorted(values)})"
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,path,with_logprobs", [("score", "factored", True), ("err", "factored", True),
+                                                     ("m", "factored", True), ("seg_pair", "pairwise", True),
+                                                     ("err", "pairwise", True), ("lse", "factored", False)])
+def test_autotune_pick_does_not_change_the_bits(name, path, with_logprobs):
+    """Each config of the kernel's table, forced in turn, gives the bits of the first: the blocks outside
+    ``ORDER_BLOCKS`` only tile independent outputs or step a tl.dot's K dimension (one chain of MMAs on the
+    accumulator in K order whatever the step), which is what this checks on the GPU."""
+    import gpu_stages
+
+    from nthr_kernels.ops import triton_kernels as tk
+
+    b = on_device(case(seed=12, n_groups=4, group_size=8, lengths=(40, 300), d=192, vocab=3000, dtype=torch.bfloat16))
+    batch = validated(b, with_logprobs=with_logprobs)
+    keys, configs = tk._TUNE_16[name]
+    first = None
+    for cfg in configs:
+        with gpu_stages.forced(tk, name, dict(zip(keys, cfg[:-2])), cfg[-2], cfg[-1]):
+            scores, selected, _, tau, _ = triton_call(batch, path=path)
+        got = (scores.cpu(), selected.cpu(), tau.cpu())
+        if first is None:
+            first = got
+            continue
+        assert torch.equal(got[0], first[0]) and torch.equal(got[1], first[1]), f"{name} {cfg}: other score bits"
+        assert torch.equal(got[2].nan_to_num(), first[2].nan_to_num()), f"{name} {cfg}: other tau bits"
+
+
 @needs_triton
 def test_gpu_stages_forced_tiles_reach_every_caller_of_launch():
     """gpu_stages' sweeps force a tile on every module that imported ``launch`` (validation's kernels are

@@ -705,13 +705,22 @@ def span_sums(x: torch.Tensor, start: torch.Tensor, n: torch.Tensor, stride: int
 
 # Autotuning (GPU only; the interpreter uses the small fixed blocks). Each entry: tuned block sizes,
 # num_warps, num_stages. Keyed on the hidden size, the mode flags and (implicitly) the dtypes.
+#
+# The autotuner picks a config by timing, so two processes may pick different ones. The bits must not
+# depend on that pick: every config of a table has the same value of each block in ORDER_BLOCKS, the
+# blocks that set a summation order outside a tl.dot (a tl.sum over a tile, then a running sum over the
+# tiles). The other blocks tile independent outputs (BT, BD, BV of the errors and of M) or step a tl.dot's
+# own K dimension (BK, the M kernel's BU): ``acc += tl.dot(a, b)`` is one chain of MMAs on the accumulator,
+# in K order, whatever the step (test_autotune_pick_does_not_change_the_bits checks it on the GPU).
+ORDER_BLOCKS = {"score": ("BV",), "lse": ("BV",), "pair": ("BU",), "seg_pair": ("BU",), "anchor": ("BV", "BD"),
+                "implied": ("BV", "BK"), "norm": ("BK",), "zy": ("BK",), "span_sum": ("BS",)}
 # The anchor kernel reads the float32 N_i whatever the input dtype, and is bandwidth-bound: one fixed tile
 # for both tables (the partial-sum slots are sized for it). BV=64, 8 warps: 3.63 ms on the first chunk of
 # qwen1.5b-step on an H200, against 4.38 for 32x128 with 4 warps (gpu_stages sweep, 2026-11-27).
 _ANCHOR_TILE = (64, 128, 8, 2)
 _TUNE_16 = {
     "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
-    "score": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]),
+    "score": (("BT", "BV", "BK"), [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4)]),
     "err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
     "anchor": (("BV", "BD"), [_ANCHOR_TILE]),
@@ -721,21 +730,21 @@ _TUNE_16 = {
     "norm": (("BT", "BK"), [(32, 256, 4, 3)]),
     "span_sum": (("BS",), [(128, 4, 1)]),
     "implied": (("BT", "BV", "BK"), [(16, 128, 64, 4, 3)]),
-    "lse": (("BT", "BV", "BK"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]),
+    "lse": (("BT", "BV", "BK"), [(64, 256, 64, 8, 3), (128, 256, 64, 8, 3)]),
     "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
-    "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]),
+    "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
 }
 _TUNE_32 = {
     "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
-    "score": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
+    "score": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "err": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "anchor": (("BV", "BD"), [_ANCHOR_TILE]),
     "norm": (("BT", "BK"), [(32, 128, 4, 2)]),
     "implied": (("BT", "BV", "BK"), [(16, 64, 32, 4, 2)]),
     "span_sum": (("BS",), [(128, 4, 1)]),
-    "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2)]),
-    "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
+    "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
+    "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
     "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
 }
 _KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "anchor": _anchor_kernel,
@@ -754,7 +763,7 @@ _KEYS = {
     "pair": ["V", "D"],
     "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
 }
-# Fixed blocks under the interpreter (the check kernels, one program per token, larger: fewer interpreted steps).
+# Fixed blocks under the interpreter (validation's kernels larger: fewer interpreted steps).
 _SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "norm": dict(BT=64, BK=64), "implied": dict(BT=16, BV=32, BK=32), "span_sum": dict(BS=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
 _SMALL_DEFAULT = dict(BT=16, BV=16, BK=16)
 _tuned_cache: dict = {}

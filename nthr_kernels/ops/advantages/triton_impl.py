@@ -314,7 +314,8 @@ def value_checks(batch, weight_all_rows: Optional[bool], idx: Optional[torch.Ten
     tile for every token of the block). It replaces the torch blocks of the default path, whose many small
     launches took 17 of the 21 ms of host time of one validation at the qwen1.5b-step shape
     (``benchmarks/results/h200-2026-11-27-explore-run2-profile.txt``); one program per sampled token took
-    2.9 ms of GPU time there (each read its group's weight rows on its own; ``h200-2026-11-27.md``)."""
+    2.9 ms of GPU time there, each reading its group's weight rows on its own (the kernel profile of
+    ``h200-2026-11-27.json``)."""
     h, w = batch.hidden, batch.lm_head_weight
     d, dev, wd = h.shape[-1], batch.device, work_dtype(h, w)
     row_h = row_offsets(h, batch.tok_a, batch.tok_b)
