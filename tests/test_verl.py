@@ -200,6 +200,30 @@ def test_worker_capture_example_runs():
     mod._demo()  # asserts the capture reproduces the model's log-probs in both layouts, then runs the estimator
 
 
+def test_capture_keeps_only_the_rows_asked_for():
+    """``LMHeadInputCapture(model, rows=...)`` keeps, of the rows of all forwards together (in call order),
+    only the ones listed, as each forward comes: the same values as the whole capture, a [k, d] tensor per
+    forward (possibly empty), and ``rows_seen`` counts every row."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    seqs = [torch.randint(0, 30, (1, n)) for n in (5, 3, 7)]
+    rows = torch.tensor([1, 2, 3, 9, 10, 14])  # none of the second forward's rows (5..7)
+    with torch.no_grad(), nv.LMHeadInputCapture(model) as whole, nv.LMHeadInputCapture(model, rows=rows) as some:
+        for s in seqs:
+            model(input_ids=s)
+    assert whole.rows_seen == some.rows_seen == 15
+    assert [tuple(c.shape) for c in some.captured] == [(3, 16), (0, 16), (3, 16)]
+    every = torch.cat([c.reshape(-1, 16) for c in whole.captured])
+    assert torch.equal(torch.cat(some.captured), every[rows])
+    for bad, err in ((torch.tensor([2, 1]), ValueError), (torch.tensor([-1, 0]), ValueError),
+                     (torch.tensor([[0]]), TypeError), (torch.tensor([0.0]), TypeError), ([0, 1], TypeError)):
+        with pytest.raises(err, match="rows"):
+            nv.LMHeadInputCapture(model, rows=bad)
+
+
 # --------------------------------------------------------------------------------------------------
 # worker side: nthr_scale on the workers, GRPO times the scale on the driver
 # --------------------------------------------------------------------------------------------------

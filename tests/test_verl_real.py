@@ -229,3 +229,41 @@ def test_worker_inputs_follow_the_captured_hidden_states(monkeypatch):
     monkeypatch.setattr(verl_worker, "compute_nthr_scale", record)
     verl_worker.nthr_scale_on_worker(td, out, [c.to("meta") for c in cap.captured], model.lm_head.weight.detach(), None)
     assert len(seen) == 6 and all(dev.type == "meta" for dev in seen.values()), seen
+
+
+def test_worker_keeps_only_the_rows_that_predict_response_tokens(monkeypatch):
+    """compute_log_prob keeps, of the LM-head inputs of its forwards, only the rows that predict response
+    tokens (hidden position t predicts token t + 1): no prompt row and no sequence's last row is kept (before,
+    every row of every micro-batch was kept to the end of the forward and then copied whole by a torch.cat).
+    The scale is that of the whole capture, bit for bit."""
+    from nthr_kernels.integrations import verl_worker
+
+    made = []
+
+    class Spy(nv.LMHeadInputCapture):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(verl_worker, "LMHeadInputCapture", Spy)
+    model = _model()
+    worker = object.__new__(nthr_actor_worker(beta=0.0))
+    worker.enable_routing_replay = False
+    worker.actor = _Actor(_Engine(model, None))
+    batch = _batch(seed=2)
+    td = _worker_td(batch)
+    out = worker.compute_log_prob(td)
+    (cap,) = made
+    kept = torch.cat([c.reshape(-1, c.shape[-1]) for c in cap.captured])
+    am = batch.batch["attention_mask"]
+    n_tok, n_resp = int(am.sum()), int(am[:, P:].sum())
+    assert len(cap.captured) == am.shape[0]  # one forward per sequence here, one kept chunk each
+    assert kept.shape[0] == n_resp < n_tok
+    # the kept rows are the whole capture's rows at the response positions of verl's padded layout
+    with nv.LMHeadInputCapture(model) as whole:
+        own = worker.actor.infer_batch(td)
+    padded = no_padding_2_padding(torch.cat([c.reshape(-1, c.shape[-1]) for c in whole.captured]), td)
+    assert torch.equal(kept, padded[am[:, P:].bool()])
+    ref = verl_worker.nthr_scale_on_worker(td, own, whole.captured, model.lm_head.weight.detach(), None, {"beta": 0.0})
+    assert bool((ref != 1).any())
+    assert torch.equal(out[nv.SCALE_KEY], ref)

@@ -254,30 +254,60 @@ def compute_nthr_outcome_advantage(token_level_rewards: torch.Tensor, response_m
 class LMHeadInputCapture:
     """Context manager recording the lm_head input of every forward of ``model`` (in call order).
 
-    ``captured``: a list of tensors ``[..., d]`` (detached). Uses a forward pre-hook on
-    ``model.get_output_embeddings()``; if a forward ends without the head being called (fused log-prob
-    kernels), the backbone's ``last_hidden_state`` of that forward is recorded instead.
+    ``captured``: a list of tensors (detached). Uses a forward pre-hook on ``model.get_output_embeddings()``;
+    if a forward ends without the head being called (fused log-prob kernels), the backbone's
+    ``last_hidden_state`` of that forward is recorded instead.
+
+    ``rows=None``: each recorded tensor is kept whole (``[..., d]``, prompt rows included). ``rows``: a
+    sorted 1-D integer tensor of indices into the rows of all forwards together (each recorded tensor
+    flattened to ``[n, d]``, in call order); only those rows are kept (``captured`` then holds ``[k, d]``
+    copies, one per forward, and the forward's own tensor is released with it). The verl worker passes the
+    rows that predict response tokens (:func:`verl_worker.response_rows`), so the prompt rows and the last
+    row of each sequence are never kept. ``rows_seen`` counts the rows recorded (all of them, kept or not).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, rows: Optional[torch.Tensor] = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.head = base.get_output_embeddings()
         self.backbone = base.base_model
         if self.head is None or self.backbone is base:
             raise ValueError("model: expected a Hugging Face causal LM with an lm_head and a backbone")
+        if rows is not None:
+            if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype.is_floating_point \
+                    or rows.dtype.is_complex or rows.dtype == torch.bool:
+                raise TypeError("rows: expected a 1-D integer tensor of row indices")
+            rows = rows.to("cpu", torch.int64)
+            if rows.numel() and (int(rows[0]) < 0 or bool((rows.diff() <= 0).any())):
+                raise ValueError("rows: expected strictly increasing non-negative row indices")
+        self.rows = rows
+        self.rows_seen = 0
         self.captured: list = []
+        self._rows_on: dict = {}
         self._pending: Optional[torch.Tensor] = None
         self._handles: list = []
+
+    def _record(self, h: torch.Tensor) -> None:
+        flat = h.reshape(-1, h.shape[-1])
+        start, n = self.rows_seen, flat.shape[0]
+        self.rows_seen += n
+        if self.rows is None:
+            self.captured.append(h)
+            return
+        lo, hi = (int(i) for i in torch.searchsorted(self.rows, torch.tensor([start, start + n])))
+        on = self._rows_on.get(flat.device)
+        if on is None:
+            on = self._rows_on[flat.device] = self.rows.to(flat.device)
+        self.captured.append(flat.index_select(0, on[lo:hi] - start))  # [0, d] when none is kept
 
     def __enter__(self):
         def on_backbone(_m, _a, out):
             if self._pending is not None:  # the head was never called on the previous backbone output
-                self.captured.append(self._pending)
+                self._record(self._pending)
             h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             self._pending = h.detach()
 
         def on_head(_m, args):
-            self.captured.append(args[0].detach())
+            self._record(args[0].detach())
             self._pending = None
 
         self._handles = [self.backbone.register_forward_hook(on_backbone), self.head.register_forward_pre_hook(on_head)]
@@ -287,7 +317,7 @@ class LMHeadInputCapture:
         for h in self._handles:
             h.remove()
         if self._pending is not None:
-            self.captured.append(self._pending)
+            self._record(self._pending)
             self._pending = None
         return False
 
