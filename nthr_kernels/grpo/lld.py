@@ -14,7 +14,6 @@ where the methods differ (at 3e-4 most questions already lose likelihood under e
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 import time
@@ -22,6 +21,7 @@ import time
 import torch
 
 from .loop import METHODS, grpo_step, nthr_result, token_advantages
+from . import seeds as _seeds
 from .model import torch_threads
 from .rollout import Rollout, collect_rollout, completion_logprobs
 from .stats import paired, summarize
@@ -105,10 +105,10 @@ def concat_rollouts(rollouts: list[Rollout]) -> Rollout:
 
 
 def stream(seed: int, purpose: str) -> torch.Generator:
-    """The random stream of one purpose of one seed. Streams of different seeds and purposes never coincide
-    (seed s's random selection used to be seeded s + 1, which is seed s + 1's sampling stream)."""
-    digest = hashlib.sha256(f"nthr-kernels lld {purpose} {seed}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    """The random stream of one purpose of one seed of the study (:mod:`nthr_kernels.grpo.seeds`): streams of
+    different seeds and purposes never coincide (seed s's random selection used to be seeded s + 1, which is
+    seed s + 1's sampling stream)."""
+    return _seeds.stream("lld", purpose, seed)
 
 
 def collect_mixed_groups(model, task: AdditionTask, n_questions: int, *, group_size: int = 8,
@@ -123,7 +123,8 @@ def collect_mixed_groups(model, task: AdditionTask, n_questions: int, *, group_s
     kept, n_mixed, n_seen, correct = [], 0, 0, 0.0
     bar = tqdm(total=n_questions, desc="sampling mixed groups", disable=not progress, leave=False)
     for b in range(max_batches):
-        problems = task.sample_problems(batch_prompts, seed=seed * 100_003 + b)
+        # its own stream (seed * 100_003 + b was, for seed 0, the pretraining's problems of step b)
+        problems = task.sample_problems(batch_prompts, seed=_seeds.seed_of("lld", "problems", seed, b))
         ro = collect_rollout(model, task, problems, group_size=group_size, temperature=temperature, generator=gen)
         n_seen += ro.n_groups
         correct += float(ro.rewards.sum())

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from . import seeds as _seeds
 from .model import torch_threads
 from .rollout import Rollout, collect_rollout, completion_logprobs
 from .task import AdditionTask
@@ -154,13 +155,18 @@ def train(model, task: AdditionTask, *, method: str = "grpo", steps: int = 20, p
     Every step samples fresh problems, ``group_size`` responses each, computes the token advantages
     once from the old policy (they stay fixed through the ``ppo_epochs``) and takes ``ppo_epochs``
     AdamW steps. Everything random is drawn from ``seed``, so two methods started from the same
-    weights and seed see the same problems (the responses differ once the policies differ).
+    weights and seed see the same problems (the responses differ once the policies differ). Each draw
+    has a stream of its own (:mod:`nthr_kernels.grpo.seeds`): the problems of each step, the rollouts
+    (responses and the random selection), the held-out problems and the evaluation samples; no stream
+    of one seed is a stream of another seed, of another purpose, or of the model's pretraining.
     """
     _check_method(method)
     for name, v in (("steps", steps), ("prompts_per_step", prompts_per_step), ("ppo_epochs", ppo_epochs),
                     ("eval_every", eval_every)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     with torch_threads():
         return _train(model, task, method, steps, prompts_per_step, group_size, lr, ppo_epochs, eta, beta, kl_coef,
                       temperature, eval_every, eval_problems, seed, backend, progress)
@@ -172,22 +178,25 @@ def _train(model, task, method, steps, prompts_per_step, group_size, lr, ppo_epo
 
     from tqdm.auto import tqdm
 
-    eval_problems = list(eval_problems) if eval_problems is not None else task.sample_problems(128, seed=10**6 + seed)
+    if eval_problems is None:
+        eval_problems = task.sample_problems(128, seed=_seeds.seed_of("train", "evaluation problems", seed))
+    eval_problems = list(eval_problems)
     ref_model = copy.deepcopy(model).eval() if kl_coef else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
+    gen = _seeds.stream("train", "rollouts", seed)  # responses and the random selection, step after step
+    eval_seed = _seeds.seed_of("train", "evaluation", seed)  # the same samples at every evaluation
     hist = {"method": method, "step": [], "eval_acc": [], "train_reward": [], "selected_frac": [], "seconds": []}
     t0 = time.perf_counter()
 
     def log_eval(step):
         hist["step"].append(step)
-        hist["eval_acc"].append(evaluate(model, task, eval_problems, seed=seed + 7))
+        hist["eval_acc"].append(evaluate(model, task, eval_problems, seed=eval_seed))
         hist["seconds"].append(time.perf_counter() - t0)
 
     log_eval(0)
     bar = tqdm(range(1, steps + 1), desc=f"train {method}", disable=not progress, leave=False)
     for step in bar:
-        problems = task.sample_problems(prompts_per_step, seed=seed * 7919 + step)
+        problems = task.sample_problems(prompts_per_step, seed=_seeds.seed_of("train", "problems", seed, step))
         ro = collect_rollout(model, task, problems, group_size=group_size, temperature=temperature, generator=gen)
         adv, sel = token_advantages(model, ro, method, eta=eta, beta=beta, backend=backend, generator=gen)
         neg = ro.mask & (ro.rewards <= 0.5).unsqueeze(1)

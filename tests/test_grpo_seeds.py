@@ -1,0 +1,134 @@
+"""No two random streams of the GRPO loop, the LLD study and the default model's pretraining coincide.
+
+The draws are recorded where they happen: every ``AdditionTask.sample_problems`` seed (Python's
+``random.Random`` streams: the problems), every ``torch.manual_seed`` (the model's initialisation), the
+generator each rollout samples from and the seed of each evaluation (torch streams). The heavy parts
+(sampling, the updates) are stubbed out: only the seeds matter here. Before, the GRPO run of seed 0 sampled
+its responses from the initialisation stream (``manual_seed(0)``), seed s evaluated on seed s + 7's rollout
+stream, seed 0 trained on the problems of the pretraining's first steps (``seed * 7919 + step``) and the
+LLD study's seed 0 asked the questions of the pretraining's first batches (``seed * 100_003 + b``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nthr_kernels.grpo import lld, loop
+from nthr_kernels.grpo import model as model_mod
+from nthr_kernels.grpo.demo import FULL_STUDY
+from nthr_kernels.grpo.model import DEFAULT_SPEC
+from nthr_kernels.grpo.task import AdditionTask
+
+RUN_SEEDS = list(range(10))  # several seeds of one study, compared in one table
+STEPS = 4
+
+
+@pytest.fixture
+def draws(monkeypatch):
+    """``(who, seed)`` of every problem draw and every torch stream, with ``who`` set by the test."""
+    rec = SimpleNamespace(who="?", problems=[], torch=[])
+    sample = AdditionTask.sample_problems
+
+    def sample_problems(self, n, seed):
+        rec.problems.append((rec.who, seed))
+        return sample(self, n, seed)
+
+    manual_seed = torch.manual_seed
+
+    def recording_manual_seed(seed):
+        rec.torch.append((rec.who, int(seed)))
+        return manual_seed(seed)
+
+    monkeypatch.setattr(AdditionTask, "sample_problems", sample_problems)
+    monkeypatch.setattr(torch, "manual_seed", recording_manual_seed)
+    return rec
+
+
+def _stub_rollouts(monkeypatch, module, rec, mixed: bool):
+    def collect_rollout(model, task, problems, *, group_size, temperature, generator, **_):
+        rec.torch.append((rec.who, generator.initial_seed()))  # one generator per run, continued step after step
+        n = len(problems) * group_size
+        rewards = torch.tensor([float(mixed and i % 2) for i in range(n)])
+        return SimpleNamespace(mask=torch.ones(n, 1, dtype=torch.bool), rewards=rewards, n_groups=len(problems),
+                               mixed_groups=lambda: torch.zeros(len(problems), dtype=torch.bool))
+
+    monkeypatch.setattr(module, "collect_rollout", collect_rollout)
+
+
+def _stub_training(monkeypatch, rec):
+    _stub_rollouts(monkeypatch, loop, rec, mixed=True)
+    monkeypatch.setattr(loop, "token_advantages",
+                        lambda model, ro, method, **k: (torch.zeros_like(ro.mask, dtype=torch.float32),
+                                                        torch.zeros_like(ro.mask)))
+    monkeypatch.setattr(loop, "grpo_step", lambda *a, **k: {})
+
+    def evaluate(model, task, problems, *, seed, **_):
+        rec.torch.append((f"{rec.who} evaluation", seed))  # the same samples at every evaluation: one stream
+        return 0.0
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+
+
+def _pretraining(rec):
+    """The default model's pretraining draws (its seed and steps; a model small enough to train in a blink)."""
+    spec = replace(DEFAULT_SPEC, hidden_size=4, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
+                   num_key_value_heads=1, batch_size=1, warmup=1)
+    rec.who = "pretraining"
+    model_mod.pretrain(spec, progress=False)
+
+
+def _train_runs(rec, method="grpo"):
+    task = AdditionTask(DEFAULT_SPEC.n_digits)
+    for s in RUN_SEEDS:
+        rec.who = f"train seed {s}"
+        loop.train(torch.nn.Linear(1, 1), task, method=method, steps=STEPS, prompts_per_step=2, group_size=2,
+                   eval_every=2, seed=s, progress=False)
+
+
+def _lld_seeds(rec):
+    task = AdditionTask(DEFAULT_SPEC.n_digits)
+    for s in FULL_STUDY.seeds:
+        rec.who = f"lld seed {s}"
+        with pytest.raises(RuntimeError, match="no mixed group"):
+            lld.collect_mixed_groups(None, task, 1, group_size=2, seed=s, batch_prompts=2, max_batches=3,
+                                     progress=False)
+        for purpose in ("random selection", "top-K random baseline"):  # the study's other streams
+            rec.torch.append((f"{rec.who} {purpose}", lld.stream(s, purpose).initial_seed()))
+
+
+def _clashes(records):
+    owners = {}
+    for who, seed in records:
+        owners.setdefault(seed, set()).add(who)
+    return {seed: sorted(w) for seed, w in owners.items() if len(w) > 1}
+
+
+def test_no_two_streams_coincide(monkeypatch, draws):
+    _stub_training(monkeypatch, draws)
+    _stub_rollouts(monkeypatch, lld, draws, mixed=False)
+    _pretraining(draws)
+    _train_runs(draws)
+    _lld_seeds(draws)
+    assert ("pretraining", DEFAULT_SPEC.seed) in draws.torch  # the model's initialisation stream was seen
+    n_problem_draws = DEFAULT_SPEC.steps + len(RUN_SEEDS) * (STEPS + 1) + 3 * len(FULL_STUDY.seeds)
+    assert len(draws.problems) == n_problem_draws
+    assert _clashes(draws.problems) == {}  # problems: pretraining vs runs vs the study, steps, seeds
+    assert len({s for _, s in draws.problems}) == n_problem_draws  # and no step or batch repeats another's
+    assert _clashes(draws.torch) == {}  # init vs rollouts vs evaluation vs the study's streams
+
+
+def test_two_methods_of_one_seed_draw_the_same_streams(monkeypatch, draws):
+    """What train() promises: two methods from the same seed see the same problems and streams."""
+    _stub_training(monkeypatch, draws)
+    _train_runs(draws, "grpo")
+    first = (list(draws.problems), list(draws.torch))
+    draws.problems.clear()
+    draws.torch.clear()
+    _train_runs(draws, "nthr")
+    assert (draws.problems, draws.torch) == first
+    with pytest.raises(TypeError, match="seed"):
+        loop.train(torch.nn.Linear(1, 1), AdditionTask(1), seed=1.5, progress=False)
