@@ -330,7 +330,7 @@ void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
       const int64_t tn = std::min(g.tb, g.T - t0);
       for (int64_t i = 0; i < tn; ++i) ids[i] = p.tok_ids[g.toks[t0 + i]];
       dot_weight_rows(p.weight, ids.data(), g.hrows(p, t0, tn), tn, d, ws.prod, g.lz.data() + t0);
-      for (int64_t i = 0; i < tn; ++i) g.lz[t0 + i] = g.lz[t0 + i] / p.temperature - p.logprobs[g.toks[t0 + i]];
+      for (int64_t i = 0; i < tn; ++i) g.lz[t0 + i] = vec::scaled_logit(g.lz[t0 + i], p.temperature) - p.logprobs[g.toks[t0 + i]];
     }
     return;
   }
@@ -354,7 +354,7 @@ void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
 
 // E [T, cw] = onehot - exp(z / T - log Z) on columns [c0, c0 + cw) of V*, rows g.ld apart; with the weight,
 // each row finished by the logits GEMM's epilogue while it is in cache (with g.lz_from_row, first its
-// log Z = z[y_t] / T - l_t from its own logit).
+// log Z = z[y_t] / T - l_t from its own logit, z / T rounded as neg_softmax_slice rounds it).
 void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
   const int64_t d = p.d, ld = g.ld = errors_width(p, g, cw);
   if (p.weight.defined()) {
@@ -368,7 +368,7 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
       for (int64_t i = r0; i < r0 + rn; ++i) {
         float* row = et + i * ld;
         const int64_t t = t0 + i, c = g.col[t] - c0;
-        if (g.lz_from_row) g.lz[t] = row[c] / p.temperature - p.logprobs[g.toks[t]];
+        if (g.lz_from_row) g.lz[t] = vec::scaled_logit(row[c], p.temperature) - p.logprobs[g.toks[t]];
         vec::neg_softmax_slice(row, cw, p.temperature, g.lz[t]);
         if (c >= 0 && c < cw) row[c] += 1.0f;
       }

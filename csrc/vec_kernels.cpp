@@ -132,7 +132,9 @@ NTHR_INLINE V chained_sum(int64_t n, int64_t* tail, Step step) {
 NTHR_CLONES
 void lse_update(const float* x, int64_t n, float temperature, float* run_max, float* run_sum) {
   if (n <= 0) return;
-  // x / T as x * (1 / T) (within 1 ulp of the division; exact for T = 1, the usual case)
+  // x / T as x * (1 / T) (within 1 ulp of the division; exact for T = 1, the usual case), the product
+  // rounded before the shift is subtracted (never one FMA): neg_softmax_slice and lz_from_row (advantages.cpp)
+  // round it the same way, so a certain token's exp(x / T - log Z) is exactly 1
   const float inv = 1.0f / temperature;
   const fvec iv = splat(inv);
   fvec vm = splat(-INFINITY);
@@ -149,9 +151,9 @@ void lse_update(const float* x, int64_t n, float temperature, float* run_max, fl
   const fvec nm = splat(new_max);
   fvec vs = fvec{};
   i = 0;
-  for (; i + kLanes <= n; i += kLanes) vs += vexp(fmadd(load(x + i), iv, -nm));
+  for (; i + kLanes <= n; i += kLanes) vs += vexp(load(x + i) * iv - nm);
   float s = hsum(vs);
-  for (; i < n; ++i) s += sexp(fmadd(x[i], inv, -new_max));
+  for (; i < n; ++i) s += sexp(x[i] * inv - new_max);
   const float old = *run_sum == 0.0f ? 0.0f : *run_sum * sexp(*run_max - new_max);
   *run_sum = old + s;
   *run_max = new_max;
@@ -175,7 +177,7 @@ void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, flo
     const fvec live = nm == ninf ? zero : splat(1.0f);  // lanes whose values are all -inf so far: unchanged
     const fvec shift = nm == ninf ? zero : nm;
     fvec vs = fvec{};
-    for (int64_t r = 0; r < rows; ++r) vs += vexp(fmadd(load(z + r * ld + c), iv, -shift));
+    for (int64_t r = 0; r < rows; ++r) vs += vexp(load(z + r * ld + c) * iv - shift);  // as lse_update
     const fvec old = old_sum == zero ? zero : old_sum * vexp(old_max - shift);
     store(run_sum + c, live == zero ? old_sum : old + vs);
     store(run_max + c, nm);
@@ -187,7 +189,7 @@ void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, flo
     const float new_max = m > run_max[c] ? m : run_max[c];
     if (new_max == -INFINITY) continue;
     float s = 0.0f;
-    for (int64_t r = 0; r < rows; ++r) s += sexp(fmadd(z[r * ld + c], inv, -new_max));
+    for (int64_t r = 0; r < rows; ++r) s += sexp(z[r * ld + c] * inv - new_max);
     const float old = run_sum[c] == 0.0f ? 0.0f : run_sum[c] * sexp(run_max[c] - new_max);
     run_sum[c] = old + s;
     run_max[c] = new_max;
@@ -199,8 +201,8 @@ void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z) {
   const float inv = 1.0f / temperature;
   const fvec iv = splat(inv), lz = splat(log_z);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store(e + i, -vexp(fmadd(load(e + i), iv, -lz)));
-  for (; i < n; ++i) e[i] = -sexp(fmadd(e[i], inv, -log_z));
+  for (; i + kLanes <= n; i += kLanes) store(e + i, -vexp(load(e + i) * iv - lz));  // product rounded: lse_update
+  for (; i < n; ++i) e[i] = -sexp(e[i] * inv - log_z);
 }
 
 static NTHR_INLINE float dot_body(const float* a, const float* b, int64_t n) {

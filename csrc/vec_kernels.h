@@ -17,7 +17,11 @@ void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, flo
                      float* run_sum);
 
 // In place: e[i] = -exp(e[i] * (1 / temperature) - log_z). The caller adds the one-hot term.
+// Here and in the log-sum-exps above, x / T is scaled_logit(x, T), rounded before anything is subtracted
+// (-ffp-contract=off keeps it so): a log Z taken from the same scaled logit gives a certain token exactly 1.
 void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z);
+
+inline float scaled_logit(float z, float temperature) { return z * (1.0f / temperature); }
 
 // Dot product in float32 with a fixed (deterministic) lane-wise summation order.
 float dot(const float* a, const float* b, int64_t n);

@@ -187,3 +187,33 @@ def test_score_positive(backend, anchor, source):
     torch.testing.assert_close(default.scores[~pos], full.scores[~pos], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(default.tau, full.tau, equal_nan=True)
     assert torch.equal(default.selected, full.selected)
+
+
+def _certain_token_logits(b, spread: bool) -> torch.Tensor:
+    """Logits in which every completion token (id 0) is certain: ``|V| = 1``, or (``spread``) four more
+    columns 300 below, whose probabilities are 0 in float32 at these temperatures."""
+    z = (b.hidden.double() @ b.lm_head_weight.double().T).to(b.hidden.dtype)
+    return torch.cat([z] + [z - 300.0] * 4, dim=-1) if spread else z
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+@pytest.mark.parametrize("spread", [False, True], ids=["vocab1", "vocab5"])
+def test_certain_tokens_with_logits_score_zero(backend, dtype, temperature, spread):
+    """A certain token (p = 1 in float32; |V| = 1, or the other logits 300 below) has error 0, so every
+    score is exactly 0 and nothing is selected, at any temperature, as in the reference: log Z and the
+    errors must scale the logits with the same rounding (the native backend fused z * (1/T) - shift into
+    one FMA in both its log-sum-exp and its errors, unrounded product against a rounded one: scores of
+    1e-13, several tokens selected at T != 1)."""
+    import nthr_kernels as nk
+
+    b = case(seed=3, n_groups=3, group_size=4, lengths=(1, 9), d=8, vocab=1, temperature=temperature, dtype=dtype)
+    kw = b.kwargs(with_logprobs=False)
+    kw.pop("lm_head_weight")
+    for beta in (1.0, 0.0):
+        res = nk.nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, logits=_certain_token_logits(b, spread),
+                                 backend=backend, beta=beta, **kw)
+        assert bool(res.active.all())
+        assert bool((res.scores == 0).all()), (beta, float(res.scores.abs().max()))
+        assert not bool(res.selected.any()), beta

@@ -636,3 +636,20 @@ def test_native_mm_non_finite_values_stay_in_their_rows_and_columns():
         assert torch.equal(torch.isinf(out), torch.isinf(want))
         ok = torch.isfinite(want)
         assert ((out - want).abs()[ok] <= TOL[torch.float32] * (x.abs() @ y.abs())[ok]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_certain_tokens_with_old_logprobs_score_zero(dtype, temperature):
+    """|V| = 1 with the weight and old log-probs 0: V* is one column block, so log Z comes from each token's
+    own logit in the GEMM's epilogue (lz_from_row) and must scale it as the errors do; it took z / T there
+    and z * (1/T) fused with the subtraction in the errors: certain tokens got errors of 1e-7, scores of
+    1e-13 and were selected at T != 1. (The torch backend takes z_y from another sum than the errors' GEMM,
+    so it is not exact here; tests/test_backends.py checks every backend with logits.)"""
+    b = case(seed=3, n_groups=3, group_size=4, lengths=(1, 9), d=8, vocab=1, temperature=temperature, dtype=dtype)
+    assert bool((b.old_logprobs[b.mask] == 0).all())
+    for beta in (1.0, 0.0):
+        res = run(b, "native", beta=beta)
+        assert bool((res.scores == 0).all()), (beta, float(res.scores.abs().max()))
+        assert not bool(res.selected.any()), beta
