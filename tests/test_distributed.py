@@ -349,6 +349,22 @@ DIFFERENT_ON_RANK_1 = {
 }
 
 
+# ||h||^2 as a share of FLOAT32_MAX: the scores' bound 2 T+ max|y_i| ||h||^2 is 4x the share over the whole
+# group (T+ = 2), 2x on each rank (T+ = 1)
+SCORE_RANGE = {"beyond": 0.35, "within": 0.2}
+
+
+def _score_range_batch(share):
+    """One group of four one-token responses: the positive ones (0, 2) sample id 0, the negative ones id 1,
+    each sampled token improbable (``e = +-(1, -1)``, so ``|e_u . e_t| = 2``), every hidden row the same with
+    ``||h||^2 = share * FLOAT32_MAX``: each score is ``2 T+ ||h||^2``, the bound itself."""
+    c = math.sqrt(share * torch.finfo(torch.float32).max / 4)  # d = 4: ||h|| = 2c
+    return dict(hidden=torch.full((4, 1, 4), c), token_ids=torch.tensor([[0], [1], [0], [1]]),
+                rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]), advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]),
+                logits=torch.tensor([[[0.0, 30.0]], [[30.0, 0.0]]]).repeat(2, 1, 1),
+                mask=torch.ones(4, 1, dtype=torch.bool), group_ids=torch.zeros(4, dtype=torch.int64))
+
+
 def _bad_arg_results(rank, world):
     b, gid, src, _ = _full("random_padded")
     rows = (_assignment("random_padded", b.rewards.numel(), world) == rank).nonzero().squeeze(1)
@@ -366,6 +382,14 @@ def _bad_arg_results(rank, world):
             out[name] = ("no error", "", time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - recorded for the test to judge
             out[name] = (type(e).__name__, str(e), time.perf_counter() - t0)
+    for case, share in SCORE_RANGE.items():  # rank r holds responses 2r and 2r + 1
+        kw = {k: v[2 * rank : 2 * rank + 2] for k, v in _score_range_batch(share).items()}
+        try:
+            r = nthr_advantages(kw.pop("hidden"), kw.pop("token_ids"), kw.pop("rewards"), kw.pop("advantages"),
+                                process_group=dist.group.WORLD, **kw)
+            out["score range: " + case] = ("no error", "", r.__dict__)
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            out["score range: " + case] = (type(e).__name__, str(e), None)
     return out
 
 
@@ -399,3 +423,26 @@ def test_options_that_differ_between_ranks_raise_on_every_rank(bad_arg_outcomes,
     (kind0, msg0, _), (kind1, msg1, _) = (r["differs: " + option] for r in bad_arg_outcomes)
     assert (kind0, msg0) == (kind1, msg1), "the ranks raised different errors"
     assert kind0 == "ValueError" and msg0.startswith(f"{option}: differs between ranks"), msg0
+
+
+@pytest.mark.parametrize("case", list(SCORE_RANGE))
+def test_score_range_counts_the_positive_tokens_of_every_rank(bad_arg_outcomes, case):
+    """The float32 range check of the scores (``2 max_g T+_g max_i |y_i| H^2``, docs/NTHR.md) takes the
+    group's T+ over all ranks, as one process does: with T+ counted per rank it passed a group split over
+    two ranks whose scores overflow (-inf scores, tau = inf, no error), which one process refuses."""
+    b = _score_range_batch(SCORE_RANGE[case])
+    try:
+        single = nthr_advantages(b.pop("hidden"), b.pop("token_ids"), b.pop("rewards"), b.pop("advantages"),
+                                 backend="torch", **b)
+        want = ("no error", "")
+    except ValueError as e:
+        want = ("ValueError", str(e))
+    for rank, r in enumerate(bad_arg_outcomes):
+        kind, msg, res = r["score range: " + case]
+        assert (kind, msg) == want
+        if case == "within":
+            assert torch.equal(res["scores"], single.scores[2 * rank : 2 * rank + 2])
+            assert torch.equal(res["tau"], single.tau)
+            assert bool(torch.isfinite(single.tau).all())
+        else:
+            assert msg.startswith("hidden: ") and "beyond float32 range" in msg

@@ -283,20 +283,38 @@ def score_terms(pos_tok_per_group: torch.Tensor, pos_len: torch.Tensor) -> torch
     return 2.0 * top(pos_tok_per_group) * top(pos_len)
 
 
+def score_range_error(terms: float, h: float) -> Optional[ValueError]:
+    """The error of the scores' float32 range for :func:`score_terms` ``terms`` and the exact largest norm
+    ``h`` of the hidden rows read; None when ``terms * h^2 <= FLOAT32_MAX``."""
+    bound = terms * h * h
+    if bound <= FLOAT32_MAX:
+        return None
+    return ValueError(
+        f"hidden: row norms up to {h:.4g} let the scores and anchor sums reach {bound:.3g} "
+        f"(2 x positive tokens of a group x positive response length x norm^2), beyond float32 range "
+        f"({FLOAT32_MAX:.4g}); the maths is float32: scale hidden down{_SKIP_HINT}")
+
+
+def score_range_fails(terms: torch.Tensor, top_h: torch.Tensor) -> torch.Tensor:
+    """0-d bool: ``terms * top_h^2`` beyond float32 range (or NaN), for a bound ``top_h`` on the hidden rows'
+    norms that may be loose: only then need :func:`score_range_error` the exact norm."""
+    return ~(terms * top_h.double() ** 2 <= FLOAT32_MAX)
+
+
+def hidden_norm_top(batch: "Batch", exact: bool = False) -> torch.Tensor:
+    """0-d largest norm of ``hidden``'s rows at the batch's tokens (0 when none): float32 (float64 for
+    float64 hidden), as the norm pass of the checks computes it, or (``exact``) in float64."""
+    norms = torch.linalg.vector_norm(batch.hidden.detach(), dim=-1, dtype=torch.float64 if exact or
+                                     batch.hidden.dtype == torch.float64 else torch.float32)
+    norms = batch.gather(norms)
+    return norms.max() if norms.numel() else norms.new_zeros(())
+
+
 def _defer_score_range(pending: Pending, terms: torch.Tensor, top_h: torch.Tensor, exact_h) -> None:
     """The float32 range of the scores and anchor sums: ``terms * H^2 <= FLOAT32_MAX`` (:func:`score_terms`)
     for the bound ``top_h`` on the hidden rows' norms; the builder recomputes ``H`` exactly in float64
     (``exact_h()``, failure path only: ``top_h`` may be a looser bound, or a float32 norm that overflowed)."""
-    def build():
-        h = exact_h()
-        bound = float(terms) * h * h
-        if bound <= FLOAT32_MAX:
-            return None
-        return ValueError(
-            f"hidden: row norms up to {h:.4g} let the scores and anchor sums reach {bound:.3g} "
-            f"(2 x positive tokens of a group x positive response length x norm^2), beyond float32 range "
-            f"({FLOAT32_MAX:.4g}); the maths is float32: scale hidden down{_SKIP_HINT}")
-    pending.fail_if(~(terms * top_h.double() ** 2 <= FLOAT32_MAX), build)
+    pending.fail_if(score_range_fails(terms, top_h), lambda: score_range_error(float(terms), exact_h()))
 
 
 def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows=None,

@@ -9,15 +9,20 @@ Algorithm (the factored form of the torch backend; every rank issues the same co
 
 1. Every rank runs every check (those of the single-process path and those of this one: ``group_ids``
    required, ``group_size`` refused, backend, ``comm_stats``) without raising, then one ``all_gather`` of a
-   small descriptor (validation status, ``d``, ``|V|``, temperature, beta, anchor, eta, number of local
-   groups). If any rank failed, one more ``all_gather_object`` shares the first failing rank's error and
-   every rank raises it (same type, same message, with the rank named); if all agree, no rank raises
-   later on its inputs. Then every rank checks that the shared scalars agree.
+   small descriptor (validation status, ``d``, ``|V|``, temperature, beta, anchor, eta, the longest local
+   positive response and largest local hidden row norm, number of local groups). If any rank failed, one
+   more ``all_gather_object`` shares the first failing rank's error and every rank raises it (same type,
+   same message, with the rank named); if all agree, no rank raises later on its inputs. Then every rank
+   checks that the shared scalars agree.
 2. ``all_gather`` of the local sorted group ids: every rank knows the global sorted list of groups,
    including those it holds no response of.
 3. ``all_reduce(SUM)`` of the per-group statistics ``[responses, positive responses, positive tokens,
    present]`` (int64): ``N+``, ``G``, ``p``, "mixed with a positive token" and "held by several ranks"
-   (*shared*) are global.
+   (*shared*) are global. With ``check_finite``, the scores' float32 range (docs/NTHR.md, "Input contract")
+   is checked on these global ``T+_g`` and the descriptor's maxima, as one process checks the whole batch
+   (each rank's own check sees only its share of a group's positive tokens); only where it fails on the
+   float32 norms does an ``all_gather`` (stage ``score_range``) bring the exact float64 norms, and every
+   rank raises the same error where those confirm it.
 4. ``V*``: ``all_gather`` of each rank's per-group count of local unique ids (int64 ``[n_active]``), then
    ``all_gather`` of the local ``(group, id)`` keys of the shared groups only (int32 when
    ``n_active * |V|`` fits, else int64); ``V*`` of a shared group is the union. A group held by a single
@@ -56,7 +61,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ...core.checks import check_backend, validate_batch
+from ...core.checks import (check_backend, hidden_norm_top, score_range_error, score_range_fails, score_terms,
+                            validate_batch)
 from ...core.plan import finish, make_plan
 from ...core.rules import ANCHORS, ETA_NAMES, SCRATCH_ELEMS, Inputs, NTHRResult, Options
 from . import torch_impl
@@ -64,8 +70,10 @@ from . import torch_impl
 __all__ = ["CommStats", "Payload", "nthr_advantages_distributed", "payload_bytes"]
 
 # ok, d, vocab, temperature, beta, anchor index, eta kind, eta value, reward_threshold (inf: None),
-# score_positive, check_finite, check_logprobs, local group count
-_DESC = 13
+# score_positive, check_finite, check_logprobs, the longest local positive response and the largest local
+# hidden row norm (for the scores' float32 range, with check_finite), local group count
+_DESC = 15
+_POS_LEN, _TOP_H = _DESC - 3, _DESC - 2
 
 
 @dataclass
@@ -136,7 +144,7 @@ def payload_bytes(
     ``cu_seqlens`` (packed), the global ``group_ids`` and ``rewards`` of every response, ``owner`` (the rank
     holding each response), the hidden size ``d`` and ``|V|``. Every rank sends the same amount::
 
-        descriptor     72                       9 float64
+        descriptor     120                      15 float64
         group_ids      8 * n_loc                int64, padded to the rank with most groups
         group_stats    32 * n_groups            4 int64 per group
         vstar_counts   8 * n_active             local |V*| count per active group
@@ -247,7 +255,7 @@ def _eta_code(eta) -> list:
 def _descriptor(batch, dev) -> torch.Tensor:
     if batch is None:
         return torch.tensor([0.0] + [math.nan] * (_DESC - 2) + [0.0], dtype=torch.float64, device=dev)
-    return torch.tensor(
+    desc = torch.tensor(
         [
             1.0,
             float(batch.hidden.shape[-1]),
@@ -260,11 +268,33 @@ def _descriptor(batch, dev) -> torch.Tensor:
             float(batch.opts.score_positive),
             float(batch.opts.check_finite),
             float(batch.opts.check_logprobs),
+            0.0,  # _POS_LEN, _TOP_H: below
+            0.0,
             float(batch.group_ids.numel()),
         ],
         dtype=torch.float64,
         device=dev,
     )
+    if batch.opts.check_finite:  # this rank's share of the scores' float32 range check (_check_score_range)
+        pos_len = torch.bincount(batch.tok_resp, minlength=batch.positive.numel())[batch.positive]
+        desc[_POS_LEN] = pos_len.max().to(dev) if pos_len.numel() else 0
+        desc[_TOP_H] = hidden_norm_top(batch).to(dev)
+    return desc
+
+
+def _check_score_range(comm: "_Comm", batch, desc: torch.Tensor, pos_tok: torch.Tensor) -> None:
+    """The float32 range of the scores and anchor sums (docs/NTHR.md, "Input contract") over the whole batch:
+    a group's score sums run over its positive tokens on every rank, so the bound takes the global ``T+_g``
+    (``pos_tok``, all-reduced), the longest positive response and the largest hidden row norm of all ranks
+    (``desc``); each rank's own check saw only its share. Every rank decides alike from the same values;
+    only where the float32 norms fail is the exact float64 norm gathered (one more collective, on every rank)."""
+    terms = score_terms(pos_tok, desc[:, _POS_LEN])
+    if not bool(score_range_fails(terms, desc[:, _TOP_H].max())):
+        return
+    exact = comm.all_gather("score_range", hidden_norm_top(batch, exact=True).reshape(1).to(desc.device))
+    err = score_range_error(float(terms), float(exact.max()))
+    if err is not None:
+        raise err
 
 
 def _check_call(x: Inputs, opts: Options, comm_stats) -> None:
@@ -371,6 +401,8 @@ def nthr_advantages_distributed(
         st[:, 2] = torch.bincount(resp_group[batch.tok_resp][pos_tok], minlength=n_groups)
         st[:, 3] = (st[:, 0] > 0).to(torch.int64)
         st = comm.all_reduce("group_stats", st, dist.ReduceOp.SUM)
+        if batch.opts.check_finite:
+            _check_score_range(comm, batch, desc, st[:, 2])
         n_resp, n_pos, n_ranks = st[:, 0], st[:, 1], st[:, 3]
         active = (n_pos > 0) & (n_pos < n_resp) & (st[:, 2] > 0)
         shared_g = n_ranks > 1  # [n_groups]
