@@ -162,8 +162,25 @@ def test_verdict_says_what_the_numbers_say():
     assert "NTHR raised the share" in worse and "It lowered" in worse
 
 
+def _histories(final_nthr):
+    return [{"method": m, "seed": s, "step": [0, 5, 10], "eval_acc": [0.3, 0.5, f], "final_acc": f}
+            for s, fn in enumerate(final_nthr) for m, f in (("grpo", 0.7), ("nthr", fn))]
+
+
+def test_training_text_says_what_the_seeds_can_show():
+    from nthr_kernels.grpo.report import training_summary, training_text
+
+    mixed = training_text(_histories([0.72, 0.69, 0.75]))
+    assert "+0.020, -0.010, +0.050" in mixed and "sign changes" in mixed and "3 runs of 10 steps" in mixed
+    assert "from 0.300 (0.300-0.300 over the seeds) to 0.700" in mixed
+    same = training_text(_histories([0.72, 0.71, 0.75]))
+    assert "same sign for every seed" in same and "probability 0.25" in same and "not a significant" in same
+    with pytest.raises(ValueError, match="one GRPO and one NTHR run per seed"):
+        training_summary(_histories([0.7])[:1])
+
+
 def test_readme_study_block_matches_the_committed_results():
-    from nthr_kernels.grpo.report import COMPARED, RESULTS, ROOT, update_readme
+    from nthr_kernels.grpo.report import COMPARED, RESULTS, ROOT, TRAIN_RESULTS, update_readme
 
     if not RESULTS.is_file():
         pytest.skip("not a source checkout")
@@ -171,6 +188,8 @@ def test_readme_study_block_matches_the_committed_results():
     assert committed["questions"] >= 256 and len(committed["seeds"]) >= 5 and not committed["quick"]
     assert committed["backend"] != "auto" and committed["backend_table"]["rows"]
     assert all(p.is_file() for p in COMPARED)
+    train = json.loads(TRAIN_RESULTS.read_text())
+    assert len(train["settings"]["seeds"]) >= 3 and len(train["histories"]) == 2 * len(train["settings"]["seeds"])
     assert update_readme(ROOT / "README.md", check=True), "run: python -m nthr_kernels.grpo.report --readme"
 
 
