@@ -399,6 +399,35 @@ def test_autotune_pick_does_not_change_the_bits(name, path, with_logprobs):
 
 
 @needs_triton
+def test_implied_mass_bits_do_not_depend_on_the_token_block():
+    """BT of the implied-mass kernel only tiles independent outputs (it is not in ORDER_BLOCKS): a token's
+    online log-sum-exp runs over the same V* tiles whatever BT, i.e. whichever sampled tokens share its
+    block. Integer-valued inputs make every logit exact (the interpreter's matmul sums in an order that
+    depends on the tile's rows), so only the tiles of the log-sum-exp could change the bits."""
+    import gpu_stages
+
+    from nthr_kernels.core.checks import implied_vstar_mass, logprob_sample
+    from nthr_kernels.ops import triton_kernels as tk
+    from nthr_kernels.ops.advantages import triton_impl
+
+    assert "BT" not in tk.ORDER_BLOCKS["implied"]
+    b = case(seed=3, n_groups=12, group_size=3, lengths=(2, 12), d=24, vocab=300, packed=True)
+    g = torch.Generator().manual_seed(0)
+    b = on_device(dataclasses.replace(
+        b, hidden=torch.randint(-2, 3, b.hidden.shape, generator=g).float(),
+        lm_head_weight=torch.randint(-2, 3, b.lm_head_weight.shape, generator=g).float() / 4))
+    batch = validated(b, check_logprobs=False)
+    idx = logprob_sample(batch.tok_ids.numel(), DEVICE)
+    got = []
+    for bt in (16, 32, 64):
+        with gpu_stages.forced(tk, "implied", dict(BT=bt, BV=32, BK=32), 4, 2):
+            got.append(triton_impl.value_checks(batch, None, idx)[1])
+    for x in got[1:]:
+        assert torch.equal(x, got[0])
+    torch.testing.assert_close(got[0], implied_vstar_mass(batch, idx), rtol=0, atol=1e-4)
+
+
+@needs_triton
 def test_gpu_stages_forced_tiles_reach_every_caller_of_launch():
     """gpu_stages' sweeps force a tile on every module that imported ``launch`` (validation's kernels are
     launched from triton_impl, not from triton_kernels), and restore the table afterwards."""

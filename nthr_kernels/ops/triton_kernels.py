@@ -620,9 +620,9 @@ def _implied_kernel(
     """The ``old_logprobs`` check's log-sum-exp for a block of ``BT`` sampled tokens (``docs/NTHR.md``):
     ``logsumexp_{v in V*} (w_v - w_y) . h / T`` over each token's group's ``V*``, the ``CNT`` sorted keys
     ``group * vocab + id`` from ``LO`` in ``DK``. ``PERM`` lists the sampled tokens in group order, so a
-    block's groups are neighbours in ``DK``: the block reads the keys from its first token's ``LO`` to its
-    last token's end once, as ``[BT, BV]`` tiles of ``h W^T`` (one weight tile for every token of the
-    block, not one per token), and masks each token's row to its own range (float32, online over the
+    block's groups are neighbours in ``DK``: the block reads the keys from its first token's ``LO`` (rounded
+    down to a multiple of ``BV``) to its last token's end once, as ``[BT, BV]`` tiles of ``h W^T`` (one
+    weight tile for every token of the block, not one per token), and masks each token's row to its own range (float32, online over the
     tiles). Results go to ``OUT`` at the tokens' own positions."""
     i_b = tl.program_id(0).to(tl.int64)
     o_j = i_b * BT + tl.arange(0, BT).to(tl.int64)  # [BT] slots in group order
@@ -643,7 +643,9 @@ def _implied_kernel(
         b_zy += tl.sum(b_h * b_w, axis=1)
     b_max = tl.full([BT], -float("inf"), tl.float32)
     b_sum = tl.zeros([BT], dtype=tl.float32)
-    for v0 in range(lo, hi, BV):
+    # tiles at multiples of BV in DK, not from the block's first LO: a token's sum runs over the same tiles
+    # whatever BT and whichever tokens share its block (BT only tiles independent outputs; ORDER_BLOCKS)
+    for v0 in range(lo // BV * BV, hi, BV):
         o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV] positions in DK
         m_v = o_v < hi
         o_w = (tl.load(DK + o_v, mask=m_v, other=0) % vocab) * w_sv
