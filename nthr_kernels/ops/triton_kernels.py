@@ -622,8 +622,8 @@ def _implied_kernel(
     ``group * vocab + id`` from ``LO`` in ``DK``. ``PERM`` lists the sampled tokens in group order, so a
     block's groups are neighbours in ``DK``: the block reads the keys from its first token's ``LO`` (rounded
     down to a multiple of ``BV``) to its last token's end once, as ``[BT, BV]`` tiles of ``h W^T`` (one
-    weight tile for every token of the block, not one per token), and masks each token's row to its own range (float32, online over the
-    tiles). Results go to ``OUT`` at the tokens' own positions."""
+    weight tile for every token of the block, not one per token), and masks each token's row to its own
+    range (float32, online over the tiles). Results go to ``OUT`` at the tokens' own positions."""
     i_b = tl.program_id(0).to(tl.int64)
     o_j = i_b * BT + tl.arange(0, BT).to(tl.int64)  # [BT] slots in group order
     m_t = o_j < k
