@@ -100,10 +100,11 @@ def _lld_seeds(rec):
             rec.torch.append((f"{rec.who} {purpose}", lld.stream(s, purpose).initial_seed()))
 
 
-def _clashes(records):
+def _clashes(records, bits=None):
+    """Seeds with more than one owner; with ``bits``, seeds compared mod ``2**bits``."""
     owners = {}
     for who, seed in records:
-        owners.setdefault(seed, set()).add(who)
+        owners.setdefault(seed if bits is None else seed % 2**bits, set()).add(who)
     return {seed: sorted(w) for seed, w in owners.items() if len(w) > 1}
 
 
@@ -118,7 +119,23 @@ def test_no_two_streams_coincide(monkeypatch, draws):
     assert len(draws.problems) == n_problem_draws
     assert _clashes(draws.problems) == {}  # problems: pretraining vs runs vs the study, steps, seeds
     assert len({s for _, s in draws.problems}) == n_problem_draws  # and no step or batch repeats another's
-    assert _clashes(draws.torch) == {}  # init vs rollouts vs evaluation vs the study's streams
+    # init vs rollouts vs evaluation vs the study's streams; a CPU torch.Generator draws from the low 32 bits of
+    # its seed only (test_torch_streams_depend_on_the_low_32_bits), so the seeds are compared mod 2**32
+    assert _clashes(draws.torch, bits=32) == {}
+
+
+def test_torch_streams_depend_on_the_low_32_bits():
+    """Why the torch seeds are compared mod 2**32 above: seeds that agree there give the same draws, however far
+    apart (a derived seed of 2**62 + s is the stream of manual_seed(s)); Python's random.Random uses every bit."""
+    import random
+
+    from nthr_kernels.grpo.seeds import DERIVED_MIN
+
+    for s in (0, 5, 2**31 + 3):
+        draw = lambda seed: torch.rand(8, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+        assert torch.equal(draw(DERIVED_MIN + s), draw(s))
+        assert torch.equal(draw(DERIVED_MIN + 2**32 + s), draw(s))
+        assert random.Random(DERIVED_MIN + s).random() != random.Random(s).random()
 
 
 def test_two_methods_of_one_seed_draw_the_same_streams(monkeypatch, draws):

@@ -10,11 +10,18 @@ seed, the step). :func:`seed_of` maps the key to a seed:
 - the seed is ``2**62 + (first 8 bytes of sha256("nthr-kernels " + text), little-endian) mod 2**62``.
 
 Two distinct keys share a seed only if their digests agree in 62 bits: with the few thousand streams a study
-uses, a probability under ``1e-11``. And a derived seed is at least ``2**62``, while the seeds this package
-uses as literals lie far below (model init ``torch.manual_seed(spec.seed)``, the pretraining problems of
-step ``s`` from ``random.Random(spec.seed * 1_000_003 + s)``: those stay as they were, since they made the
-shipped weights), so a derived stream can never be one of those. Before, the streams were small sums such
-as ``seed * 7919 + step`` or ``seed + 7``: the GRPO run of seed 0 trained on the problems of the
+uses, a probability under ``1e-11``. That holds for the ``random.Random`` streams (the problems), which use
+every bit of the seed. A CPU ``torch.Generator`` does not: it seeds its Mersenne Twister from the low 32
+bits only (``manual_seed(2**62 + 5)`` draws what ``manual_seed(5)`` draws), so two torch streams
+(:func:`stream`, the evaluation seed of ``loop.train``) coincide if their seeds agree mod ``2**32``, and a
+derived torch stream is that of a small literal seed (model init ``torch.manual_seed(spec.seed)``) if its
+seed is that literal mod ``2**32``. Neither happens for the study's streams (``tests/test_grpo_seeds.py``
+compares the torch seeds mod ``2**32``; the smallest low part among seeds 0..1999 of every torch purpose is
+143234), but for torch streams the separation is checked, not structural: a few dozen torch streams share
+one with a probability under ``1e-6``. The problems' streams (Python's ``random.Random``: the pretraining problems of step
+``s`` from ``random.Random(spec.seed * 1_000_003 + s)``, which stay as they were, since they made the
+shipped weights) lie far below ``2**62``, so a derived problem stream can never be one of those.
+Before, the streams were small sums such as ``seed * 7919 + step`` or ``seed + 7``: the GRPO run of seed 0 trained on the problems of the
 pretraining's first steps and sampled its responses from the model-initialisation stream, its evaluation
 samples were seed 7's rollout stream, and the LLD study's seed 0 asked the questions of the pretraining's
 first 32 batches.
@@ -44,5 +51,6 @@ def seed_of(scope: str, purpose: str, *key: int) -> int:
 
 
 def stream(scope: str, purpose: str, *key: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with :func:`seed_of` of the key."""
+    """A CPU ``torch.Generator`` seeded with :func:`seed_of` of the key (its draws depend on that seed mod
+    ``2**32`` only: see the module docstring)."""
     return torch.Generator().manual_seed(seed_of(scope, purpose, *key))
