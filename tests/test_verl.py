@@ -224,6 +224,23 @@ def test_capture_keeps_only_the_rows_asked_for():
             nv.LMHeadInputCapture(model, rows=bad)
 
 
+def test_capture_refuses_models_whose_logits_are_not_wh():
+    """docs/NTHR.md: models with an lm_head bias or logit soft-capping are out of scope and rejected
+    clearly. The verl capture (also the worker extension's) accepted them, computing NTHR for W h / T."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    nv.LMHeadInputCapture(transformers.Qwen2ForCausalLM(cfg))  # W h: accepted
+    model = transformers.Qwen2ForCausalLM(cfg)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-capping"):
+        nv.LMHeadInputCapture(model)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(30))
+    with pytest.raises(ValueError, match="bias"):
+        nv.LMHeadInputCapture(model)
+
+
 # --------------------------------------------------------------------------------------------------
 # worker side: nthr_scale on the workers, GRPO times the scale on the driver
 # --------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("nthr_kernels.integrations.trl needs TRL: pip install 'nthr-kernels[trl]'") from e
 
-__all__ = ["NTHRGRPOTrainer", "CAPTURE_MODES", "capture_old_policy", "check_lm_head"]
+__all__ = ["NTHRGRPOTrainer", "CAPTURE_MODES", "capture_old_policy", "check_lm_head", "check_logits_form"]
 
 _SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 CAPTURE_MODES = ("auto", "old_logps", "generate", "forward")  # where the old policy's hidden states come from
@@ -75,20 +75,28 @@ def _refuse_args(args) -> None:
         )
 
 
-def check_lm_head(model) -> torch.nn.Module:
-    """The output embedding of a causal LM whose logits are exactly ``W h`` (raises ``ValueError`` otherwise)."""
-    head = model.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError("model: has no output embedding (lm_head) with a weight")
+def check_logits_form(model, head) -> None:
+    """Raise ``ValueError`` unless the logits of ``model`` (whose output embedding is ``head``) are ``W h``:
+    no lm_head bias, no logit soft-capping, no logit scale (docs/NTHR.md, "Notation"). The verl capture
+    (:class:`~nthr_kernels.integrations.verl.LMHeadInputCapture`) applies it too."""
     if getattr(head, "bias", None) is not None:
         raise ValueError("model: the lm_head has a bias; NTHR assumes logits = W h / T")
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if getattr(cfg, "final_logit_softcapping", None) is not None:
         raise ValueError("model: logit soft-capping (final_logit_softcapping) is not supported by NTHR")
     for a in _SCALE_ATTRS:
         v = getattr(cfg, a, None)
         if v is not None and float(v) != 1.0:
             raise ValueError(f"model: config.{a}={v} scales the logits; NTHR assumes logits = W h / T")
+
+
+def check_lm_head(model) -> torch.nn.Module:
+    """The output embedding of a causal LM whose logits are exactly ``W h`` (raises ``ValueError`` otherwise)."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError("model: has no output embedding (lm_head) with a weight")
+    check_logits_form(model, head)
     if head.weight.numel() == 0 or head.weight.dim() != 2:
         raise ValueError("model: the lm_head weight is partitioned (e.g. DeepSpeed ZeRO-3); gather it or use ZeRO-2/FSDP")
     return head

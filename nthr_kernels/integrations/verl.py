@@ -47,6 +47,7 @@ import torch
 from .. import nthr_advantages
 from ..core.rules import EtaSpec
 from ..core.checks import check_float_tensor, check_real
+from .trl import check_logits_form
 
 __all__ = [
     "compute_nthr_scale",
@@ -272,6 +273,7 @@ class LMHeadInputCapture:
         self.backbone = base.base_model
         if self.head is None or self.backbone is base:
             raise ValueError("model: expected a Hugging Face causal LM with an lm_head and a backbone")
+        check_logits_form(base, self.head)  # no bias, soft-capping or logit scale: logits = W h / T
         if rows is not None:
             if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype.is_floating_point \
                     or rows.dtype.is_complex or rows.dtype == torch.bool:
