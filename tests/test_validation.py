@@ -572,3 +572,44 @@ def test_implied_mass_matches_float64(monkeypatch, packed, impl, blocks, dtype):
     shifted = b.old_logprobs.roll(1, dims=-1 if not packed else 0)
     with pytest.raises(ValueError, match="old_logprobs: inconsistent"):
         validate_batch(x._replace(old_logprobs=shifted), Options(temperature=0.7), value_checks=checks)
+
+
+# --------------------------------------------------------------------------------------------------
+# audit e: tensor layouts (sparse, mkldnn, nested) reached the kernels and failed with NotImplementedError
+# --------------------------------------------------------------------------------------------------
+def _odd_layouts(t: torch.Tensor) -> dict:
+    out = {"sparse_coo": t.to_sparse()}
+    if t.dim() == 2:
+        out["sparse_csr"] = t.to_sparse_csr()
+        if t.is_floating_point() and t.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            out["mkldnn"] = t.to_mkldnn()
+        out["nested"] = torch.nested.nested_tensor(list(t.unbind(0)))
+    return out
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("where", ["hidden", "token_ids", "rewards", "advantages", "lm_head_weight", "old_logprobs",
+                                   "mask", "group_ids"])
+def test_non_strided_layouts_are_named(b, backend, where):
+    over = {"group_ids": torch.arange(b.rewards.shape[0]) // b.group_size, "group_size": _DROP} if where == "group_ids" else {}
+    t = over.get(where, getattr(b, where, None))
+    for layout, odd in _odd_layouts(t).items():
+        raises(TypeError, where, lambda: call(b, backend=backend, **{**over, where: odd}))
+        raises(TypeError, where, lambda: call(b, backend=backend, check_finite=False, **{**over, where: odd}))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_strided_layouts_are_named_by_score_tokens_and_prediction_errors(b, backend):
+    g = torch.Generator().manual_seed(0)
+    args = dict(h_pos=torch.randn(4, 6, generator=g), h_neg=torch.randn(3, 6, generator=g),
+                err_pos=torch.randn(4, 5, generator=g), err_neg=torch.randn(3, 5, generator=g))
+    for name, t in args.items():
+        for layout, odd in _odd_layouts(t).items():
+            for cf in (True, False):
+                raises(TypeError, name, lambda: nk.score_tokens(**{**args, name: odd}, backend=backend, check_finite=cf))
+    ids = b.token_ids[b.mask]
+    pe = dict(token_ids=ids, hidden=b.hidden[b.mask], lm_head_weight=b.lm_head_weight, old_logprobs=b.old_logprobs[b.mask],
+              vocab=torch.unique(ids))
+    for name, t in pe.items():
+        for layout, odd in _odd_layouts(t).items():
+            raises(TypeError, name, lambda: nk.prediction_errors(**{**pe, name: odd}))

@@ -37,6 +37,9 @@ from .rules import (
 def _is_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:  # sparse, mkldnn, nested: no kernel here reads them
+        what = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got {what}; convert it first (e.g. .to_dense())")
     if x.device.type == "meta":
         raise ValueError(f"{name}: a meta tensor holds no values; pass a tensor on a real device (cpu, cuda)")
     return x
