@@ -613,3 +613,32 @@ def test_non_strided_layouts_are_named_by_score_tokens_and_prediction_errors(b, 
     for name, t in pe.items():
         for layout, odd in _odd_layouts(t).items():
             raises(TypeError, name, lambda: nk.prediction_errors(**{**pe, name: odd}))
+
+
+def _other_device(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s shape and dtype on another device: a real CUDA tensor where there is one, else a fake one
+    (FakeTensorMode: it has a device and no data, so only checks that read no values can pass it)."""
+    if torch.cuda.is_available():
+        return t.cuda()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(t.shape, dtype=t.dtype, device="cuda")
+
+
+def test_prediction_errors_names_a_device_mismatch(b):  # it raised a RuntimeError from inside torch
+    ids = b.token_ids[b.mask]
+    pe = dict(token_ids=ids, hidden=b.hidden[b.mask], lm_head_weight=b.lm_head_weight, old_logprobs=b.old_logprobs[b.mask],
+              vocab=torch.unique(ids))
+    for name, t in pe.items():
+        if name == "token_ids":
+            continue
+        raises(ValueError, name, lambda: nk.prediction_errors(**{**pe, name: _other_device(t)}))
+        raises(ValueError, name, lambda: nk.prediction_errors(**{**pe, name: _other_device(t)}, check_finite=False,
+                                                              check_logprobs=False))
+    logits = b.hidden[b.mask] @ b.lm_head_weight.T
+    raises(ValueError, "logits", lambda: nk.prediction_errors(ids, logits=_other_device(logits)))
+    # the same check in the other public functions (they had it already)
+    raises(ValueError, "lm_head_weight", lambda: call(b, lm_head_weight=_other_device(b.lm_head_weight)))
+    h = torch.randn(3, 4)
+    raises(ValueError, "h_pos, h_neg", lambda: nk.score_tokens(h, _other_device(h), h, h))

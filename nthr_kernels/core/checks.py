@@ -1043,6 +1043,10 @@ def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logpr
     temperature = check_real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature: must be > 0, got {temperature}")
+    for name, x in (("hidden", hidden), ("lm_head_weight", lm_head_weight), ("logits", logits),
+                    ("old_logprobs", old_logprobs), ("vocab", vocab)):
+        if x is not None and _is_tensor(name, x).device != token_ids.device:
+            raise ValueError(f"{name}: expected device {token_ids.device} (the device of token_ids), got {x.device}")
     ids = token_ids.to(torch.int64)
     if n and (int(ids.min()) < 0 or int(ids.max()) >= v_size):
         raise ValueError(f"token_ids: ids must lie in [0, {v_size})")
