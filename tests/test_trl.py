@@ -212,6 +212,8 @@ def test_refusals(tmp_path):
         _trainer(NTHRGRPOTrainer, tmp_path, nthr_eta=2.0)
     with pytest.raises(ValueError, match="nthr_anchor"):
         _trainer(NTHRGRPOTrainer, tmp_path, nthr_anchor="mine")
+    with pytest.raises(ValueError, match="nthr_backend: unknown"):
+        _trainer(NTHRGRPOTrainer, tmp_path, nthr_backend="cuda")
     m = _model()
     m.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="soft-capping"):
@@ -220,6 +222,17 @@ def test_refusals(tmp_path):
     m.lm_head.bias = torch.nn.Parameter(torch.zeros(26))
     with pytest.raises(ValueError, match="bias"):
         check_lm_head(m)
+
+
+def test_unavailable_backend_refused_at_construction(tmp_path, monkeypatch):
+    """A backend this process cannot run is refused when the trainer is built, under the trainer's argument
+    name, not at the first training step under the library's."""
+    import nthr_kernels.integrations.trl as trl_mod
+
+    monkeypatch.setattr(trl_mod, "available_backends", lambda: ["reference", "torch"])
+    for b in ("triton", "native"):
+        with pytest.raises(ValueError, match=f"nthr_backend: '{b}' is not available here"):
+            _trainer(NTHRGRPOTrainer, tmp_path, nthr_backend=b)
 
 
 def test_non_binary_rewards_refused(tmp_path):

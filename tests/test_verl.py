@@ -285,3 +285,17 @@ def test_global_group_ids_agree_across_shares():
     assert torch.equal(torch.cat([nv.global_group_ids(uid[:3]), nv.global_group_ids(uid[3:])]), whole)
     assert whole.unique().numel() == 3 and bool((whole >= 0).all())
     assert torch.equal(nv.global_group_ids([5, 5, 6]), nv.global_group_ids(["5", "5", "6"]))
+
+
+def test_verl_integration_imports_without_trl():
+    """The verl integration shares the LM-head check with the TRL trainer through a module that needs
+    neither (``integrations.lm_head``): a verl install without TRL imports it (it once imported the check
+    from ``integrations.trl``, which needs TRL, and the real-verl CI job failed to collect)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['trl'] = None\n"  # import trl raises ImportError, as without TRL
+            "import nthr_kernels.integrations.verl as v, nthr_kernels.integrations.lm_head as h\n"
+            "assert v.check_logits_form is h.check_logits_form\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -4,4 +4,6 @@
   (``pip install nthr-kernels[trl]``).
 - :mod:`nthr_kernels.integrations.verl`: the ``"nthr"`` advantage estimator for verl, usable without
   verl installed (the registration with verl's registry happens only when verl is importable).
+- :mod:`nthr_kernels.integrations.lm_head`: the LM-head contract both apply (logits exactly ``W h``),
+  importable without either.
 """

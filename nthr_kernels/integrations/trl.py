@@ -42,9 +42,10 @@ from typing import Any, Optional
 
 import torch
 
-from .. import nthr_advantages
+from .. import available_backends, nthr_advantages
 from ..core.rules import ANCHORS, EtaSpec, check_eta
 from ..core.checks import binary_positive, check_backend, check_real
+from .lm_head import check_lm_head, check_logits_form
 
 try:
     from trl import GRPOTrainer
@@ -53,7 +54,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 __all__ = ["NTHRGRPOTrainer", "CAPTURE_MODES", "capture_old_policy", "check_lm_head", "check_logits_form"]
 
-_SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 CAPTURE_MODES = ("auto", "old_logps", "generate", "forward")  # where the old policy's hidden states come from
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "token_type_ids", "mm_token_type_ids")
 
@@ -73,33 +73,6 @@ def _refuse_args(args) -> None:
             "off_policy_mask_threshold: the off-policy sequence mask reads the sign of [B] advantages; "
             "NTHR's are per token: set it to None"
         )
-
-
-def check_logits_form(model, head) -> None:
-    """Raise ``ValueError`` unless the logits of ``model`` (whose output embedding is ``head``) are ``W h``:
-    no lm_head bias, no logit soft-capping, no logit scale (docs/NTHR.md, "Notation"). The verl capture
-    (:class:`~nthr_kernels.integrations.verl.LMHeadInputCapture`) applies it too."""
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("model: the lm_head has a bias; NTHR assumes logits = W h / T")
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if getattr(cfg, "final_logit_softcapping", None) is not None:
-        raise ValueError("model: logit soft-capping (final_logit_softcapping) is not supported by NTHR")
-    for a in _SCALE_ATTRS:
-        v = getattr(cfg, a, None)
-        if v is not None and float(v) != 1.0:
-            raise ValueError(f"model: config.{a}={v} scales the logits; NTHR assumes logits = W h / T")
-
-
-def check_lm_head(model) -> torch.nn.Module:
-    """The output embedding of a causal LM whose logits are exactly ``W h`` (raises ``ValueError`` otherwise)."""
-    head = model.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError("model: has no output embedding (lm_head) with a weight")
-    check_logits_form(model, head)
-    if head.weight.numel() == 0 or head.weight.dim() != 2:
-        raise ValueError("model: the lm_head weight is partitioned (e.g. DeepSpeed ZeRO-3); gather it or use ZeRO-2/FSDP")
-    return head
 
 
 def _lm_head_weight(head) -> torch.Tensor:
@@ -246,6 +219,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
             self.nthr_backend = check_backend(nthr_backend)
         except ValueError as e:
             raise ValueError(f"nthr_{e}") from None
+        if nthr_backend != "auto" and nthr_backend not in available_backends():  # now, not at the first step
+            raise ValueError(f"nthr_backend: {nthr_backend!r} is not available here; available: {available_backends()}")
         self.nthr_last = None
         self._nthr_rewards_per_func = None
         self._nthr_armed = None  # the capture mode waiting for its forward during one rollout batch

@@ -47,7 +47,7 @@ import torch
 from .. import nthr_advantages
 from ..core.rules import EtaSpec
 from ..core.checks import check_float_tensor, check_real
-from .trl import check_logits_form
+from .lm_head import check_logits_form
 
 __all__ = [
     "compute_nthr_scale",
