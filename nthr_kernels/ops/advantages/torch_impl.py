@@ -116,7 +116,10 @@ class _GroupErrors:
         h = gather_rows(batch, batch.hidden, self.plan.order[p0:p1]).float()
         log_z = self.plan.log_z[p0:p1, None]
         if self.wc is not None:  # z / T - log Z in one GEMM (log Z enters as the broadcast bias)
-            err = torch.addmm(log_z, h, self.wc.T, beta=-1, alpha=1 / t)
+            if batch.old_logprobs is None:  # z / T rounded as vocab_logsumexp rounds it: (h / T) @ W^T
+                err = torch.addmm(log_z, h / t if t != 1.0 else h, self.wc.T, beta=-1)
+            else:
+                err = torch.addmm(log_z, h, self.wc.T, beta=-1, alpha=1 / t)
         else:
             tok = self.plan.order[p0:p1]
             a = batch.tok_a[tok][:, None]
@@ -127,6 +130,12 @@ class _GroupErrors:
         err.exp_()  # in place: one buffer for logits and errors
         j = self.col[p0:p1] - self.c0  # - onehot(y_t), where this column block holds y_t
         hit = ((j >= 0) & (j < cols.numel())).nonzero().squeeze(1)
+        if self.wc is not None and batch.old_logprobs is not None:
+            # the sampled token's own probability is exp(l_t) by the definition of log Z_t = z_y / T - l_t;
+            # taken from l_t, not from a second rounding of z_y / T (whose difference from log Z's would
+            # give a certain token, l_t = 0, an error of ~1e-7 instead of 0 and spurious selections)
+            own = gather_rows(batch, batch.old_logprobs, self.plan.order[p0:p1][hit]).float().exp()
+            err.view(-1)[hit * cols.numel() + j[hit]] = own
         err.view(-1).index_add_(0, hit * cols.numel() + j[hit], self.minus_one.expand(hit.numel()))
         return err, h
 
