@@ -382,6 +382,16 @@ def _bad_arg_results(rank, world):
             out[name] = ("no error", "", time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - recorded for the test to judge
             out[name] = (type(e).__name__, str(e), time.perf_counter() - t0)
+    # with reward_threshold, one value on each side over the whole batch: rank 0 scores wrong answers 0.2, rank 1
+    # scores them 0.3 (each rank alone is binary)
+    kw = dict(_local(b, gid, src, rows), advantages=b.advantages[rows], group_ids=gid[rows], reward_threshold=0.5)
+    rewards = torch.where(b.rewards[rows] > 0.5, 0.9, 0.2 + 0.1 * rank)
+    try:
+        nthr_advantages(kw.pop("hidden"), kw.pop("token_ids"), rewards, kw.pop("advantages"),
+                        process_group=dist.group.WORLD, **kw)
+        out["rewards split over ranks"] = ("no error", "")
+    except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+        out["rewards split over ranks"] = (type(e).__name__, str(e))
     for case, share in SCORE_RANGE.items():  # rank r holds responses 2r and 2r + 1
         kw = {k: v[2 * rank : 2 * rank + 2] for k, v in _score_range_batch(share).items()}
         try:
@@ -446,3 +456,21 @@ def test_score_range_counts_the_positive_tokens_of_every_rank(bad_arg_outcomes, 
             assert bool(torch.isfinite(single.tau).all())
         else:
             assert msg.startswith("hidden: ") and "beyond float32 range" in msg
+
+
+def test_rewards_with_several_values_on_one_side_over_the_ranks_are_refused(bad_arg_outcomes):
+    """With ``reward_threshold``, one process refuses a batch with two distinct values on one side of it; the
+    distributed path checked each rank's share alone and accepted the same batch split so that each rank saw
+    one value per side (0.2 on rank 0, 0.3 on rank 1), scoring it as binary without a word."""
+    b, gid, _, _ = _full("random_padded")
+    owner = _assignment("random_padded", b.rewards.numel(), 2)
+    assert bool((b.rewards[owner == 0] == 0).any()) and bool((b.rewards[owner == 1] == 0).any())
+    rewards = torch.where(b.rewards > 0.5, 0.9, 0.2 + 0.1 * owner)
+    with pytest.raises(ValueError) as single:
+        nthr_advantages(b.hidden, b.token_ids, rewards, b.advantages, lm_head_weight=b.lm_head_weight, mask=b.mask,
+                        group_ids=gid, reward_threshold=0.5)
+    (kind0, msg0), (kind1, msg1) = (r["rewards split over ranks"] for r in bad_arg_outcomes)
+    assert (kind0, msg0) == (kind1, msg1), "the ranks raised different errors"
+    assert kind0 == "ValueError"
+    want = str(single.value).split("got several")[0]
+    assert msg0.startswith(want) and "process_group" in msg0, msg0

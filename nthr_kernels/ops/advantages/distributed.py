@@ -71,9 +71,11 @@ __all__ = ["CommStats", "Payload", "nthr_advantages_distributed", "payload_bytes
 
 # ok, d, vocab, temperature, beta, anchor index, eta kind, eta value, reward_threshold (inf: None),
 # score_positive, check_finite, check_logprobs, the longest local positive response and the largest local
-# hidden row norm (for the scores' float32 range, with check_finite), local group count
-_DESC = 15
-_POS_LEN, _TOP_H = _DESC - 3, _DESC - 2
+# hidden row norm (for the scores' float32 range, with check_finite), the local reward above and the one at or
+# below reward_threshold (NaN: none here, or no threshold; one process allows one value on each side over the
+# whole batch), local group count
+_DESC = 17
+_POS_LEN, _TOP_H, _REW_HI, _REW_LO = _DESC - 5, _DESC - 4, _DESC - 3, _DESC - 2
 
 
 @dataclass
@@ -144,7 +146,7 @@ def payload_bytes(
     ``cu_seqlens`` (packed), the global ``group_ids`` and ``rewards`` of every response, ``owner`` (the rank
     holding each response), the hidden size ``d`` and ``|V|``. Every rank sends the same amount::
 
-        descriptor     120                      15 float64
+        descriptor     136                      17 float64
         group_ids      8 * n_loc                int64, padded to the rank with most groups
         group_stats    32 * n_groups            4 int64 per group
         vstar_counts   8 * n_active             local |V*| count per active group
@@ -252,7 +254,7 @@ def _eta_code(eta) -> list:
     return [1.0, float(eta)]
 
 
-def _descriptor(batch, dev) -> torch.Tensor:
+def _descriptor(batch, rewards, dev) -> torch.Tensor:
     if batch is None:
         return torch.tensor([0.0] + [math.nan] * (_DESC - 2) + [0.0], dtype=torch.float64, device=dev)
     desc = torch.tensor(
@@ -268,13 +270,20 @@ def _descriptor(batch, dev) -> torch.Tensor:
             float(batch.opts.score_positive),
             float(batch.opts.check_finite),
             float(batch.opts.check_logprobs),
-            0.0,  # _POS_LEN, _TOP_H: below
+            0.0,  # _POS_LEN, _TOP_H, _REW_HI, _REW_LO: below
             0.0,
+            math.nan,
+            math.nan,
             float(batch.group_ids.numel()),
         ],
         dtype=torch.float64,
         device=dev,
     )
+    if batch.opts.reward_threshold is not None and rewards.numel():  # validated: one value on each side here
+        r = rewards.detach().to(torch.float64)
+        for slot, side in ((_REW_HI, batch.positive), (_REW_LO, ~batch.positive)):
+            if bool(side.any()):
+                desc[slot] = r[side][0].to(dev)
     if batch.opts.check_finite:  # this rank's share of the scores' float32 range check (_check_score_range)
         pos_len = torch.bincount(batch.tok_resp, minlength=batch.positive.numel())[batch.positive]
         desc[_POS_LEN] = pos_len.max().to(dev) if pos_len.numel() else 0
@@ -344,6 +353,13 @@ def _check_consistent(desc: torch.Tensor) -> None:
         col = desc[:, j]
         if not bool((col == col[0]).all()):
             raise ValueError(f"{name}: differs between ranks of process_group: {col.tolist()}")
+    threshold = float(desc[0, 8])
+    for slot, name in ((_REW_HI, "above"), (_REW_LO, "at or below")):
+        col = desc[:, slot]
+        vals = torch.unique(col[~torch.isnan(col)])
+        if vals.numel() > 1:  # as one process refuses the whole batch (core.checks.binary_positive)
+            raise ValueError(f"rewards: expected binary rewards (one value {name} reward_threshold={threshold}), "
+                             f"got several over the ranks of process_group: {vals[:6].tolist()}")
 
 
 def nthr_advantages_distributed(
@@ -381,7 +397,7 @@ def nthr_advantages_distributed(
             batch = validate_batch(x, opts)
         except Exception as e:  # noqa: BLE001 - raised below on every rank, after every rank has heard of it
             err = e
-        desc = comm.all_gather("descriptor", _descriptor(batch, dev))
+        desc = comm.all_gather("descriptor", _descriptor(batch, x.rewards, dev))
         _agree(comm, desc, err)
         _check_consistent(desc)
 
