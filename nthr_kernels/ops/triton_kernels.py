@@ -174,10 +174,16 @@ def _scale(b_z, inv_t):
 
 
 @triton.jit
-def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t):
-    """Prediction errors ``1[v == y_t] - exp(z / T - log Z_t)`` of a ``[BT, BV]`` logits tile (0 where masked)."""
-    b_g = (b_id[:, None] == b_vid[None, :]).to(tl.float32) - tl.exp(_scale(b_z, inv_t) - b_logz[:, None])
-    return tl.where(m_tv, b_g, 0.0)
+def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp, OWN_P: tl.constexpr):
+    """Prediction errors ``1[v == y_t] - exp(z / T - log Z_t)`` of a ``[BT, BV]`` logits tile (0 where masked).
+    OWN_P (old log-probs, ``log Z_t = z_y / T - l_t``): the sampled token's own probability is ``exp(l_t)``
+    (``b_lp``), its definition, not ``exp(z_y / T - log Z_t)`` with ``z_y`` summed in another order than
+    ``log Z_t``'s, which gave a certain token (``l_t = 0``) an error of about 1e-7 instead of 0."""
+    b_hit = b_id[:, None] == b_vid[None, :]
+    b_p = tl.exp(_scale(b_z, inv_t) - b_logz[:, None])
+    if OWN_P:
+        b_p = tl.where(b_hit, tl.exp(b_lp)[:, None], b_p)
+    return tl.where(m_tv, b_hit.to(tl.float32) - b_p, 0.0)
 
 
 @triton.jit
@@ -248,28 +254,30 @@ def _lse_kernel(
         o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV]
         m_v = o_v < V
         b_z = _gram_tile(H, o_h, m_t, h_sd, W, o_v * w_sv, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
-        b_z = tl.where(m_v[None, :], b_z * inv_t, -float("inf"))
+        b_z = tl.where(m_v[None, :], _scale(b_z, inv_t), -float("inf"))  # z / T rounded as _errors rounds it
         b_new = tl.maximum(b_max, tl.max(b_z, axis=1))
         b_sum = b_sum * tl.exp(b_max - b_new) + tl.sum(tl.exp(b_z - b_new[:, None]), axis=1)
         b_max = b_new
     tl.store(OUT + o_t, b_max + tl.log(b_sum), mask=m_t)
 
 
-@triton.heuristics({"FROM_LOGITS": lambda args: args["LG"] is not None})
+@triton.heuristics({"FROM_LOGITS": lambda args: args["LG"] is not None, "OWN_P": lambda args: args["LP"] is not None})
 @triton.jit
 def _err_kernel(
     # data pointers
-    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, GP,
+    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, LP, VS, SEG, GP,
     # shapes
     D, max_rows, max_nv,
     # strides
     h_sd, w_sv, w_sd, lg_sv,
     # constants
     inv_t,
-    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, FROM_LOGITS: tl.constexpr, ALIGN: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, FROM_LOGITS: tl.constexpr, OWN_P: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Prediction errors of a segment's error rows on its ``V*``, stored transposed in the segment's
-    buffer (``[|V*|, ld]``, ``ld`` = rows rounded up to 16) for the M GEMM and the pairwise kernel."""
+    buffer (``[|V*|, ld]``, ``ld`` = rows rounded up to 16) for the M GEMM and the pairwise kernel.
+    ``LP``: the tokens' old log-probs, in plan order (OWN_P, see :func:`_errors`)."""
     i_s, i_t, i_v = _tile(tl.cdiv(max_rows, BT), tl.cdiv(max_nv, BV))  # V* tiles of a row block share its H rows
     n_err = _seg(SEG, i_s, SEG_NERR)
     n_v = _seg(SEG, i_s, SEG_NV)
@@ -290,7 +298,8 @@ def _err_kernel(
             b_z = _gram_tile(H, o_h, m_r, h_sd, W, b_vid * w_sv, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
         b_logz = tl.load(LOGZ + o_t, mask=m_r, other=0.0)
         b_id = tl.load(IDS + o_t, mask=m_r, other=-1)
-        b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t)  # [BT, BV]
+        b_lp = tl.load(LP + o_t, mask=m_r, other=0.0) if OWN_P else b_logz
+        b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp, OWN_P)  # [BT, BV]
         o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
         # the columns past the error rows up to ld get zeros (b_g is 0 there): the M kernel reads whole rows
         tl.store(GP + o_gp + o_v[None, :] * ld + o_r[:, None], b_g.to(GP.dtype.element_ty), mask=(o_r < ld)[:, None] & m_v[None, :])
@@ -386,6 +395,7 @@ def _anchor_kernel(
 
 @triton.heuristics({
     "FROM_LOGITS": lambda args: args["LG"] is not None,
+    "OWN_P": lambda args: args["LP"] is not None,
     "FROM_BUFFER": lambda args: args["GP"] is not None,
     "FUSE_SELECT": lambda args: args["THR"] is not None,
     "M_F32": lambda args: args["M"].dtype == torch.float32 and args["H"].dtype != torch.float32,
@@ -393,7 +403,7 @@ def _anchor_kernel(
 @triton.jit
 def _score_kernel(
     # data pointers
-    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, VS, SEG, M, GP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
+    H, ROW_H, W, LG, ROW_LG, IDS, LOGZ, LP, VS, SEG, M, GP, THR, ADV, OUT_S, OUT_ADV, OUT_SEL,
     # shapes
     D, max_sc,
     # strides
@@ -401,8 +411,8 @@ def _score_kernel(
     # constants
     inv_t,
     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    FROM_LOGITS: tl.constexpr, FROM_BUFFER: tl.constexpr, FUSE_SELECT: tl.constexpr, M_F32: tl.constexpr,
-    ALIGN: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, OWN_P: tl.constexpr, FROM_BUFFER: tl.constexpr, FUSE_SELECT: tl.constexpr,
+    M_F32: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """``s_t = sum_v g_t[v] (M h_t)[v]`` for a block of a segment's scored tokens.
 
@@ -424,6 +434,7 @@ def _score_kernel(
         else:
             b_id = tl.load(IDS + o_t, mask=m_t, other=-1)
             b_logz = tl.load(LOGZ + o_t, mask=m_t, other=0.0)
+            b_lp = tl.load(LP + o_t, mask=m_t, other=0.0) if OWN_P else b_logz
             vs0 = _seg(SEG, i_s, SEG_VS0)
         if FROM_LOGITS:
             o_lg = _rows(ROW_LG, o_t, m_t, False)
@@ -457,7 +468,7 @@ def _score_kernel(
             else:
                 if FROM_LOGITS:
                     b_z = tl.load(LG + o_lg[:, None] + b_vid[None, :] * lg_sv, mask=m_tv, other=0.0).to(tl.float32)
-                b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t)  # [BT, BV]
+                b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp, OWN_P)  # [BT, BV]
             b_s += tl.sum(b_g * b_q, axis=1)
         tl.store(OUT_S + o_t, b_s, mask=m_t)
         if FUSE_SELECT:
@@ -841,12 +852,14 @@ class Kernels:
 
     ``h`` with ``row_h`` (row offset per token); the logits source: ``w`` (lm_head, ``z = h W^T``) or
     ``lg`` with ``row_lg``; ``ids`` and ``log_z`` per token and ``vs`` (V* ids by segment) when errors
-    are computed from logits; ``wd``: the dtype the kernels read.
+    are computed from logits; ``lp``: the old log-probs per token when ``log_z`` came from them (the
+    sampled token's own probability, :func:`_errors`); ``wd``: the dtype the kernels read.
     """
 
-    def __init__(self, h, row_h, wd, *, w=None, lg=None, row_lg=None, ids=None, log_z=None, vs=None, inv_t=1.0):
+    def __init__(self, h, row_h, wd, *, w=None, lg=None, row_lg=None, ids=None, log_z=None, lp=None, vs=None,
+                 inv_t=1.0):
         self.h, self.row_h, self.wd, self.inv_t = h, row_h, wd, inv_t
-        self.w, self.lg, self.row_lg, self.ids, self.log_z, self.vs = w, lg, row_lg, ids, log_z, vs
+        self.w, self.lg, self.row_lg, self.ids, self.log_z, self.lp, self.vs = w, lg, row_lg, ids, log_z, lp, vs
         self.d = h.shape[-1]
         self.md = m_dtype(wd)
         self.w_strides = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
@@ -864,7 +877,7 @@ class Kernels:
         if max_nv and max_rows:
             launch(
                 "err", lambda meta: (len(seg.rows) * triton.cdiv(max_rows, meta["BT"]) * triton.cdiv(max_nv, meta["BV"]),),
-                self.wd, self.h, self.row_h, self.w, self.lg, self.row_lg, self.ids, self.log_z, self.vs, seg.table, gp,
+                self.wd, self.h, self.row_h, self.w, self.lg, self.row_lg, self.ids, self.log_z, self.lp, self.vs, seg.table, gp,
                 self.d, max_rows, max_nv, self.h.stride(-1), *self.w_strides, self.lg_sv, self.inv_t, ALIGN=self.align,
             )
         return gp
@@ -915,7 +928,7 @@ class Kernels:
         if max_sc == 0:
             return
         thr, adv, out_adv, out_sel = select if select is not None else (None, None, None, None)
-        src = (None, None, None, None, None) if gp is not None else (self.w, self.lg, self.row_lg, self.ids, self.log_z)
+        src = (None,) * 6 if gp is not None else (self.w, self.lg, self.row_lg, self.ids, self.log_z, self.lp)
         launch(
             "score", lambda meta: (len(seg.rows) * triton.cdiv(max_sc, meta["BT"]),),
             self.wd, self.h, self.row_h, *src, self.vs if gp is None else None, seg.table, m, gp, thr, adv, out, out_adv,

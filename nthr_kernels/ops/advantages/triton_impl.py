@@ -239,6 +239,8 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     k = Kernels(
         h, row_h, wd, w=w if lg is None else None, lg=lg, row_lg=row_offsets(lg, tok_a, tok_b) if lg is not None else None,
         ids=batch.tok_ids[order].contiguous(), log_z=_log_z(batch, order, tok_a, tok_b, h, row_h, w, wd),
+        # the shortcut's sampled-token probability is exp(l_t) (Kernels, _errors): the old log-probs in plan order
+        lp=batch.gather(batch.old_logprobs, order).float().contiguous() if lg is None and batch.old_logprobs is not None else None,
         vs=plan.vs_id, inv_t=1.0 / batch.opts.temperature,
     )
 
