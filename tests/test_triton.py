@@ -553,6 +553,22 @@ def test_one_token_vocabulary_with_logits_scores_zero():
 
 
 @needs_triton
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+@pytest.mark.parametrize("with_logprobs", [True, False], ids=["old_logprobs", "vocab_lse"])
+def test_one_token_vocabulary_with_lm_head_scores_zero(temperature, with_logprobs):
+    """|V| = 1 with ``lm_head_weight``: every token is certain, so every score is exactly 0 and nothing is
+    selected, as in the reference. With old log-probs the kernels took the sampled token's probability
+    from z_y summed in another order than log Z's (errors of about 1e-7, scores of 1e-12, tokens selected);
+    it is now exp(l_t). Without them, the log-sum-exp kernel's z / T must round as the error kernels' does."""
+    b = on_device(case(seed=3, n_groups=3, group_size=4, lengths=(1, 9), d=8, vocab=1, temperature=temperature))
+    for beta in (1.0, 0.0):
+        ref = run(b, "reference", with_logprobs=with_logprobs, beta=beta)
+        got = run(b, "triton", with_logprobs=with_logprobs, beta=beta)
+        assert not bool(ref.selected.any()) and not bool(got.selected.any())
+        assert bool((got.scores == 0).all()), float(got.scores.abs().max())
+
+
+@needs_triton
 @pytest.mark.parametrize("source", ["weight+logprobs", "weight"])
 def test_mixed_dtypes_compute_in_float32(source):
     """fp16 hidden states with a float32 weight holding values beyond fp16's range (within the contract:
