@@ -138,12 +138,7 @@ def main(argv=None) -> int:
     wd = tk.work_dtype(h, w)
     plan = ti.plan_on_device(batch)
     order = plan.order
-    tok_a = batch.tok_a[order]
-    tok_b = batch.tok_b[order] if batch.tok_b is not None else None
-    row_h = tk.row_offsets(h, tok_a, tok_b)
-    k = tk.Kernels(h, row_h, wd, w=w, ids=batch.tok_ids[order].contiguous(), vs=plan.vs_id,
-                   log_z=ti._log_z(batch, order, tok_a, tok_b, h, row_h, w, wd), inv_t=1.0 / batch.opts.temperature,
-                   lp=batch.gather(batch.old_logprobs, order).float().contiguous() if batch.old_logprobs is not None else None)
+    k = ti.plan_kernels(batch, plan, h, w, wd)  # as the call builds them (the shape's dtype is wd: no cast)
     paths = ti.choose_paths([g.nv for g in plan.groups], [g.npos for g in plan.groups], [g.n for g in plan.groups], k.d)
     elem, m_elem = (torch.empty(0, dtype=t).element_size() for t in (wd, tk.m_dtype(wd)))
     chunk = next(c for c in ti._plan_chunks(plan, paths, k.d, elem, m_elem, SCRATCH_BYTES) if c.kind == "factored")

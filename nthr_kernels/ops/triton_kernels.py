@@ -141,13 +141,17 @@ def _dot(b_a, b_b):
 @triton.jit
 def _gram_tile(X, o_x, m_x, x_sk, Y, o_y, m_y, y_sk, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """``[BM, BN]`` tile of ``X Y^T``: the rows of ``X`` at offsets ``o_x`` and of ``Y`` at ``o_y``, summed
-    over ``K`` features (strides ``x_sk``, ``y_sk``) in steps of ``BK``."""
+    over ``K`` features (strides ``x_sk``, ``y_sk``) in steps of ``BK``. Tiles of two dtypes, or float64
+    ones (validation reads the caller's tensors as they are), are multiplied in float32."""
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK).to(tl.int64)
         m_k = o_k < K
         b_x = tl.load(X + o_x[:, None] + o_k[None, :] * x_sk, mask=m_x[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         b_y = tl.load(Y + o_y[:, None] + o_k[None, :] * y_sk, mask=m_y[:, None] & m_k[None, :], other=0.0)  # [BN, BK]
+        if b_x.dtype != b_y.dtype or b_x.dtype == tl.float64:
+            b_x = b_x.to(tl.float32)
+            b_y = b_y.to(tl.float32)
         b_acc += _dot(b_x, tl.trans(b_y))
     return b_acc
 
@@ -660,16 +664,7 @@ def _implied_kernel(
         o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV] positions in DK
         m_v = o_v < hi
         o_w = (tl.load(DK + o_v, mask=m_v, other=0) % vocab) * w_sv
-        b_z = tl.zeros([BT, BV], dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            o_k = k0 + tl.arange(0, BK).to(tl.int64)
-            m_k = o_k < D
-            b_h = tl.load(H + o_h[:, None] + o_k[None, :] * h_sd, mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
-            b_w = tl.load(W + o_w[:, None] + o_k[None, :] * w_sd, mask=m_v[:, None] & m_k[None, :], other=0.0)  # [BV, BK]
-            if b_h.dtype != b_w.dtype or b_h.dtype == tl.float64:  # mixed or float64 inputs: float32 tiles
-                b_h = b_h.to(tl.float32)
-                b_w = b_w.to(tl.float32)
-            b_z += _dot(b_h, tl.trans(b_w))
+        b_z = _gram_tile(H, o_h, m_t, h_sd, W, o_w, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
         m_tv = m_t[:, None] & (o_v[None, :] >= b_lo[:, None]) & (o_v[None, :] < b_hi[:, None])
         b_z = tl.where(m_tv, (b_z - b_zy[:, None]) / temperature, -float("inf"))
         b_new = tl.maximum(b_max, tl.max(b_z, axis=1))

@@ -216,6 +216,23 @@ def _chunk_tau(sums, n, grp, groups, thr, n_groups: int, beta: float) -> None:
     thr[groups, 0] = tau_from_anchors(grp, means, n_groups, beta)[groups].to(torch.float32)
 
 
+def plan_kernels(batch, plan, h, w, wd) -> Kernels:
+    """The :class:`Kernels` of a call: the tokens in plan order (``h`` and ``w`` already in ``wd``), their
+    logits source, ``log Z`` and, under the old log-probs shortcut, the old log-probs (the sampled
+    token's own probability is ``exp(l_t)``: :func:`~nthr_kernels.ops.triton_kernels._errors`)."""
+    order = plan.order
+    tok_a = batch.tok_a[order]
+    tok_b = batch.tok_b[order] if batch.tok_b is not None else None
+    row_h = row_offsets(h, tok_a, tok_b)
+    lg = batch.logits
+    return Kernels(
+        h, row_h, wd, w=w if lg is None else None, lg=lg, row_lg=row_offsets(lg, tok_a, tok_b) if lg is not None else None,
+        ids=batch.tok_ids[order].contiguous(), log_z=_log_z(batch, order, tok_a, tok_b, h, row_h, w, wd),
+        lp=batch.gather(batch.old_logprobs, order).float().contiguous() if lg is None and batch.old_logprobs is not None else None,
+        vs=plan.vs_id, inv_t=1.0 / batch.opts.temperature,
+    )
+
+
 def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = None):
     """Fused NTHR on the batch; returns canonical-order ``(scores, selected, token_adv, tau, eta)``.
 
@@ -232,17 +249,7 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     others = batch.opts.anchor == "others"
     plan = plan_on_device(batch)  # the host synchronisation
     order = plan.order
-    tok_a = batch.tok_a[order]
-    tok_b = batch.tok_b[order] if batch.tok_b is not None else None
-    row_h = row_offsets(h, tok_a, tok_b)
-    lg = batch.logits
-    k = Kernels(
-        h, row_h, wd, w=w if lg is None else None, lg=lg, row_lg=row_offsets(lg, tok_a, tok_b) if lg is not None else None,
-        ids=batch.tok_ids[order].contiguous(), log_z=_log_z(batch, order, tok_a, tok_b, h, row_h, w, wd),
-        # the shortcut's sampled-token probability is exp(l_t) (Kernels, _errors): the old log-probs in plan order
-        lp=batch.gather(batch.old_logprobs, order).float().contiguous() if lg is None and batch.old_logprobs is not None else None,
-        vs=plan.vs_id, inv_t=1.0 / batch.opts.temperature,
-    )
+    k = plan_kernels(batch, plan, h, w, wd)
 
     # per token in plan order; per group (tau, eta) in THR
     resp_o = batch.tok_resp[order].contiguous()
