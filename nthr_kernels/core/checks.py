@@ -239,11 +239,18 @@ def check_logit_scale(temperature: float, max_logit: float, source: str) -> None
         )
 
 
+def _row_norms(x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """Euclidean norms of the rows of ``x``: float32 (float64 for float64 ``x``), as the norm pass of the
+    checks computes them, or (``exact``) in float64."""
+    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64 if exact or x.dtype == torch.float64
+                                    else torch.float32)
+
+
 def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """0-d largest Euclidean norm of the rows of ``x`` (where ``rows`` is True); 0 when none."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    norms = _row_norms(x)
     if rows is not None:
         norms = torch.where(rows, norms, torch.zeros((), dtype=norms.dtype, device=norms.device))
     return norms.max() if norms.numel() else torch.zeros((), dtype=norms.dtype, device=norms.device)
@@ -305,11 +312,9 @@ def score_range_fails(terms: torch.Tensor, top_h: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_norm_top(batch: "Batch", exact: bool = False) -> torch.Tensor:
-    """0-d largest norm of ``hidden``'s rows at the batch's tokens (0 when none): float32 (float64 for
-    float64 hidden), as the norm pass of the checks computes it, or (``exact``) in float64."""
-    norms = torch.linalg.vector_norm(batch.hidden.detach(), dim=-1, dtype=torch.float64 if exact or
-                                     batch.hidden.dtype == torch.float64 else torch.float32)
-    norms = batch.gather(norms)
+    """0-d largest norm of ``hidden``'s rows at the batch's tokens (0 when none), in the dtype of
+    :func:`_row_norms`."""
+    norms = batch.gather(_row_norms(batch.hidden, exact))
     return norms.max() if norms.numel() else norms.new_zeros(())
 
 
@@ -499,6 +504,13 @@ class Batch:
         return out
 
 
+def several_rewards_error(side: str, threshold: float, values: list, where: str = "") -> ValueError:
+    """The refusal of rewards with several values on one ``side`` ("above", "at or below") of the threshold
+    (:func:`binary_positive`; ``where``: e.g. " over the ranks of process_group")."""
+    return ValueError(f"rewards: expected binary rewards (one value {side} reward_threshold={threshold}), "
+                      f"got several{where}: {values}")
+
+
 def binary_positive(rewards: torch.Tensor, threshold: Optional[float], pending: Optional[Pending] = None) -> torch.Tensor:
     """Which responses are correct: ``reward == 1`` of 0/1 rewards (``threshold`` None), else
     ``reward > threshold`` with at most one distinct value on each side. The value checks are recorded on ``pending``
@@ -523,10 +535,8 @@ def binary_positive(rewards: torch.Tensor, threshold: Optional[float], pending: 
         for side, name in ((pos, "above"), (~pos, "at or below")):
             several = (torch.where(side, r, math.inf).amin() < torch.where(side, r, -math.inf).amax()
                        if r.numel() else side.any())
-            pending.fail_if(several, lambda side=side, name=name: ValueError(
-                f"rewards: expected binary rewards (one value {name} reward_threshold={threshold}), "
-                f"got several: {torch.unique(r[side])[:6].tolist()}"
-            ))
+            pending.fail_if(several, lambda side=side, name=name: several_rewards_error(
+                name, threshold, torch.unique(r[side])[:6].tolist()))
     if own:
         pending.read()
     return pos

@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from ...core.checks import (check_backend, hidden_norm_top, score_range_error, score_range_fails, score_terms,
-                            validate_batch)
+                            several_rewards_error, validate_batch)
 from ...core.plan import finish, make_plan
 from ...core.rules import ANCHORS, ETA_NAMES, SCRATCH_ELEMS, Inputs, NTHRResult, Options
 from . import torch_impl
@@ -358,8 +358,7 @@ def _check_consistent(desc: torch.Tensor) -> None:
         col = desc[:, slot]
         vals = torch.unique(col[~torch.isnan(col)])
         if vals.numel() > 1:  # as one process refuses the whole batch (core.checks.binary_positive)
-            raise ValueError(f"rewards: expected binary rewards (one value {name} reward_threshold={threshold}), "
-                             f"got several over the ranks of process_group: {vals[:6].tolist()}")
+            raise several_rewards_error(name, threshold, vals[:6].tolist(), " over the ranks of process_group")
 
 
 def nthr_advantages_distributed(
