@@ -7,8 +7,9 @@ Every run starts from the embedded tiny model; for one seed both methods see the
 step (the responses differ once the policies do) and are evaluated on the same 128 held-out problems
 (4 samples each, temperature 1). Prints, per method, the held-out accuracy at the start and the end
 (mean and range over the seeds) and the paired end-of-run difference per seed; plots the mean curve over
-the seeds with a band from the lowest to the highest seed. A few seeds of a 40-step run show whether the
-methods train alike on this task; they are too few to resolve small differences, and the output says so.
+the seeds with a band from the lowest to the highest seed. A few seeds of a 40-step run can show a large,
+consistent difference between the methods; they are too few to resolve small differences, or to show that
+there is none, and the output says so.
 Writes ``train-grpo-vs-nthr.json`` (the histories, the settings, the machine) and ``train-grpo-vs-nthr.png``
 to ``--out``; ``python -m nthr_kernels.grpo.report --readme`` turns the committed JSON into the README's
 paragraph.

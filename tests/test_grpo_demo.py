@@ -179,6 +179,21 @@ def test_training_text_says_what_the_seeds_can_show():
         training_summary(_histories([0.7])[:1])
 
 
+def test_training_text_claims_no_more_than_the_seeds_show():
+    """A sign change says there is no consistent difference, not that the methods train equally well; one sign on
+    enough seeds is significant by the sign test (2 * 0.5**6 = 0.031), and a tie is no change of sign."""
+    from nthr_kernels.grpo.report import training_text
+
+    mixed = training_text(_histories([0.72, 0.69, 0.75]))
+    assert "no consistent difference" in mixed and "trains as well as GRPO here" not in mixed
+    six = training_text(_histories([0.71, 0.72, 0.73, 0.74, 0.75, 0.76]))
+    assert "probability 0.031" in six and "not a significant" not in six and "below 5 %" in six
+    tie = training_text(_histories([0.72, 0.70, 0.75]))  # +0.02, 0, +0.05: NTHR ahead or equal on every seed
+    assert "sign changes" not in tie and "where they differ (2 of 3; equal on 1)" in tie and "probability 0.5" in tie
+    equal = training_text(_histories([0.7, 0.7, 0.7]))
+    assert "sign changes" not in equal and "none, on every seed" in equal
+
+
 def test_readme_study_block_matches_the_committed_results():
     from nthr_kernels.grpo.report import COMPARED, RESULTS, ROOT, TRAIN_RESULTS, update_readme
 
@@ -231,3 +246,16 @@ def test_outputs_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temporary left behind
+
+
+def test_readme_block_takes_the_group_size_from_the_results():
+    """The block said "8 responses each" whatever the results file recorded."""
+    from nthr_kernels.grpo.report import RESULTS, readme_block
+
+    if not RESULTS.is_file():
+        pytest.skip("not a source checkout")
+    rep = json.loads(RESULTS.read_text())
+    assert "8 responses each" in readme_block(rep, [])
+    rep["setup"]["group_size"] = 4
+    block = readme_block(rep, [])
+    assert "4 responses each" in block and "8 responses each" not in block

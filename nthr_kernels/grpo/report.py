@@ -107,7 +107,7 @@ def readme_block(results: dict, compared: list[dict]) -> str:
     s = results["setup"]
     lines = [BEGIN, "",
              f"`python -m nthr_kernels demo`: {results['questions']} questions with mixed groups "
-             f"({len(results['seeds'])} seeds x {s['questions_per_seed']}, 8 responses each, sampled accuracy "
+             f"({len(results['seeds'])} seeds x {s['questions_per_seed']}, {s['group_size']} responses each, sampled accuracy "
              f"{100 * s['sample_accuracy']:.1f} %), one {s['optimizer'].replace('adamw', 'AdamW')} step with lr "
              f"{s['lr']} per question and method, {s['torch_threads']} torch thread{'s' * (s['torch_threads'] > 1)}, backend "
              f"`{results['backend']}`; measured on {results['machine']}. Brackets: 95 % bootstrap intervals "
@@ -165,12 +165,22 @@ def training_text(histories: list[dict]) -> str:
     text = (f"held-out accuracy went from {_spread(t['start'])} to {_spread(t['final']['grpo'])} with GRPO and to "
             f"{_spread(t['final']['nthr'])} with GRPO + NTHR. The end-of-run difference (NTHR minus GRPO) per seed is "
             + ", ".join(f"{x:+.3f}" for x in d) + ": ")
-    if all(x > 0 for x in d) or all(x < 0 for x in d):
-        text += (f"the same sign for every seed, which {n} seeds of two equal methods would show with probability "
-                 f"{2 * 0.5 ** n:.2g}, so it is a hint, not a significant difference.")
+    up, down = sum(x > 0 for x in d), sum(x < 0 for x in d)
+    k, ties = up + down, n - up - down
+    if k == 0:
+        text += f"none, on every seed; {n} runs of {t['steps']} steps show no difference between the methods here."
+    elif up and down:
+        text += (f"its sign changes across the seeds, so these runs show no consistent difference between NTHR and "
+                 f"GRPO here (neither that NTHR trains better nor that it trains as well); {n} runs of {t['steps']} "
+                 f"steps cannot resolve a difference that size.")
     else:
-        text += (f"its sign changes across the seeds, so these runs show that NTHR trains as well as GRPO here, not "
-                 f"that it trains better; {n} runs of {t['steps']} steps cannot resolve a difference that size.")
+        # two-sided sign test over the seeds where the methods differ: P(all k of one sign | equal methods)
+        p = 2 * 0.5 ** k
+        where = "every seed" if not ties else f"every seed where they differ ({k} of {n}; equal on {ties})"
+        text += (f"the same sign for {where}, which {k} seeds of two equal methods would show with probability "
+                 f"{p:.2g} (two-sided sign test), "
+                 + ("so it is a hint, not a significant difference." if p >= 0.05 else
+                    "below 5 %: a consistent difference by the sign test, which says nothing of its size."))
     return text
 
 
