@@ -20,6 +20,7 @@ from nthr_kernels.core.checks import implied_vstar_mass, logprob_sample, validat
 from nthr_kernels.core.rules import LOGPROB_MAX_BAD, LOGPROB_TOLERANCE, Inputs, Options
 from nthr_kernels.grpo.model import load_default_model, torch_threads
 from nthr_kernels.grpo.rollout import collect_rollout
+from nthr_kernels.grpo.seeds import seed_of, stream
 from nthr_kernels.testing import logprob_variants
 
 TEMPERATURE = 1.0
@@ -31,11 +32,14 @@ def measure(prompts: int = 16) -> list:
     rows = []
     with torch_threads():
         model, task = load_default_model(progress=False)
-        problems = task.sample_problems(prompts, seed=123)
+        # streams of their own (nthr_kernels.grpo.seeds): the literals before (problems seed 123, manual_seed(0))
+        # were the pretraining's problems of step 123, which the model had been trained on, and the model's
+        # initialisation stream (for the responses and the noise)
+        problems = task.sample_problems(prompts, seed=seed_of("logprob_check", "problems"))
         ro = collect_rollout(model, task, problems, group_size=8, temperature=TEMPERATURE,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=stream("logprob_check", "rollouts"))
         w = model.lm_head.weight.detach()
-        for name, (lp, t) in logprob_variants(model, ro).items():
+        for name, (lp, t) in logprob_variants(model, ro, seed=seed_of("logprob_check", "noise")).items():
             x = Inputs(ro.hidden, ro.completion_ids, ro.rewards, ro.advantages, lm_head_weight=w, old_logprobs=lp,
                        mask=ro.mask, group_size=8)
             batch = validate_batch(x, Options(temperature=t, check_logprobs=False))

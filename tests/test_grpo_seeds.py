@@ -149,3 +149,39 @@ def test_two_methods_of_one_seed_draw_the_same_streams(monkeypatch, draws):
     assert (draws.problems, draws.torch) == first
     with pytest.raises(TypeError, match="seed"):
         loop.train(torch.nn.Linear(1, 1), AdditionTask(1), seed=1.5, progress=False)
+
+
+def test_logprob_check_draws_streams_of_its_own(monkeypatch, draws):
+    """benchmarks/logprob_check.py (the table of docs/NTHR.md) measured on the pretraining's problems of step 123
+    (``sample_problems(16, seed=123)``: the model had been trained on them) and drew its responses and its noise
+    from the model's initialisation stream (``manual_seed(0)``, DEFAULT_SPEC.seed = 0)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import logprob_check
+
+    class Stop(Exception):
+        pass
+
+    def collect_rollout(model, task, problems, *, generator, **_):
+        draws.torch.append(("logprob_check rollouts", generator.initial_seed()))
+        return None
+
+    def logprob_variants(model, rollout, seed=0):
+        draws.torch.append(("logprob_check noise", int(seed)))
+        raise Stop
+
+    monkeypatch.setattr(logprob_check, "load_default_model",
+                        lambda **_: (SimpleNamespace(lm_head=torch.nn.Linear(1, 1, bias=False)),
+                                     AdditionTask(DEFAULT_SPEC.n_digits)))
+    monkeypatch.setattr(logprob_check, "collect_rollout", collect_rollout)
+    monkeypatch.setattr(logprob_check, "logprob_variants", logprob_variants)
+    _pretraining(draws)
+    draws.who = "logprob_check"
+    with pytest.raises(Stop):
+        logprob_check.measure(16)
+    assert {w for w, _ in draws.torch} >= {"logprob_check rollouts", "logprob_check noise"}
+    assert any(w == "logprob_check" for w, _ in draws.problems)
+    assert _clashes(draws.problems) == {}
+    assert _clashes(draws.torch, bits=32) == {}
