@@ -259,3 +259,19 @@ def test_readme_block_takes_the_group_size_from_the_results():
     rep["setup"]["group_size"] = 4
     block = readme_block(rep, [])
     assert "4 responses each" in block and "8 responses each" not in block
+
+
+def test_readme_block_says_what_the_gwhes_and_thread_numbers_are():
+    """The GWHES sentence said "the questions where GRPO loses most likelihood" of the k lowest GRPO Deltas, most of
+    which are positive (GRPO raised their likelihood, least); the threads table called the share of equal GRPO
+    Deltas "same questions"."""
+    from nthr_kernels.grpo.report import COMPARED, RESULTS, readme_block
+
+    if not RESULTS.is_file():
+        pytest.skip("not a source checkout")
+    rep = json.loads(RESULTS.read_text())
+    k = int(min(rep["gwhes"]["topk_overlap"], key=int))
+    assert sum(d > 0 for d in sorted(rep["methods"]["grpo"]["deltas"])[:k]) > 0  # some of the k laziest gained
+    block = readme_block(rep, [json.loads(p.read_text()) for p in COMPARED])
+    assert "loses most likelihood" not in block and "raises least, or lowers" in block
+    assert "same questions as row 1" not in block and "GRPO Delta as row 1's (to 1e-6)" in block

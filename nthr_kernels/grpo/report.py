@@ -50,10 +50,11 @@ def _study_table(rep: dict) -> list[str]:
 
 def _threads_table(runs: list[dict]) -> list[str]:
     """One row per run: LLD fraction and mean Delta per method, NTHR paired with GRPO, and the share of
-    questions whose GRPO Delta equals the first run's (to 1e-6: the same responses were sampled)."""
+    questions whose GRPO Delta equals the first run's (to 1e-6; 100 %: the same responses were sampled, while a
+    lower share does not tell other responses from the same ones updated with other rounding)."""
     methods = list(runs[0]["methods"])
     head = ("| torch threads | " + " | ".join(f"{NAMES.get(m, m)}: LLD, mean Delta" for m in methods) +
-            " | NTHR - GRPO: mean Delta | same questions as row 1 | seconds (wall / CPU) |")
+            " | NTHR - GRPO: mean Delta | GRPO Delta as row 1's (to 1e-6) | seconds (wall / CPU) |")
     rows = [head, "| ---: |" + " ---: |" * (len(methods) + 3)]
     first = runs[0]["methods"]["grpo"]["deltas"]
     for rep in runs:
@@ -119,7 +120,8 @@ def readme_block(results: dict, compared: list[dict]) -> str:
     gw = results["gwhes"]
     k = min(gw["topk_overlap"], key=int)
     o = gw["topk_overlap"][k]
-    lines += ["", f"GWHES (Eq. 5) ranks the questions where GRPO loses most likelihood: of the {k} questions with the "
+    lines += ["", f"GWHES (Eq. 5) ranks the laziest questions (those whose correct answers GRPO's update raises least, or "
+              f"lowers): of the {k} questions with the "
               f"largest GWHES, {100 * o['gwhes']:.0f} % are among the {k} with the lowest GRPO Delta (random ranking: "
               f"{100 * o['random_mean']:.0f} % +- {100 * o['random_std']:.0f} %); Spearman correlation "
               f"{gw['spearman_vs_grpo_delta']:.2f}. NTHR (beta = 1) selects "
