@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import pathlib
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -282,6 +284,36 @@ def test_capture_runs_no_extra_forward_and_keeps_advantages(tmp_path, mode):
     torch.testing.assert_close(a.scores, f.scores, rtol=0, atol=SCORE_TOLERANCE[torch.float32] * float(f.scores.abs().max()))
     assert torch.equal(a.selected, f.selected)
     assert torch.equal(a.token_advantages, f.token_advantages)
+
+
+class GatherCounting(NTHRGRPOTrainer):
+    """Counts the rollout batches of training (each one NTHR step)."""
+
+    def _generate_and_score_completions(self, inputs):
+        self.n_batches = getattr(self, "n_batches", 0) + self.model.training
+        return super()._generate_and_score_completions(inputs)
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_CONFIGS) + ["forward"])
+def test_fsdp2_lm_head_weight_gathered_once_per_step(tmp_path, mode):
+    # An FSDP2 weight is a DTensor whose full_tensor() all-gathers it: the step must do that once (the "generate"
+    # capture gathered it for the old log-probs and again for nthr_advantages), and keep no gathered copy after it.
+    model = _model(3)
+    gathered = []
+
+    def full_tensor():  # the gather, on the unsharded weight: a new tensor each time, as DTensor.full_tensor gives
+        full = model.lm_head.weight.detach().clone()
+        gathered.append(weakref.ref(full.untyped_storage()))  # alive while any tensor (a detached view) holds it
+        return full
+
+    model.lm_head.weight.full_tensor = full_tensor  # TRL's own head checks isinstance(DTensor): only NTHR counts
+    cfg = MODE_CONFIGS.get(mode, {})
+    tr = _trainer(GatherCounting, tmp_path, model=model, args=_args(tmp_path, **cfg), nthr_capture=mode)
+    tr.train()
+    assert tr.n_batches >= 1
+    assert len(gathered) == tr.n_batches, f"{mode}: {len(gathered)} gathers for {tr.n_batches} step(s)"
+    gc.collect()
+    assert all(ref() is None for ref in gathered), "a gathered lm_head weight outlived its step"
 
 
 def test_capture_mode_choice(tmp_path):

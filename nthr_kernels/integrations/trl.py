@@ -290,26 +290,34 @@ class NTHRGRPOTrainer(GRPOTrainer):
         return result
 
     def _nthr_old_policy(self, out, c: int):
-        """``(hidden [B, C, d], old log-probs [B, C] float32)`` of this rollout batch, from the capture mode."""
+        """``(hidden [B, C, d], old log-probs [B, C] float32, lm_head weight)`` of this rollout batch, from the
+        capture mode. The weight is gathered here only where the mode reads it (``"generate"``), else after the
+        capture's forward (``"forward"``), so that a full FSDP2 weight is gathered once per step and never held
+        during that forward."""
         mode, hidden, extra = self._nthr_captured or (self.nthr_capture, None, None)
         if mode != self.nthr_capture or (hidden is None and mode != "forward"):
             raise RuntimeError(f"NTHRGRPOTrainer: the {self.nthr_capture!r} capture did not run for this batch")
         if mode == "old_logps":
-            return hidden, out["old_per_token_logps"].float()
+            return hidden, out["old_per_token_logps"].float(), self._nthr_lm_head_weight()
         if mode == "generate":
             hidden, lse = _fit_columns(hidden, c), _fit_columns(extra, c)
-            w = _lm_head_weight(check_lm_head(self._nthr_base_model()))
+            w = self._nthr_lm_head_weight()
             # the sampled tokens' logits, one row at a time (scratch [C, d], not [B, C, d])
             logit = torch.stack([(h.float() * w[y].to(h.device, torch.float32)).sum(-1)
                                  for h, y in zip(hidden, out["completion_ids"])])
-            return hidden, (logit / self.temperature - lse) * out["completion_mask"]
-        return capture_old_policy(
+            return hidden, (logit / self.temperature - lse) * out["completion_mask"], w
+        hidden, old_logps = capture_old_policy(
             self.accelerator.unwrap_model(self.model),
             torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
             torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
             c,
             batch_size=self.args.per_device_train_batch_size,
         )
+        return hidden, old_logps, self._nthr_lm_head_weight()
+
+    def _nthr_lm_head_weight(self) -> torch.Tensor:
+        """The full LM-head weight (an FSDP2 weight is gathered: call once per step)."""
+        return _lm_head_weight(check_lm_head(self._nthr_base_model()))
 
     def _generate_and_score_completions(self, inputs):
         self._nthr_rewards_per_func = None
@@ -330,9 +338,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
         n_local, c = completion_ids.shape
         device = completion_ids.device
 
-        hidden, old_logps = self._nthr_old_policy(out, c)
+        hidden, old_logps, weight = self._nthr_old_policy(out, c)  # the step's one gather of an FSDP2 weight
         self._nthr_captured = None
-        weight = _lm_head_weight(check_lm_head(self._nthr_base_model()))
 
         rpf = self._nthr_rewards_per_func
         rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
