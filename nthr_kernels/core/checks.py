@@ -246,11 +246,12 @@ def _row_norms(x: torch.Tensor, exact: bool = False) -> torch.Tensor:
                                     else torch.float32)
 
 
-def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """0-d largest Euclidean norm of the rows of ``x`` (where ``rows`` is True); 0 when none."""
+def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None, exact: bool = False) -> torch.Tensor:
+    """0-d largest Euclidean norm of the rows of ``x`` (where ``rows`` is True; in the dtype of
+    :func:`_row_norms`); 0 when none."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    norms = _row_norms(x)
+    norms = _row_norms(x, exact)
     if rows is not None:
         norms = torch.where(rows, norms, torch.zeros((), dtype=norms.dtype, device=norms.device))
     return norms.max() if norms.numel() else torch.zeros((), dtype=norms.dtype, device=norms.device)
@@ -341,7 +342,7 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
     pending = Pending() if own else pending
 
     def exact_h():  # the largest norm of the hidden rows read, in float64 (failure paths only)
-        return float(_max_row_norm(hidden.detach().double(), rows))
+        return float(_max_row_norm(hidden, rows, exact=True))
 
     if logits is not None:
         top_abs = defer_float32_range(pending, "hidden", hidden, rows)[0] if hidden is not None else None
@@ -371,7 +372,7 @@ def check_policy_values(hidden, lm_head_weight, logits, temperature: float, rows
             defer_float32_range(pending, "hidden", hidden, rows)
             defer_float32_range(pending, "lm_head_weight", lm_head_weight, rows_read(), at=_WEIGHT_ROWS_READ)
         _defer_logit_scale(pending, temperature, top_h * top_w, _NORM_BOUND, lambda: exact_h() * float(
-            _max_row_norm(lm_head_weight.detach().double(), rows_read())))  # a float32 norm overflows past ~1.8e19
+            _max_row_norm(lm_head_weight, rows_read(), exact=True)))  # a float32 norm overflows past ~1.8e19
         if terms is not None:
             _defer_score_range(pending, terms, top_h, exact_h)
     if own:
@@ -421,7 +422,7 @@ def check_score_inputs(h_pos, h_neg, err_pos, err_neg, check_finite: bool):
                for name, x in (("h_pos", h_pos), ("h_neg", h_neg), ("err_pos", err_pos), ("err_neg", err_neg))]
         # |s_t| <= T+ max |err_u . err_t| max |h_u . h_t|: within float32 range (exact norms if the bound fails)
         if h_pos.shape[0] * math.prod(top) > FLOAT32_MAX:
-            norms = [float(_max_row_norm(x.detach().double())) for x in (h_pos, h_neg, err_pos, err_neg)]
+            norms = [float(_max_row_norm(x, exact=True)) for x in (h_pos, h_neg, err_pos, err_neg)]
             bound = h_pos.shape[0] * math.prod(norms)
             if bound > FLOAT32_MAX:
                 raise ValueError(
