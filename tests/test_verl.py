@@ -241,6 +241,32 @@ def test_capture_refuses_models_whose_logits_are_not_wh():
         nv.LMHeadInputCapture(model)
 
 
+def test_full_lm_head_weight_gathers_once_and_refuses_heads_it_cannot_use():
+    """The TRL trainer and the verl worker read the LM-head weight through one function,
+    ``integrations.lm_head.full_lm_head_weight`` (each had its own copy of the FSDP2 gather; the verl one
+    checked the bias only): an FSDP2 ``DTensor`` is gathered once per call and returned detached; a
+    partitioned head (FSDP1's flat shard, ZeRO-3) and logits that are not ``W h`` are refused."""
+    transformers = pytest.importorskip("transformers")
+    from nthr_kernels.integrations.lm_head import full_lm_head_weight
+
+    cfg = transformers.Qwen2Config(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    w = full_lm_head_weight(model)
+    assert w.data_ptr() == model.lm_head.weight.data_ptr() and not w.requires_grad
+    whole, calls = torch.randn(30, 16), []
+    model.lm_head.weight.full_tensor = lambda: calls.append(1) or whole.clone().requires_grad_()  # as a DTensor
+    w = full_lm_head_weight(model)
+    assert calls == [1] and torch.equal(w, whole) and not w.requires_grad
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros(30 * 16 // 4))  # a flat shard
+    with pytest.raises(ValueError, match="partitioned"):
+        full_lm_head_weight(model)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-capping"):
+        full_lm_head_weight(model)
+
+
 # --------------------------------------------------------------------------------------------------
 # worker side: nthr_scale on the workers, GRPO times the scale on the driver
 # --------------------------------------------------------------------------------------------------

@@ -241,9 +241,22 @@ def check_logit_scale(temperature: float, max_logit: float, source: str) -> None
 
 def _row_norms(x: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """Euclidean norms of the rows of ``x``: float32 (float64 for float64 ``x``), as the norm pass of the
-    checks computes them, or (``exact``) in float64."""
-    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64 if exact or x.dtype == torch.float64
-                                    else torch.float32)
+    checks computes them, or (``exact``) in float64.
+
+    ``torch.linalg.vector_norm`` with a wider ``dtype`` converts its whole input first (except half
+    precision to float32 on CUDA): a float64 copy of ``hidden`` on the failure paths (8 bytes per element,
+    gigabytes at a real batch), a float32 one of a half-precision ``hidden`` on the CPU. Where it would, the
+    norms are taken over blocks of the leading dimension of at most ``SCAN_ELEMS`` elements (one block
+    at least), so the copy is bounded like the input scans' temporaries. Each row's norm is the same
+    reduction whichever block holds it."""
+    x = x.detach()
+    dt = torch.float64 if exact or x.dtype == torch.float64 else torch.float32
+    converts = dt != x.dtype and not (x.is_cuda and dt == torch.float32)
+    step = max(1, SCAN_ELEMS // max(1, x[0].numel())) if x.dim() > 1 and x.shape[0] else 0
+    if not converts or x.shape[0] <= step:
+        return torch.linalg.vector_norm(x, dim=-1, dtype=dt)
+    return torch.cat([torch.linalg.vector_norm(x[r0 : r0 + step], dim=-1, dtype=dt)
+                      for r0 in range(0, x.shape[0], step)])
 
 
 def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None, exact: bool = False) -> torch.Tensor:

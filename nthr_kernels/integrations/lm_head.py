@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_lm_head", "check_logits_form"]
+__all__ = ["check_lm_head", "check_logits_form", "full_lm_head_weight"]
 
 _SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -32,5 +32,16 @@ def check_lm_head(model) -> torch.nn.Module:
         raise ValueError("model: has no output embedding (lm_head) with a weight")
     check_logits_form(model, head)
     if head.weight.numel() == 0 or head.weight.dim() != 2:
-        raise ValueError("model: the lm_head weight is partitioned (e.g. DeepSpeed ZeRO-3); gather it or use ZeRO-2/FSDP")
+        raise ValueError("model: the lm_head weight is partitioned (DeepSpeed ZeRO-3, or FSDP1's flat shards); gather "
+                         "it, or use ZeRO-2, FSDP2 or an unsharded head")
     return head
+
+
+def full_lm_head_weight(model) -> torch.Tensor:
+    """The whole, detached weight of ``model``'s LM head (checked by :func:`check_lm_head`): an FSDP2 ``DTensor``
+    is gathered (``full_tensor()``, an all-gather of ``|V| x d`` on every rank), so a caller takes it once per
+    step and drops it when the step is done. The TRL trainer and the verl worker read the weight here."""
+    w = check_lm_head(model).weight
+    if hasattr(w, "full_tensor"):  # FSDP2 DTensor shards
+        w = w.full_tensor()
+    return w.detach()

@@ -45,7 +45,7 @@ import torch
 from .. import available_backends, nthr_advantages
 from ..core.rules import ANCHORS, EtaSpec, check_eta
 from ..core.checks import binary_positive, check_backend, check_real
-from .lm_head import check_lm_head, check_logits_form
+from .lm_head import check_lm_head, check_logits_form, full_lm_head_weight
 
 try:
     from trl import GRPOTrainer
@@ -73,13 +73,6 @@ def _refuse_args(args) -> None:
             "off_policy_mask_threshold: the off-policy sequence mask reads the sign of [B] advantages; "
             "NTHR's are per token: set it to None"
         )
-
-
-def _lm_head_weight(head) -> torch.Tensor:
-    w = head.weight
-    if hasattr(w, "full_tensor"):  # FSDP2 DTensor
-        w = w.full_tensor()
-    return w.detach()
 
 
 def _backbone(model) -> torch.nn.Module:
@@ -317,7 +310,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
 
     def _nthr_lm_head_weight(self) -> torch.Tensor:
         """The full LM-head weight (an FSDP2 weight is gathered: call once per step)."""
-        return _lm_head_weight(check_lm_head(self._nthr_base_model()))
+        return full_lm_head_weight(self._nthr_base_model())
 
     def _generate_and_score_completions(self, inputs):
         self._nthr_rewards_per_func = None

@@ -42,6 +42,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from ..core.checks import check_backend, check_real
 from ..core.rules import ANCHORS, check_eta
+from .lm_head import full_lm_head_weight
 from .verl import SCALE_KEY, LMHeadInputCapture, compute_nthr_scale
 
 __all__ = ["NTHRActorRolloutRefWorker", "nthr_actor_worker", "nthr_scale_on_worker", "response_rows", "SCORE_KEYS"]
@@ -68,16 +69,8 @@ def _check_options(options: dict) -> dict:
 
 
 def _full_weight(module: torch.nn.Module) -> torch.Tensor:
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    head = base.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise ValueError("model: expected an lm_head without bias (NTHR assumes logits = W h / T)")
-    w = head.weight
-    if hasattr(w, "full_tensor"):  # FSDP2 DTensor shards
-        w = w.full_tensor()
-    if w.dim() != 2 or w.numel() == 0:
-        raise ValueError("model: the lm_head weight is sharded by FSDP1; use FSDP2 (strategy=fsdp2) or an unsharded head")
-    return w.detach()
+    """The whole lm_head weight of the worker's model (a PEFT wrapper's base model; FSDP2 shards gathered)."""
+    return full_lm_head_weight(module.get_base_model() if hasattr(module, "get_base_model") else module)
 
 
 def _packed_rows(data) -> int:
