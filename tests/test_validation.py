@@ -70,6 +70,31 @@ def test_shape_mismatches(b):
     raises(ValueError, "group_ids", lambda: call(b, group_size=None, group_ids=torch.zeros(R - 1, dtype=torch.int64)))
 
 
+def test_hidden_of_the_whole_sequence_is_named(b):
+    # hidden states of prompt + completion where token_ids and mask are the completion's: the message named
+    # mask ("expected shape (R, L + P) (hidden's [R, L])"), which was right; hidden was wrong
+    R, L, d = b.hidden.shape
+    whole = torch.cat([torch.zeros(R, 3, d), b.hidden], 1)
+    with pytest.raises(ValueError) as ei:
+        call(b, hidden=whole)
+    msg = str(ei.value)
+    assert msg.startswith(f"hidden: expected shape [{R}, {L}, d]"), msg
+    assert f"got ({R}, {L + 3}, {d})" in msg, msg
+    # the same with another response count (the batch's rewards/advantages follow token_ids too)
+    raises(ValueError, "hidden", lambda: call(b, hidden=b.hidden[:-1]))
+    # a wrong token_ids or mask alone is still named
+    raises(ValueError, "token_ids", lambda: call(b, token_ids=b.token_ids[:, :-1]))
+    raises(ValueError, "mask", lambda: call(b, mask=b.mask[:, :-1]))
+
+
+def test_transposed_lm_head_weight_message_shows_the_expected_shape(b):
+    # it read "lm_head_weight: hidden size 23 differs from hidden's 8", naming neither layout
+    V, d = b.lm_head_weight.shape
+    with pytest.raises(ValueError) as ei:
+        call(b, lm_head_weight=b.lm_head_weight.T)
+    assert str(ei.value) == f"lm_head_weight: expected [V, {d}] (d: hidden's last dim), got shape ({d}, {V})"
+
+
 def test_rewards_must_be_binary(b):
     r = b.rewards.clone()
     r[0] = 0.3

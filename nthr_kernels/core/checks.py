@@ -647,6 +647,12 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
                 "mask: required with the padded layout (True at completion tokens); pass "
                 "torch.ones_like(token_ids, dtype=torch.bool) when there is no padding"
             )
+        if tuple(mask.shape) != lead_shape and tuple(mask.shape) == tuple(token_ids.shape):
+            # token_ids and mask agree: hidden is the odd one out (typically the whole sequence's states)
+            raise ValueError(
+                f"hidden: expected shape [{', '.join(map(str, token_ids.shape))}, d] (the [R, L] of token_ids and mask: the "
+                f"lm_head input at each completion position, not the prompt's rows), got {tuple(hidden.shape)}"
+            )
         if tuple(mask.shape) != lead_shape:
             raise ValueError(f"mask: expected shape {lead_shape} (hidden's [R, L]), got {tuple(mask.shape)}")
         if mask.is_floating_point() or mask.is_complex():
@@ -683,7 +689,7 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
         if lm_head_weight.dim() != 2:
             raise ValueError(f"lm_head_weight: expected [V, d], got shape {tuple(lm_head_weight.shape)}")
         if lm_head_weight.shape[1] != d:
-            raise ValueError(f"lm_head_weight: hidden size {lm_head_weight.shape[1]} differs from hidden's {d}")
+            raise ValueError(f"lm_head_weight: expected [V, {d}] (d: hidden's last dim), got shape {tuple(lm_head_weight.shape)}")
         vocab = lm_head_weight.shape[0]
     else:
         check_float_tensor("logits", logits)
