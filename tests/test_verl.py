@@ -325,3 +325,17 @@ def test_verl_integration_imports_without_trl():
             "assert v.check_logits_form is h.check_logits_form\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_trl_integration_without_trl_names_an_install_that_works(monkeypatch):
+    """Without TRL, importing the TRL trainer says what to install. It said ``pip install 'nthr-kernels[trl]'``,
+    which fails: nthr-kernels is not on PyPI (it installs from a checkout, ``pip install -e '.[trl]'``)."""
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError, as without TRL
+    monkeypatch.delitem(sys.modules, "nthr_kernels.integrations.trl", raising=False)
+    with pytest.raises(ImportError) as ei:
+        importlib.import_module("nthr_kernels.integrations.trl")
+    msg = str(ei.value)
+    assert "pip install 'trl>=1.16,<2'" in msg and "nthr-kernels[trl]" not in msg, msg

@@ -50,7 +50,10 @@ from .lm_head import check_lm_head, check_logits_form, full_lm_head_weight
 try:
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("nthr_kernels.integrations.trl needs TRL: pip install 'nthr-kernels[trl]'") from e
+    raise ImportError(
+        "nthr_kernels.integrations.trl needs TRL: pip install 'trl>=1.16,<2' (or, in a checkout of nthr-kernels, "
+        "pip install -e '.[trl]')"
+    ) from e
 
 __all__ = ["NTHRGRPOTrainer", "CAPTURE_MODES", "capture_old_policy", "check_lm_head", "check_logits_form"]
 
