@@ -667,3 +667,17 @@ def test_prediction_errors_names_a_device_mismatch(b):  # it raised a RuntimeErr
     raises(ValueError, "lm_head_weight", lambda: call(b, lm_head_weight=_other_device(b.lm_head_weight)))
     h = torch.randn(3, 4)
     raises(ValueError, "h_pos, h_neg", lambda: nk.score_tokens(h, _other_device(h), h, h))
+
+
+def test_hidden_alone_on_another_device_is_named(b):
+    # hidden left on the GPU (or moved off it) while every other tensor is elsewhere: the message named
+    # token_ids ("expected device cuda:0 (the device of hidden), got cpu"), then each other argument in turn
+    h = _other_device(b.hidden)
+    with pytest.raises(ValueError) as ei:
+        call(b, hidden=h)
+    msg = str(ei.value)
+    assert msg.startswith(f"hidden: expected device cpu (that of every other tensor argument: token_ids, "), msg
+    assert msg.endswith(f"got {h.device}"), msg
+    # one argument off hidden's device is still that argument
+    raises(ValueError, "rewards", lambda: call(b, rewards=_other_device(b.rewards)))
+    raises(ValueError, "mask", lambda: call(b, mask=_other_device(b.mask)))

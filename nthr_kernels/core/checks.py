@@ -608,6 +608,7 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     if hidden.dim() >= 1:
         check_feature_size("hidden", hidden.shape[-1], "hidden size d (last dim)")
     dev = hidden.device
+    others = []  # (name, device) of the other tensor arguments given
     for name, x in (
         ("token_ids", token_ids),
         ("rewards", rewards),
@@ -621,8 +622,13 @@ def check_batch_static(x: Inputs, opts: Options) -> StaticInfo:
     ):
         if x is not None:
             _is_tensor(name, x)
-            if x.device != dev:
-                raise ValueError(f"{name}: expected device {dev} (the device of hidden), got {x.device}")
+            others.append((name, x.device))
+    off = [(name, d) for name, d in others if d != dev]
+    if off and len(off) == len(others) and len({d for _, d in off}) == 1:  # hidden is the odd one out
+        raise ValueError(f"hidden: expected device {off[0][1]} (that of every other tensor argument: "
+                         f"{', '.join(name for name, _ in off)}), got {dev}")
+    if off:
+        raise ValueError(f"{off[0][0]}: expected device {dev} (the device of hidden), got {off[0][1]}")
 
     # ---- layout -------------------------------------------------------------------------------------
     if cu_seqlens is not None:
