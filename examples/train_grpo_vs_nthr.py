@@ -5,7 +5,8 @@
 
 Every run starts from the embedded tiny model; for one seed both methods see the same problems at each
 step (the responses differ once the policies do) and are evaluated on the same 128 held-out problems
-(4 samples each, temperature 1). Prints, per method, the held-out accuracy at the start and the end
+(4 samples each, temperature 1), none of which the model trained on (neither in its pretraining nor in the
+run). Prints, per method, the held-out accuracy at the start and the end
 (mean and range over the seeds) and the paired end-of-run difference per seed; plots the mean curve over
 the seeds with a band from the lowest to the highest seed. A few seeds of a 40-step run can show a large,
 consistent difference between the methods; they are too few to resolve small differences, or to show that

@@ -464,3 +464,27 @@ def test_train_is_deterministic_and_logs(tiny):
     assert not all(torch.equal(a, b) for a, b in zip(p1, _params(model)))
     with pytest.raises(ValueError, match="steps"):
         train(model, task, steps=0)
+
+
+def test_held_out_problems_were_never_trained_on(monkeypatch):
+    """``train``'s default held-out set (the training example's accuracy) leaves out the shipped weights'
+    pretraining problems and the run's own training problems. It was the first 128 problems of its stream:
+    1, 1 and 4 of them were pretraining problems for seeds 0, 1 and 2 of the committed run."""
+    from nthr_kernels.grpo import loop
+    from nthr_kernels.grpo.model import pretraining_problems
+
+    task = AdditionTask(DEFAULT_SPEC.n_digits)
+    pre = pretraining_problems(DEFAULT_SPEC)
+    assert pretraining_problems(DEFAULT_SPEC, 0)[0] in pre and len(pre) <= DEFAULT_SPEC.steps * DEFAULT_SPEC.batch_size
+    seen = []
+    monkeypatch.setattr(loop, "_train", lambda *a: seen.append(a[13]) or {})
+    for seed in (0, 1, 2):
+        loop.train(None, task, steps=40, prompts_per_step=16, seed=seed)
+        trained = set().union(*(loop.training_problems(task, seed, s, 16) for s in range(1, 41)))
+        held = seen[-1]
+        assert len(held) == 128 and not set(held) & pre and not set(held) & trained
+    few = frozenset(task.sample_problems(3, seed=1))
+    assert task.sample_problems(3, seed=1, exclude=few)[0] not in few
+    with pytest.raises(ValueError, match="exclude"):
+        AdditionTask(1).sample_problems(1, seed=0, exclude=frozenset(task.sample_problems(80, seed=0)) | {
+            p for p in AdditionTask(1).sample_problems(500, seed=2)})

@@ -8,7 +8,7 @@ import time
 import torch
 
 from . import seeds as _seeds
-from .model import torch_threads
+from .model import DEFAULT_SPEC, pretraining_problems, torch_threads
 from .rollout import Rollout, collect_rollout, completion_logprobs
 from .task import AdditionTask
 
@@ -149,7 +149,7 @@ def evaluate(model, task: AdditionTask, problems, *, samples: int = 4, seed: int
 def train(model, task: AdditionTask, *, method: str = "grpo", steps: int = 20, prompts_per_step: int = 16,
           group_size: int = 8, lr: float = 1e-4, ppo_epochs: int = 1, eta="2|0.5-p|", beta: float = 1.0,
           kl_coef: float = 0.0, temperature: float = 1.0, eval_every: int = 5, eval_problems=None,
-          seed: int = 0, backend: str = "auto", progress: bool = True) -> dict:
+          pretrained_on=None, seed: int = 0, backend: str = "auto", progress: bool = True) -> dict:
     """A short GRPO run (in place on ``model``); returns the history.
 
     Every step samples fresh problems, ``group_size`` responses each, computes the token advantages
@@ -159,6 +159,11 @@ def train(model, task: AdditionTask, *, method: str = "grpo", steps: int = 20, p
     has a stream of its own (:mod:`nthr_kernels.grpo.seeds`): the problems of each step, the rollouts
     (responses and the random selection), the held-out problems and the evaluation samples; no stream
     of one seed is a stream of another seed, of another purpose, or of the model's pretraining.
+
+    The held-out problems (``eval_problems``, default 128 from their stream) are problems the model never
+    trained on: the default set leaves out this run's own training problems and ``pretrained_on`` (the
+    problems the model was pretrained on; None: those of the shipped weights,
+    :func:`~nthr_kernels.grpo.model.pretraining_problems` of ``DEFAULT_SPEC``, where ``task`` is theirs).
     """
     _check_method(method)
     for name, v in (("steps", steps), ("prompts_per_step", prompts_per_step), ("ppo_epochs", ppo_epochs),
@@ -167,9 +172,27 @@ def train(model, task: AdditionTask, *, method: str = "grpo", steps: int = 20, p
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if eval_problems is None:
+        eval_problems = held_out_problems(task, 128, seed, steps, prompts_per_step, pretrained_on)
     with torch_threads():
         return _train(model, task, method, steps, prompts_per_step, group_size, lr, ppo_epochs, eta, beta, kl_coef,
-                      temperature, eval_every, eval_problems, seed, backend, progress)
+                      temperature, eval_every, list(eval_problems), seed, backend, progress)
+
+
+def training_problems(task: AdditionTask, seed: int, step: int, prompts_per_step: int) -> list:
+    """The problems :func:`train` samples at ``step`` (from 1) of a run with ``seed``."""
+    return task.sample_problems(prompts_per_step, seed=_seeds.seed_of("train", "problems", seed, step))
+
+
+def held_out_problems(task: AdditionTask, n: int, seed: int, steps: int, prompts_per_step: int,
+                      pretrained_on=None) -> list:
+    """:func:`train`'s default held-out problems: the first ``n`` of their stream that are neither among the
+    run's training problems nor in ``pretrained_on`` (None: the shipped weights' pretraining problems when
+    ``task`` is theirs)."""
+    if pretrained_on is None:
+        pretrained_on = pretraining_problems(DEFAULT_SPEC) if task.n_digits == DEFAULT_SPEC.n_digits else frozenset()
+    seen = set(pretrained_on).union(*(training_problems(task, seed, s, prompts_per_step) for s in range(1, steps + 1)))
+    return task.sample_problems(n, seed=_seeds.seed_of("train", "evaluation problems", seed), exclude=seen)
 
 
 def _train(model, task, method, steps, prompts_per_step, group_size, lr, ppo_epochs, eta, beta, kl_coef,
@@ -178,9 +201,6 @@ def _train(model, task, method, steps, prompts_per_step, group_size, lr, ppo_epo
 
     from tqdm.auto import tqdm
 
-    if eval_problems is None:
-        eval_problems = task.sample_problems(128, seed=_seeds.seed_of("train", "evaluation problems", seed))
-    eval_problems = list(eval_problems)
     ref_model = copy.deepcopy(model).eval() if kl_coef else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = _seeds.stream("train", "rollouts", seed)  # responses and the random selection, step after step
@@ -196,7 +216,7 @@ def _train(model, task, method, steps, prompts_per_step, group_size, lr, ppo_epo
     log_eval(0)
     bar = tqdm(range(1, steps + 1), desc=f"train {method}", disable=not progress, leave=False)
     for step in bar:
-        problems = task.sample_problems(prompts_per_step, seed=_seeds.seed_of("train", "problems", seed, step))
+        problems = training_problems(task, seed, step, prompts_per_step)
         ro = collect_rollout(model, task, problems, group_size=group_size, temperature=temperature, generator=gen)
         adv, sel = token_advantages(model, ro, method, eta=eta, beta=beta, backend=backend, generator=gen)
         neg = ro.mask & (ro.rewards <= 0.5).unsqueeze(1)

@@ -112,6 +112,15 @@ def build_model(spec: ModelSpec, seed: int | None = None):
     return model
 
 
+def pretraining_problems(spec: ModelSpec, step: int | None = None):
+    """The problems :func:`pretrain` trains on at ``step`` (a list), or at every step (a frozenset: what a
+    held-out set must leave out)."""
+    task = AdditionTask(spec.n_digits)
+    if step is not None:
+        return task.sample_problems(spec.batch_size, seed=spec.seed * 1_000_003 + step)
+    return frozenset(p for s in range(spec.steps) for p in pretraining_problems(spec, s))
+
+
 def pretrain(spec: ModelSpec, *, progress: bool = True, desc: str = "pretraining tiny Qwen2"):
     """Supervised pretraining on worked solutions; returns the model (deterministic from the seed on a
     given machine; another CPU may round differently, which is why the default weights are shipped)."""
@@ -131,7 +140,7 @@ def _pretrain(spec: ModelSpec, progress: bool, desc: str):
     model.train()
     bar = tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
-        problems = task.sample_problems(spec.batch_size, seed=spec.seed * 1_000_003 + step)
+        problems = pretraining_problems(spec, step)
         ids, labels = task.sft_batch(problems)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)

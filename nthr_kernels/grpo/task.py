@@ -118,12 +118,21 @@ class AdditionTask:
         return len(worst) + 1 + 4
 
     # --- sampling -----------------------------------------------------------------------------
-    def sample_problems(self, n: int, seed: int) -> list[Problem]:
+    def sample_problems(self, n: int, seed: int, exclude=frozenset()) -> list[Problem]:
+        """``n`` problems drawn from ``random.Random(seed)``; those in ``exclude`` (problems a model trained
+        on, for a held-out set) are skipped and the draw goes on, so the problems kept are the stream's first
+        ones outside ``exclude``."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
-        rng = random.Random(seed)
         hi = 10**self.n_digits - 1
-        return [Problem(rng.randint(0, hi), rng.randint(0, hi)) for _ in range(n)]
+        if len(exclude) * 2 > (hi + 1) ** 2:
+            raise ValueError(f"exclude: {len(exclude)} problems leave too few of the {(hi + 1) ** 2} to draw from")
+        rng, out = random.Random(seed), []
+        while len(out) < n:
+            p = Problem(rng.randint(0, hi), rng.randint(0, hi))
+            if p not in exclude:
+                out.append(p)
+        return out
 
     def prompt_ids(self, problems: list[Problem]) -> torch.Tensor:
         """``[len(problems), prompt_len]`` int64, no padding needed."""
