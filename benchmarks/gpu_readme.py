@@ -45,6 +45,12 @@ def gpu_results() -> list:
     return [p for _, _, p in sorted(out)]
 
 
+def _old_logits_floor(r: dict) -> bool:
+    """A logits config of a run from before ``floor_formula`` was recorded: its floor counted the lm_head
+    products that the given logits hold (``2 N |V| d`` and ``2 |V*| d T``)."""
+    return bool(r.get("logits_input")) and "floor_ms" in r and "floor_formula" not in r
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "missed"
 
@@ -55,7 +61,8 @@ def render(path: Path, before: Path | None) -> str:
     lines = [
         f"GPU, `bash benchmarks/gpu_check.sh` (the CUDA tests, then `benchmarks/gpu_suite.py` in one process: "
         f"correctness against float64 on the GPU, then `triton.testing.do_bench` medians; the bf16 matmul rate "
-        f"measured in the same run gives the FLOP floor `sum_g 2 |V*| d (2T + T+)`). {d['device']}, torch "
+        f"measured in the same run gives the FLOP floor `sum_g 2 |V*| d (2T + T+)`, `sum_g 2 |V*| d (T + T+)` with "
+        f"logits given). {d['device']}, torch "
         f"{d['torch']}, triton {d['triton']}, {d['date']} ([results]({rel}.md)); matmul {d['matmul_tflops']:.0f} "
         f"TFLOP/s.",
         "",
@@ -102,6 +109,13 @@ def render(path: Path, before: Path | None) -> str:
         lines.append("`vs naive` in this run: the naive pipeline computed the full-vocabulary normaliser in "
                      + ", ".join(f"`{n}`" for n in older) + " while triton used the old log-probs (the suite now "
                      "times it in each config's own setting).")
+    # runs before floor_formula was recorded counted, with logits given, the lm_head products the logits hold
+    old_floor = [n for n, r in d["configs"].items() if _old_logits_floor(r)]
+    if old_floor:
+        lines.append("")
+        lines.append("The floor of " + ", ".join(f"`{n}`" for n in old_floor) + " in this run counts `2 N |V| d` "
+                     "and `2 |V*| d T` for lm_head products that the given logits already hold, so its x floor reads "
+                     "lower than against its FLOP floor `sum_g 2 |V*| d (T + T+)`, which the suite now uses.")
     missing = [n for n in CONFIGS if n not in d["configs"]]
     if missing:
         lines.append("")
@@ -114,8 +128,10 @@ def render(path: Path, before: Path | None) -> str:
         b = json.loads(before.read_text())
         # each run's time over its own floor (its own matmul rate): two runs are two machines, so their
         # absolute times are not compared; a config bound by the host moves with the host all the same
+        # (and only over the same floor: not across the change of the logits configs' floor)
         pairs = [(n, b["configs"][n]["triton_vs_floor"], r["triton_vs_floor"]) for n, r in d["configs"].items()
-                 if "triton_vs_floor" in r and "triton_vs_floor" in b["configs"].get(n, {})]
+                 if "triton_vs_floor" in r and "triton_vs_floor" in b["configs"].get(n, {})
+                 and _old_logits_floor(r) == _old_logits_floor(b["configs"][n])]
         if pairs:
             lines.append("")
             lines.append(f"Before, the previous results ([{before.stem}]({before.relative_to(ROOT).with_suffix('')}.md), "

@@ -11,7 +11,8 @@ One process, one GPU. For each config it
 2. times ``triton``, ``torch`` and the naive per-group pipeline (``benchmarks/naive.py``) on the same
    inputs (``triton.testing.do_bench`` medians after warm-up; CUDA events for the slow naive runs);
 3. measures the bf16 matmul rate in the same run and puts each time beside the FLOP floor
-   ``sum_g 2 |V*| d (2 T + T+)`` (plus ``2 N |V| d`` without old log-probs) over that rate, and beside
+   ``sum_g 2 |V*| d (2 T + T+)`` (plus ``2 N |V| d`` without old log-probs; ``sum_g 2 |V*| d (T + T+)`` with
+   logits given: :func:`floor_of`) over that rate, and beside
    the forward+backward time of a Qwen2.5-1.5B-shaped model (random weights) on the batch's tokens,
    measured per token in the same run (the ``6 * 1.5e9 * N`` FLOPs estimate is recorded too);
 4. counts the host synchronisations of one call (``host_syncs``: the Triton implementation on a
@@ -337,6 +338,17 @@ def compare(res, ref, rb, dtype) -> dict:
     }
 
 
+def floor_of(work, kw) -> tuple:
+    """``(FLOPs, formula)`` of the FLOP floor of ``nthr_advantages(..., **kw)`` (``benchmarks/shapes.py``). With
+    ``logits`` given, the errors on ``V*`` and the normaliser are read off them: no ``2 N |V| d`` (the
+    lm_head product the logits already are) and no ``2 |V*| d T`` for the errors."""
+    if kw.get("logits") is not None:
+        return work.floor(True, logits=True), "sum_g 2 |V*| d (T + T+)"
+    if kw.get("old_logprobs") is not None:
+        return work.floor(True), "sum_g 2 |V*| d (2T + T+)"
+    return work.floor(False), "sum_g 2 |V*| d (2T + T+) + 2 N |V| d"
+
+
 def validated_batch(rb, kw, value_checks=None):
     """The validated batch of the public call ``nthr_advantages(rb..., **kw)`` (the Triton implementation's input)."""
     import dataclasses
@@ -399,7 +411,7 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
         f"{out.get('host_syncs_public_call', '-')} in the public call (validation included)")
     del batch
     # ---- timing ------------------------------------------------------------------------------------
-    floor_flops = work.floor(with_lp and not use_logits)
+    floor_flops, out["floor_formula"] = floor_of(work, kw)
     out["floor_flops"] = floor_flops
     out["floor_ms"] = floor_flops / (rate_tflops * 1e12) * 1e3
     out["triton_ms"] = bench(lambda: call("triton"), args.rep_ms)

@@ -12,7 +12,10 @@ active group with ``T`` tokens, ``T+`` of them in positive responses, ``T- = T -
 - the native backend's algorithm: the same, except that a group where the pairwise path is cheaper
   (``nthr_kernels.ops.advantages.native_impl.pairwise_group``: few positive tokens) costs
   ``2 |V*| d T`` (errors) plus ``2 T+ T (|V*| + d)`` (the positive tokens' products with every token);
-- without ``old_logprobs`` all add ``2 N |V| d`` for the full-vocabulary normaliser.
+- without ``old_logprobs`` all add ``2 N |V| d`` for the full-vocabulary normaliser;
+- with ``logits`` given (the GPU suite's ``mid-fp32-logits``) neither the normaliser nor the errors on ``V*``
+  multiply by ``d`` (they are read off the logits): the floor is ``2 |V*| d (T + T+)`` (``M``, then
+  ``g_t^T M h_t`` for every token).
 """
 from __future__ import annotations
 
@@ -79,8 +82,13 @@ class Work:
     lse_flops: int  # 2 N |V| d over the active tokens (the full normaliser)
     algorithm_score_flops: int = 0  # sum over active groups of 2 |V*| d (T + T+ + T-) + 2 n+ |V*| d
     native_score_flops: Optional[int] = None  # with the native backend's per-group pairwise path (batch_work(native=True))
+    error_flops: int = 0  # sum over active groups of 2 |V*| d T: the logits on V* behind the errors
 
-    def floor(self, with_logprobs: bool) -> int:
+    def floor(self, with_logprobs: bool, logits: bool = False) -> int:
+        """The floor with ``hidden`` + ``lm_head_weight`` (plus the normaliser without old log-probs); with
+        ``logits`` given, without the errors' and the normaliser's products (the logits hold them)."""
+        if logits:
+            return self.score_flops - self.error_flops
         return self.score_flops + (0 if with_logprobs else self.lse_flops)
 
     def algorithm(self, with_logprobs: bool, native: bool = False) -> int:
@@ -107,7 +115,7 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5, native: bool = F
         resp_ids = [ids[r][mask[r]] for r in range(ids.shape[0])]
     positive = (rb.rewards.cpu().double() > reward_threshold).tolist()
     g_size = rb.group_size
-    n_act = score = algorithm = native_flops = 0
+    n_act = score = algorithm = native_flops = errors = 0
     for g in range(len(resp_ids) // g_size):
         rs = range(g * g_size, (g + 1) * g_size)
         n_pos = sum(positive[r] for r in rs)
@@ -118,9 +126,10 @@ def batch_work(rb: RolloutBatch, reward_threshold: float = 0.5, native: bool = F
         v_star = torch.unique(torch.cat([resp_ids[r] for r in rs])).numel()
         n_act += t
         score += 2 * v_star * d * (2 * t + t_pos)
+        errors += 2 * v_star * d * t
         factored = 2 * v_star * d * (t + t_pos + (t - t_pos)) + 2 * n_pos * v_star * d
         algorithm += factored
         if native:
             native_flops += (2 * v_star * d * t + pairwise_cost(t_pos, t, v_star, d)
                              if pairwise_group(t_pos, t, v_star, d) else factored)
-    return Work(n_act, score, 2 * n_act * vocab * d, algorithm, native_flops if native else None)
+    return Work(n_act, score, 2 * n_act * vocab * d, algorithm, native_flops if native else None, errors)

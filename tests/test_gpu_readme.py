@@ -26,3 +26,26 @@ def test_rendering_follows_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_readme, "RESULTS", tmp_path)
     monkeypatch.setattr(gpu_readme, "ROOT", tmp_path)
     assert "12,345 ms" in gpu_readme.rendered()
+
+
+def test_a_logits_floor_of_an_older_run_is_flagged(tmp_path, monkeypatch):
+    """A run whose logits config's floor counted the lm_head products the logits hold (no ``floor_formula``
+    recorded) says so under the table; a run with the suite's current floor does not, and its x floor of that
+    config is not compared with the previous run's (over the old floor)."""
+    previous, newest = gpu_readme.gpu_results()[-2:]
+    d = json.loads(newest.read_text())
+    name = next(n for n, r in d["configs"].items() if r.get("logits_input") and "floor_ms" in r)
+    assert "triton_vs_floor" in json.loads(previous.read_text())["configs"][name]
+    monkeypatch.setattr(gpu_readme, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu_readme, "ROOT", tmp_path)
+    (tmp_path / previous.name).write_text(previous.read_text())
+    d["configs"][name].pop("floor_formula", None)
+    (tmp_path / newest.name).write_text(json.dumps(d))
+    text = gpu_readme.rendered()
+    assert f"The floor of `{name}` in this run counts `2 N |V| d`" in text
+    assert f"`{name}` " in text.split("Before, the previous results")[1]  # old floor against old floor
+    d["configs"][name]["floor_formula"] = "sum_g 2 |V*| d (T + T+)"
+    (tmp_path / newest.name).write_text(json.dumps(d))
+    text = gpu_readme.rendered()
+    assert "in this run counts `2 N |V| d`" not in text
+    assert f"`{name}` " not in text.split("Before, the previous results")[1]
