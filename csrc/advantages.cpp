@@ -185,9 +185,11 @@ void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, i
 // weight rows ids[0..nc) (rows 0..nc when ids is null): per chunk of vc rows one GEMM tile Z^T = W_chunk H^T
 // [vc, rn] (scratch ws.z; the weight rows are the GEMM's row-major left operand, read in place where they are
 // float32 rows, else copied into ws.wc [vc, d]; H^T, the smaller operand when rn < vc, is the packed one),
-// folded at once into a running (max, sum) per row of h.
+// folded at once into a running (max, sum) per row of h. With own (rows 0..nc only): own_z[i] = the logit of
+// row i at weight row own[i], as this sum saw it.
 void lse_over_rows(const Tensor& weight, float temperature, const float* h, int64_t rn, int64_t d,
-                   const int64_t* ids, int64_t nc, int64_t vc, Workspace& ws, float* rmax, float* rsum) {
+                   const int64_t* ids, int64_t nc, int64_t vc, Workspace& ws, float* rmax, float* rsum,
+                   const int64_t* own = nullptr, float* own_z = nullptr) {
   const bool w_view = ids == nullptr && weight.scalar_type() == at::kFloat && weight.stride(1) == 1;
   float* z = ws.z.get(rn * std::min(vc, nc));
   float* wb = w_view ? nullptr : ws.wc.get(std::min(vc, nc) * d);
@@ -209,13 +211,18 @@ void lse_over_rows(const Tensor& weight, float temperature, const float* h, int6
     }
     gemm(mat(z, vn, rn, rn), wc, ht, false, nullptr, w_view);  // rows read in place stream from memory
     vec::lse_update_cols(z, vn, rn, rn, temperature, rmax, rsum);
+    if (own)
+      for (int64_t i = 0; i < rn; ++i)
+        if (own[i] >= v0 && own[i] < v0 + vn) own_z[i] = z[(own[i] - v0) * rn + i];
   }
 }
 
 // Weight without old log-probs: log Z_t over the whole vocabulary for rows toks[0..n), in chunks of rc
 // tokens (rc fixed by the slice), one chunk per item, its hidden rows gathered once. Every item does the
-// same arithmetic whichever thread runs it.
-void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n, float* out) {
+// same arithmetic whichever thread runs it. zy[t]: token t's own logit z_t[y_t] as this sum saw it (errors_block
+// uses it for the sampled token, so that a certain token's probability is exactly 1: on ATen's mm the errors'
+// product H W*^T rounds z_t[y_t] apart from this W H^T; the packed kernel gives both the same bits).
+void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n, float* out, float* zy) {
   const int64_t d = p.d, vocab = p.vocab;
   const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(vocab, 1024));
   const int64_t rc = std::max<int64_t>(1, std::min<int64_t>(n, p.slice / (vc + d)));
@@ -224,8 +231,11 @@ void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n,
     const int64_t r0 = item * rc, rn = std::min(rc, n - r0);
     float* h = ws[w].h.get(rn * d);
     std::vector<float> rmax(rn), rsum(rn);
+    std::vector<int64_t> own(rn);
+    for (int64_t i = 0; i < rn; ++i) own[i] = p.tok_ids[toks[r0 + i]];
     gather_tokens(p, p.hidden, toks + r0, rn, nullptr, d, h, d);
-    lse_over_rows(p.weight, p.temperature, h, rn, d, nullptr, vocab, vc, ws[w], rmax.data(), rsum.data());
+    lse_over_rows(p.weight, p.temperature, h, rn, d, nullptr, vocab, vc, ws[w], rmax.data(), rsum.data(), own.data(),
+                  zy + r0);
     for (int64_t i = 0; i < rn; ++i) out[r0 + i] = rmax[i] + std::log(rsum[i]);
   });
 }
@@ -241,6 +251,7 @@ struct Group {
   std::vector<int64_t> seg;  // positive responses: toks[seg[k]..seg[k+1]) (each non-empty)
   std::vector<int64_t> vs, col;  // V* and each token's column in it
   std::vector<float> lz;  // log Z per token
+  std::vector<float> zy;  // each token's own logit as log Z saw it (log_z_full_vocab), else empty
   int64_t vb = 1, tb = 1;  // column block of V*, token block
   int64_t vb_max = 1;  // the widest logits GEMM the slice allows (E cache T x width, W* rows width x d)
   int64_t ld = 1;  // row stride of the E cache in the current column block (>= its width)
@@ -368,6 +379,7 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
       for (int64_t i = r0; i < r0 + rn; ++i) {
         float* row = et + i * ld;
         const int64_t t = t0 + i, c = g.col[t] - c0;
+        if (!g.zy.empty() && c >= 0 && c < cw) row[c] = g.zy[t];  // the logit log Z saw (log_z_full_vocab)
         if (g.lz_from_row) g.lz[t] = vec::scaled_logit(row[c], p.temperature) - p.logprobs[g.toks[t]];
         vec::neg_softmax_slice(row, cw, p.temperature, g.lz[t]);
         if (c >= 0 && c < cw) row[c] += 1.0f;
@@ -484,16 +496,19 @@ double group_flops(const AdvantagesParams& p, const Group& g) {
 }
 
 // After group_vstar.
-void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full) {
+void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full, const float* zy_full) {
   group_blocks(p, g, ws);
   g.lz_from_row = p.logprobs && g.vb >= static_cast<int64_t>(g.vs.size());
+  if (zy_full) g.zy.assign(zy_full, zy_full + g.T);
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
   else if (g.lz_from_row) g.lz.resize(g.T);
   else group_log_z(p, g, ws);
   std::vector<double> anchor(g.seg.size() - 1, 0.0);
   std::vector<float> s(g.T, 0.0f);
   const int64_t nv = static_cast<int64_t>(g.vs.size());
-  for (int64_t c0 = 0; c0 < nv; c0 += g.vb) {
+  // No positive token (only a direct call marks such a group active; validation does not): M is an empty sum, every
+  // score 0 and tau = beta * inf. The blocks are skipped: positive_block would leave M, which score_block reads, unwritten.
+  for (int64_t c0 = 0; g.tp > 0 && c0 < nv; c0 += g.vb) {
     const int64_t cw = std::min(g.vb, nv - c0);
     errors_block(p, g, c0, cw);
     if (g.pairwise) {
@@ -626,10 +641,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
 
   Groups g = order_groups(p);
   lap("setup");
-  std::vector<float> lz_full;
+  std::vector<float> lz_full, zy_full;
   if (p.weight.defined() && !p.logprobs) {
     lz_full.resize(g.order.size());
-    log_z_full_vocab(p, g.order.data(), static_cast<int64_t>(g.order.size()), lz_full.data());
+    zy_full.resize(g.order.size());
+    log_z_full_vocab(p, g.order.data(), static_cast<int64_t>(g.order.size()), lz_full.data(), zy_full.data());
   }
   lap("log Z (full vocabulary)");
   const int64_t n_act = static_cast<int64_t>(g.batch_index.size());
@@ -649,7 +665,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   lap("V*");
   for_each_item(n_act, [&](int64_t i, int64_t w) {
     const int64_t k = order[i];
-    process_group(p, groups[k], ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k]);
+    process_group(p, groups[k], ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k],
+                  zy_full.empty() ? nullptr : zy_full.data() + g.start[k]);
   });
   lap("groups");
   return {scores, selected, token_adv, tau, eta_out};

@@ -28,7 +28,7 @@ namespace {
 
 constexpr int kLanes = 16;
 typedef float fvec __attribute__((vector_size(4 * kLanes)));
-typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t uvec __attribute__((vector_size(4 * kLanes)));
 typedef double dvec __attribute__((vector_size(8 * kLanes)));
 
 NTHR_INLINE fvec load(const float* p) {
@@ -51,12 +51,15 @@ NTHR_INLINE fvec fmadd(fvec a, fvec b, fvec c) {
 constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
 
-template <typename F, typename I>
-NTHR_INLINE F exp_body(F v, F lo, F hi, F shifter, I shifter_bits) {
+// The exponent's bits in unsigned arithmetic (U: uint32_t lanes): the clamp keeps n + 127 in [1, 254] for every
+// number, but lets NaN through (NaN in, NaN out), whose bits made a signed n + 127 overflow in the shift
+// (undefined behaviour). Unsigned wraps: the same bits for every number, and p * scale is NaN for a NaN.
+template <typename F, typename U>
+NTHR_INLINE F exp_body(F v, F lo, F hi, F shifter, U shifter_bits) {
   v = v < lo ? lo : v;
   v = v > hi ? hi : v;
   F t = fmadd(v, kLog2e + F{}, shifter);
-  I n;
+  U n;
   std::memcpy(&n, &t, sizeof(n));
   n = n - shifter_bits;
   F fn = t - shifter;
@@ -68,19 +71,19 @@ NTHR_INLINE F exp_body(F v, F lo, F hi, F shifter, I shifter_bits) {
   p = fmadd(p, r, 0.5f + F{});
   p = fmadd(p, r, 1.0f + F{});
   p = fmadd(p, r, 1.0f + F{});
-  I bits = (n + 127) << 23;
+  U bits = (n + 127u) << 23;
   F scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
 NTHR_INLINE fvec vexp(fvec v) {
-  ivec sb = ivec{} + __builtin_bit_cast(int32_t, kShifter);
-  return exp_body<fvec, ivec>(v, splat(-87.0f), splat(88.0f), splat(kShifter), sb);
+  uvec sb = uvec{} + __builtin_bit_cast(uint32_t, kShifter);
+  return exp_body<fvec, uvec>(v, splat(-87.0f), splat(88.0f), splat(kShifter), sb);
 }
 
 NTHR_INLINE float sexp(float v) {
-  return exp_body<float, int32_t>(v, -87.0f, 88.0f, kShifter, __builtin_bit_cast(int32_t, kShifter));
+  return exp_body<float, uint32_t>(v, -87.0f, 88.0f, kShifter, __builtin_bit_cast(uint32_t, kShifter));
 }
 
 NTHR_INLINE float hmax(fvec v) {

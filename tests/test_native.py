@@ -515,6 +515,35 @@ def test_direct_calls_never_crash():
             assert got.startswith("ERROR") and message in got, (name, got)
 
 
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_direct_call_active_group_without_positive_tokens_scores_zero(threads):
+    """A direct call that marks active a group with no positive token (validation never does: such a group is
+    inactive): M is an empty sum, so its scores are 0 and nothing is selected, the same bits at any thread count.
+    M was never written: the scores read the worker's scratch (at 1 thread the previous group's M, scores up to 13)."""
+    b = case(n_groups=2, group_size=4, lengths=[30, 30, 30, 30, 3, 2, 4, 3], d=16, vocab=50, seed=4)
+    b.rewards = torch.tensor([1., 1, 1, 0, 1, 1, 1, 0])
+    b.advantages = grpo_advantages(b.rewards, b.group_size)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for with_logprobs in (False, True):
+            args = _native_args(b, with_logprobs=with_logprobs)
+            if with_logprobs:  # log Z from the old log-probs (taken from the token's own logit: V* in one block)
+                batch = validated(b, with_logprobs=True)
+                args[12] = batch.gather(batch.old_logprobs).to(torch.float32)
+            assert bool(args[8].all()) and bool(args[6][:4].any())
+            args[6] = args[6].clone()
+            args[6][4:] = False  # group 1: no positive response left, still marked active
+            scores, selected, _, tau, _ = torch.ops.nthr.native_advantages(*args)
+            in_g1 = args[5][args[4]] == 1
+            assert torch.equal(scores[in_g1], torch.zeros(int(in_g1.sum()))), scores[in_g1]
+            assert not bool(selected[in_g1].any()) and float(tau[1]) == math.inf
+            assert bool(scores[~in_g1].ne(0).any())  # group 0 is scored as usual
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------------
 # the native ops' own GEMM (csrc/gemm.cpp), through nthr::native_mm
 # --------------------------------------------------------------------------------------------------
@@ -581,6 +610,35 @@ def test_gemm_engine_is_the_packed_kernel_where_the_cpu_has_avx512():
     except OSError:
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
     assert (engine == "nthr-avx512") == (" avx512f" in flags)
+
+
+@needs_native
+def test_certain_tokens_score_zero_on_the_aten_gemm_engine():
+    """test_certain_tokens_with_lm_head_score_zero (tests/test_backends.py) on ATen's mm, the engine of every CPU
+    without AVX-512: a one-token vocabulary, every token certain, every score 0 and nothing selected. Without old
+    log-probs, log Z's product W H^T and the errors' H W*^T rounded the sampled token's logit apart on ATen's mm
+    (the packed kernel gives both the same bits): scores of 2e-13 to 4e-13 at T 0.7, 1.0 and 1.3."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        import nthr_kernels as nk
+        from _helpers import case, run_impl
+        from nthr_kernels.ops import native_lib
+        assert native_lib.gemm_engine() == "aten"
+        for temperature in (0.7, 1.0, 1.3):
+            b = case(seed=3, n_groups=3, group_size=4, lengths=(1, 9), d=8, vocab=1, temperature=temperature)
+            for with_logprobs in (False, True):
+                for budget in (None, 64):
+                    for beta in (1.0, 0.0):
+                        res = run_impl(b, "native", budget, with_logprobs=with_logprobs, beta=beta)
+                        assert bool(res.active.all())
+                        worst = float(res.scores.abs().max())
+                        assert worst == 0 and not bool(res.selected.any()), (temperature, with_logprobs, budget, beta, worst)
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, NTHR_NATIVE_GEMM="aten"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
 @needs_native

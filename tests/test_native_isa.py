@@ -73,19 +73,23 @@ int main() {
 """
 
 
-def _harness() -> str:
+def _harness(template: str = HARNESS, funcs=tuple(FUNCS), run: str = "run") -> str:
+    """``template`` with __DECLS__ (each clone of ``funcs`` by its symbol, as a struct of function pointers per
+    clone) and __RUNS__ (``run("<tag>", Fns_<tag>{})`` per clone this CPU has; ``run`` may be an expression's
+    start, e.g. ``bad |= run``) filled in."""
     decls, runs = [], []
     for tag, suffix in CLONES.items():
         fields = []
-        for name, (sym, sig) in FUNCS.items():
+        for name in funcs:
+            sym, sig = FUNCS[name]
             ret, args = sig.split("(", 1)
             decls.append(f'extern {ret} {name}_{tag}({args} __asm__("{sym}.{suffix}");')
             fields.append(f"  static constexpr auto {name} = {name}_{tag};")
         decls.append("struct Fns_" + tag + " {\n" + "\n".join(fields) + "\n};")
         need = {"v4": '__builtin_cpu_supports("x86-64-v4")', "v3": '__builtin_cpu_supports("x86-64-v3")',
                 "default": "true"}[tag]
-        runs.append(f'if ({need}) run("{tag}", Fns_{tag}{{}});')
-    return HARNESS.replace("__DECLS__", "\n".join(decls)).replace("__RUNS__", "\n  ".join(runs))
+        runs.append(f'if ({need}) {run}("{tag}", Fns_{tag}{{}});')
+    return template.replace("__DECLS__", "\n".join(decls)).replace("__RUNS__", "\n  ".join(runs))
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the ISA clones exist on x86-64 only")
@@ -102,3 +106,64 @@ def test_every_isa_clone_gives_the_same_bits(tmp_path):
         pytest.skip(f"this CPU runs only the {sorted(got)} clone: nothing to compare")
     for tag, bits in got.items():
         assert bits == got["default"], f"clone {tag} differs from the baseline clone"
+
+
+NON_FINITE_HARNESS = r"""
+#include "vec_kernels.cpp"
+#include <cmath>
+#include <cstdio>
+__DECLS__
+// non-finite inputs (check_finite=False lets them through): every clone, vector bodies and scalar tails; the
+// NaN must come out as NaN, and nothing may be undefined behaviour (this harness runs under UBSan)
+template <typename Fns>
+static int run(const char* tag, Fns f) {
+  const int n = 37, rows = 5, cols = 19;
+  float x[n], e[n], z[rows * cols], rm[cols], rs[cols];
+  for (int i = 0; i < n; ++i) x[i] = e[i] = 0.1f * i;
+  x[3] = x[n - 2] = NAN;  // in the vector body and in the tail
+  e[5] = e[n - 1] = NAN;
+  e[7] = -NAN;  // sign bit set
+  for (int i = 0; i < rows * cols; ++i) z[i] = 0.01f * i;
+  z[2] = z[cols - 1] = NAN;  // a vector column and a scalar column
+  for (int c = 0; c < cols; ++c) { rm[c] = -INFINITY; rs[c] = 0.0f; }
+  float m = -INFINITY, s = 0.0f;
+  f.lse_update(x, n, 0.7f, &m, &s);
+  f.lse_update_cols(z, rows, cols, cols, 0.7f, rm, rs);
+  f.neg_softmax_slice(e, n, 0.7f, 1.0f);
+  float y[n], lz = NAN, ls = 1.0f;  // a NaN running max (from an earlier chunk) meets finite values
+  for (int i = 0; i < n; ++i) y[i] = 0.1f * i;
+  f.lse_update(y, n, 1.0f, &lz, &ls);
+  const bool nan_out = std::isnan(s) && std::isnan(rs[2]) && std::isnan(rs[cols - 1]) && std::isnan(e[5]) &&
+                       std::isnan(e[n - 1]) && std::isnan(e[7]) && std::isnan(ls) && !std::isnan(e[0]) &&
+                       !std::isnan(rs[0]);
+  std::printf("%s %s\n", tag, nan_out ? "nan-propagated" : "nan-lost");
+  return nan_out ? 0 : 1;
+}
+int main() {
+  int bad = 0;
+  __RUNS__
+  return bad;
+}
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the ISA clones exist on x86-64 only")
+@pytest.mark.skipif(shutil.which(CXX) is None, reason="no C++ compiler")
+def test_non_finite_inputs_are_defined_behaviour_in_every_clone(tmp_path):
+    """check_finite=False lets NaN reach exp(): a NaN's bits made the exponent's left shift overflow a signed
+    int (undefined behaviour; UBSan: "left shift of 880803967 by 23 places cannot be represented in type
+    'int'"). Every clone, under UBSan (any report fails the run), NaN in -> NaN out."""
+    src = tmp_path / "nonfinite.cpp"
+    src.write_text(_harness(NON_FINITE_HARNESS, ("lse_update", "lse_update_cols", "neg_softmax_slice"), "bad |= run"))
+    exe = tmp_path / "nonfinite"
+    ubsan = ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
+    build = subprocess.run([CXX, *native_lib._CFLAGS, *ubsan, f"-I{CSRC}", str(src), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    if build.returncode != 0 and "sanitize" in build.stderr:
+        pytest.skip(f"this compiler cannot build with UBSan: {build.stderr.strip().splitlines()[-1]}")
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
+    assert "runtime error" not in run.stderr, run.stderr[-3000:]
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert "nan-lost" not in run.stdout and "default nan-propagated" in run.stdout, run.stdout
