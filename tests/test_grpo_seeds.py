@@ -30,12 +30,13 @@ STEPS = 4
 @pytest.fixture
 def draws(monkeypatch):
     """``(who, seed)`` of every problem draw and every torch stream, with ``who`` set by the test."""
-    rec = SimpleNamespace(who="?", problems=[], torch=[])
+    rec = SimpleNamespace(who="?", problems=[], torch=[], quiet=False)
     sample = AdditionTask.sample_problems
 
-    def sample_problems(self, n, seed):
-        rec.problems.append((rec.who, seed))
-        return sample(self, n, seed)
+    def sample_problems(self, n, seed, exclude=frozenset()):
+        if not rec.quiet or exclude:  # quiet: problems drawn again only to be left out (held_out_problems)
+            rec.problems.append((rec.who, seed))
+        return sample(self, n, seed, exclude)
 
     manual_seed = torch.manual_seed
 
@@ -71,6 +72,18 @@ def _stub_training(monkeypatch, rec):
         return 0.0
 
     monkeypatch.setattr(loop, "evaluate", evaluate)
+    held_out = loop.held_out_problems
+
+    def quiet_held_out(*args, **kw):
+        """The held-out set draws the pretraining's and the run's problems again, to leave them out: those are
+        not streams of its own (its own draw, with ``exclude``, is recorded)."""
+        rec.quiet = True
+        try:
+            return held_out(*args, **kw)
+        finally:
+            rec.quiet = False
+
+    monkeypatch.setattr(loop, "held_out_problems", quiet_held_out)
 
 
 def _pretraining(rec):
