@@ -11,14 +11,23 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-${VIRTUAL_ENV:-.venv}}
 EXTRAS=${EXTRAS:-dev}
 if [ ! -x "$VENV/bin/python" ]; then
+    existed=$([ -e "$VENV" ] && echo yes || echo no)
     echo "setup: creating the virtual environment $VENV with $(command -v python3) ($(python3 --version 2>&1))"
-    python3 -m venv "$VENV" || {
+    if ! python3 -m venv "$VENV"; then
+        # Debian's venv without python3-venv leaves a pip-less $VENV/bin/python behind: remove what this run
+        # made, so that the next run (after the install) creates the environment again instead of using it
+        if [ "$existed" = no ]; then rm -rf -- "$VENV"; fi
         echo "setup: python3 -m venv failed; on Debian/Ubuntu install it with: sudo apt install python3-venv" >&2
         exit 1
-    }
+    fi
 fi
 PY="$VENV/bin/python"
 echo "setup: using $PY ($("$PY" --version 2>&1))"
+if ! "$PY" -m pip --version >/dev/null 2>&1; then
+    echo "setup: $VENV has no pip (an environment whose creation failed half-way?); remove it (rm -r $VENV)" \
+         "and run this again, or activate an environment that has pip" >&2
+    exit 1
+fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch==2.13.0 (CPU build)"
     "$PY" -m pip install --progress-bar on "torch==2.13.0"
