@@ -80,6 +80,30 @@ def test_cache_under_a_folder_others_can_change_is_refused(tmp_path):
 
 
 @needs_root
+def test_symlink_above_the_cache_into_a_folder_of_another_user_is_refused(tmp_path):
+    """NTHR_KERNELS_CACHE=.../link/cache with link -> a folder of ours inside a folder of another user: the
+    check followed the link and saw only the target (ours), so the cache was used although that user can
+    replace the target at any time; the folders above the target are now checked too."""
+    other = _private(tmp_path / "other")
+    target = _private(other / "ours")
+    os.chown(other, NOBODY, NOBODY)
+    other.chmod(0o755)
+    (tmp_path / "link").symlink_to(target)
+    _fell_back(_run(tmp_path / "link" / "cache", CXX=NO_CXX), f"owned by uid {NOBODY}")
+    assert os.listdir(target) == []
+
+
+def test_symlink_above_the_cache_into_a_private_folder_serves(tmp_path):
+    """A symlink above the cache (~/.cache on another disk) whose target lies in folders of ours serves:
+    the cache is made there, private."""
+    real = _private(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    out = _run(tmp_path / "link" / "cache", CXX=NO_CXX)
+    _fell_back(out, "no C++ compiler found")
+    assert (real / "cache").stat().st_mode & 0o777 == 0o700
+
+
+@needs_root
 def test_build_folder_owned_by_another_user_is_refused(tmp_path):
     cache = _private(tmp_path / "cache")
     planted = _private(_build_dir(cache))

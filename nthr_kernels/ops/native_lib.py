@@ -12,7 +12,7 @@ build, one ``RuntimeWarning`` says why and ``"auto"`` uses the torch backend. CI
 
 What the cache trusts: nothing it did not write. The cache folder and every build folder are created
 ``0700`` and refused (one warning, torch backend) when they are symlinks, owned by another user or
-writable by group or others; every folder above them must belong to this user or root and be
+writable by group or others; every folder above them (symlinks resolved) must belong to this user or root and be
 writable by others only with the sticky bit (``/tmp``). ``NTHR_KERNELS_CACHE`` must be an absolute
 path; a relative ``XDG_CACHE_HOME`` is ignored (XDG rule). A build happens in a private temporary
 folder that is renamed into place once complete, with the library's sha256 recorded in ``SHA256``;
@@ -69,6 +69,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -210,13 +211,43 @@ def _disabled() -> bool:
     raise ValueError(f"NTHR_NATIVE: expected 0 or 1 (or false/true, no/yes, off/on), got {os.environ['NTHR_NATIVE']!r}")
 
 
+def _ninja_dir() -> Optional[str]:
+    """A folder to put on PATH for the build so that torch finds ninja: None when ``ninja`` is on PATH (or
+    nowhere); else this environment's scripts folder or the ``ninja`` package's own binary folder. The
+    ``ninja`` of ``pip install ninja`` (a dev dependency) lands in the environment's ``bin/``, which is not on
+    PATH when the environment's Python is run without activating it (``.venv/bin/python``, ``make test``)."""
+    if shutil.which("ninja"):
+        return None
+    folders = [sysconfig.get_path("scripts")]
+    try:
+        import ninja  # noqa: PLC0415 - optional
+
+        folders.append(getattr(ninja, "BIN_DIR", None))
+    except ImportError:
+        pass
+    return next((f for f in folders if f and shutil.which("ninja", path=f)), None)
+
+
+class _ninja_on_path:
+    """Within the block, PATH also holds :func:`_ninja_dir` (torch's build runs ``ninja`` from PATH)."""
+
+    def __enter__(self):
+        self._old, folder = os.environ.get("PATH"), _ninja_dir()
+        if folder is not None:
+            os.environ["PATH"] = folder + (os.pathsep + self._old if self._old else "")
+
+    def __exit__(self, *exc):
+        if self._old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = self._old
+
+
 def _missing_toolchain() -> Optional[str]:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler found ({cxx!r} is not on PATH; set CXX or install g++/clang++)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    if shutil.which("ninja") is None and _ninja_dir() is None:
         return "ninja is not installed (pip install ninja)"
     return None
 
@@ -254,7 +285,12 @@ def _check_ancestor(folder: Path, path: Path) -> None:
 
 def _private_dir(path: Path) -> Path:
     """Create ``path`` and its missing parents with mode 0700, checking each folder on the way down before
-    anything is created in it; an existing ``path`` must be private already."""
+    anything is created in it; an existing ``path`` must be private already. The folders checked are the
+    real ones: a symlink above ``path`` (``~/.cache`` linked to another disk) is resolved first, so that the
+    folders above its target are checked too (checking the link's target alone missed a target inside a
+    folder of another user, who could then swap the cache between the check and the load). ``path`` itself
+    must not be a symlink."""
+    path = Path(os.path.realpath(path.parent)) / path.name
     for folder in reversed(path.parents):
         if not os.path.lexists(folder):
             try:
@@ -402,8 +438,10 @@ def _compile(src: Path, root: Path, out: Path, flags: tuple, verbose: bool) -> P
             shutil.copyfile(src / f, copy / f)
         if build_dir(copy, root, flags) != out:
             raise RuntimeError(f"the C++ sources in {src} changed while the build started; build again")
-        load(name=_NAME, sources=[str(copy / f) for f in _SOURCES], extra_cflags=list(flags),
-             extra_include_paths=[str(copy)], build_directory=str(tmp), is_python_module=False, verbose=verbose)
+        with _ninja_on_path():
+            load(name=_NAME, sources=[str(copy / f) for f in _SOURCES], extra_cflags=list(flags),
+                 extra_include_paths=[str(copy)], build_directory=str(tmp), is_python_module=False,
+                 verbose=verbose)
         _write_record(tmp, _sha256(tmp / f"{_NAME}.so"))
         os.rename(tmp, out)
     except BaseException:
@@ -428,9 +466,15 @@ def build(verbose: bool = False) -> str:
         try:
             lib = _verified_or_discarded(out)
             flags = _FLAGS
-            if lib is None and (problem := _openmp_problem()):  # such a build has a key of its own
-                _log.warning("nthr_kernels: the C++ compiler cannot build OpenMP code (%s); building without "
-                             "OpenMP", problem)
+            # A build without OpenMP has a key of its own: used where the compiler has no OpenMP, and where
+            # there is no compiler at all (a cache built ahead of time may hold one). Without a compiler the
+            # probe is not run: its "cannot build OpenMP code" would only hide the real reason, which
+            # _compile gives in the one warning.
+            toolchain_problem = _missing_toolchain() if lib is None else None
+            if lib is None and (toolchain_problem or (problem := _openmp_problem())):
+                if not toolchain_problem:
+                    _log.warning("nthr_kernels: the C++ compiler cannot build OpenMP code (%s); building without "
+                                 "OpenMP", problem)
                 flags = _CFLAGS
                 out = build_dir(src, root, flags)
                 lib = _verified_or_discarded(out)
