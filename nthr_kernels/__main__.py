@@ -27,6 +27,25 @@ def _output_problem(path: str, folder: bool) -> str | None:
     return None if os.path.isdir(parent) else f"{parent!r} (a parent of {path!r}) is not a folder"
 
 
+# what the LLD study imports beyond the package's own dependencies: the dev extra has them (make setup)
+DEMO_MODULES = ("transformers", "safetensors", "matplotlib")
+
+
+def _missing_modules(names) -> list[str]:
+    """The modules of ``names`` that cannot be imported here (found without importing them)."""
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nthr_kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +65,12 @@ def main(argv=None) -> int:
             problem = None if path is None else _output_problem(path, folder)
             if problem:
                 ap.error(f"{flag}: cannot write there: {problem}")
+        missing = [] if args.skip_lld else _missing_modules(DEMO_MODULES)
+        if missing:  # said before the backend table, not as a traceback after it
+            print(f"python -m nthr_kernels demo: the LLD study needs {', '.join(missing)}, not installed here. "
+                  "Install the dev extra (in a checkout: make setup, or pip install -e \".[dev]\"), or "
+                  f"pip install {' '.join(missing)}; --skip-lld runs the backend table alone.", file=sys.stderr)
+            return 1
 
     from .demo_synthetic import run_backend_table
 

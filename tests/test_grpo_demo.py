@@ -224,6 +224,21 @@ def test_cli_refuses_unwritable_outputs_before_any_work(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_demo_without_the_dev_extra_says_what_to_install_before_any_work(monkeypatch, capsys):
+    """After `pip install -e .` (no extras) the demo ran the backend table, then died with a traceback
+    (ModuleNotFoundError: safetensors). Now one message, first, names what to install."""
+    import sys
+
+    from nthr_kernels import __main__ as cli
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # not importable, as without the dev extra
+    monkeypatch.setattr("nthr_kernels.demo_synthetic.run_backend_table",
+                        lambda **kw: pytest.fail("the backend table ran before the check"))
+    assert cli.main(["demo", "--quick", "--out", "nthr_results"]) == 1
+    err = capsys.readouterr().err
+    assert "the LLD study needs safetensors, not installed here" in err and 'pip install -e ".[dev]"' in err, err
+
+
 def test_thread_count_variable_is_checked(monkeypatch):
     from nthr_kernels.grpo.model import torch_threads
 
