@@ -569,6 +569,67 @@ def test_one_token_vocabulary_with_lm_head_scores_zero(temperature, with_logprob
 
 
 @needs_triton
+@pytest.mark.parametrize("seed,scale", [(37, 2.0), (13, 4.0)])
+def test_near_certain_tokens_with_old_logprobs_keep_their_small_errors(seed, scale):
+    """|V| = 2 with large logits and exact old log-probs: a near-certain sampled token's error ``1 - exp(l_t)``
+    (l_t of -1e-9 to -1e-4) is computed as ``-expm1(l_t)``. As ``1 - exp(l_t)`` in float32 it lost its digits
+    to cancellation: relative score errors of 1.5e-3 (seed 37, the batch of the native test
+    ``test_near_certain_tokens_with_old_logprobs_score_as_exactly_as_torch``) and 0.5 (seed 13, scale 4)
+    in the interpreter, against the float32 tolerance of 2e-4."""
+    from nthr_kernels.core.checks import validate_batch
+    from nthr_kernels.core.rules import SCORE_TOLERANCE, Inputs, Options
+
+    g = torch.Generator().manual_seed(seed)
+    r, length, d, v, t = 8, 12, 16, 2, 0.7
+    hidden = torch.randn(r, length, d, generator=g) * scale
+    w = torch.randn(v, d, generator=g) * scale
+    logits = (hidden.double() @ w.double().T) / t
+    ids = torch.multinomial(torch.softmax(logits, -1).reshape(-1, v).float(), 1, generator=g).reshape(r, length)
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0].float()
+    rewards = torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0])
+    kw = dict(lm_head_weight=w.to(DEVICE), old_logprobs=lp.to(DEVICE), mask=torch.ones(r, length, dtype=torch.bool, device=DEVICE),
+              group_size=4, temperature=t)
+    args = (hidden.to(DEVICE), ids.to(DEVICE), rewards.to(DEVICE), (rewards - 0.4).to(DEVICE))
+    ref = nk.nthr_advantages(*args, backend="reference", **kw)
+    batch = validate_batch(Inputs(*args, lm_head_weight=kw["lm_head_weight"], old_logprobs=kw["old_logprobs"],
+                                  mask=kw["mask"], group_size=4), Options(backend="triton", temperature=t))
+    for path in ("factored", "pairwise"):
+        got = batch.result(*triton_call(batch, path=path))
+        for grp in range(2):
+            s_ref, s = (o.scores[4 * grp: 4 * grp + 4].double().cpu() for o in (ref, got))
+            err = float((s - s_ref).abs().max()) / float(s_ref.abs().max())
+            assert err <= SCORE_TOLERANCE[torch.float32], f"{path}, group {grp}: relative score error {err:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_near_certain_tokens_without_old_logprobs_take_log_z_from_one_tile(dtype):
+    """|V| = 2 with very large logits (logit_scale 200) and no old log-probs: the sampled token's probability
+    comes from the log-sum-exp kernel's own tile (``z_y / T - log Z``), not from ``z_y`` summed again by the
+    error kernels in tiles of another shape. Their ``z_y`` differed by one float32 step (1e-5 at |z| of a few
+    hundred; the interpreter's tile products are numpy matmuls, whose summation order follows the tile's
+    shape): certain tokens got errors of 1e-5 (a probability of 1.0000152) and negative tokens scores of
+    2.5e-5 where the reference has -3.4e-7 and 5.8e-21. The float32 log-sum-exp itself still halves the
+    score of the last token (as on the torch backend), so the check is that no score is off by more than
+    its own size."""
+    from nthr_kernels.core.rules import group_advantages
+    from nthr_kernels.synthetic import make_batch
+
+    from _helpers import rewards_for
+
+    b = make_batch(3, 2, (0, 5), 16, 2, seed=1107, dtype=dtype, packed=True, logit_scale=200.0)
+    b.rewards = rewards_for("mixed", 3, 2, torch.Generator().manual_seed(2107))
+    b.advantages = group_advantages(b.rewards, 2)
+    b = on_device(b)
+    ref = run(b, "reference", with_logprobs=False, beta=-math.inf)
+    batch = validated(b, with_logprobs=False, beta=-math.inf)
+    for path in ("factored", "pairwise"):
+        got = batch.result(*triton_call(batch, path=path))
+        s, s_ref = got.scores.double().cpu(), ref.scores.double().cpu()
+        assert bool(((s - s_ref).abs() <= s_ref.abs()).all()), (path, s.tolist(), s_ref.tolist())
+
+
+@needs_triton
 @pytest.mark.parametrize("source", ["weight+logprobs", "weight"])
 def test_mixed_dtypes_compute_in_float32(source):
     """fp16 hidden states with a float32 weight holding values beyond fp16's range (within the contract:

@@ -6,7 +6,8 @@ plans the chunks and calls the launchers of :class:`Kernels`):
 
 1. ``log Z_t``: :func:`_zy_kernel`, the old-log-prob shortcut ``z_t[y_t] / T - l_t`` (one gathered dot
    per token), or :func:`_lse_kernel`, a chunked online logsumexp over the vocabulary (tensor-core
-   tiles of ``W h``, logits never stored), or a logsumexp of given logits rows (torch).
+   tiles of ``W h``, logits never stored; it also writes the sampled token's log-prob from the same
+   tiles, which the errors take its probability from), or a logsumexp of given logits rows (torch).
 2. :func:`_err_kernel`: prediction errors ``g = onehot - exp(z / T - log Z)`` of a segment's error rows
    on its ``V*`` (``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of ``W``, or gathered from
    logits), written in the input dtype, transposed, to a scratch buffer ``[|V*|, roundup16(rows)]``.
@@ -178,16 +179,36 @@ def _scale(b_z, inv_t):
 
 
 @triton.jit
+def _expm1(b_x):
+    """``exp(x) - 1`` (float32) without the cancellation of ``exp(x) - 1`` near 0: Horner's form of the Taylor
+    series to x^8 for ``|x| < 0.1`` (truncation below 3e-13 relative), ``exp(x) - 1`` beyond (no cancellation
+    there). Plain tl ops: ``libdevice.expm1`` does not run in the interpreter."""
+    b_s = tl.where(tl.abs(b_x) < 0.1, b_x, 0.0)
+    b_t = 1.0 + b_s * 0.125
+    b_t = 1.0 + b_s * (1.0 / 7.0) * b_t
+    b_t = 1.0 + b_s * (1.0 / 6.0) * b_t
+    b_t = 1.0 + b_s * 0.2 * b_t
+    b_t = 1.0 + b_s * 0.25 * b_t
+    b_t = 1.0 + b_s * (1.0 / 3.0) * b_t
+    b_t = 1.0 + b_s * 0.5 * b_t
+    return tl.where(tl.abs(b_x) < 0.1, b_s * b_t, tl.exp(b_x) - 1.0)
+
+
+@triton.jit
 def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp, OWN_P: tl.constexpr):
     """Prediction errors ``1[v == y_t] - exp(z / T - log Z_t)`` of a ``[BT, BV]`` logits tile (0 where masked).
     OWN_P (old log-probs, ``log Z_t = z_y / T - l_t``): the sampled token's own probability is ``exp(l_t)``
     (``b_lp``), its definition, not ``exp(z_y / T - log Z_t)`` with ``z_y`` summed in another order than
-    ``log Z_t``'s, which gave a certain token (``l_t = 0``) an error of about 1e-7 instead of 0."""
+    ``log Z_t``'s, which gave a certain token (``l_t = 0``) an error of about 1e-7 instead of 0; and its error
+    ``1 - exp(l_t)`` is ``-expm1(l_t)``: in float32, ``1 - exp(l_t)`` of a near-certain token loses the digits
+    of its small error to cancellation (relative score errors of 1.5e-3 with the interpreter's exp)."""
     b_hit = b_id[:, None] == b_vid[None, :]
     b_p = tl.exp(_scale(b_z, inv_t) - b_logz[:, None])
     if OWN_P:
-        b_p = tl.where(b_hit, tl.exp(b_lp)[:, None], b_p)
-    return tl.where(m_tv, b_hit.to(tl.float32) - b_p, 0.0)
+        b_g = tl.where(b_hit, -_expm1(b_lp)[:, None], -b_p)
+    else:
+        b_g = b_hit.to(tl.float32) - b_p
+    return tl.where(m_tv, b_g, 0.0)
 
 
 @triton.jit
@@ -238,7 +259,7 @@ def _zy_kernel(
 @triton.jit
 def _lse_kernel(
     # data pointers
-    H, ROW_H, W, OUT,
+    H, ROW_H, W, IDS, OUT, OUT_LP,
     # shapes
     n, V, D,
     # strides
@@ -247,22 +268,30 @@ def _lse_kernel(
     inv_t,
     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
 ):
-    """Online logsumexp of ``W h / T`` over the whole vocabulary for a block of tokens."""
+    """Online logsumexp of ``W h / T`` over the whole vocabulary for a block of tokens (``OUT``), and the
+    sampled token's log-prob ``z_y / T - log Z`` with ``z_y`` from the same tile (``OUT_LP``): the errors
+    take the sampled token's probability from it (:func:`_errors`, OWN_P), so it cannot differ from
+    ``log Z``'s by a product summed in another order (tiles of other shapes in the error kernels)."""
     i_t = tl.program_id(0).to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
     m_t = o_t < n
     o_h = _rows(ROW_H, o_t, m_t, False)
+    b_id = tl.load(IDS + o_t, mask=m_t, other=-1)
     b_max = tl.full([BT], -float("inf"), dtype=tl.float32)
     b_sum = tl.zeros([BT], dtype=tl.float32)
+    b_zy = tl.zeros([BT], dtype=tl.float32)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV]
         m_v = o_v < V
         b_z = _gram_tile(H, o_h, m_t, h_sd, W, o_v * w_sv, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
         b_z = tl.where(m_v[None, :], _scale(b_z, inv_t), -float("inf"))  # z / T rounded as _errors rounds it
+        b_zy += tl.sum(tl.where(o_v[None, :] == b_id[:, None], b_z, 0.0), axis=1)  # one tile holds y_t
         b_new = tl.maximum(b_max, tl.max(b_z, axis=1))
         b_sum = b_sum * tl.exp(b_max - b_new) + tl.sum(tl.exp(b_z - b_new[:, None]), axis=1)
         b_max = b_new
-    tl.store(OUT + o_t, b_max + tl.log(b_sum), mask=m_t)
+    b_logz = b_max + tl.log(b_sum)
+    tl.store(OUT + o_t, b_logz, mask=m_t)
+    tl.store(OUT_LP + o_t, b_zy - b_logz, mask=m_t)
 
 
 @triton.heuristics({"FROM_LOGITS": lambda args: args["LG"] is not None, "OWN_P": lambda args: args["LP"] is not None})
@@ -847,8 +876,9 @@ class Kernels:
 
     ``h`` with ``row_h`` (row offset per token); the logits source: ``w`` (lm_head, ``z = h W^T``) or
     ``lg`` with ``row_lg``; ``ids`` and ``log_z`` per token and ``vs`` (V* ids by segment) when errors
-    are computed from logits; ``lp``: the old log-probs per token when ``log_z`` came from them (the
-    sampled token's own probability, :func:`_errors`); ``wd``: the dtype the kernels read.
+    are computed from logits; ``lp``: the sampled token's log-prob per token with ``w`` (the old log-probs
+    when ``log_z`` came from them, else the vocabulary log-sum-exp kernel's): its own probability,
+    :func:`_errors`; ``wd``: the dtype the kernels read.
     """
 
     def __init__(self, h, row_h, wd, *, w=None, lg=None, row_lg=None, ids=None, log_z=None, lp=None, vs=None,

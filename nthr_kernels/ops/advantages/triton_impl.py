@@ -102,24 +102,28 @@ def plan_on_device(batch) -> DevicePlan:
     return DevicePlan(perm[:start], vs_id, groups, responses)
 
 
-def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd) -> torch.Tensor:
-    """``log Z`` per token of ``order``: shortcut kernel, vocabulary logsumexp kernel, or (logits) torch."""
+def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd, ids):
+    """``(log Z, l)`` per token of ``order``: ``log Z`` by the shortcut kernel, the vocabulary logsumexp
+    kernel or (logits) torch; ``l`` the sampled token's log-prob the errors take its probability from:
+    the old log-probs, the logsumexp kernel's (from ``log Z``'s own tile), or None (logits)."""
     n = order.numel()
     if batch.lm_head_weight is None:
-        return log_normaliser(batch, order, SCAN_ELEMS, logits_scale=1.0 / batch.opts.temperature)
+        return log_normaliser(batch, order, SCAN_ELEMS, logits_scale=1.0 / batch.opts.temperature), None
     out = torch.empty(n, dtype=torch.float32, device=h.device)
-    if n == 0:
-        return out
-    inv_t, d = 1.0 / batch.opts.temperature, h.shape[-1]
     if batch.old_logprobs is not None:
-        lp = batch.old_logprobs
-        launch("zy", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
-               h, row_h, w, batch.tok_ids[order].contiguous(), lp, row_offsets(lp, tok_a, tok_b), out,
-               n, d, h.stride(-1), w.stride(0), w.stride(1), inv_t)
-        return out
-    launch("lse", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
-           h, row_h, w, out, n, w.shape[0], d, h.stride(-1), w.stride(0), w.stride(1), inv_t)
-    return out
+        lp = batch.gather(batch.old_logprobs, order).float().contiguous()
+        if n:
+            lpa = batch.old_logprobs
+            launch("zy", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
+                   h, row_h, w, ids, lpa, row_offsets(lpa, tok_a, tok_b), out,
+                   n, h.shape[-1], h.stride(-1), w.stride(0), w.stride(1), 1.0 / batch.opts.temperature)
+        return out, lp
+    lp = torch.empty(n, dtype=torch.float32, device=h.device)
+    if n:
+        launch("lse", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
+               h, row_h, w, ids, out, lp, n, w.shape[0], h.shape[-1], h.stride(-1), w.stride(0), w.stride(1),
+               1.0 / batch.opts.temperature)
+    return out, lp
 
 
 def _chunks(need: list, budget: int):
@@ -218,18 +222,19 @@ def _chunk_tau(sums, n, grp, groups, thr, n_groups: int, beta: float) -> None:
 
 def plan_kernels(batch, plan, h, w, wd) -> Kernels:
     """The :class:`Kernels` of a call: the tokens in plan order (``h`` and ``w`` already in ``wd``), their
-    logits source, ``log Z`` and, under the old log-probs shortcut, the old log-probs (the sampled
-    token's own probability is ``exp(l_t)``: :func:`~nthr_kernels.ops.triton_kernels._errors`)."""
+    logits source, ``log Z`` and, with ``lm_head_weight``, the sampled token's log-prob ``l_t`` (the old
+    log-probs, or the vocabulary logsumexp kernel's from ``log Z``'s own tile): its own probability is
+    ``exp(l_t)`` and its error ``-expm1(l_t)`` (:func:`~nthr_kernels.ops.triton_kernels._errors`)."""
     order = plan.order
     tok_a = batch.tok_a[order]
     tok_b = batch.tok_b[order] if batch.tok_b is not None else None
     row_h = row_offsets(h, tok_a, tok_b)
     lg = batch.logits
+    ids = batch.tok_ids[order].contiguous()
+    log_z, lp = _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd, ids)
     return Kernels(
         h, row_h, wd, w=w if lg is None else None, lg=lg, row_lg=row_offsets(lg, tok_a, tok_b) if lg is not None else None,
-        ids=batch.tok_ids[order].contiguous(), log_z=_log_z(batch, order, tok_a, tok_b, h, row_h, w, wd),
-        lp=batch.gather(batch.old_logprobs, order).float().contiguous() if lg is None and batch.old_logprobs is not None else None,
-        vs=plan.vs_id, inv_t=1.0 / batch.opts.temperature,
+        ids=ids, log_z=log_z, lp=lp, vs=plan.vs_id, inv_t=1.0 / batch.opts.temperature,
     )
 
 
