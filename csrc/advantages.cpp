@@ -382,10 +382,11 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
         if (!g.zy.empty() && c >= 0 && c < cw) row[c] = g.zy[t];  // the logit log Z saw (log_z_full_vocab)
         if (g.lz_from_row) g.lz[t] = vec::scaled_logit(row[c], p.temperature) - p.logprobs[g.toks[t]];
         vec::neg_softmax_slice(row, cw, p.temperature, g.lz[t]);
-        // the sampled token's own probability is exp(l_t) by the definition log Z_t = z_t[y_t] / T - l_t: taken
-        // from l_t, not from exp(z / T - log Z), where the rounding of log Z (one float32 step of z / T) would
-        // give a near-certain token an error of that size (the torch and Triton backends do the same)
-        if (c >= 0 && c < cw) row[c] = p.logprobs ? 1.0f - std::exp(p.logprobs[g.toks[t]]) : row[c] + 1.0f;
+        // the sampled token's own probability is exp(l_t) by the definition log Z_t = z_t[y_t] / T - l_t: its
+        // error 1 - exp(l_t) = -expm1(l_t), taken from l_t, not from exp(z / T - log Z), where the rounding of
+        // log Z (one float32 step of z / T) would give a near-certain token an error of that size, nor as
+        // 1 - exp(l_t) in float32, which cancels its small digits (the torch and Triton backends do the same)
+        if (c >= 0 && c < cw) row[c] = p.logprobs ? -std::expm1(p.logprobs[g.toks[t]]) : row[c] + 1.0f;
       }
     };
     if (p.weight.defined()) {

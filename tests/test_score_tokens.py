@@ -67,6 +67,26 @@ def test_prediction_errors_helper(source, temperature):
     torch.testing.assert_close(out.errors.double(), expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_prediction_errors_of_certain_and_near_certain_tokens(temperature):
+    """With old log-probs a sampled token's error is ``1 - exp(l_t)``, by the definition of ``log Z_t``: 0 for a
+    certain token (a one-token vocabulary, ``l_t = 0``), where the two roundings of ``z_y / T`` (errors and
+    ``log Z``) gave ~1e-7, and accurate to its small digits for a near-certain one (``l_t`` = -1e-6: float32's
+    ``1 - exp(l_t)`` cancels to 1.19e-6 or 0)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(12, 5, generator=g) * 4
+    w = torch.randn(1, 5, generator=g) * 4
+    ids = torch.zeros(12, dtype=torch.int64)
+    out = nk.prediction_errors(ids, hidden=h, lm_head_weight=w, old_logprobs=torch.zeros(12), temperature=temperature)
+    assert torch.equal(out.errors, torch.zeros(12, 1))
+    lp = torch.full((12,), -1e-6)
+    w2 = torch.cat([w, w - 100.0])  # a second token far less likely than the first
+    out = nk.prediction_errors(ids, hidden=h, lm_head_weight=w2, old_logprobs=lp, temperature=temperature,
+                               check_logprobs=False, vocab=torch.tensor([0]))
+    torch.testing.assert_close(out.errors[:, 0].double(), torch.full((12,), 1e-6, dtype=torch.float64).neg().expm1().neg(),
+                               rtol=1e-5, atol=0)
+
+
 def test_prediction_errors_feed_score_tokens():
     """The documented recipe: errors of a whole group, split into positive and negative tokens."""
     g = torch.Generator().manual_seed(2)

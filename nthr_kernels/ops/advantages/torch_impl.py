@@ -130,13 +130,16 @@ class _GroupErrors:
         err.exp_()  # in place: one buffer for logits and errors
         j = self.col[p0:p1] - self.c0  # - onehot(y_t), where this column block holds y_t
         hit = ((j >= 0) & (j < cols.numel())).nonzero().squeeze(1)
+        at = hit * cols.numel() + j[hit]
         if self.wc is not None and batch.old_logprobs is not None:
-            # the sampled token's own probability is exp(l_t) by the definition of log Z_t = z_y / T - l_t;
-            # taken from l_t, not from a second rounding of z_y / T (whose difference from log Z's would
-            # give a certain token, l_t = 0, an error of ~1e-7 instead of 0 and spurious selections)
-            own = gather_rows(batch, batch.old_logprobs, self.plan.order[p0:p1][hit]).float().exp()
-            err.view(-1)[hit * cols.numel() + j[hit]] = own
-        err.view(-1).index_add_(0, hit * cols.numel() + j[hit], self.minus_one.expand(hit.numel()))
+            # the sampled token's own probability is exp(l_t) by the definition of log Z_t = z_y / T - l_t, so
+            # its (flipped) error is exp(l_t) - 1 = expm1(l_t): taken from l_t, not from a second rounding of
+            # z_y / T (whose difference from log Z's would give a certain token, l_t = 0, an error of ~1e-7
+            # instead of 0 and spurious selections), nor as exp(l_t) - 1 in float32, which cancels the small
+            # digits of a near-certain token's error
+            err.view(-1)[at] = gather_rows(batch, batch.old_logprobs, self.plan.order[p0:p1][hit]).float().expm1()
+        else:
+            err.view(-1).index_add_(0, at, self.minus_one.expand(hit.numel()))
         return err, h
 
 

@@ -48,5 +48,11 @@ def prediction_errors(ids, vocab, *, hidden, lm_head_weight, logits, old_logprob
         else:
             log_z = vocab_logsumexp(h.clone(), lm_head_weight, t, SCRATCH_ELEMS)
     err = -(zv - log_z[:, None]).exp()
-    err += ids[:, None] == vocab[None, :]
+    own = ids[:, None] == vocab[None, :]
+    if logits is None and old_logprobs is not None:
+        # the sampled token's error is 1 - exp(l_t) = -expm1(l_t) by the definition of log Z_t: taken from l_t,
+        # not from exp(z_y / T - log Z_t), whose two roundings of z_y / T (in zv and in log Z) differ (a
+        # certain token, l_t = 0, got an error of ~1e-7, not 0), nor as 1 - exp(l_t), which cancels in float32
+        return torch.where(own, -old_logprobs.float().expm1()[:, None], err)
+    err += own
     return err
