@@ -2,7 +2,9 @@
 # One-time set-up of an environment, saying what it does at each step:
 #   1. the environment: $VENV (default: the active virtual environment, else the project's .venv, created
 #      here with `python3 -m venv`, so an externally-managed system Python is never pip-installed into);
-#   2. torch==2.13.0 (the CPU build), only if no torch is importable there (an existing CUDA torch is kept);
+#   2. torch==2.13.0, only if no torch is importable there (an existing CUDA torch is kept), from pip's
+#      configured index, or from $TORCH_INDEX_URL when set (PyPI's Linux wheel is the CUDA build, several GB;
+#      https://download.pytorch.org/whl/cpu has the CPU build);
 #   3. this package, editable, with the extras in $EXTRAS (default "dev": tests, transformers, matplotlib;
 #      the demo needs nothing more; EXTRAS=dev,trl adds TRL, whose tests are skipped without it);
 #   4. the native CPU ops (optional: a machine without a compiler keeps the torch backend).
@@ -29,8 +31,14 @@ if ! "$PY" -m pip --version >/dev/null 2>&1; then
     exit 1
 fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "setup: installing torch==2.13.0 (CPU build)"
-    "$PY" -m pip install --progress-bar on "torch==2.13.0"
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        echo "setup: installing torch==2.13.0 from $TORCH_INDEX_URL"
+        "$PY" -m pip install --progress-bar on --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
+    else
+        echo "setup: installing torch==2.13.0 from pip's configured index (PyPI's Linux wheel is the CUDA build," \
+             "several GB; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU build)"
+        "$PY" -m pip install --progress-bar on "torch==2.13.0"
+    fi
 else
     echo "setup: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
 fi

@@ -59,3 +59,34 @@ def test_environment_without_pip_is_named_before_any_install(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "has no pip" in out.stderr and f"rm -r {venv}" in out.stderr, out.stderr
     assert "installing" not in out.stdout, out.stdout
+
+
+def _venv_without_torch(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in environment: its ``python`` has pip, no torch, and records each ``pip install`` (then fails,
+    which stops the set-up there)."""
+    venv, log = tmp_path / "venv", tmp_path / "pip.log"
+    (venv / "bin").mkdir(parents=True)
+    py = venv / "bin" / "python"
+    py.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        if [ "$1" = -m ] && [ "$2" = pip ] && [ "$3" = --version ]; then echo "pip 24"; exit 0; fi
+        if [ "$1" = -c ]; then exit 1; fi  # import torch fails
+        if [ "$1" = -m ] && [ "$2" = pip ] && [ "$3" = install ]; then echo "$@" >> "{log}"; exit 1; fi
+        exit 0
+    """))
+    py.chmod(0o755)
+    return venv, log
+
+
+def test_torch_index_url_is_used_and_the_default_index_is_named_for_what_it_gives(tmp_path, monkeypatch):
+    """The set-up said it installed 'torch==2.13.0 (CPU build)' from pip's index, whose Linux wheel on PyPI is the
+    CUDA build (several GB). It now says where torch comes from, and TORCH_INDEX_URL picks the index."""
+    venv, log = _venv_without_torch(tmp_path)
+    monkeypatch.delenv("TORCH_INDEX_URL", raising=False)
+    out = _setup(venv)
+    assert out.returncode != 0 and "CUDA build" in out.stdout and "TORCH_INDEX_URL" in out.stdout, out.stdout
+    assert "--index-url" not in log.read_text()
+    log.unlink()
+    monkeypatch.setenv("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
+    out = _setup(venv)
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in log.read_text(), out.stdout
