@@ -308,3 +308,17 @@ def test_trace_only_with_one():
     on = _python(code, {"NTHR_NATIVE_TRACE": "1"})
     off = _python(code, {"NTHR_NATIVE_TRACE": "0"})
     assert "nthr native_advantages:" in on.stderr and "nthr native_advantages:" not in off.stderr
+
+
+def test_cxx_with_a_launcher_is_a_compiler(monkeypatch):
+    """``CXX="ccache g++"`` (a launcher and its compiler) is how torch's build runs the compiler (a shell word
+    list); it was looked up as one program named "ccache g++": "no C++ compiler found", and the OpenMP probe
+    could not run it. ``env`` stands in for the launcher."""
+    if shutil.which("c++") is None or shutil.which("env") is None:
+        pytest.skip("needs c++ and env on PATH")
+    monkeypatch.setenv("CXX", "env c++")
+    problem = native_lib._missing_toolchain()
+    assert problem is None or "ninja" in problem, problem
+    assert native_lib._openmp_problem() is None
+    monkeypatch.setenv("CXX", "/nonexistent/c++ -O2")
+    assert "no C++ compiler found" in native_lib._missing_toolchain()

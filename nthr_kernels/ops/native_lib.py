@@ -65,6 +65,7 @@ import hashlib
 import platform
 import logging
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -243,10 +244,20 @@ class _ninja_on_path:
             os.environ["PATH"] = self._old
 
 
+def _cxx() -> list:
+    """The compiler command of ``CXX`` (default ``c++``) as torch's build runs it: a shell word list, so that a
+    launcher such as ``CXX="ccache g++"`` is a compiler, not a missing program named ``ccache g++``."""
+    try:
+        return shlex.split(os.environ.get("CXX") or "c++")
+    except ValueError:  # unbalanced quotes: no program to run
+        return []
+
+
 def _missing_toolchain() -> Optional[str]:
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler found ({cxx!r} is not on PATH; set CXX or install g++/clang++)"
+    cxx = _cxx()
+    if not cxx or shutil.which(cxx[0]) is None:
+        return (f"no C++ compiler found ({os.environ.get('CXX', 'c++')!r} is not on PATH; set CXX or install "
+                "g++/clang++)")
     if shutil.which("ninja") is None and _ninja_dir() is None:
         return "ninja is not installed (pip install ninja)"
     return None
@@ -411,7 +422,7 @@ def _prune_stale(root: Path, keep: Path) -> None:
 
 def _openmp_problem() -> Optional[str]:
     """Why the compiler cannot compile ``_OPENMP_CFLAGS`` code (None when it can): a syntax-only probe."""
-    cmd = [os.environ.get("CXX", "c++"), *_OPENMP_CFLAGS, "-fsyntax-only", "-x", "c++", "-"]
+    cmd = [*_cxx(), *_OPENMP_CFLAGS, "-fsyntax-only", "-x", "c++", "-"]
     try:
         run = subprocess.run(cmd, input="#include <omp.h>\nint f() { return omp_get_max_threads(); }\n",
                              capture_output=True, text=True, timeout=60)
