@@ -175,3 +175,36 @@ def stable_seed(*params) -> int:
     import zlib
 
     return zlib.crc32(repr(params).encode()) % 100_000
+
+
+NEAR_CERTAIN_GROUP = 4  # responses per group of near_certain_call's batch (2 groups)
+
+
+def near_certain_call(seed: int, h_scale: float, w_scale: float, device="cpu"):
+    """``(args, kwargs)`` of an ``nthr_advantages`` call whose sampled tokens are near-certain: a two-token
+    vocabulary, logits scaled up by ``h_scale * w_scale``, exact old log-probs (from float64 logits), T = 0.7,
+    2 groups of ``NEAR_CERTAIN_GROUP`` responses of 12 tokens (every position a completion token)."""
+    g = torch.Generator().manual_seed(seed)
+    r, length, d, v, t = 2 * NEAR_CERTAIN_GROUP, 12, 16, 2, 0.7
+    hidden = torch.randn(r, length, d, generator=g) * h_scale
+    w = torch.randn(v, d, generator=g) * w_scale
+    logits = (hidden.double() @ w.double().T) / t
+    ids = torch.multinomial(torch.softmax(logits, -1).reshape(-1, v).float(), 1, generator=g).reshape(r, length)
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0].float()
+    rewards = torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0])
+    args = tuple(x.to(device) for x in (hidden, ids, rewards, rewards - 0.4))
+    kw = dict(lm_head_weight=w.to(device), old_logprobs=lp.to(device),
+              mask=torch.ones(r, length, dtype=torch.bool, device=device), group_size=NEAR_CERTAIN_GROUP,
+              temperature=t)
+    return args, kw
+
+
+def group_score_errors(res, ref) -> list:
+    """Per group of :func:`near_certain_call`'s batch: the largest score error of ``res`` against ``ref``,
+    relative to the group's largest reference score."""
+    out = []
+    for grp in range(2):
+        rows = slice(NEAR_CERTAIN_GROUP * grp, NEAR_CERTAIN_GROUP * (grp + 1))
+        s_ref, s = (x.scores[rows].double().cpu() for x in (ref, res))
+        out.append(float((s - s_ref).abs().max()) / float(s_ref.abs().max()))
+    return out

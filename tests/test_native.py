@@ -27,7 +27,8 @@ from nthr_kernels.registry import native_available, resolve
 
 from nthr_kernels.ops.advantages.native_impl import pairwise_cheaper, pairwise_group
 
-from _helpers import TOL, assert_matches_reference, backends, case, grpo_advantages, run, run_impl, stable_seed, validated
+from _helpers import (TOL, assert_matches_reference, backends, case, group_score_errors, grpo_advantages,
+                      near_certain_call, run, run_impl, stable_seed, validated)
 
 NATIVE = native_available()
 needs_native = pytest.mark.skipif(
@@ -753,20 +754,9 @@ def test_near_certain_tokens_with_old_logprobs_score_as_exactly_as_torch(seed, s
     batches, where torch stayed at 2e-5 and 7e-5; and both formed ``1 - exp(l_t)`` in float32, which cancels
     the small digits: relative errors of 0.5 on the last two batches (3e-6 and 4e-6 now). Now ``-expm1(l_t)``,
     within the float32 tolerance on all four, for both."""
-    g = torch.Generator().manual_seed(seed)
-    r, length, d, v, t = 8, 12, 16, 2, 0.7
-    hidden = torch.randn(r, length, d, generator=g) * scale
-    w = torch.randn(v, d, generator=g) * 2
-    logits = (hidden.double() @ w.double().T) / t
-    ids = torch.multinomial(torch.softmax(logits, -1).reshape(-1, v).float(), 1, generator=g).reshape(r, length)
-    lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0].float()
-    rewards = torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0])
-    kw = dict(lm_head_weight=w, old_logprobs=lp, mask=torch.ones(r, length, dtype=torch.bool), group_size=4,
-              temperature=t)
-    ref = nk.nthr_advantages(hidden, ids, rewards, rewards - 0.4, backend="reference", **kw)
+    args, kw = near_certain_call(seed, scale, 2)
+    ref = nk.nthr_advantages(*args, backend="reference", **kw)
     for backend in ("native", "torch"):
-        out = nk.nthr_advantages(hidden, ids, rewards, rewards - 0.4, backend=backend, **kw)
-        for grp in range(2):
-            s_ref, s = (x.scores[4 * grp : 4 * grp + 4].double() for x in (ref, out))
-            err = float((s - s_ref).abs().max()) / float(s_ref.abs().max())
+        out = nk.nthr_advantages(*args, backend=backend, **kw)
+        for grp, err in enumerate(group_score_errors(out, ref)):
             assert err <= TOL[torch.float32], f"{backend}, group {grp}: relative score error {err:.2e}"

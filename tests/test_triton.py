@@ -579,25 +579,16 @@ def test_near_certain_tokens_with_old_logprobs_keep_their_small_errors(seed, sca
     from nthr_kernels.core.checks import validate_batch
     from nthr_kernels.core.rules import SCORE_TOLERANCE, Inputs, Options
 
-    g = torch.Generator().manual_seed(seed)
-    r, length, d, v, t = 8, 12, 16, 2, 0.7
-    hidden = torch.randn(r, length, d, generator=g) * scale
-    w = torch.randn(v, d, generator=g) * scale
-    logits = (hidden.double() @ w.double().T) / t
-    ids = torch.multinomial(torch.softmax(logits, -1).reshape(-1, v).float(), 1, generator=g).reshape(r, length)
-    lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0].float()
-    rewards = torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0])
-    kw = dict(lm_head_weight=w.to(DEVICE), old_logprobs=lp.to(DEVICE), mask=torch.ones(r, length, dtype=torch.bool, device=DEVICE),
-              group_size=4, temperature=t)
-    args = (hidden.to(DEVICE), ids.to(DEVICE), rewards.to(DEVICE), (rewards - 0.4).to(DEVICE))
+    from _helpers import group_score_errors, near_certain_call
+
+    args, kw = near_certain_call(seed, scale, scale, DEVICE)
     ref = nk.nthr_advantages(*args, backend="reference", **kw)
     batch = validate_batch(Inputs(*args, lm_head_weight=kw["lm_head_weight"], old_logprobs=kw["old_logprobs"],
-                                  mask=kw["mask"], group_size=4), Options(backend="triton", temperature=t))
+                                  mask=kw["mask"], group_size=kw["group_size"]),
+                           Options(backend="triton", temperature=kw["temperature"]))
     for path in ("factored", "pairwise"):
         got = batch.result(*triton_call(batch, path=path))
-        for grp in range(2):
-            s_ref, s = (o.scores[4 * grp: 4 * grp + 4].double().cpu() for o in (ref, got))
-            err = float((s - s_ref).abs().max()) / float(s_ref.abs().max())
+        for grp, err in enumerate(group_score_errors(got, ref)):
             assert err <= SCORE_TOLERANCE[torch.float32], f"{path}, group {grp}: relative score error {err:.2e}"
 
 
