@@ -3,7 +3,7 @@
 // The op's arguments are checked (CHECK_* below) and gathered into AdvantagesParams (params.h) in one
 // place, set_advantages_params; then:
 //   order_groups       the active groups' tokens in `order`, positive responses first (counting sort);
-//   log_z_full_vocab   weight without old log-probs only: log Z_t over the whole vocabulary;
+//   log_z_full_vocab   weight without old log-probs only: log Z_t and l_t over the whole vocabulary;
 //   group_vstar        per active group, in parallel: V* (sorted unique ids) and each token's column in it;
 //   then per active group, groups in parallel (most FLOPs first, group_flops), each on its own scratch slice:
 //     group_log_z        log Z_t from the old log-probs or the logits (unless done above, or taken from each
@@ -186,7 +186,7 @@ void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, i
 // [vc, rn] (scratch ws.z; the weight rows are the GEMM's row-major left operand, read in place where they are
 // float32 rows, else copied into ws.wc [vc, d]; H^T, the smaller operand when rn < vc, is the packed one),
 // folded at once into a running (max, sum) per row of h. With own (rows 0..nc only): own_z[i] = the logit of
-// row i at weight row own[i], as this sum saw it.
+// row i at weight row own[i], which is left out of the sum (the sum of the other tokens, sampled_logprob).
 void lse_over_rows(const Tensor& weight, float temperature, const float* h, int64_t rn, int64_t d,
                    const int64_t* ids, int64_t nc, int64_t vc, Workspace& ws, float* rmax, float* rsum,
                    const int64_t* own = nullptr, float* own_z = nullptr) {
@@ -210,19 +210,30 @@ void lse_over_rows(const Tensor& weight, float temperature, const float* h, int6
       wc = mat(wb, vn, d, d);
     }
     gemm(mat(z, vn, rn, rn), wc, ht, false, nullptr, w_view);  // rows read in place stream from memory
-    vec::lse_update_cols(z, vn, rn, rn, temperature, rmax, rsum);
     if (own)
       for (int64_t i = 0; i < rn; ++i)
-        if (own[i] >= v0 && own[i] < v0 + vn) own_z[i] = z[(own[i] - v0) * rn + i];
+        if (own[i] >= v0 && own[i] < v0 + vn) {
+          float& zo = z[(own[i] - v0) * rn + i];
+          own_z[i] = zo;
+          zo = -std::numeric_limits<float>::infinity();
+        }
+    vec::lse_update_cols(z, vn, rn, rn, temperature, rmax, rsum);
   }
 }
 
-// Weight without old log-probs: log Z_t over the whole vocabulary for rows toks[0..n), in chunks of rc
-// tokens (rc fixed by the slice), one chunk per item, its hidden rows gathered once. Every item does the
-// same arithmetic whichever thread runs it. zy[t]: token t's own logit z_t[y_t] as this sum saw it (errors_block
-// uses it for the sampled token, so that a certain token's probability is exactly 1: on ATen's mm the errors'
-// product H W*^T rounds z_t[y_t] apart from this W H^T; the packed kernel gives both the same bits).
-void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n, float* out, float* zy) {
+// log Z_t = z_y / T - l_t and the sampled token's log-prob l_t = -softplus(L - z_y / T) (vec::sampled_logprob)
+// from L, the log-sum-exp of the other tokens' scaled logits, and the sampled token's own logit zy (unscaled).
+inline void normaliser_from_others(float others, float zy, float temperature, float* log_z, float* lp) {
+  const float z = vec::scaled_logit(zy, temperature);
+  *lp = vec::sampled_logprob(others, z);
+  *log_z = z - *lp;
+}
+
+// Weight without old log-probs: log Z_t and l_t over the whole vocabulary for rows toks[0..n), in chunks of rc
+// tokens (rc fixed by the slice), one chunk per item, its hidden rows gathered once: the log-sum-exp of every
+// token but the sampled one, whose logit comes from the same product (normaliser_from_others). Every item does
+// the same arithmetic whichever thread runs it. errors_block takes the sampled token's error from lp[t].
+void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n, float* out, float* lp) {
   const int64_t d = p.d, vocab = p.vocab;
   const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(vocab, 1024));
   const int64_t rc = std::max<int64_t>(1, std::min<int64_t>(n, p.slice / (vc + d)));
@@ -230,13 +241,14 @@ void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n,
   for_each_item((n + rc - 1) / rc, [&](int64_t item, int64_t w) {
     const int64_t r0 = item * rc, rn = std::min(rc, n - r0);
     float* h = ws[w].h.get(rn * d);
-    std::vector<float> rmax(rn), rsum(rn);
+    std::vector<float> rmax(rn), rsum(rn), zy(rn);
     std::vector<int64_t> own(rn);
     for (int64_t i = 0; i < rn; ++i) own[i] = p.tok_ids[toks[r0 + i]];
     gather_tokens(p, p.hidden, toks + r0, rn, nullptr, d, h, d);
     lse_over_rows(p.weight, p.temperature, h, rn, d, nullptr, vocab, vc, ws[w], rmax.data(), rsum.data(), own.data(),
-                  zy + r0);
-    for (int64_t i = 0; i < rn; ++i) out[r0 + i] = rmax[i] + std::log(rsum[i]);
+                  zy.data());
+    for (int64_t i = 0; i < rn; ++i)
+      normaliser_from_others(rmax[i] + std::log(rsum[i]), zy[i], p.temperature, out + r0 + i, lp + r0 + i);
   });
 }
 
@@ -251,7 +263,7 @@ struct Group {
   std::vector<int64_t> seg;  // positive responses: toks[seg[k]..seg[k+1]) (each non-empty)
   std::vector<int64_t> vs, col;  // V* and each token's column in it
   std::vector<float> lz;  // log Z per token
-  std::vector<float> zy;  // each token's own logit as log Z saw it (log_z_full_vocab), else empty
+  std::vector<float> lp;  // the sampled token's log-prob per token without old log-probs (with them: p.logprobs)
   int64_t vb = 1, tb = 1;  // column block of V*, token block
   int64_t vb_max = 1;  // the widest logits GEMM the slice allows (E cache T x width, W* rows width x d)
   int64_t ld = 1;  // row stride of the E cache in the current column block (>= its width)
@@ -331,7 +343,8 @@ void group_blocks(const AdvantagesParams& p, Group& g, Workspace& ws) {
   g.ke = g.pairwise ? ws.nm.get(g.tp * g.T) : nullptr;
 }
 
-// log Z_t = z_t[y_t] / T - l_t (old log-probs), or the log-sum-exp of the given logits row.
+// log Z_t = z_t[y_t] / T - l_t: l_t the old log-prob, or from the log-sum-exp of the given logits row but the
+// sampled token (normaliser_from_others; into g.lp).
 void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
   const int64_t d = p.d;
   g.lz.resize(g.T);
@@ -348,7 +361,8 @@ void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
   const int64_t vc = std::max<int64_t>(1, std::min(p.vocab, p.slice / g.tb));
   float* zb = ws.z.get(g.tb * vc);
   std::vector<int64_t> cols(vc);
-  std::vector<float> rmax(g.tb), rsum(g.tb);
+  std::vector<float> rmax(g.tb), rsum(g.tb), zy(g.tb);
+  g.lp.resize(g.T);
   for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
     const int64_t tn = std::min(g.tb, g.T - t0);
     std::fill(rmax.begin(), rmax.end(), -std::numeric_limits<float>::infinity());
@@ -357,9 +371,17 @@ void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
       const int64_t vn = std::min(vc, p.vocab - v0);
       for (int64_t j = 0; j < vn; ++j) cols[j] = v0 + j;
       gather_tokens(p, p.logits, g.toks + t0, tn, cols.data(), vn, zb, vn);
-      for (int64_t i = 0; i < tn; ++i) vec::lse_update(zb + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
+      for (int64_t i = 0; i < tn; ++i) {
+        const int64_t y = p.tok_ids[g.toks[t0 + i]] - v0;
+        if (y >= 0 && y < vn) {  // the sampled token leaves the sum
+          zy[i] = zb[i * vn + y];
+          zb[i * vn + y] = -std::numeric_limits<float>::infinity();
+        }
+        vec::lse_update(zb + i * vn, vn, p.temperature, &rmax[i], &rsum[i]);
+      }
     }
-    for (int64_t i = 0; i < tn; ++i) g.lz[t0 + i] = rmax[i] + std::log(rsum[i]);
+    for (int64_t i = 0; i < tn; ++i)
+      normaliser_from_others(rmax[i] + std::log(rsum[i]), zy[i], p.temperature, &g.lz[t0 + i], &g.lp[t0 + i]);
   }
 }
 
@@ -379,14 +401,14 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
       for (int64_t i = r0; i < r0 + rn; ++i) {
         float* row = et + i * ld;
         const int64_t t = t0 + i, c = g.col[t] - c0;
-        if (!g.zy.empty() && c >= 0 && c < cw) row[c] = g.zy[t];  // the logit log Z saw (log_z_full_vocab)
         if (g.lz_from_row) g.lz[t] = vec::scaled_logit(row[c], p.temperature) - p.logprobs[g.toks[t]];
         vec::neg_softmax_slice(row, cw, p.temperature, g.lz[t]);
-        // the sampled token's own probability is exp(l_t) by the definition log Z_t = z_t[y_t] / T - l_t: its
-        // error 1 - exp(l_t) = -expm1(l_t), taken from l_t, not from exp(z / T - log Z), where the rounding of
-        // log Z (one float32 step of z / T) would give a near-certain token an error of that size, nor as
-        // 1 - exp(l_t) in float32, which cancels its small digits (the torch and Triton backends do the same)
-        if (c >= 0 && c < cw) row[c] = p.logprobs ? -std::expm1(p.logprobs[g.toks[t]]) : row[c] + 1.0f;
+        // the sampled token's own probability is exp(l_t) by the definition log Z_t = z_t[y_t] / T - l_t (l_t the
+        // old log-prob or from the other tokens' log-sum-exp): its error 1 - exp(l_t) = -expm1(l_t), taken from
+        // l_t, not from exp(z / T - log Z), where the rounding of log Z (one float32 step of z / T) would give a
+        // near-certain token an error of that size, nor as 1 - exp(l_t) in float32, which cancels its small
+        // digits (the torch and Triton backends do the same)
+        if (c >= 0 && c < cw) row[c] = -std::expm1(p.logprobs ? p.logprobs[g.toks[t]] : g.lp[t]);
       }
     };
     if (p.weight.defined()) {
@@ -500,10 +522,10 @@ double group_flops(const AdvantagesParams& p, const Group& g) {
 }
 
 // After group_vstar.
-void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full, const float* zy_full) {
+void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full, const float* lp_full) {
   group_blocks(p, g, ws);
   g.lz_from_row = p.logprobs && g.vb >= static_cast<int64_t>(g.vs.size());
-  if (zy_full) g.zy.assign(zy_full, zy_full + g.T);
+  if (lp_full) g.lp.assign(lp_full, lp_full + g.T);
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
   else if (g.lz_from_row) g.lz.resize(g.T);
   else group_log_z(p, g, ws);
@@ -645,11 +667,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
 
   Groups g = order_groups(p);
   lap("setup");
-  std::vector<float> lz_full, zy_full;
+  std::vector<float> lz_full, lp_full;
   if (p.weight.defined() && !p.logprobs) {
     lz_full.resize(g.order.size());
-    zy_full.resize(g.order.size());
-    log_z_full_vocab(p, g.order.data(), static_cast<int64_t>(g.order.size()), lz_full.data(), zy_full.data());
+    lp_full.resize(g.order.size());
+    log_z_full_vocab(p, g.order.data(), static_cast<int64_t>(g.order.size()), lz_full.data(), lp_full.data());
   }
   lap("log Z (full vocabulary)");
   const int64_t n_act = static_cast<int64_t>(g.batch_index.size());
@@ -670,7 +692,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   for_each_item(n_act, [&](int64_t i, int64_t w) {
     const int64_t k = order[i];
     process_group(p, groups[k], ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k],
-                  zy_full.empty() ? nullptr : zy_full.data() + g.start[k]);
+                  lp_full.empty() ? nullptr : lp_full.data() + g.start[k]);
   });
   lap("groups");
   return {scores, selected, token_adv, tau, eta_out};

@@ -2,6 +2,7 @@
 // compiled with per-ISA clones (AVX-512 / AVX2 / baseline) selected at load time, so one build runs on
 // any x86-64 machine and still vectorises where the CPU allows.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 namespace nthr {
@@ -22,6 +23,15 @@ void lse_update_cols(const float* z, int64_t rows, int64_t cols, int64_t ld, flo
 void neg_softmax_slice(float* e, int64_t n, float temperature, float log_z);
 
 inline float scaled_logit(float z, float temperature) { return z * (1.0f / temperature); }
+
+// The sampled token's log-prob l = -softplus(others - zy) from the log-sum-exp of the other tokens' scaled logits
+// and its own zy, as -(max(x, 0) + log1p(exp(-|x|))): its error -expm1(l) keeps its relative precision where
+// 1 - exp(zy - log Z) with a float32 log Z would not (nthr_kernels.core.rules.sampled_logprob); others = -inf
+// (no other token) gives 0.
+inline float sampled_logprob(float others, float zy) {
+  const float x = others - zy;
+  return -((x > 0.0f ? x : 0.0f) + std::log1p(std::exp(-std::fabs(x))));
+}
 
 // Dot product in float32 with a fixed (deterministic) lane-wise summation order.
 float dot(const float* a, const float* b, int64_t n);

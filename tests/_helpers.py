@@ -180,10 +180,11 @@ def stable_seed(*params) -> int:
 NEAR_CERTAIN_GROUP = 4  # responses per group of near_certain_call's batch (2 groups)
 
 
-def near_certain_call(seed: int, h_scale: float, w_scale: float, device="cpu"):
+def near_certain_call(seed: int, h_scale: float, w_scale: float, device="cpu", source: str = "weight+logprobs"):
     """``(args, kwargs)`` of an ``nthr_advantages`` call whose sampled tokens are near-certain: a two-token
-    vocabulary, logits scaled up by ``h_scale * w_scale``, exact old log-probs (from float64 logits), T = 0.7,
-    2 groups of ``NEAR_CERTAIN_GROUP`` responses of 12 tokens (every position a completion token)."""
+    vocabulary, logits scaled up by ``h_scale * w_scale``, T = 0.7, 2 groups of ``NEAR_CERTAIN_GROUP``
+    responses of 12 tokens (every position a completion token). ``source``: ``"weight+logprobs"`` (exact old
+    log-probs, from float64 logits), ``"weight"`` (no old log-probs) or ``"logits"`` (the float32 logits)."""
     g = torch.Generator().manual_seed(seed)
     r, length, d, v, t = 2 * NEAR_CERTAIN_GROUP, 12, 16, 2, 0.7
     hidden = torch.randn(r, length, d, generator=g) * h_scale
@@ -193,9 +194,14 @@ def near_certain_call(seed: int, h_scale: float, w_scale: float, device="cpu"):
     lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0].float()
     rewards = torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0])
     args = tuple(x.to(device) for x in (hidden, ids, rewards, rewards - 0.4))
-    kw = dict(lm_head_weight=w.to(device), old_logprobs=lp.to(device),
-              mask=torch.ones(r, length, dtype=torch.bool, device=device), group_size=NEAR_CERTAIN_GROUP,
+    kw = dict(mask=torch.ones(r, length, dtype=torch.bool, device=device), group_size=NEAR_CERTAIN_GROUP,
               temperature=t)
+    if source == "logits":
+        kw["logits"] = (hidden @ w.T).to(device)
+    else:
+        kw["lm_head_weight"] = w.to(device)
+        if source == "weight+logprobs":
+            kw["old_logprobs"] = lp.to(device)
     return args, kw
 
 

@@ -55,6 +55,24 @@ def test_old_logprob_shortcut_equals_full_normaliser():
     torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("source", ["weight", "weight+logprobs", "logits"])
+def test_near_certain_errors_keep_their_digits(source):
+    """Two tokens whose logits differ by m: the sampled (larger) one's error is exactly the other's probability,
+    ``sigmoid(-m)``, down to e^-60. Taken as ``1 - exp(z_y - log Z)``, float64 lost it below about 1e-12 (an
+    error of 0 or 1.1e-16 at m = 40); the reference now takes ``-expm1(l_t)``, with ``l_t`` the old log-prob or
+    ``-softplus`` of the other token's logit minus ``z_y``."""
+    m = torch.tensor([0.5, 5.0, 20.0, 40.0, 60.0], dtype=f64)
+    h = torch.stack([m, torch.zeros_like(m)], 1)  # z = h @ W^T with W = I: logits (m, 0)
+    w, ids = torch.eye(2, dtype=f64), torch.zeros(5, dtype=torch.long)
+    exact = torch.exp(-m) / (1 + torch.exp(-m))  # sigmoid(-m), no cancellation
+    kw = {"logits": h} if source == "logits" else {"lm_head_weight": w}
+    if source == "weight+logprobs":
+        kw["old_logprobs"] = -torch.log1p(torch.exp(-m))
+    err = ref.prediction_errors(h, ids, torch.arange(2), **kw)
+    torch.testing.assert_close(err[:, 0], exact, rtol=1e-13, atol=0)
+    torch.testing.assert_close(err[:, 1], -exact, rtol=1e-13, atol=0)
+
+
 def test_anchors_all_vs_others():
     h, w, ids, resp = _group(2)
     positive = [True, True, False, False]

@@ -87,6 +87,27 @@ def test_prediction_errors_of_certain_and_near_certain_tokens(temperature):
                                rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("source", ["weight", "logits"])
+def test_prediction_errors_of_near_certain_tokens_without_old_logprobs(source):
+    """Without old log-probs the sampled token's error is ``-expm1(l_t)`` with ``l_t = -softplus(L - z_y / T)``,
+    ``L`` the log-sum-exp of the other tokens (``core.rules.sampled_logprob``): relative precision for errors of
+    1e-4 down to 1e-13. As ``1 - exp(z_y / T - log Z)`` a float32 ``log Z`` of about 30 (a step of 2e-6) decided
+    them: relative errors up to 1."""
+    g = torch.Generator().manual_seed(5)
+    margin = torch.linspace(9.0, 30.0, 40)  # errors sigmoid(-margin): 1.2e-4 down to 9e-14
+    h2 = torch.stack([30.0 + 30.0 * torch.rand(40, generator=g), margin], 1)  # |log Z| 30 to 60
+    w2 = torch.tensor([[1.0, 0.0], [1.0, -1.0]])  # logits (c, c - margin)
+    ids = torch.zeros(40, dtype=torch.int64)
+    vocab = torch.tensor([0, 1])
+    expect = ref_pe.prediction_errors(h2, ids, vocab, lm_head_weight=w2)
+    if source == "logits":
+        out = nk.prediction_errors(ids, logits=h2 @ w2.T, vocab=vocab)
+    else:
+        out = nk.prediction_errors(ids, hidden=h2, lm_head_weight=w2, vocab=vocab)
+    assert float(expect[:, 0].min()) < 1e-12 < 1e-4 < float(expect[:, 0].max())
+    torch.testing.assert_close(out.errors.double(), expect, rtol=1e-4, atol=0)
+
+
 def test_prediction_errors_feed_score_tokens():
     """The documented recipe: errors of a whole group, split into positive and negative tokens."""
     g = torch.Generator().manual_seed(2)

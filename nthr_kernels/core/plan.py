@@ -76,12 +76,14 @@ class Plan:
     vs_start: torch.Tensor  # [n_g]
     vs_count: torch.Tensor  # [n_g]
     log_z: torch.Tensor  # [n_act] float32, for order[i]
+    lp: torch.Tensor  # [n_act] float32, the sampled token's log-prob l_t (log Z_t = z_y / T - l_t)
 
 
-def make_plan(batch, log_z: Callable, vstar: Optional[Callable] = None) -> Plan:
+def make_plan(batch, normaliser: Callable, vstar: Optional[Callable] = None) -> Plan:
     """Order the active tokens and build ``V*``. ``vstar(grp_of, ids, n_g)`` may replace the local
     unique (the distributed path takes the union over ranks); it returns ``(vs_group, vs_id)`` sorted by
-    ``(group, id)``. ``log_z(order)`` gives ``log Z`` of the ordered tokens (each implementation brings its own)."""
+    ``(group, id)``. ``normaliser(order)`` gives ``(log Z, l)`` of the ordered tokens (each implementation brings
+    its own)."""
     dev = batch.device
     tok_group = batch.resp_group[batch.tok_resp]
     act_tok = batch.group_active[tok_group]
@@ -107,6 +109,7 @@ def make_plan(batch, log_z: Callable, vstar: Optional[Callable] = None) -> Plan:
         vs_group, vs_id = vstar(grp_of, ids, n_g)
     vs_count = torch.bincount(vs_group, minlength=n_g)
     vs_start = torch.cumsum(vs_count, 0) - vs_count
+    log_z, lp = normaliser(order)
     return Plan(
         order=order,
         grp_of=grp_of,
@@ -117,7 +120,8 @@ def make_plan(batch, log_z: Callable, vstar: Optional[Callable] = None) -> Plan:
         vs_id=vs_id,
         vs_start=vs_start,
         vs_count=vs_count,
-        log_z=log_z(order),
+        log_z=log_z,
+        lp=lp,
     )
 
 

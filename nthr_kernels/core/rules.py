@@ -160,6 +160,18 @@ def eta_per_group(eta: EtaSpec, p: torch.Tensor) -> torch.Tensor:
     return torch.full_like(p, float(eta))
 
 
+def sampled_logprob(others_lse: torch.Tensor, z_y: torch.Tensor) -> torch.Tensor:
+    """``l_t = log pi(y_t)`` from the log-sum-exp ``L`` of the *other* tokens' scaled logits and the sampled
+    token's own ``z_y`` (docs/NTHR.md, "Getting pi_old on V* cheaply"): ``l_t = -softplus(L - z_y)``, taken as
+    ``-(max(x, 0) + log1p(exp(-|x|)))``. Unlike ``z_y - log Z`` it keeps the relative precision of a
+    near-certain token's ``1 - pi(y_t) = -expm1(l_t)`` (``log Z`` rounded to float32 is off by a step of
+    ``|log Z| 2^-24``, which is all of a small error); ``L = -inf`` (no other token) gives exactly 0. Any float
+    dtype; the C++ (``csrc/vec_kernels.cpp``, ``sampled_logprob``) and Triton (``_sampled_logprob``) copies
+    compute the same expression."""
+    x = others_lse - z_y
+    return -(x.clamp(min=0) + torch.log1p(torch.exp(-x.abs())))
+
+
 def tau_from_min_anchor(min_anchor: torch.Tensor, beta: float) -> torch.Tensor:
     """``tau = beta * min anchor`` with the conventions ``beta = 0 -> 0`` and ``beta = -inf -> -inf``."""
     if beta == 0.0:

@@ -4,10 +4,11 @@
 Pipeline of the factored path, for all groups of a chunk at once (``ops/advantages/triton_impl.py``
 plans the chunks and calls the launchers of :class:`Kernels`):
 
-1. ``log Z_t``: :func:`_zy_kernel`, the old-log-prob shortcut ``z_t[y_t] / T - l_t`` (one gathered dot
-   per token), or :func:`_lse_kernel`, a chunked online logsumexp over the vocabulary (tensor-core
-   tiles of ``W h``, logits never stored; it also writes the sampled token's log-prob from the same
-   tiles, which the errors take its probability from), or a logsumexp of given logits rows (torch).
+1. ``log Z_t = z_t[y_t] / T - l_t``: :func:`_zy_kernel`, the old-log-prob shortcut (one gathered dot per
+   token), or :func:`_lse_kernel`, a chunked online logsumexp over the vocabulary but the sampled token
+   (tensor-core tiles of ``W h``, logits never stored), which gives ``l_t = -softplus(L - z_y)`` from the
+   same tiles, or the same from given logits rows (torch); the errors take the sampled token's error
+   ``-expm1(l_t)`` from ``l_t``.
 2. :func:`_err_kernel`: prediction errors ``g = onehot - exp(z / T - log Z)`` of a segment's error rows
    on its ``V*`` (``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of ``W``, or gathered from
    logits), written in the input dtype, transposed, to a scratch buffer ``[|V*|, roundup16(rows)]``.
@@ -195,20 +196,41 @@ def _expm1(b_x):
 
 
 @triton.jit
-def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp, OWN_P: tl.constexpr):
-    """Prediction errors ``1[v == y_t] - exp(z / T - log Z_t)`` of a ``[BT, BV]`` logits tile (0 where masked).
-    OWN_P (old log-probs, ``log Z_t = z_y / T - l_t``): the sampled token's own probability is ``exp(l_t)``
-    (``b_lp``), its definition, not ``exp(z_y / T - log Z_t)`` with ``z_y`` summed in another order than
-    ``log Z_t``'s, which gave a certain token (``l_t = 0``) an error of about 1e-7 instead of 0; and its error
+def _log1p(b_u):
+    """``log(1 + u)`` (float32) for ``u >= 0`` without losing a small ``u``: Horner's form of the series to u^9
+    for ``u < 0.1`` (truncation below 1e-10 relative), ``log(1 + u)`` beyond. Plain tl ops, as :func:`_expm1`."""
+    b_s = tl.where(b_u < 0.1, b_u, 0.0)
+    b_t = 0.125 - b_s * (1.0 / 9.0)
+    b_t = (1.0 / 7.0) - b_s * b_t
+    b_t = (1.0 / 6.0) - b_s * b_t
+    b_t = 0.2 - b_s * b_t
+    b_t = 0.25 - b_s * b_t
+    b_t = (1.0 / 3.0) - b_s * b_t
+    b_t = 0.5 - b_s * b_t
+    b_t = 1.0 - b_s * b_t
+    return tl.where(b_u < 0.1, b_s * b_t, tl.log(1.0 + b_u))
+
+
+@triton.jit
+def _sampled_logprob(b_others, b_zy):
+    """``l = -softplus(L - z_y)`` from the log-sum-exp ``L`` of the other tokens' scaled logits: the sampled
+    token's log-prob with the relative precision of its error ``-expm1(l)`` (nthr_kernels.core.rules.sampled_logprob)."""
+    b_x = b_others - b_zy
+    return -(tl.maximum(b_x, 0.0) + _log1p(tl.exp(-tl.abs(b_x))))
+
+
+@triton.jit
+def _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp):
+    """Prediction errors ``1[v == y_t] - exp(z / T - log Z_t)`` of a ``[BT, BV]`` logits tile (0 where masked),
+    with ``log Z_t = z_y / T - l_t`` (``b_lp``: the old log-probs, or the sampled token's log-prob from the
+    other tokens' log-sum-exp, :func:`_sampled_logprob`). The sampled token's own probability is ``exp(l_t)``,
+    its definition, not ``exp(z_y / T - log Z_t)`` with ``z_y`` summed in another order than ``log Z_t``'s,
+    which gave a certain token (``l_t = 0``) an error of about 1e-7 instead of 0; and its error
     ``1 - exp(l_t)`` is ``-expm1(l_t)``: in float32, ``1 - exp(l_t)`` of a near-certain token loses the digits
     of its small error to cancellation (relative score errors of 1.5e-3 with the interpreter's exp)."""
     b_hit = b_id[:, None] == b_vid[None, :]
     b_p = tl.exp(_scale(b_z, inv_t) - b_logz[:, None])
-    if OWN_P:
-        b_g = tl.where(b_hit, -_expm1(b_lp)[:, None], -b_p)
-    else:
-        b_g = b_hit.to(tl.float32) - b_p
-    return tl.where(m_tv, b_g, 0.0)
+    return tl.where(m_tv, tl.where(b_hit, -_expm1(b_lp)[:, None], -b_p), 0.0)
 
 
 @triton.jit
@@ -268,10 +290,11 @@ def _lse_kernel(
     inv_t,
     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
 ):
-    """Online logsumexp of ``W h / T`` over the whole vocabulary for a block of tokens (``OUT``), and the
-    sampled token's log-prob ``z_y / T - log Z`` with ``z_y`` from the same tile (``OUT_LP``): the errors
-    take the sampled token's probability from it (:func:`_errors`, OWN_P), so it cannot differ from
-    ``log Z``'s by a product summed in another order (tiles of other shapes in the error kernels)."""
+    """The normaliser of a block of tokens without old log-probs: an online logsumexp of ``W h / T`` over the
+    whole vocabulary but the sampled token, whose logit ``z_y`` comes from the same tile; from them the sampled
+    token's log-prob ``l = -softplus(L - z_y)`` (``OUT_LP``, :func:`_sampled_logprob`) and ``log Z = z_y - l``
+    (``OUT``). The errors take the sampled token's error from ``l`` (:func:`_errors`): as ``1 - exp(z_y - log Z)``
+    a float32 ``log Z`` (one step of ``|log Z| 2^-24``) would swamp a near-certain token's error."""
     i_t = tl.program_id(0).to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
     m_t = o_t < n
@@ -285,16 +308,19 @@ def _lse_kernel(
         m_v = o_v < V
         b_z = _gram_tile(H, o_h, m_t, h_sd, W, o_v * w_sv, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
         b_z = tl.where(m_v[None, :], _scale(b_z, inv_t), -float("inf"))  # z / T rounded as _errors rounds it
-        b_zy += tl.sum(tl.where(o_v[None, :] == b_id[:, None], b_z, 0.0), axis=1)  # one tile holds y_t
+        b_own = o_v[None, :] == b_id[:, None]
+        b_zy += tl.sum(tl.where(b_own, b_z, 0.0), axis=1)  # one tile holds y_t
+        b_z = tl.where(b_own, -float("inf"), b_z)  # the sampled token leaves the sum
         b_new = tl.maximum(b_max, tl.max(b_z, axis=1))
-        b_sum = b_sum * tl.exp(b_max - b_new) + tl.sum(tl.exp(b_z - b_new[:, None]), axis=1)
+        b_shift = tl.where(b_new == -float("inf"), 0.0, b_new)  # no other token yet (|V| = 1)
+        b_sum = b_sum * tl.exp(b_max - b_shift) + tl.sum(tl.exp(b_z - b_shift[:, None]), axis=1)
         b_max = b_new
-    b_logz = b_max + tl.log(b_sum)
-    tl.store(OUT + o_t, b_logz, mask=m_t)
-    tl.store(OUT_LP + o_t, b_zy - b_logz, mask=m_t)
+    b_lp = _sampled_logprob(b_max + tl.log(b_sum), b_zy)
+    tl.store(OUT + o_t, b_zy - b_lp, mask=m_t)
+    tl.store(OUT_LP + o_t, b_lp, mask=m_t)
 
 
-@triton.heuristics({"FROM_LOGITS": lambda args: args["LG"] is not None, "OWN_P": lambda args: args["LP"] is not None})
+@triton.heuristics({"FROM_LOGITS": lambda args: args["LG"] is not None})
 @triton.jit
 def _err_kernel(
     # data pointers
@@ -305,12 +331,11 @@ def _err_kernel(
     h_sd, w_sv, w_sd, lg_sv,
     # constants
     inv_t,
-    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, FROM_LOGITS: tl.constexpr, OWN_P: tl.constexpr,
-    ALIGN: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, FROM_LOGITS: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Prediction errors of a segment's error rows on its ``V*``, stored transposed in the segment's
     buffer (``[|V*|, ld]``, ``ld`` = rows rounded up to 16) for the M GEMM and the pairwise kernel.
-    ``LP``: the tokens' old log-probs, in plan order (OWN_P, see :func:`_errors`)."""
+    ``LP``: the tokens' sampled log-probs, in plan order (see :func:`_errors`)."""
     i_s, i_t, i_v = _tile(tl.cdiv(max_rows, BT), tl.cdiv(max_nv, BV))  # V* tiles of a row block share its H rows
     n_err = _seg(SEG, i_s, SEG_NERR)
     n_v = _seg(SEG, i_s, SEG_NV)
@@ -331,8 +356,8 @@ def _err_kernel(
             b_z = _gram_tile(H, o_h, m_r, h_sd, W, b_vid * w_sv, m_v, w_sd, D, BT, BV, BK)  # [BT, BV]
         b_logz = tl.load(LOGZ + o_t, mask=m_r, other=0.0)
         b_id = tl.load(IDS + o_t, mask=m_r, other=-1)
-        b_lp = tl.load(LP + o_t, mask=m_r, other=0.0) if OWN_P else b_logz
-        b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp, OWN_P)  # [BT, BV]
+        b_lp = tl.load(LP + o_t, mask=m_r, other=0.0)
+        b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp)  # [BT, BV]
         o_gp = tl.multiple_of(_seg(SEG, i_s, SEG_GP), 16)
         # the columns past the error rows up to ld get zeros (b_g is 0 there): the M kernel reads whole rows
         tl.store(GP + o_gp + o_v[None, :] * ld + o_r[:, None], b_g.to(GP.dtype.element_ty), mask=(o_r < ld)[:, None] & m_v[None, :])
@@ -428,7 +453,6 @@ def _anchor_kernel(
 
 @triton.heuristics({
     "FROM_LOGITS": lambda args: args["LG"] is not None,
-    "OWN_P": lambda args: args["LP"] is not None,
     "FROM_BUFFER": lambda args: args["GP"] is not None,
     "FUSE_SELECT": lambda args: args["THR"] is not None,
     "M_F32": lambda args: args["M"].dtype == torch.float32 and args["H"].dtype != torch.float32,
@@ -444,7 +468,7 @@ def _score_kernel(
     # constants
     inv_t,
     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    FROM_LOGITS: tl.constexpr, OWN_P: tl.constexpr, FROM_BUFFER: tl.constexpr, FUSE_SELECT: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, FROM_BUFFER: tl.constexpr, FUSE_SELECT: tl.constexpr,
     M_F32: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """``s_t = sum_v g_t[v] (M h_t)[v]`` for a block of a segment's scored tokens.
@@ -467,7 +491,7 @@ def _score_kernel(
         else:
             b_id = tl.load(IDS + o_t, mask=m_t, other=-1)
             b_logz = tl.load(LOGZ + o_t, mask=m_t, other=0.0)
-            b_lp = tl.load(LP + o_t, mask=m_t, other=0.0) if OWN_P else b_logz
+            b_lp = tl.load(LP + o_t, mask=m_t, other=0.0)
             vs0 = _seg(SEG, i_s, SEG_VS0)
         if FROM_LOGITS:
             o_lg = _rows(ROW_LG, o_t, m_t, False)
@@ -501,7 +525,7 @@ def _score_kernel(
             else:
                 if FROM_LOGITS:
                     b_z = tl.load(LG + o_lg[:, None] + b_vid[None, :] * lg_sv, mask=m_tv, other=0.0).to(tl.float32)
-                b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp, OWN_P)  # [BT, BV]
+                b_g = _errors(b_z, b_id, b_logz, b_vid, m_tv, inv_t, b_lp)  # [BT, BV]
             b_s += tl.sum(b_g * b_q, axis=1)
         tl.store(OUT_S + o_t, b_s, mask=m_t)
         if FUSE_SELECT:
@@ -876,9 +900,8 @@ class Kernels:
 
     ``h`` with ``row_h`` (row offset per token); the logits source: ``w`` (lm_head, ``z = h W^T``) or
     ``lg`` with ``row_lg``; ``ids`` and ``log_z`` per token and ``vs`` (V* ids by segment) when errors
-    are computed from logits; ``lp``: the sampled token's log-prob per token with ``w`` (the old log-probs
-    when ``log_z`` came from them, else the vocabulary log-sum-exp kernel's): its own probability,
-    :func:`_errors`; ``wd``: the dtype the kernels read.
+    are computed from logits; ``lp``: the sampled token's log-prob per token (the old log-probs, else from
+    the other tokens' log-sum-exp): its own probability, :func:`_errors`; ``wd``: the dtype the kernels read.
     """
 
     def __init__(self, h, row_h, wd, *, w=None, lg=None, row_lg=None, ids=None, log_z=None, lp=None, vs=None,

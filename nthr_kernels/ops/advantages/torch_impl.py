@@ -2,8 +2,9 @@
 
 The factored form of ``docs/NTHR.md``, for the active groups of a batch:
 
-1. ``log Z_t`` (:func:`log_normaliser`): the old-log-prob shortcut ``z_t[y_t] / T - l_t``, a chunked
-   logsumexp over the whole vocabulary (weight without log-probs), or over the given logits rows.
+1. ``log Z_t = z_t[y_t] / T - l_t`` (:func:`log_normaliser`) from the sampled token's log-prob ``l_t``: the
+   old log-probs, or ``-softplus`` of the other tokens' logsumexp over the whole vocabulary (a chunked pass
+   with the weight, or over the given logits rows; :func:`nthr_kernels.core.rules.sampled_logprob`).
 2. ``V*`` per group and the token order: :func:`nthr_kernels.core.plan.make_plan`.
 3. Group by group (one active group at a time, with plain GEMMs on its own sizes: nothing is padded to
    another group's ``|V*|`` or token count), ``N_i = E_i^T H_i`` for each positive response ``i`` from
@@ -31,7 +32,8 @@ import torch
 
 from ...core.plan import Plan, chunks, finish, make_plan, runs
 from ...core.rules import SCRATCH_ELEMS
-from ..prediction_errors.torch_impl import vocab_logsumexp
+from ...core.rules import sampled_logprob
+from ..prediction_errors.torch_impl import logits_logprob, vocab_logsumexp
 
 
 
@@ -39,23 +41,26 @@ from ..prediction_errors.torch_impl import vocab_logsumexp
 # log Z
 # --------------------------------------------------------------------------------------------------
 LOGZ_ROWS = 1024  # tokens per block of the old-log-prob shortcut: cache-sized temporaries, reused
-def log_normaliser(batch, tok: torch.Tensor, budget: int, logits_scale: Optional[float] = None) -> torch.Tensor:
-    """``log Z_t`` (float32) of the canonical tokens ``tok`` (temperature applied). ``logits_scale``: with
+def log_normaliser(batch, tok: torch.Tensor, budget: int, logits_scale: Optional[float] = None) -> tuple:
+    """``(log Z_t, l_t)`` (float32) of the canonical tokens ``tok`` (temperature applied): ``l_t`` the sampled
+    token's log-prob, the old log-probs or else from the other tokens' logsumexp
+    (:func:`nthr_kernels.core.rules.sampled_logprob`), and ``log Z_t = z_y / T - l_t``. ``logits_scale``: with
     ``logits``, multiply them by this instead of dividing by the temperature (the Triton kernels apply
-    ``z * (1 / T)``, and a token's ``p`` must come from the same rounding as its ``log Z``: with a one-token
-    vocabulary, exactly 1)."""
+    ``z * (1 / T)``, and a token's ``p`` must come from the same rounding as its ``log Z``)."""
     n = tok.numel()
     out = torch.empty(n, dtype=torch.float32, device=batch.device)
+    lp = torch.empty(n, dtype=torch.float32, device=batch.device)
     if n == 0:
-        return out
+        return out, lp
     t = batch.opts.temperature
     if batch.logits is not None:
         vocab = batch.logits.shape[-1]
         nb = max(1, budget // vocab)
         for i in range(0, n, nb):
             rows = gather_rows(batch, batch.logits, tok[i : i + nb]).float()
-            out[i : i + nb] = torch.logsumexp(rows / t if logits_scale is None else rows * logits_scale, dim=-1)
-        return out
+            z = rows / t if logits_scale is None else rows * logits_scale
+            out[i : i + nb], lp[i : i + nb] = logits_logprob(z, batch.tok_ids[tok[i : i + nb]])
+        return out, lp
     w = batch.lm_head_weight
     d = w.shape[1]
     if batch.old_logprobs is not None:
@@ -64,12 +69,16 @@ def log_normaliser(batch, tok: torch.Tensor, budget: int, logits_scale: Optional
             idx = tok[i : i + nb]
             h = gather_rows(batch, batch.hidden, idx).float()
             z_y = (h * w.index_select(0, batch.tok_ids[idx]).float()).sum(-1) / t
-            out[i : i + nb] = z_y - gather_rows(batch, batch.old_logprobs, idx).float()
-        return out
+            lp[i : i + nb] = gather_rows(batch, batch.old_logprobs, idx).float()
+            out[i : i + nb] = z_y - lp[i : i + nb]
+        return out, lp
     nb = min(n, max(1, budget // d), 4096)
     for i in range(0, n, nb):
-        out[i : i + nb] = vocab_logsumexp(gather_rows(batch, batch.hidden, tok[i : i + nb]).float(), w, t, budget)
-    return out
+        idx = tok[i : i + nb]
+        others, z_y = vocab_logsumexp(gather_rows(batch, batch.hidden, idx).float(), w, batch.tok_ids[idx], t, budget)
+        lp[i : i + nb] = sampled_logprob(others, z_y)
+        out[i : i + nb] = z_y - lp[i : i + nb]
+    return out, lp
 
 
 def gather_rows(batch, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -97,7 +106,6 @@ class _GroupErrors:
         vs_group = torch.repeat_interleave(torch.arange(plan.vs_count.numel(), device=batch.device), plan.vs_count)
         key = plan.grp_of * vocab + batch.tok_ids[plan.order]
         self.col = torch.searchsorted(vs_group * vocab + plan.vs_id, key) - plan.vs_start[plan.grp_of]
-        self.minus_one = torch.full((1,), -1.0, device=batch.device)
 
     def columns(self, cols: torch.Tensor, c0: int, wc: Optional[torch.Tensor], g0: int, g1: int, blk: int):
         """Work on the ``V*`` columns ``cols = V*[c0 : c0 + |cols|]`` of the group at ``plan.order[g0:g1]``
@@ -130,16 +138,12 @@ class _GroupErrors:
         err.exp_()  # in place: one buffer for logits and errors
         j = self.col[p0:p1] - self.c0  # - onehot(y_t), where this column block holds y_t
         hit = ((j >= 0) & (j < cols.numel())).nonzero().squeeze(1)
-        at = hit * cols.numel() + j[hit]
-        if self.wc is not None and batch.old_logprobs is not None:
-            # the sampled token's own probability is exp(l_t) by the definition of log Z_t = z_y / T - l_t, so
-            # its (flipped) error is exp(l_t) - 1 = expm1(l_t): taken from l_t, not from a second rounding of
-            # z_y / T (whose difference from log Z's would give a certain token, l_t = 0, an error of ~1e-7
-            # instead of 0 and spurious selections), nor as exp(l_t) - 1 in float32, which cancels the small
-            # digits of a near-certain token's error
-            err.view(-1)[at] = gather_rows(batch, batch.old_logprobs, self.plan.order[p0:p1][hit]).float().expm1()
-        else:
-            err.view(-1).index_add_(0, at, self.minus_one.expand(hit.numel()))
+        # the sampled token's own probability is exp(l_t) by the definition log Z_t = z_y / T - l_t (l_t the old
+        # log-prob, or from the other tokens' logsumexp), so its (flipped) error is exp(l_t) - 1 = expm1(l_t):
+        # taken from l_t, not from a second rounding of z_y / T (whose difference from log Z's would give a
+        # certain token, l_t = 0, an error of ~1e-7 instead of 0 and spurious selections), nor as exp(l_t) - 1
+        # in float32, which cancels the small digits of a near-certain token's error
+        err.view(-1)[hit * cols.numel() + j[hit]] = self.plan.lp[p0:p1][hit].expm1()
         return err, h
 
 

@@ -103,12 +103,12 @@ def plan_on_device(batch) -> DevicePlan:
 
 
 def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd, ids):
-    """``(log Z, l)`` per token of ``order``: ``log Z`` by the shortcut kernel, the vocabulary logsumexp
-    kernel or (logits) torch; ``l`` the sampled token's log-prob the errors take its probability from:
-    the old log-probs, the logsumexp kernel's (from ``log Z``'s own tile), or None (logits)."""
+    """``(log Z, l)`` per token of ``order``: ``l`` the sampled token's log-prob the errors take its error from
+    (the old log-probs, else from the other tokens' log-sum-exp: the vocabulary kernel's, or torch's over the
+    logits rows), ``log Z = z_y / T - l`` by the shortcut kernel, the vocabulary kernel or torch."""
     n = order.numel()
     if batch.lm_head_weight is None:
-        return log_normaliser(batch, order, SCAN_ELEMS, logits_scale=1.0 / batch.opts.temperature), None
+        return log_normaliser(batch, order, SCAN_ELEMS, logits_scale=1.0 / batch.opts.temperature)
     out = torch.empty(n, dtype=torch.float32, device=h.device)
     if batch.old_logprobs is not None:
         lp = batch.gather(batch.old_logprobs, order).float().contiguous()

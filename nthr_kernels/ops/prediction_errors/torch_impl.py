@@ -6,12 +6,14 @@ import math
 
 import torch
 
-from ...core.rules import SCRATCH_ELEMS
+from ...core.rules import SCRATCH_ELEMS, sampled_logprob
 
 
-def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, temperature: float, budget: int) -> torch.Tensor:
-    """``logsumexp_v (w_v . h_t) / T`` over the whole vocabulary for float32 rows ``h [n, d]`` (which
-    it may scale in place), in vocabulary chunks: an online logsumexp, no ``[n, |V|]`` tensor.
+def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, temperature: float, budget: int):
+    """``(L, z_y)`` for float32 rows ``h [n, d]`` (which it may scale in place) with sampled ids ``ids [n]``:
+    ``L = logsumexp_{v != y_t} (w_v . h_t) / T`` over the whole vocabulary but the sampled token, and
+    ``z_y = (w_{y_t} . h_t) / T`` from the same product (for :func:`nthr_kernels.core.rules.sampled_logprob`).
+    In vocabulary chunks: an online logsumexp, no ``[n, |V|]`` tensor, no host synchronisation.
 
     One logits buffer of at most ``3 * budget`` elements is reused for every chunk (written by
     ``torch.mm(out=...)``, exponentiated in place), so nothing else of that size is ever live.
@@ -23,14 +25,30 @@ def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, temperature: float, budget
         h /= temperature  # (h / T) @ W^T == (h @ W^T) / T: one [n, d] pass instead of one per chunk
     m = torch.full((n, 1), -math.inf, dtype=torch.float32, device=h.device)
     s = torch.zeros(n, dtype=torch.float32, device=h.device)
+    z_y = torch.zeros(n, 1, dtype=torch.float32, device=h.device)
     buf = torch.empty(n * vc, dtype=torch.float32, device=h.device)
     for v0 in range(0, vocab, vc):
         wc = w[v0 : v0 + vc].float()
         z = torch.mm(h, wc.T, out=buf[: n * wc.shape[0]].view(n, wc.shape[0]))
+        j = (ids - v0)[:, None]
+        here = (j >= 0) & (j < z.shape[1])
+        j = j.clamp(0, z.shape[1] - 1)
+        own = z.gather(1, j)
+        z_y = torch.where(here, own, z_y)
+        z.scatter_(1, j, torch.where(here, -math.inf, own))  # the sampled token leaves the sum
         m_new = torch.maximum(m, z.amax(-1, keepdim=True))  # online logsumexp: 3 passes over z
-        s = s * torch.exp(m - m_new).squeeze(1) + z.sub_(m_new).exp_().sum(-1)
+        shift = torch.where(m_new == -math.inf, 0.0, m_new)  # rows with no other token yet (|V| = 1)
+        s = s * torch.exp(m - shift).squeeze(1) + z.sub_(shift).exp_().sum(-1)
         m = m_new
-    return m.squeeze(1) + torch.log(s)
+    return m.squeeze(1) + torch.log(s), z_y.squeeze(1)
+
+
+def logits_logprob(z: torch.Tensor, ids: torch.Tensor) -> tuple:
+    """``(log Z, l)`` of float32 scaled logits rows ``z [n, V]`` and their sampled ids: ``l`` by
+    :func:`nthr_kernels.core.rules.sampled_logprob` from the other tokens' logsumexp, ``log Z = z_y - l``."""
+    z_y = z.gather(1, ids[:, None])
+    lp = sampled_logprob(torch.logsumexp(z.scatter(1, ids[:, None], -math.inf), dim=-1), z_y.squeeze(1))
+    return z_y.squeeze(1) - lp, lp
 
 
 def prediction_errors(ids, vocab, *, hidden, lm_head_weight, logits, old_logprobs, temperature):
@@ -38,21 +56,20 @@ def prediction_errors(ids, vocab, *, hidden, lm_head_weight, logits, old_logprob
     t = temperature
     if logits is not None:
         z = logits.float() / t
-        log_z = torch.logsumexp(z, dim=-1)
+        log_z, lp = logits_logprob(z, ids)
         zv = z[:, vocab]
     else:
         h = hidden.float()
         zv = h @ lm_head_weight[vocab].float().T / t
         if old_logprobs is not None:
-            log_z = (h * lm_head_weight[ids].float()).sum(-1) / t - old_logprobs.float()
+            lp = old_logprobs.float()
+            log_z = (h * lm_head_weight[ids].float()).sum(-1) / t - lp
         else:
-            log_z = vocab_logsumexp(h.clone(), lm_head_weight, t, SCRATCH_ELEMS)
+            others, z_y = vocab_logsumexp(h.clone(), lm_head_weight, ids, t, SCRATCH_ELEMS)
+            lp = sampled_logprob(others, z_y)
+            log_z = z_y - lp
     err = -(zv - log_z[:, None]).exp()
-    own = ids[:, None] == vocab[None, :]
-    if logits is None and old_logprobs is not None:
-        # the sampled token's error is 1 - exp(l_t) = -expm1(l_t) by the definition of log Z_t: taken from l_t,
-        # not from exp(z_y / T - log Z_t), whose two roundings of z_y / T (in zv and in log Z) differ (a
-        # certain token, l_t = 0, got an error of ~1e-7, not 0), nor as 1 - exp(l_t), which cancels in float32
-        return torch.where(own, -old_logprobs.float().expm1()[:, None], err)
-    err += own
-    return err
+    # the sampled token's error 1 - exp(l_t) is -expm1(l_t): taken from l_t, not from exp(z_y / T - log Z_t),
+    # whose two roundings of z_y / T (in zv and in log Z) differ (a certain token, l_t = 0, got an error of
+    # ~1e-7, not 0), nor as 1 - exp(l_t), which cancels a near-certain token's error in float32
+    return torch.where(ids[:, None] == vocab[None, :], -lp.expm1()[:, None], err)
