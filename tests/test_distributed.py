@@ -383,15 +383,17 @@ def _bad_arg_results(rank, world):
         except Exception as e:  # noqa: BLE001 - recorded for the test to judge
             out[name] = (type(e).__name__, str(e), time.perf_counter() - t0)
     # with reward_threshold, one value on each side over the whole batch: rank 0 scores wrong answers 0.2, rank 1
-    # scores them 0.3 (each rank alone is binary)
-    kw = dict(_local(b, gid, src, rows), advantages=b.advantages[rows], group_ids=gid[rows], reward_threshold=0.5)
-    rewards = torch.where(b.rewards[rows] > 0.5, 0.9, 0.2 + 0.1 * rank)
-    try:
-        nthr_advantages(kw.pop("hidden"), kw.pop("token_ids"), rewards, kw.pop("advantages"),
-                        process_group=dist.group.WORLD, **kw)
-        out["rewards split over ranks"] = ("no error", "")
-    except Exception as e:  # noqa: BLE001 - recorded for the test to judge
-        out["rewards split over ranks"] = (type(e).__name__, str(e))
+    # scores them 0.3 (each rank alone is binary); integer rewards beyond 2^53: rank 0 scores right answers
+    # 2^53, rank 1 2^53 + 1 (the same float64)
+    for name, rewards in (("rewards split over ranks", torch.where(b.rewards[rows] > 0.5, 0.9, 0.2 + 0.1 * rank)),
+                          ("integer rewards beyond 2^53", torch.where(b.rewards[rows] > 0.5, 2**53 + rank, 0))):
+        kw = dict(_local(b, gid, src, rows), advantages=b.advantages[rows], group_ids=gid[rows], reward_threshold=0.5)
+        try:
+            nthr_advantages(kw.pop("hidden"), kw.pop("token_ids"), rewards, kw.pop("advantages"),
+                            process_group=dist.group.WORLD, **kw)
+            out[name] = ("no error", "")
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            out[name] = (type(e).__name__, str(e))
     for case, share in SCORE_RANGE.items():  # rank r holds responses 2r and 2r + 1
         kw = {k: v[2 * rank : 2 * rank + 2] for k, v in _score_range_batch(share).items()}
         try:
@@ -474,3 +476,11 @@ def test_rewards_with_several_values_on_one_side_over_the_ranks_are_refused(bad_
     assert kind0 == "ValueError"
     want = str(single.value).split("got several")[0]
     assert msg0.startswith(want) and "process_group" in msg0, msg0
+
+
+def test_integer_rewards_beyond_2_53_over_the_ranks_are_refused(bad_arg_outcomes):
+    """The ranks compared their rewards as float64: 2^53 on rank 0 and 2^53 + 1 on rank 1, two values above
+    reward_threshold, passed as one. Every rank refuses them, naming rewards, as one process does."""
+    (kind0, msg0), (kind1, msg1) = (r["integer rewards beyond 2^53"] for r in bad_arg_outcomes)
+    assert (kind0, msg0) == (kind1, msg1), "the ranks raised different errors"
+    assert kind0 == "ValueError" and msg0.startswith("rewards: integer rewards"), msg0

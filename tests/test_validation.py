@@ -424,6 +424,41 @@ def test_rewards_binary_unless_threshold_given(b):  # finding 8: 0.3 / 0.7 were 
     call(b, rewards=b.rewards.to(torch.int64))
 
 
+_BIG = 2**53  # float64 holds every integer below it, not 2^53 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint64])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_integer_rewards_beyond_2_53_with_a_threshold(b, backend, dtype):
+    """The threshold test ran in float64: 2^53 and 2^53 + 1 both became 2^53, so two distinct rewards above
+    reward_threshold passed as one value, and 2^53 + 1 > 2^53 came out False (the batch was refused as
+    "several values at or below"). Such rewards are refused, naming rewards; within +-2^53 the split is exact."""
+    pos = b.rewards > 0.5
+    two_above = torch.where(pos, _BIG + 1, 0).to(dtype)
+    two_above[pos.nonzero()[0, 0]] = _BIG
+    raises(ValueError, "rewards", lambda: call(b, backend=backend, rewards=two_above, reward_threshold=0.5))
+    above = torch.where(pos, _BIG + 1, 0).to(dtype)
+    with pytest.raises(ValueError, match=r"^rewards: integer rewards .* within \+-2\^53"):
+        call(b, backend=backend, rewards=above, reward_threshold=float(_BIG))
+    exact = call(b, backend=backend, rewards=torch.where(pos, _BIG - 1, _BIG - 2).to(dtype),
+                 reward_threshold=float(_BIG - 2))
+    assert torch.equal(exact.selected, call(b, backend=backend).selected)
+    raises(ValueError, "rewards", lambda: call(b, backend=backend, rewards=above.to(torch.int64) * 2))
+
+
+@pytest.mark.parametrize("threshold", [_BIG + 3, torch.tensor(_BIG + 3), "fraction", 10**400],
+                         ids=["2^53+3", "tensor 2^53+3", "Fraction(1,3)", "10^400"])
+def test_reward_threshold_that_float64_cannot_hold(b, threshold):
+    """reward_threshold was converted to float64 first: 2^53 + 3 became 2^53 + 4, and float rewards 2^53 + 4
+    (exactly above it) were refused as "several values at or below"; 1/3 as a Fraction moved to the nearest
+    float; an int beyond float64 range raised an OverflowError. Each now raises a ValueError naming it."""
+    import fractions
+    threshold = fractions.Fraction(1, 3) if threshold == "fraction" else threshold
+    r = torch.where(b.rewards > 0.5, torch.tensor(_BIG + 4.0, dtype=torch.float64), 0.0)
+    raises(ValueError, "reward_threshold", lambda: call(b, rewards=r, reward_threshold=threshold))
+    call(b, rewards=r, reward_threshold=_BIG + 2)  # an integer float64 holds is taken as it is
+
+
 @pytest.mark.parametrize("ret", ["0.5", None, [0.5]])
 def test_eta_callable_returning_a_non_number(b, ret):  # finding 9: a bare float() failed without naming eta
     raises(TypeError, "eta", lambda: call(b, eta=lambda p: ret))

@@ -19,6 +19,7 @@ from .rules import (
     BACKENDS,
     FLOAT32_MAX,
     FLOAT_DTYPES,
+    INT_EXACT_LIMIT,
     LOGIT_LIMIT,
     LOGPROB_MAX_BAD,
     LOGPROB_SAMPLE,
@@ -72,18 +73,28 @@ def _traced() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_real(name: str, x, *, allow_neg_inf: bool = False) -> float:
+def check_real(name: str, x, *, allow_neg_inf: bool = False, exact: bool = False) -> float:
+    """``x`` as a float; with ``exact``, a value that float64 cannot hold exactly (an integer beyond 2^53
+    such as 2^53 + 1, a ``Fraction(1, 3)``) is refused instead of rounded: a threshold compared with the
+    rewards must be the number the caller wrote."""
     if _traced():
         return x
-    v = real_or_none(x)
+    try:
+        v = real_or_none(x)
+    except OverflowError:  # float() of an int beyond float64 range
+        raise ValueError(f"{name}: an integer of {len(str(abs(int(x))))} digits is beyond float64 range") from None
     if v is None:
         raise TypeError(f"{name}: expected a real number, got {describe(x)}")
-    x = v
-    if math.isnan(x):
+    if math.isnan(v):
         raise ValueError(f"{name}: must not be NaN")
-    if math.isinf(x) and not (allow_neg_inf and x < 0):
-        raise ValueError(f"{name}: must be finite{' or -inf' if allow_neg_inf else ''}, got {x}")
-    return x
+    if math.isinf(v) and not (allow_neg_inf and v < 0):
+        raise ValueError(f"{name}: must be finite{' or -inf' if allow_neg_inf else ''}, got {v}")
+    if exact and math.isfinite(v):
+        x = x.item() if isinstance(x, torch.Tensor) else x
+        if not (int(x) == int(v) if isinstance(x, numbers.Integral) else x == v):  # int == float is exact
+            raise ValueError(f"{name}: {x!r} is not exactly a float64 (it would become {v!r}); pass a value "
+                             f"float64 holds, e.g. an integer within +-2^53")
+    return v
 
 
 def check_backend(backend) -> str:
@@ -537,6 +548,16 @@ def binary_positive(rewards: torch.Tensor, threshold: Optional[float], pending: 
     pending = Pending() if own else pending
     r = rewards.detach().to(torch.float64)
     pending.fail_if(~torch.isfinite(r).all(), lambda: ValueError("rewards: contains NaN or Inf"))
+    if threshold is not None and not rewards.is_floating_point():
+        # float64 holds every integer of magnitude below 2^53 and no other is compared (2^53 + 1 becomes 2^53:
+        # two distinct rewards would compare equal, or one would move across the threshold); a value at or
+        # beyond 2^53 stays there when rounded, so the float64 test below is exact (int64 and uint64 alike)
+        huge = r.abs() >= INT_EXACT_LIMIT
+        pending.fail_if(huge.any(), lambda: ValueError(
+            f"rewards: integer rewards compared with reward_threshold must lie strictly within +-2^53 "
+            f"(+-{INT_EXACT_LIMIT:.0f}, where float64 holds every integer exactly), got "
+            f"{sorted(set(rewards.detach()[huge].tolist()))[:6]}; shift or rescale the encoding"
+        ))
     if threshold is None:
         off = (r != 0) & (r != 1)
         pending.fail_if(off.any(), lambda: ValueError(
@@ -1036,9 +1057,8 @@ def check_options(opts: Options) -> Options:
     for name in ("check_finite", "check_logprobs", "score_positive"):
         check_bool(name, getattr(opts, name))
     rt = opts.reward_threshold
-    return dataclasses.replace(
-        opts, temperature=temperature, beta=beta, reward_threshold=None if rt is None else check_real("reward_threshold", rt)
-    )
+    return dataclasses.replace(opts, temperature=temperature, beta=beta,
+                               reward_threshold=None if rt is None else check_real("reward_threshold", rt, exact=True))
 
 
 def check_prediction_inputs(token_ids, hidden, lm_head_weight, logits, old_logprobs, temperature, vocab, check_finite,

@@ -54,6 +54,10 @@ SCORE_TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-
 FLOAT32_MAX = torch.finfo(torch.float32).max
 LOGIT_LIMIT = 2.0**16
 
+# Rewards compared with reward_threshold (core.checks.binary_positive): integer rewards must lie strictly
+# within +-INT_EXACT_LIMIT, where float64, the dtype of the comparison, holds every integer exactly.
+INT_EXACT_LIMIT = 2.0**53
+
 # old_logprobs consistency (Options.check_logprobs; docs/NTHR.md "Checking old_logprobs"): on a
 # deterministic sample of LOGPROB_SAMPLE completion tokens, the probabilities that (hidden,
 # lm_head_weight, old_logprobs, temperature) imply on the group's V* may sum to more than

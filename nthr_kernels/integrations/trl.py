@@ -209,7 +209,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
         self.nthr_eta = nthr_eta
         self.nthr_anchor = nthr_anchor
         self.nthr_reward_threshold = (
-            None if nthr_reward_threshold is None else check_real("nthr_reward_threshold", nthr_reward_threshold)
+            None if nthr_reward_threshold is None else check_real("nthr_reward_threshold", nthr_reward_threshold, exact=True)
         )
         try:
             self.nthr_backend = check_backend(nthr_backend)
