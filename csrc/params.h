@@ -144,8 +144,19 @@ void for_each_item(int64_t n, const F& fn) {
       for (int64_t w = b; w < e; ++w) work(w);
     });
 #else
+    // A thread that cannot start (std::system_error at a process or cgroup thread limit, or bad_alloc of its
+    // state) is not fatal: the items run on the threads that did, the caller's among them, with the same
+    // bits. No exception may leave here while a started thread is joinable (std::terminate); reserve()
+    // keeps emplace_back from reallocating, so nothing else can throw once the first thread runs.
     std::vector<std::thread> pool;
-    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w);
+    pool.reserve(static_cast<size_t>(workers - 1));
+    for (int64_t w = 1; w < workers; ++w) {
+      try {
+        pool.emplace_back(work, w);
+      } catch (...) {
+        break;
+      }
+    }
     work(0);
     for (auto& t : pool) t.join();
 #endif

@@ -393,27 +393,98 @@ _BITS_RUN = """
 """
 
 
-@needs_native
-@pytest.mark.slow
-def test_compiler_without_openmp_builds_with_plain_threads(tmp_path):
-    """A compiler that rejects -fopenmp still builds the native ops (its workers are then plain threads),
-    with the same bits as the OpenMP build at 2 threads."""
-    import shutil
+def _bits(out: subprocess.CompletedProcess) -> str:
+    return next(ln for ln in out.stdout.splitlines() if ln.startswith("BITS "))
 
+
+@pytest.fixture(scope="module")
+def plain_thread_build(tmp_path_factory):
+    """A build by a compiler that rejects -fopenmp (its workers are then plain threads): ``(env, first run)``,
+    ``env`` selecting it for a fresh process, the first run that built it running ``_BITS_RUN``."""
+    if not NATIVE:
+        pytest.skip(f"native C++ ops not built here: {native_lib.unavailable_reason() or 'unknown'}")
     if native_lib._missing_toolchain() is not None:
         pytest.skip(f"cannot build here: {native_lib._missing_toolchain()}")
+    tmp = tmp_path_factory.mktemp("plain")
     real = shutil.which(os.environ.get("CXX", "c++"))
-    cxx = tmp_path / "c++-without-openmp"
+    cxx = tmp / "c++-without-openmp"
     cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: unsupported option -fopenmp" >&2;'
                    f' exit 1; }}; done\nexec "{real}" "$@"\n')
     cxx.chmod(0o755)
-    plain = _python(_BITS_RUN, {"CXX": str(cxx), "NTHR_KERNELS_CACHE": str(tmp_path / "cache"), "NTHR_NATIVE": "1"})
+    env = {"CXX": str(cxx), "NTHR_KERNELS_CACHE": str(tmp / "cache"), "NTHR_NATIVE": "1"}
+    return env, _python(_BITS_RUN, env)
+
+
+@pytest.mark.slow
+def test_compiler_without_openmp_builds_with_plain_threads(plain_thread_build):
+    """A compiler that rejects -fopenmp still builds the native ops (its workers are then plain threads),
+    with the same bits as the OpenMP build at 2 threads."""
+    _, plain = plain_thread_build
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "building without OpenMP" in plain.stderr, plain.stderr[-3000:]
     openmp = _python(_BITS_RUN, {"NTHR_KERNELS_CACHE": native_lib.cache_root().as_posix(), "NTHR_NATIVE": "1"})
     assert openmp.returncode == 0, openmp.stderr[-3000:]
-    bits = [next(ln for ln in out.stdout.splitlines() if ln.startswith("BITS ")) for out in (plain, openmp)]
-    assert bits[0] == bits[1], bits
+    assert _bits(plain) == _bits(openmp)
+
+
+# pthread_create for std::thread (its start routine is libstdc++'s) fails with EAGAIN once `allow` more
+# have started, as at a process or cgroup thread limit; other threads (OpenMP's, Python's) are left alone
+_REFUSE_THREADS_SHIM = r"""
+#include <dlfcn.h>
+#include <pthread.h>
+#include <cerrno>
+#include <cstring>
+using create_fn = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
+static int allowed = -1, refused = 0;  // -1: refuse nothing
+extern "C" void nthr_test_refuse_threads(int allow) { allowed = allow; }
+extern "C" int nthr_test_refused() { return refused; }
+extern "C" int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*f)(void*), void* arg) {
+  static create_fn real = reinterpret_cast<create_fn>(dlsym(RTLD_NEXT, "pthread_create"));
+  Dl_info info;
+  if (allowed >= 0 && dladdr(reinterpret_cast<void*>(f), &info) && info.dli_fname &&
+      std::strstr(info.dli_fname, "libstdc++")) {
+    if (allowed == 0) { ++refused; return EAGAIN; }
+    --allowed;
+  }
+  return real(t, a, f, arg);
+}
+"""
+
+_REFUSED_RUN = """
+    import ctypes, hashlib, torch, nthr_kernels as nk
+    from nthr_kernels.synthetic import make_batch
+    torch.set_num_threads(4)  # four workers: the first of three new threads starts, the second is refused
+    b = make_batch(6, 8, (8, 40), 32, 500, seed=3)
+    run = lambda: nk.nthr_advantages(b.hidden, b.token_ids, b.rewards, b.advantages, backend="native", **b.kwargs())
+    free = run()
+    shim = ctypes.CDLL(None)
+    shim.nthr_test_refuse_threads(1)
+    r = run()
+    print("REFUSED", shim.nthr_test_refused())
+    print("SAME", torch.equal(r.scores, free.scores) and torch.equal(r.token_advantages, free.token_advantages))
+    print("BITS", hashlib.sha256(r.scores.numpy().tobytes() + r.token_advantages.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_plain_threads_that_cannot_start_leave_the_bits_alone(plain_thread_build, tmp_path):
+    """Without OpenMP, a worker thread that cannot be created (std::thread throws std::system_error: a process
+    or cgroup thread limit) ended the process: the exception left for_each_item while an earlier worker was
+    running, and destroying its joinable std::thread calls std::terminate. The items now run on the threads
+    that did start, the caller's among them: the same bits as with every thread (they never depend on the
+    thread count). A preloaded pthread_create refuses the threads."""
+    env, plain = plain_thread_build
+    shim = tmp_path / "refuse_threads.so"
+    src = tmp_path / "refuse_threads.cpp"
+    src.write_text(_REFUSE_THREADS_SHIM)
+    subprocess.run([*native_lib._cxx(), "-shared", "-fPIC", "-O1", str(src), "-o", str(shim), "-ldl"], check=True,
+                   capture_output=True)
+    out = _python(_REFUSED_RUN, {**env, "LD_PRELOAD": str(shim)})
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-3000:]}"
+    refused = int(next(ln for ln in out.stdout.splitlines() if ln.startswith("REFUSED ")).split()[1])
+    assert refused >= 1, out.stdout  # the refusal happened, so the fallback ran
+    assert "SAME True" in out.stdout, out.stdout
+    assert _bits(out) == _bits(plain)
 
 
 # --------------------------------------------------------------------------------------------------
