@@ -322,3 +322,21 @@ def test_cxx_with_a_launcher_is_a_compiler(monkeypatch):
     assert native_lib._openmp_problem() is None
     monkeypatch.setenv("CXX", "/nonexistent/c++ -O2")
     assert "no C++ compiler found" in native_lib._missing_toolchain()
+
+
+def test_a_build_without_a_compiler_looks_for_it_once(tmp_path, monkeypatch):
+    """build() looked the toolchain up (two ``which`` each time) for its choice of flags, and _compile looked
+    it up again to raise: twice per build attempt. Now once, and the same error."""
+    calls = []
+    lookup = native_lib._missing_toolchain
+
+    def counted():
+        calls.append(1)
+        return lookup()
+
+    monkeypatch.setattr(native_lib, "_missing_toolchain", counted)
+    monkeypatch.setenv("CXX", NO_CXX)
+    monkeypatch.setenv("NTHR_KERNELS_CACHE", str(_private(tmp_path / "cache")))
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
+        native_lib.build()
+    assert len(calls) == 1

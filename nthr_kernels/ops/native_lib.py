@@ -434,10 +434,8 @@ def _openmp_problem() -> Optional[str]:
 def _compile(src: Path, root: Path, out: Path, flags: tuple, verbose: bool) -> Path:
     """Build into a private temporary folder, record the library's sha256, rename it into place. The build
     compiles a private copy of the sources, checked against ``out``'s key first: sources edited between
-    the key and the compile cannot end up under that key."""
-    problem = _missing_toolchain()
-    if problem:
-        raise RuntimeError(problem)
+    the key and the compile cannot end up under that key. The caller has found the toolchain
+    (:func:`_missing_toolchain`)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{out.name}-", dir=root))  # mode 0700
     _log.warning("nthr_kernels: compiling the native CPU ops once (10 s to a minute); cache: %s", out)
     from torch.utils.cpp_extension import load
@@ -479,8 +477,8 @@ def build(verbose: bool = False) -> str:
             flags = _FLAGS
             # A build without OpenMP has a key of its own: used where the compiler has no OpenMP, and where
             # there is no compiler at all (a cache built ahead of time may hold one). Without a compiler the
-            # probe is not run: its "cannot build OpenMP code" would only hide the real reason, which
-            # _compile gives in the one warning.
+            # probe is not run: its "cannot build OpenMP code" would only hide the real reason, raised below
+            # for the one warning. The toolchain is looked up once per build attempt.
             toolchain_problem = _missing_toolchain() if lib is None else None
             if lib is None and (toolchain_problem or (problem := _openmp_problem())):
                 if not toolchain_problem:
@@ -490,6 +488,8 @@ def build(verbose: bool = False) -> str:
                 out = build_dir(src, root, flags)
                 lib = _verified_or_discarded(out)
             if lib is None:
+                if toolchain_problem:
+                    raise RuntimeError(toolchain_problem)
                 lib = _compile(src, root, out, flags, verbose)
                 _prune_stale(root, out)
                 _check_registered(lib)
