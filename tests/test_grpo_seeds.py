@@ -164,18 +164,25 @@ def test_two_methods_of_one_seed_draw_the_same_streams(monkeypatch, draws):
         loop.train(torch.nn.Linear(1, 1), AdditionTask(1), seed=1.5, progress=False)
 
 
-def test_logprob_check_draws_streams_of_its_own(monkeypatch, draws):
-    """benchmarks/logprob_check.py (the table of docs/NTHR.md) measured on the pretraining's problems of step 123
-    (``sample_problems(16, seed=123)``: the model had been trained on them) and drew its responses and its noise
-    from the model's initialisation stream (``manual_seed(0)``, DEFAULT_SPEC.seed = 0)."""
+class _Stop(Exception):
+    """Raised by a stub to end a benchmark once its streams are recorded."""
+
+
+def _benchmark(name: str):
+    """The module ``benchmarks.<name>`` (the repository root put on ``sys.path``)."""
+    import importlib
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import logprob_check
+    return importlib.import_module(f"benchmarks.{name}")
 
-    class Stop(Exception):
-        pass
+
+def test_logprob_check_draws_streams_of_its_own(monkeypatch, draws):
+    """benchmarks/logprob_check.py (the table of docs/NTHR.md) measured on the pretraining's problems of step 123
+    (``sample_problems(16, seed=123)``: the model had been trained on them) and drew its responses and its noise
+    from the model's initialisation stream (``manual_seed(0)``, DEFAULT_SPEC.seed = 0)."""
+    logprob_check = _benchmark("logprob_check")
 
     def collect_rollout(model, task, problems, *, generator, **_):
         draws.torch.append(("logprob_check rollouts", generator.initial_seed()))
@@ -183,7 +190,7 @@ def test_logprob_check_draws_streams_of_its_own(monkeypatch, draws):
 
     def logprob_variants(model, rollout, seed=0):
         draws.torch.append(("logprob_check noise", int(seed)))
-        raise Stop
+        raise _Stop
 
     monkeypatch.setattr(logprob_check, "load_default_model",
                         lambda **_: (SimpleNamespace(lm_head=torch.nn.Linear(1, 1, bias=False)),
@@ -192,9 +199,36 @@ def test_logprob_check_draws_streams_of_its_own(monkeypatch, draws):
     monkeypatch.setattr(logprob_check, "logprob_variants", logprob_variants)
     _pretraining(draws)
     draws.who = "logprob_check"
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         logprob_check.measure(16)
     assert {w for w, _ in draws.torch} >= {"logprob_check rollouts", "logprob_check noise"}
     assert any(w == "logprob_check" for w, _ in draws.problems)
+    assert _clashes(draws.problems) == {}
+    assert _clashes(draws.torch, bits=32) == {}
+
+
+def test_grpo_overhead_benchmark_draws_streams_of_its_own(monkeypatch, draws):
+    """benchmarks/test_grpo_overhead.py built its model from ``manual_seed(0)`` (the default model's
+    initialisation stream, DEFAULT_SPEC.seed = 0), sampled its prompts with ``seed=0`` (the pretraining's
+    problems of step 0) and its responses from ``manual_seed(0)`` again. Its streams are now named
+    (``seed_of("grpo_overhead", ...)``) and coincide with none of the study's."""
+    overhead = _benchmark("test_grpo_overhead")
+
+    def collect_rollout(model, task, problems, *, generator, **_):
+        draws.torch.append(("grpo_overhead rollouts", generator.initial_seed()))
+        raise _Stop
+
+    _stub_training(monkeypatch, draws)
+    _stub_rollouts(monkeypatch, lld, draws, mixed=False)
+    _pretraining(draws)
+    _train_runs(draws)
+    _lld_seeds(draws)
+    monkeypatch.setattr(overhead, "collect_rollout", collect_rollout)
+    draws.who = "grpo_overhead"
+    model, task, problems, rewards = overhead.make_setup()
+    with pytest.raises(_Stop):
+        overhead._step(model, task, problems, rewards, "grpo", [])
+    assert {w for w, _ in draws.torch} >= {"grpo_overhead", "grpo_overhead rollouts"}
+    assert any(w == "grpo_overhead" for w, _ in draws.problems)
     assert _clashes(draws.problems) == {}
     assert _clashes(draws.torch, bits=32) == {}
