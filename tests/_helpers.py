@@ -180,15 +180,17 @@ def stable_seed(*params) -> int:
 NEAR_CERTAIN_GROUP = 4  # responses per group of near_certain_call's batch (2 groups)
 
 
-def near_certain_call(seed: int, h_scale: float, w_scale: float, device="cpu", source: str = "weight+logprobs"):
+def near_certain_call(seed: int, h_scale: float, w_scale: float, device="cpu", source: str = "weight+logprobs",
+                      dtype=torch.float32):
     """``(args, kwargs)`` of an ``nthr_advantages`` call whose sampled tokens are near-certain: a two-token
     vocabulary, logits scaled up by ``h_scale * w_scale``, T = 0.7, 2 groups of ``NEAR_CERTAIN_GROUP``
     responses of 12 tokens (every position a completion token). ``source``: ``"weight+logprobs"`` (exact old
-    log-probs, from float64 logits), ``"weight"`` (no old log-probs) or ``"logits"`` (the float32 logits)."""
+    log-probs, from float64 logits), ``"weight"`` (no old log-probs) or ``"logits"`` (the float32 logits).
+    ``dtype``: of the hidden states and the weight (or logits), rounded before the rest is drawn from them."""
     g = torch.Generator().manual_seed(seed)
     r, length, d, v, t = 2 * NEAR_CERTAIN_GROUP, 12, 16, 2, 0.7
-    hidden = torch.randn(r, length, d, generator=g) * h_scale
-    w = torch.randn(v, d, generator=g) * w_scale
+    hidden = (torch.randn(r, length, d, generator=g) * h_scale).to(dtype)
+    w = (torch.randn(v, d, generator=g) * w_scale).to(dtype)
     logits = (hidden.double() @ w.double().T) / t
     ids = torch.multinomial(torch.softmax(logits, -1).reshape(-1, v).float(), 1, generator=g).reshape(r, length)
     lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0].float()
@@ -197,7 +199,7 @@ def near_certain_call(seed: int, h_scale: float, w_scale: float, device="cpu", s
     kw = dict(mask=torch.ones(r, length, dtype=torch.bool, device=device), group_size=NEAR_CERTAIN_GROUP,
               temperature=t)
     if source == "logits":
-        kw["logits"] = (hidden @ w.T).to(device)
+        kw["logits"] = (hidden.float() @ w.float().T).to(dtype).to(device)
     else:
         kw["lm_head_weight"] = w.to(device)
         if source == "weight+logprobs":

@@ -595,6 +595,31 @@ def test_near_certain_tokens_keep_their_small_errors(seed, scale, source):
 
 
 @needs_triton
+@pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
+def test_fp16_near_certain_tokens_keep_their_small_errors(source):
+    """fp16 inputs, |V| = 2 with large logits: in the second group every token is near-certain (errors of
+    1e-8 and below, group scores of 2.3e-8). The error buffer of the M GEMM and of the pairwise kernel was
+    fp16, where such errors are subnormal (below 6.1e-5) or 0 (below 3e-8): that group's scores were off by
+    100 % of its largest on both paths and every source. The buffer is float32 for fp16 inputs
+    (``triton_kernels.err_dtype``); the fp16 tolerance of the group's largest score, both paths."""
+    from nthr_kernels.core.checks import validate_batch
+    from nthr_kernels.core.rules import SCORE_TOLERANCE, Inputs, Options
+
+    from _helpers import group_score_errors, near_certain_call
+
+    args, kw = near_certain_call(13, 4.0, 4.0, DEVICE, source=source, dtype=torch.float16)
+    ref = nk.nthr_advantages(*args, backend="reference", **kw)
+    assert float(ref.scores[4:].abs().max()) < 1e-6  # the second group: near-certain tokens only
+    batch = validate_batch(Inputs(*args, lm_head_weight=kw.get("lm_head_weight"), logits=kw.get("logits"),
+                                  old_logprobs=kw.get("old_logprobs"), mask=kw["mask"], group_size=kw["group_size"]),
+                           Options(backend="triton", temperature=kw["temperature"]))
+    for path in ("factored", "pairwise"):
+        got = batch.result(*triton_call(batch, path=path))
+        for grp, err in enumerate(group_score_errors(got, ref)):
+            assert err <= SCORE_TOLERANCE[torch.float16], f"{path}, group {grp}: relative score error {err:.2e}"
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_near_certain_tokens_without_old_logprobs_take_log_z_from_one_tile(dtype):
     """|V| = 2 with very large logits (logit_scale 200) and no old log-probs: the sampled token's error comes

@@ -35,9 +35,11 @@ SCAN_ELEMS = 1 << 24  # elements of one temporary in the input scans and in a lo
 #   of sums over |V*| and d terms plus exp() of float32 logits (observed ~1e-6; 2e-4 leaves room for
 #   cancellation between positive and negative error products).
 # bfloat16 / float16: the fused Triton kernels round the float32 prediction errors to the input dtype
-#   before the tensor-core dots (unit roundoff 2^-8 for bf16, 2^-11 for fp16), and M too for bfloat16
-#   (float16's range is too small for M, kept in float32); summed with cancellation this gives a few units
-#   of roundoff relative to the group's score scale.
+#   before the tensor-core dots (unit roundoff 2^-8 for bf16), and M too for bfloat16. float16's range is
+#   too small for both (M sums over thousands of tokens; a near-certain token's error below 6.1e-5 is
+#   subnormal, below 3e-8 it is 0): they stay float32, multiplied in TF32 on a GPU (unit roundoff 2^-11, as
+#   fp16's; ops/triton_kernels.py, err_dtype). Summed with cancellation this gives a few units of roundoff
+#   relative to the group's score scale.
 # float64: the reference against itself (factored vs pairwise order of summation).
 # The float32 row holds for logits of moderate scale: a probability carries the float32 rounding of z / T,
 # about |z / T| * 2^-24 relative, which by that argument reaches 2e-4 near |z / T| = 3e3 and about 0.4 % at

@@ -11,7 +11,8 @@ plans the chunks and calls the launchers of :class:`Kernels`):
    ``-expm1(l_t)`` from ``l_t``.
 2. :func:`_err_kernel`: prediction errors ``g = onehot - exp(z / T - log Z)`` of a segment's error rows
    on its ``V*`` (``z`` from tensor-core tiles of ``h`` and the ``V*`` rows of ``W``, or gathered from
-   logits), written in the input dtype, transposed, to a scratch buffer ``[|V*|, roundup16(rows)]``.
+   logits), written transposed to a scratch buffer ``[|V*|, roundup16(rows)]`` in the input dtype, float32 for
+   fp16 inputs (:func:`err_dtype`: fp16's range loses a near-certain token's small errors).
 3. :func:`_m_kernel`: ``G^T H`` per segment (``[|V*|, d]``, float32 accumulation), a varlen grouped
    GEMM over the transposed error buffer; its segments are the positive responses, so it writes each
    one's ``N_i = G_i^T H_i`` (float32). :func:`_anchor_kernel` then sums a group's ``N_i`` in order into
@@ -46,7 +47,7 @@ with the segment slowest (:func:`_tile`), so the programs in flight share one se
 
 Scratch memory: ``M`` for the groups in flight (``sum_g |V*_g| d`` elements; bf16 for bf16 inputs,
 float32 otherwise, since fp16 lacks the range) plus the transposed positive-error buffer
-(``sum_g |V*_g| * roundup16(T+_g)`` elements of the input dtype) plus each positive response's ``N_i``
+(``sum_g |V*_g| * roundup16(T+_g)`` elements of :func:`err_dtype`) plus each positive response's ``N_i``
 (``|V*_g| d`` float32 elements) and its anchor partial sums (8 bytes per tile of the anchor kernel,
 :func:`anchor_tiles`), bounded together by
 ``SCRATCH_BYTES`` (groups are processed in chunks that fit; a group larger than the bound on its own is
@@ -72,7 +73,8 @@ from ..core.rules import interpreting
 # The interpreter's bf16 tl.dot is wrong: bf16 tiles are upcast there (a compile-time constant, like
 # Triton's own choice between interpreter and compiler, which is made when this module is imported).
 _INTERPRET = tl.constexpr(interpreting())
-# Precision of q = h M^T when fp16 inputs meet a float32 M: TF32 on a GPU.
+# Precision of the products of fp16 inputs with float32 tiles (q = h M^T with a float32 M; the float32 error
+# buffer in G^T H and G G+^T): TF32 on a GPU, whose 10-bit mantissa is fp16's but whose range is float32's.
 _Q_PRECISION = tl.constexpr("ieee" if interpreting() else "tf32")
 
 
@@ -363,6 +365,7 @@ def _err_kernel(
         tl.store(GP + o_gp + o_v[None, :] * ld + o_r[:, None], b_g.to(GP.dtype.element_ty), mask=(o_r < ld)[:, None] & m_v[None, :])
 
 
+@triton.heuristics({"G_F32": lambda args: args["GP"].dtype == torch.float32 and args["H"].dtype != torch.float32})
 @triton.jit
 def _m_kernel(
     # data pointers
@@ -372,7 +375,7 @@ def _m_kernel(
     # strides
     h_sd,
     # constants
-    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, ALIGN: tl.constexpr,
+    BV: tl.constexpr, BD: tl.constexpr, BU: tl.constexpr, G_F32: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """``G^T H`` per segment, ``[|V*|, D]`` at offset ``m`` of ``M`` (float32 accumulation): an NN GEMM of
     the transposed errors ``[|V*|, ld]`` in the segment's buffer and the same tokens' rows of ``H``, over
@@ -382,6 +385,7 @@ def _m_kernel(
     The K-loop starts at the column rounded down to 16, so every load of the buffer is aligned and masked
     only by the row end ``ld`` (a multiple of 16; the error kernel zeroes the columns past the error rows):
     the loads vectorise. Columns outside the segment's rows meet masked (zero) rows of ``H``.
+    G_F32: float32 errors with fp16 ``H`` (:func:`err_dtype`), multiplied at ``_Q_PRECISION``.
     """
     i_s, i_v, i_d = _tile(tl.cdiv(max_nv, BV), tl.cdiv(D, BD))  # the D tiles of a V* block share its error rows
     n_v = _seg(SEG, i_s, SEG_NV)
@@ -404,7 +408,10 @@ def _m_kernel(
             b_g = tl.where(m_u[None, :], b_g, 0.0)  # other rows' errors may be non-finite: 0 * inf is NaN
             o_h = _rows(ROW_H, row0 + (o_c - c0), m_u, ALIGN)
             b_h = tl.load(H + o_h[:, None] + o_d[None, :] * h_sd, mask=m_u[:, None] & m_d[None, :], other=0.0)  # [BU, BD]
-            b_acc += _dot(b_g, b_h)
+            if G_F32:
+                b_acc += tl.dot(b_g, b_h.to(tl.float32), input_precision=_Q_PRECISION)
+            else:
+                b_acc += _dot(b_g, b_h)
         o_m = _seg(SEG, i_s, SEG_M)
         if ALIGN:
             o_m = tl.multiple_of(o_m, 16)
@@ -535,6 +542,7 @@ def _score_kernel(
 @triton.heuristics({
     "SELF_ONLY": lambda args: args["RESP"] is not None,
     "FUSE_SELECT": lambda args: args["THR"] is not None,
+    "G_F32": lambda args: args["GP"].dtype == torch.float32 and args["H"].dtype != torch.float32,
 })
 @triton.jit
 def _seg_pair_kernel(
@@ -546,14 +554,15 @@ def _seg_pair_kernel(
     h_sd,
     # constants
     BT: tl.constexpr, BU: tl.constexpr, BK: tl.constexpr,
-    SELF_ONLY: tl.constexpr, FUSE_SELECT: tl.constexpr, ALIGN: tl.constexpr,
+    SELF_ONLY: tl.constexpr, FUSE_SELECT: tl.constexpr, G_F32: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Pairwise path of a group, flash-attention style: for a block of its scored tokens, stream the
     group's positive tokens in blocks of BU and accumulate the row sums of ``(G_t G_u^T) * (H_t H_u^T)``.
 
     The group's errors (every token, positive first) were written transposed, ``[|V*|, ld]``, by the
     error kernel. SELF_ONLY keeps only pairs of the same response (``RESP``: response per token), the
-    own contribution that ``anchor="others"`` removes."""
+    own contribution that ``anchor="others"`` removes. G_F32: float32 errors with fp16 ``H`` (:func:`err_dtype`),
+    multiplied at ``_Q_PRECISION``."""
     i_s, _, i_t = _tile(1, tl.cdiv(max_sc, BT))  # a segment's token blocks together: they share its M / errors
     n_sc = _seg(SEG, i_s, SEG_NSC)
     if i_t * BT < n_sc:
@@ -579,7 +588,10 @@ def _seg_pair_kernel(
                 m_v = o_v < n_v
                 b_gt = tl.load(GP + o_gp + o_v[None, :] * ld + o_r[:, None], mask=m_t[:, None] & m_v[None, :], other=0.0)  # [BT, BK]
                 b_gu = tl.load(GP + o_gp + o_v[:, None] * ld + o_u[None, :], mask=m_v[:, None] & m_u[None, :], other=0.0)  # [BK, BU]
-                b_gg += _dot(b_gt, b_gu)
+                if G_F32:
+                    b_gg += tl.dot(b_gt, b_gu, input_precision=_Q_PRECISION)
+                else:
+                    b_gg += _dot(b_gt, b_gu)
             b_hh = _gram_tile(H, o_h, m_t, h_sd, H, o_hu, m_u, h_sd, D, BT, BU, BK)  # [BT, BU] H_t H_u^T
             b_p = b_gg * b_hh
             if SELF_ONLY:
@@ -735,6 +747,16 @@ def m_dtype(wd: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if wd == torch.bfloat16 else torch.float32
 
 
+def err_dtype(wd: torch.dtype) -> torch.dtype:
+    """dtype of the error buffer: the input dtype, but float32 for fp16, whose range is too small for the
+    prediction errors: a near-certain token's error (most sampled tokens have errors far below 1e-6) is
+    subnormal in fp16 below 6.1e-5 (relative precision lost) and 0 below 3e-8, so groups of near-certain
+    tokens got scores off by up to 100 % (tests/test_triton.py,
+    ``test_fp16_near_certain_tokens_keep_their_small_errors``). The tiles are multiplied at
+    ``_Q_PRECISION`` (TF32 on a GPU: fp16's 10-bit mantissa, float32's range)."""
+    return torch.float32 if wd == torch.float16 else wd
+
+
 def work_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """The dtype the kernels read ``tensors`` in (None ones skipped): their common dtype for fp32/bf16/fp16,
     float32 otherwise (fp64, or mixed dtypes: casting a float32 weight down to fp16 hidden states would
@@ -815,14 +837,14 @@ _KEYS = {
     "zy": ["D"],
     "score": ["D", "FROM_LOGITS", "FROM_BUFFER", "FUSE_SELECT", "M_F32"],
     "err": ["D", "FROM_LOGITS"],
-    "m": ["D"],
+    "m": ["D", "G_F32"],
     "anchor": ["D"],
     "norm": ["D"],
     "implied": ["D"],
     "span_sum": [],
     "lse": ["D", "V"],
     "pair": ["V", "D"],
-    "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY"],
+    "seg_pair": ["D", "FUSE_SELECT", "SELF_ONLY", "G_F32"],
 }
 # Fixed blocks under the interpreter (validation's kernels larger: fewer interpreted steps).
 _SMALL = {"zy": dict(BT=16, BK=16), "m": dict(BV=16, BD=16, BU=16), "anchor": dict(BV=16, BD=16), "norm": dict(BT=64, BK=64), "implied": dict(BT=16, BV=32, BK=32), "span_sum": dict(BS=16), "pair": dict(BT=16, BU=16, BK=16), "seg_pair": dict(BT=16, BU=16, BK=16)}
@@ -910,6 +932,7 @@ class Kernels:
         self.w, self.lg, self.row_lg, self.ids, self.log_z, self.lp, self.vs = w, lg, row_lg, ids, log_z, lp, vs
         self.d = h.shape[-1]
         self.md = m_dtype(wd)
+        self.ed = err_dtype(wd)
         self.w_strides = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
         self.lg_sv = lg.stride(-1) if lg is not None else 0
         # hints: row offsets (stride multiples) and M rows (multiples of d) are multiples of 16 elements
@@ -920,7 +943,7 @@ class Kernels:
         """Transposed errors of every segment's error rows (``[nv, roundup16(nerr)]`` at offset ``gp``);
         ``gp``: a buffer to write into (else one of the exact size is allocated)."""
         if gp is None:
-            gp = torch.empty(max(sum(r.nv * round16(r.nerr) for r in seg.rows), 1), dtype=self.wd, device=self.dev)
+            gp = torch.empty(max(sum(r.nv * round16(r.nerr) for r in seg.rows), 1), dtype=self.ed, device=self.dev)
         max_nv, max_rows = seg.max("nv"), seg.max("nerr")
         if max_nv and max_rows:
             launch(

@@ -20,8 +20,8 @@ from ...core.checks import vstar_ranges, weight_rows_read
 from ...core.plan import tau_from_anchors
 from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta
 from ..triton_kernels import (
-    SEG_WIDTH, Kernels, Segment, Segments, anchor_tiles, block_range, launch, m_dtype, round16, row_offsets, span_sums,
-    upload, work_dtype,
+    SEG_WIDTH, Kernels, Segment, Segments, anchor_tiles, block_range, err_dtype, launch, m_dtype, round16, row_offsets,
+    span_sums, upload, work_dtype,
 )
 from .torch_impl import log_normaliser
 
@@ -270,7 +270,7 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
 
     gs = plan.groups
     paths = [path] * len(gs) if path else choose_paths([g.nv for g in gs], [g.npos for g in gs], [g.n for g in gs], k.d)
-    elem = torch.empty(0, dtype=wd).element_size()
+    elem = torch.empty(0, dtype=err_dtype(wd)).element_size()  # the error buffer's
     m_elem = torch.empty(0, dtype=m_dtype(wd)).element_size()
     chunks = _plan_chunks(plan, paths, k.d, elem, m_elem, budget or SCRATCH_BYTES)
     staging = _Staging()
