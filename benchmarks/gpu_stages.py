@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     plan = ti.plan_on_device(batch)
     order = plan.order
     k = ti.plan_kernels(batch, plan, h, w, wd)  # as the call builds them (the shape's dtype is wd: no cast)
-    paths = ti.choose_paths([g.nv for g in plan.groups], [g.npos for g in plan.groups], [g.n for g in plan.groups], k.d)
+    paths = ti.choose_paths([g.nv for g in plan.groups], [g.npos for g in plan.groups], [g.n for g in plan.groups], k.d,
+                            batch.opts.score_positive, batch.opts.anchor == "others")
     elem, m_elem = (torch.empty(0, dtype=t).element_size() for t in (wd, tk.m_dtype(wd)))
     chunk = next(c for c in ti._plan_chunks(plan, paths, k.d, elem, m_elem, SCRATCH_BYTES) if c.kind == "factored")
     staging = ti._Staging()

@@ -178,6 +178,13 @@ def test_triton_paths_agree_and_cost_model_mixes():
     lengths = [40] * 4 + [2] * 4 + [30] * 4
     picks = triton_impl.choose_paths([20, 60, 20], [80, 4, 60], [160, 8, 120], 32)
     assert picks == ["factored", "pairwise", "factored"]
+    # the factored path scores positive tokens only with score_positive: 2 |V*| d T against the pairwise
+    # 2 T+ T (|V*| + d) (13 x 52 = 676 > 640 = |V*| d); the old rule counted 2 |V*| d (T+ + T) always
+    assert triton_impl.choose_paths([20], [13], [26], 32) == ["factored"]
+    assert triton_impl.choose_paths([20], [13], [26], 32, score_positive=True) == ["pairwise"]
+    # anchor="others" adds a pairwise pass over the positive tokens' own pairs, 2 T+ T+ (|V*| + d)
+    assert triton_impl.choose_paths([60], [16], [32], 32) == ["pairwise"]
+    assert triton_impl.choose_paths([60], [16], [32], 32, others=True) == ["factored"]
     b = case(seed=72, n_groups=3, group_size=4, lengths=lengths, d=32, vocab=60)
     res = {}
     batch = validated(b, beta=0.0)

@@ -67,6 +67,26 @@ def test_anchors_and_positive_scores(path, anchor, score_positive):
 
 
 @needs_triton
+@pytest.mark.parametrize("score_positive,anchor,picks", [
+    (False, "all", "FFPF"), (True, "all", "FPPF"), (False, "others", "FFFF")])
+def test_cost_model_counts_the_passes_each_call_runs(score_positive, anchor, picks, monkeypatch):
+    """The call picks each group's path by its own options (core.rules.pairwise_cheaper): the factored path
+    scores positive tokens only with ``score_positive``, and ``anchor="others"`` adds a pairwise pass over the
+    positive tokens' own pairs. Group sizes (T+, T, |V*|) at d = 16: (13, 51, 26), (9, 34, 17), (8, 37, 17),
+    (35, 46, 17); the old rule, ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)`` for every call, picked "FPPF"."""
+    from nthr_kernels.ops.advantages import triton_impl
+
+    b = on_device(case(seed=15, n_groups=4, group_size=4, lengths=(4, 16), d=16, vocab=40))
+    kw = dict(anchor=anchor, score_positive=score_positive)
+    batch = validated(b, **kw)
+    seen, plan_chunks = [], triton_impl._plan_chunks
+    monkeypatch.setattr(triton_impl, "_plan_chunks", lambda plan, paths, *a: seen.append(paths) or plan_chunks(plan, paths, *a))
+    got = batch.result(*triton_call(batch))
+    assert "".join(p[0].upper() for p in seen[0]) == picks
+    assert_matches_reference(got, run(b, "reference", **kw), b)
+
+
+@needs_triton
 def test_anchor_sums_do_not_depend_on_the_m_tiles():
     """The anchor pass: the M kernel writes each positive response's ``N_i`` (a response starting mid-way
     in a 16-column block of the error buffer, whose other columns hold values that must not leak in), then

@@ -204,9 +204,32 @@ def pairwise_cost(t_pos: int, t_neg: int, v: int, d: int) -> int:
     return 2 * t_pos * t_neg * (v + d)
 
 
-def cheaper_path(t_pos: int, t_all: int, v: int, d: int) -> str:
-    """``"pairwise"`` iff ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)``, else ``"factored"``."""
-    return "pairwise" if pairwise_cost(t_pos, t_all, v, d) < factored_cost(t_pos, t_all, v, d) else "factored"
+def cheaper_path(t_pos: int, t_neg: int, v: int, d: int) -> str:
+    """``score_tokens``' path (dense errors given, the ``T-`` tokens scored): ``"pairwise"`` iff
+    ``2 T+ T- (|V| + d) < 2 |V| d (T+ + T-)`` (``M``, then ``E M`` for the scored tokens), else ``"factored"``.
+    ``nthr_advantages`` picks with :func:`pairwise_cheaper`."""
+    return "pairwise" if pairwise_cost(t_pos, t_neg, v, d) < factored_cost(t_pos, t_neg, v, d) else "factored"
+
+
+def pairwise_cheaper(t_pos: int, t_all: int, nv: int, d: int, score_positive: bool = False, own_pairs: bool = False) -> bool:
+    """``nthr_advantages``' path rule for a group of ``t_all`` tokens, ``t_pos`` of them positive (docs/NTHR.md,
+    "Positive anchors without scoring positive tokens"), on the native and the Triton backends: pairwise
+    iff its FLOPs are fewer than the factored path's.
+
+    - pairwise: the positive tokens' products ``(e_u . e_t)(h_u . h_t)`` with every token, ``2 T+ T (|V*| + d)``
+      (the negative tokens' scores and the anchor sums); ``own_pairs``: plus ``2 T+ T+ (|V*| + d)`` for a second
+      pass over the positive tokens' pairs within a response (the Triton path's ``anchor="others"``; the native
+      one leaves them out in the same pass);
+    - factored: ``M`` from the positive tokens and ``E_t M`` for the negative ones, ``2 |V*| d T``; plus
+      ``2 |V*| d T+`` with ``score_positive`` (``E_t M`` for the positive tokens too; the pairwise path has
+      their scores from the anchor pass).
+
+    Both compute the errors' logits on ``V*`` for every token (``2 |V*| d T`` with ``lm_head_weight``, none
+    with logits), so they are left out of both sides. Without ``score_positive`` or ``own_pairs`` this is
+    ``T+ (|V*| + d) < |V*| d``: groups with few positive tokens. The C++ copy is ``pairwise_group`` in
+    ``csrc/advantages.cpp`` (the tests compare the two)."""
+    pairs = pairwise_cost(t_pos, t_all + (t_pos if own_pairs else 0), nv, d)
+    return pairs < factored_cost(t_pos if score_positive else 0, t_all, nv, d)
 
 
 class Inputs(NamedTuple):

@@ -27,7 +27,7 @@ scored one by one unless ``score_positive``: each positive response's anchor is 
 (``"all"``) or ``<M - N_i, N_i> / |y_i|`` (``"others"``) with ``N_i = E_i^T H_i`` and
 ``M = sum_i N_i``, so a group costs ``2 |V*| d (T + T+ + T-)`` FLOPs instead of
 ``2 |V*| d (2 T + T+)``. A group with few positive tokens takes the pairwise path instead
-(``native_impl.pairwise_cheaper``, docs/NTHR.md): ``K_e = E+ E^T`` and ``K_h = H+ H^T`` give the negative
+(``core.rules.pairwise_cheaper``, docs/NTHR.md): ``K_e = E+ E^T`` and ``K_h = H+ H^T`` give the negative
 tokens' scores and the anchor sums for ``2 T+ T (|V*| + d)`` FLOPs, no ``M``. With ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary
 ``log Z`` runs first (row chunks in parallel, per vocabulary chunk one GEMM tile folded at once into
 an online log-sum-exp); then every active group in parallel, largest first: ``V*``, the prediction

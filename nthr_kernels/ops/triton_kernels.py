@@ -29,7 +29,8 @@ plans the chunks and calls the launchers of :class:`Kernels`):
 5. The pairwise path, flash-attention style: :func:`_seg_pair_kernel` accumulates row sums of
    ``[BT, BU]`` tiles of ``G G+^T`` and ``H H+^T`` from the group's error buffer (every token's errors,
    written by step 2), never materialising tokens x tokens; the cost model sends a group there when
-   ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)``. :func:`_pair_kernel` is the dense-error version for
+   ``2 T+ T (|V*| + d) < 2 |V*| d T`` (:func:`nthr_kernels.core.rules.pairwise_cheaper`, which adds the
+   positive tokens' scores with ``score_positive`` and the own-pairs pass of ``anchor="others"``). :func:`_pair_kernel` is the dense-error version for
    ``score_tokens``.
 
 Addressing: every kernel reads token rows through an int64 row offset per token (``ROW_H`` for the

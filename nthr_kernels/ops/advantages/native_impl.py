@@ -6,16 +6,10 @@ from typing import Optional
 
 import torch
 
-from ...core.rules import SCRATCH_ELEMS, factored_cost, group_eta, pairwise_cost
+# the native op's cost rule per group (own_pairs=False: it leaves a response's own pairs out in the same pass);
+# the op takes the pairwise path where its scratch also fits (nthr::native_pairwise_group)
+from ...core.rules import SCRATCH_ELEMS, group_eta, pairwise_cheaper  # noqa: F401  (pairwise_cheaper: re-exported)
 from .. import native_lib
-
-
-def pairwise_cheaper(t_pos: int, t_all: int, nv: int, d: int, score_positive: bool) -> bool:
-    """The native op's cost rule per group (docs/NTHR.md, "Positive anchors without scoring positive
-    tokens"): pairwise (the positive tokens' products ``(e_u . e_t)(h_u . h_t)`` for every token,
-    ``2 T+ T (|V*| + d)`` FLOPs) iff cheaper than factored (``M`` and ``E_t M`` for the negative tokens,
-    ``2 |V*| d T``, plus ``2 |V*| d T+`` with ``score_positive``). The op takes it where its scratch also fits (``nthr::native_pairwise_group``)."""
-    return pairwise_cost(t_pos, t_all, nv, d) < factored_cost(t_pos if score_positive else 0, t_all, nv, d)
 
 
 def pairwise_group(t_pos: int, t_all: int, nv: int, d: int, score_positive: bool = False,

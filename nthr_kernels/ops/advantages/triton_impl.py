@@ -18,7 +18,7 @@ import triton
 
 from ...core.checks import vstar_ranges, weight_rows_read
 from ...core.plan import tau_from_anchors
-from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, cheaper_path, group_eta
+from ...core.rules import SCAN_ELEMS, SCRATCH_BYTES, group_eta, pairwise_cheaper
 from ..triton_kernels import (
     SEG_WIDTH, Kernels, Segment, Segments, anchor_tiles, block_range, err_dtype, launch, m_dtype, round16, row_offsets,
     span_sums, upload, work_dtype,
@@ -139,9 +139,13 @@ def _chunks(need: list, budget: int):
         k = k1
 
 
-def choose_paths(nv: list, t_pos: list, t_all: list, d: int) -> list:
-    """Per group: "pairwise" iff ``2 T+ T (|V*| + d) < 2 |V*| d (T+ + T)``."""
-    return [cheaper_path(p, t, v, d) for v, p, t in zip(nv, t_pos, t_all)]
+def choose_paths(nv: list, t_pos: list, t_all: list, d: int, score_positive: bool = False, others: bool = False) -> list:
+    """Per group: "pairwise" iff :func:`~nthr_kernels.core.rules.pairwise_cheaper` (the native backend's rule):
+    ``2 T+ T (|V*| + d) < 2 |V*| d T``, plus ``2 |V*| d T+`` on the right with ``score_positive`` (the score
+    kernel's pass over the positive tokens) and ``2 T+ T+ (|V*| + d)`` on the left with ``others`` (the second
+    pairwise pass, over the positive tokens' own pairs). The errors' logits, the same for both, cancel."""
+    return ["pairwise" if pairwise_cheaper(p, t, v, d, score_positive, own_pairs=others) else "factored"
+            for v, p, t in zip(nv, t_pos, t_all)]
 
 
 class _Staging:
@@ -269,7 +273,8 @@ def nthr_advantages(batch, budget: Optional[int] = None, path: Optional[str] = N
     select = (thr, adv_o, out_adv, out_sel)
 
     gs = plan.groups
-    paths = [path] * len(gs) if path else choose_paths([g.nv for g in gs], [g.npos for g in gs], [g.n for g in gs], k.d)
+    paths = [path] * len(gs) if path else choose_paths([g.nv for g in gs], [g.npos for g in gs], [g.n for g in gs], k.d,
+                                                       batch.opts.score_positive, others)
     elem = torch.empty(0, dtype=err_dtype(wd)).element_size()  # the error buffer's
     m_elem = torch.empty(0, dtype=m_dtype(wd)).element_size()
     chunks = _plan_chunks(plan, paths, k.d, elem, m_elem, budget or SCRATCH_BYTES)
