@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.report import README, RESULTS, _ms  # noqa: E402  (one millisecond format for both README blocks)
-from gpu_suite import CONFIGS, kernel_sources  # noqa: E402
+from gpu_suite import CONFIGS, kernel_sources, rate_label  # noqa: E402
 from provenance import changed, stale_note  # noqa: E402
 from nthr_kernels.testing import HOST_SYNCS_PER_CALL  # noqa: E402
 BEGIN, END = "<!-- gpu-results: begin (python -m benchmarks.gpu_readme) -->", "<!-- gpu-results: end -->"
@@ -51,6 +51,24 @@ def _old_logits_floor(r: dict) -> bool:
     return bool(r.get("logits_input")) and "floor_ms" in r and "floor_formula" not in r
 
 
+def _rate_dtype(r: dict) -> str:
+    """The dtype of the matmul rate a config's floor is over: recorded in ``floor_rate`` (its own dtype's) since
+    the suite measures one per dtype; the bf16 rate, the run's only one, before."""
+    return r["floor_rate"]["dtype"] if "floor_rate" in r else "bfloat16"
+
+
+def _bf16_rate_floor(r: dict) -> bool:
+    """A float32 config of a run from before ``floor_rate`` was recorded: its floor is over the bf16 matmul rate,
+    far above the rate of the kernels' float32 (IEEE) products."""
+    return "floor_ms" in r and "floor_rate" not in r and str(r.get("shape", "")).endswith(", float32")
+
+
+def _note(lines: list, names: list, text: str) -> None:
+    """A paragraph under the table about the configs ``names`` (none: no paragraph); ``{}`` in ``text`` names them."""
+    if names:
+        lines += ["", text.format(", ".join(f"`{n}`" for n in names))]
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "missed"
 
@@ -58,13 +76,16 @@ def _verdict(ok: bool) -> str:
 def render(path: Path, before: Path | None) -> str:
     d = json.loads(path.read_text())
     rel = path.relative_to(ROOT).with_suffix("")
+    rates = d.get("matmul_rates")  # one per dtype, since each config's floor is over its own dtype's rate
+    rate_basis = ("the matmul rate of each config's own dtype (float32 at the kernels' IEEE precision)" if rates
+                  else "the bf16 matmul rate")
     lines = [
         f"GPU, `bash benchmarks/gpu_check.sh` (the CUDA tests, then `benchmarks/gpu_suite.py` in one process: "
-        f"correctness against float64 on the GPU, then `triton.testing.do_bench` medians; the bf16 matmul rate "
+        f"correctness against float64 on the GPU, then `triton.testing.do_bench` medians; {rate_basis} "
         f"measured in the same run gives the FLOP floor `sum_g 2 |V*| d (2T + T+)`, `sum_g 2 |V*| d (T + T+)` with "
         f"logits given). {d['device']}, torch "
-        f"{d['torch']}, triton {d['triton']}, {d['date']} ([results]({rel}.md)); matmul {d['matmul_tflops']:.0f} "
-        f"TFLOP/s.",
+        f"{d['torch']}, triton {d['triton']}, {d['date']} ([results]({rel}.md)); matmul "
+        + (", ".join(rate_label(r) for r in rates.values()) if rates else f"{d['matmul_tflops']:.0f} TFLOP/s") + ".",
         "",
         "| config | floor | triton | x floor | vs torch | vs naive | selection agreement | outside margin "
         "| peak scratch (bound) | host syncs per call | share of 1.5B fwd+bwd |",
@@ -76,7 +97,8 @@ def render(path: Path, before: Path | None) -> str:
             continue
         vs = lambda k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
         lines.append(
-            f"| `{name}` | {_ms(r['floor_ms'])} ms | {_ms(r['triton_ms'])} ms | {r['triton_vs_floor']:.2f} | "
+            f"| `{name}` | {_ms(r['floor_ms'])} ms{' (' + _rate_dtype(r) + ')' if 'floor_rate' in r else ''} | "
+            f"{_ms(r['triton_ms'])} ms | {r['triton_vs_floor']:.2f} | "
             f"{vs('speedup_vs_torch', '{:.1f}x')} | {vs('speedup_vs_naive', '{:.0f}x')} | "
             f"{r['selection_agreement']:.5f} | {r['disagreements_outside_margin']} | "
             f"{r.get('triton_peak_scratch_mb', 0):,.0f} MB ({r.get('scratch_bound_mb', 0):,.0f}) | "
@@ -104,22 +126,20 @@ def render(path: Path, before: Path | None) -> str:
     verdicts.append("peak scratch within the stated bound: " + ("met" if not over else "missed by " + ", ".join(over)))
     lines.append("Verdicts: " + "; ".join(verdicts) + ".")
     older = [n for n, c in d["configs"].items() if "speedup_vs_naive" in c and "naive_old_logprobs" not in c]
-    if older:
-        lines.append("")
-        lines.append("`vs naive` in this run: the naive pipeline computed the full-vocabulary normaliser in "
-                     + ", ".join(f"`{n}`" for n in older) + " while triton used the old log-probs (the suite now "
-                     "times it in each config's own setting).")
+    _note(lines, older, "`vs naive` in this run: the naive pipeline computed the full-vocabulary normaliser in {} while "
+          "triton used the old log-probs (the suite now times it in each config's own setting).")
     # runs before floor_formula was recorded counted, with logits given, the lm_head products the logits hold
-    old_floor = [n for n, r in d["configs"].items() if _old_logits_floor(r)]
-    if old_floor:
-        lines.append("")
-        lines.append("The floor of " + ", ".join(f"`{n}`" for n in old_floor) + " in this run counts `2 N |V| d` "
-                     "and `2 |V*| d T` for lm_head products that the given logits already hold, so its x floor reads "
-                     "lower than against its FLOP floor `sum_g 2 |V*| d (T + T+)`, which the suite now uses.")
-    missing = [n for n in CONFIGS if n not in d["configs"]]
-    if missing:
-        lines.append("")
-        lines.append("Not in this run (see the log beside the results): " + ", ".join(f"`{n}`" for n in missing) + ".")
+    _note(lines, [n for n, r in d["configs"].items() if _old_logits_floor(r)],
+          "The floor of {} in this run counts `2 N |V| d` and `2 |V*| d T` for lm_head products that the given logits "
+          "already hold, so its x floor reads lower than against its FLOP floor `sum_g 2 |V*| d (T + T+)`, which the "
+          "suite now uses.")
+    # runs before floor_rate was recorded divided every floor by the bf16 matmul rate
+    _note(lines, [n for n, r in d["configs"].items() if _bf16_rate_floor(r)],
+          "The floor of {} in this run is over the bf16 matmul rate, though its float32 products run in IEEE float32 "
+          "at a fraction of it, so on that count its floor reads low and its x floor high; the suite now divides each "
+          "floor by its own dtype's rate (`floor_rate`).")
+    _note(lines, [n for n in CONFIGS if n not in d["configs"]],
+          "Not in this run (see the log beside the results): {}.")
     stale = changed(d.get("kernel_sources"), kernel_sources())
     if stale:
         lines.append("")
@@ -128,10 +148,12 @@ def render(path: Path, before: Path | None) -> str:
         b = json.loads(before.read_text())
         # each run's time over its own floor (its own matmul rate): two runs are two machines, so their
         # absolute times are not compared; a config bound by the host moves with the host all the same
-        # (and only over the same floor: not across the change of the logits configs' floor)
+        # (and only over the same floor and rate: not across the change of the logits configs' floor, nor of
+        # the rate from bf16 for every config to each config's own dtype's)
         pairs = [(n, b["configs"][n]["triton_vs_floor"], r["triton_vs_floor"]) for n, r in d["configs"].items()
                  if "triton_vs_floor" in r and "triton_vs_floor" in b["configs"].get(n, {})
-                 and _old_logits_floor(r) == _old_logits_floor(b["configs"][n])]
+                 and _old_logits_floor(r) == _old_logits_floor(b["configs"][n])
+                 and _rate_dtype(r) == _rate_dtype(b["configs"][n])]
         if pairs:
             lines.append("")
             lines.append(f"Before, the previous results ([{before.stem}]({before.relative_to(ROOT).with_suffix('')}.md), "

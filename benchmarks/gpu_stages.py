@@ -11,7 +11,7 @@ does and times, on the first chunk of factored groups (``triton.testing.do_bench
   alone, floor ``2 |V*| d T+``;
 - the negative tokens' scores (``z`` and ``q`` per token), floor ``2 * 2 |V*| d T-``;
 
-each floor at the bf16 matmul rate measured in the same run; then candidate tiles of the anchor, M and
+each floor at the matmul rate of the shape's dtype (bf16), measured in the same run (``gpu_suite.floor_rate``); then candidate tiles of the anchor, M and
 score kernels (``ANCHOR_SWEEP``, ``M_SWEEP``, ``SCORE_SWEEP``) on the same chunk, and of validation's two
 kernels (``NORM_SWEEP``, ``IMPLIED_SWEEP``) on the whole batch's ``value_checks``. Then the whole public
 call, the implementation alone and validation alone, on that batch and on ``mid-fp16-others``; and cProfile of
@@ -124,10 +124,6 @@ def main(argv=None) -> int:
     def bench(fn, rep=200) -> float:
         return gpu_suite.bench(fn, rep) if cuda else gpu_suite.bench_events(fn, 1)
 
-    rate = gpu_suite.matmul_tflops()
-    res["matmul_tflops"] = rate
-    print(f"[stages] matmul {rate:.1f} TFLOP/s", flush=True)
-
     # ---- the first chunk of the big batch, stage by stage ----------------------------------------------
     shape = SHAPES["qwen1.5b-step"] if cuda else Shape("smoke", 3, 4, (8, 40), 32, 300, dtype=torch.bfloat16, seed=5)
     rb = shape.batch(device=dev)
@@ -136,6 +132,9 @@ def main(argv=None) -> int:
     res["shape"] = shape.describe()
     h, w = batch.hidden, batch.lm_head_weight
     wd = tk.work_dtype(h, w)
+    res["floor_rate"] = gpu_suite.floor_rate(wd)  # the stages' floors at the rate of the shape's own dtype
+    rate = res["matmul_tflops"] = res["floor_rate"]["tflops"]
+    print(f"[stages] matmul {gpu_suite.rate_label(res['floor_rate'])}", flush=True)
     plan = ti.plan_on_device(batch)
     order = plan.order
     k = ti.plan_kernels(batch, plan, h, w, wd)  # as the call builds them (the shape's dtype is wd: no cast)
@@ -227,7 +226,7 @@ def main(argv=None) -> int:
         text.append(f"# {label}: cProfile of 5 calls, by cumulative time\n{buf.getvalue()}")
     (out_dir / "stages-profile.txt").write_text("\n".join(text))
     (out_dir / "stages.json").write_text(json.dumps(res, indent=2))
-    md = [f"# Triton stages on {res['device']}", "", f"{res['shape']}; matmul {rate:.1f} TFLOP/s (same run); first factored "
+    md = [f"# Triton stages on {res['device']}", "", f"{res['shape']}; matmul {gpu_suite.rate_label(res['floor_rate'])} (same run); first factored "
           f"chunk: {res['chunk']['groups']} groups, {res['chunk']['positive_responses']} positive responses", "",
           "| stage | ms | floor ms | x floor |", "|---|---|---|---|"]
     md += [f"| {k} | {v['ms']:.3f} | {v['floor_ms']:.3f} | {v['x_floor']:.2f} |" for k, v in res["stages"].items()]

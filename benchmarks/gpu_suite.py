@@ -10,9 +10,10 @@ One process, one GPU. For each config it
    tokens, and whether every disagreement lies within the stated margin of tau;
 2. times ``triton``, ``torch`` and the naive per-group pipeline (``benchmarks/naive.py``) on the same
    inputs (``triton.testing.do_bench`` medians after warm-up; CUDA events for the slow naive runs);
-3. measures the bf16 matmul rate in the same run and puts each time beside the FLOP floor
-   ``sum_g 2 |V*| d (2 T + T+)`` (plus ``2 N |V| d`` without old log-probs; ``sum_g 2 |V*| d (T + T+)`` with
-   logits given: :func:`floor_of`) over that rate, and beside
+3. puts each time beside the FLOP floor ``sum_g 2 |V*| d (2 T + T+)`` (plus ``2 N |V| d`` without old
+   log-probs; ``sum_g 2 |V*| d (T + T+)`` with logits given: :func:`floor_of`) over the matmul rate of the
+   config's own dtype, measured in the same run (:func:`floor_rate`: bf16 and fp16 on the tensor cores,
+   float32 at the precision the kernels multiply float32 tiles with, IEEE; recorded as ``floor_rate``), and beside
    the forward+backward time of a Qwen2.5-1.5B-shaped model (random weights) on the batch's tokens,
    measured per token in the same run (the ``6 * 1.5e9 * N`` FLOPs estimate is recorded too);
 4. counts the host synchronisations of one call (``host_syncs``: the Triton implementation on a
@@ -63,6 +64,8 @@ DEVICE = "cuda"
 SMOKE_CONFIGS = {
     "smoke-bf16": (Shape("smoke-bf16", 3, 4, (1, 24), 32, 300, dtype=torch.bfloat16, seed=5), True, {}, True),
     "smoke-fp16-others": (Shape("smoke-fp16", 2, 4, (0, 20), 16, 200, dtype=torch.float16, seed=6), False, {"anchor": "others"}, False),
+    # float32 and logits, like mid-fp32-logits: its floor takes the float32 (IEEE) matmul rate
+    "smoke-fp32-logits": (Shape("smoke-fp32", 3, 4, (1, 16), 16, 150, dtype=torch.float32, seed=7), False, {"use_logits": True, "beta": 0.0}, False),
 }
 
 
@@ -71,12 +74,38 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def matmul_tflops() -> float:
-    n, dt = (8192, torch.bfloat16) if DEVICE == "cuda" else (512, torch.float32)
-    a = torch.randn(n, n, device=DEVICE, dtype=dt)
-    b = torch.randn(n, n, device=DEVICE, dtype=dt)
-    ms = bench(lambda: a @ b, 500)
+# Triton's input_precision of float32 products -> torch's float32 matmul precision for the same products
+_TORCH_PRECISION = {"ieee": "highest", "tf32": "high"}
+
+
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16, precision=None) -> float:
+    """TFLOP/s of ``torch.matmul`` on ``n x n`` operands of ``dtype`` (n = 8192 on the GPU, 512 in smoke mode);
+    float32 products at ``precision`` (Triton's ``input_precision``: "ieee" is torch's "highest", no TF32)."""
+    n = 8192 if DEVICE == "cuda" else 512
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    before = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(_TORCH_PRECISION[precision])
+    try:
+        ms = bench(lambda: a @ b, 500)
+    finally:
+        torch.set_float32_matmul_precision(before)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def floor_rate(wd: torch.dtype, rates: dict | None = None) -> dict:
+    """The matmul rate a FLOP floor of inputs in the work dtype ``wd`` is divided by: ``torch.matmul`` in that
+    dtype, float32 at the precision of the kernels' float32 products (``triton_kernels.product_precision``).
+    ``{"dtype", "precision", "tflops"}``, measured once per dtype and kept in ``rates`` (by dtype name)."""
+    from nthr_kernels.ops.triton_kernels import product_precision
+
+    key = str(wd).replace("torch.", "")
+    rates = {} if rates is None else rates
+    if key not in rates:
+        precision = product_precision(wd)
+        rates[key] = {"dtype": key, "precision": precision, "tflops": matmul_tflops(wd, precision)}
+    return rates[key]
 
 
 # The model NTHR runs beside: Qwen2.5-1.5B's architecture (random weights); --smoke uses a tiny one.
@@ -338,6 +367,12 @@ def compare(res, ref, rb, dtype) -> dict:
     }
 
 
+def rate_label(rate: dict) -> str:
+    """A :func:`floor_rate` for the tables: ``bfloat16 694 TFLOP/s``, ``float32 (ieee) 51 TFLOP/s``."""
+    precision = f" ({rate['precision']})" if rate.get("precision") else ""
+    return f"{rate['dtype']}{precision} {rate['tflops']:.3g} TFLOP/s"
+
+
 def floor_of(work, kw) -> tuple:
     """``(FLOPs, formula)`` of the FLOP floor of ``nthr_advantages(..., **kw)`` (``benchmarks/shapes.py``). With
     ``logits`` given, the errors on ``V*`` and the normaliser are read off them: no ``2 N |V| d`` (the
@@ -362,7 +397,9 @@ def validated_batch(rb, kw, value_checks=None):
     return validate_batch(inputs, opts, value_checks=value_checks)
 
 
-def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, args, log) -> dict:
+def run_config(name, shape, with_lp, extra, time_baselines, rates, model, args, log) -> dict:
+    """One config's correctness, syncs and timings; ``rates``: :func:`floor_rate`'s measured rates (its floor's
+    rate is added there when the run has not measured it yet)."""
     t0 = time.time()
     extra = dict(extra)
     use_logits = extra.pop("use_logits", False)
@@ -413,7 +450,11 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
     # ---- timing ------------------------------------------------------------------------------------
     floor_flops, out["floor_formula"] = floor_of(work, kw)
     out["floor_flops"] = floor_flops
-    out["floor_ms"] = floor_flops / (rate_tflops * 1e12) * 1e3
+    from nthr_kernels.ops.triton_kernels import work_dtype
+
+    # the rate of the products the call runs: its work dtype as the Triton implementation picks it
+    out["floor_rate"] = dict(floor_rate(work_dtype(rb.hidden, kw.get("lm_head_weight")), rates))
+    out["floor_ms"] = floor_flops / (out["floor_rate"]["tflops"] * 1e12) * 1e3
     out["triton_ms"] = bench(lambda: call("triton"), args.rep_ms)
     if DEVICE == "cuda":  # one plain call (do_bench holds a 256 MB cache-flush buffer of its own)
         torch.cuda.synchronize()
@@ -434,7 +475,7 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
     if DEVICE == "cuda":
         out["kernel_breakdown_ms"] = kernel_breakdown(lambda: call("triton"))
         log(f"[{name}] kernels: " + ", ".join(f"{k} {v:.2f}" for k, v in list(out["kernel_breakdown_ms"].items())[:8]))
-    out["model_fwd_bwd_ms_estimate"] = 6 * 1.5e9 * rb.n_tokens / (rate_tflops * 1e12) * 1e3
+    out["model_fwd_bwd_ms_estimate"] = 6 * 1.5e9 * rb.n_tokens / (floor_rate(torch.bfloat16, rates)["tflops"] * 1e12) * 1e3  # a bf16 model
     if "ms_per_token" in model:  # measured in this run, else the 6 * 1.5e9 * N FLOPs estimate
         out["model_fwd_bwd_ms"] = model["ms_per_token"] * rb.n_tokens
     else:
@@ -459,7 +500,7 @@ def run_config(name, shape, with_lp, extra, time_baselines, rate_tflops, model, 
     return out
 
 
-def score_tokens_check(rate_tflops, log) -> dict:
+def score_tokens_check(log) -> dict:
     """Dense ``score_tokens`` (one group): both Triton paths against float64, timed, and the cost model's pick."""
     from nthr_kernels.core.rules import cheaper_path
     from nthr_kernels.ops.score_tokens import reference, triton_impl
@@ -526,19 +567,21 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter-smoke"
     log = (lambda m: tqdm.write(m)) if tqdm else print
     log(f"device: {card}; torch {torch.__version__}; triton {triton.__version__}")
-    rate = matmul_tflops()
+    rates: dict = {}  # by dtype: the floors' matmul rates, measured when a config first needs one
+    rate = floor_rate(torch.bfloat16, rates)["tflops"]
     try:
         model = model_fwd_bwd_ms_per_token(log)
     except Exception as e:  # reported, and the share falls back to the FLOP estimate
         model = {"error": f"{type(e).__name__}: {e}"}
         log(f"model fwd+bwd not measured: {model['error']}")
-    log(f"matmul rate: {rate:.1f} TFLOP/s")
+    log(f"matmul rate: {rate:.1f} TFLOP/s (bf16)")
     results = {
         "device": card,
         "date": _dt.date.today().isoformat(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "matmul_tflops": rate,
+        "matmul_tflops": rate,  # bf16; each config's floor records its own rate (floor_rate), all in matmul_rates
+        "matmul_rates": rates,
         "model_fwd_bwd": model,
         "kernel_sources": kernel_sources(),
         "host_syncs_method": ("torch.cuda.set_sync_debug_mode" if DEVICE == "cuda"
@@ -554,7 +597,7 @@ def main(argv=None) -> int:
     for name in it:
         shape, with_lp, extra, baselines = configs[name]
         try:
-            results["configs"][name] = run_config(name, shape, with_lp, extra, baselines and not args.no_baselines, rate, model, args, log)
+            results["configs"][name] = run_config(name, shape, with_lp, extra, baselines and not args.no_baselines, rates, model, args, log)
         except Exception as e:  # keep the other configs' numbers; the failure is reported, not hidden
             import traceback
 
@@ -566,7 +609,7 @@ def main(argv=None) -> int:
     except Exception as e:
         results["autotune"] = {"error": str(e)}
     try:
-        results["score_tokens"] = score_tokens_check(rate, log)
+        results["score_tokens"] = score_tokens_check(log)
     except Exception as e:
         import traceback
 
@@ -578,16 +621,17 @@ def main(argv=None) -> int:
         results[key] = max(counts) if counts else None
     path.write_text(json.dumps(results, indent=2))
     md = [f"# GPU suite on {card} ({results['date']})", "",
-          f"torch {results['torch']}, triton {results['triton']}, matmul {rate:.1f} TFLOP/s (bf16 8192^3 on GPU, measured in the same run)", "",
-          "| config | floor ms | triton ms | x floor | torch ms | naive ms | vs torch | vs naive | sel. agreement | outside margin | max score err | share of 1.5B fwd+bwd | host syncs per call |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          f"torch {results['torch']}, triton {results['triton']}, matmul (8192^3 on GPU, measured in the same run; each "
+          f"config's floor at its own dtype's rate): " + ", ".join(rate_label(r) for r in rates.values()), "",
+          "| config | floor ms | floor rate | triton ms | x floor | torch ms | naive ms | vs torch | vs naive | sel. agreement | outside margin | max score err | share of 1.5B fwd+bwd | host syncs per call |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["configs"].items():
         if "error" in r:
             md.append(f"| {name} | error: {r['error']} |")
             continue
         f = lambda k, fmt="{:.2f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
         md.append(
-            f"| {name} | {f('floor_ms')} | {f('triton_ms')} | {f('triton_vs_floor')} | {f('torch_ms')} | {f('naive_ms')} | "
+            f"| {name} | {f('floor_ms')} | {rate_label(r['floor_rate']) if 'floor_rate' in r else '-'} | {f('triton_ms')} | {f('triton_vs_floor')} | {f('torch_ms')} | {f('naive_ms')} | "
             f"{f('speedup_vs_torch', '{:.1f}x')} | {f('speedup_vs_naive', '{:.0f}x')} | {f('selection_agreement', '{:.5f}')} | "
             f"{r.get('disagreements_outside_margin', '-')} | {f('max_score_err_rel', '{:.1e}')} | {f('share_of_fwd_bwd', '{:.2%}')} | {r.get('host_syncs_public_call', '-')} |"
         )

@@ -48,3 +48,31 @@ def test_floor_with_logits_leaves_out_the_products_the_logits_hold():
     assert gpu_suite.floor_of(work, kw) == (logits, "sum_g 2 |V*| d (T + T+)")
     assert gpu_suite.floor_of(work, rb.kwargs())[0] == every
     assert gpu_suite.floor_of(work, rb.kwargs(with_logprobs=False))[0] == every + lse
+
+
+def test_each_floor_is_over_the_matmul_rate_of_its_dtype(monkeypatch):
+    """The GPU suite divides a floor by the matmul rate of the products the kernels run for the config's work
+    dtype: bf16 and fp16 in their own dtype, float32 at the kernels' float32 precision (IEEE: torch's "highest",
+    no TF32), each measured once per run. It used the bf16 rate for every config, so the float32 config's
+    floor read about 10x low (an H200's dense bf16 rate against its float32 one)."""
+    import gpu_suite
+    from nthr_kernels.ops import triton_kernels as tk
+
+    seen = []
+    monkeypatch.setattr(gpu_suite, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_suite, "bench", lambda fn, rep: seen.append((torch.get_float32_matmul_precision(), fn().dtype)) or 1.0)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # a caller's TF32 setting must not reach the float32 rate
+        rates = {}
+        fp32 = gpu_suite.floor_rate(torch.float32, rates)
+        assert tk.product_precision(torch.float32) == tk.F32_PRECISION.value == "ieee"
+        assert seen == [("highest", torch.float32)] and fp32["dtype"] == "float32" and fp32["precision"] == "ieee"
+        assert torch.get_float32_matmul_precision() == "high"  # restored
+        assert gpu_suite.floor_rate(torch.float32, rates) is fp32 and len(seen) == 1  # measured once per run
+        for dt in (torch.bfloat16, torch.float16):
+            r = gpu_suite.floor_rate(dt, rates)
+            assert seen[-1][1] == dt and r["dtype"] == str(dt)[6:] and r["precision"] is None
+        assert sorted(rates) == ["bfloat16", "float16", "float32"]
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -49,3 +49,32 @@ def test_a_logits_floor_of_an_older_run_is_flagged(tmp_path, monkeypatch):
     text = gpu_readme.rendered()
     assert "in this run counts `2 N |V| d`" not in text
     assert f"`{name}` " not in text.split("Before, the previous results")[1]
+
+
+def test_floors_over_each_dtypes_rate_are_rendered_and_older_ones_flagged(tmp_path, monkeypatch):
+    """A run that records each config's ``floor_rate`` shows the rates and each floor's dtype; a float32 config
+    of a run without it (every floor over the bf16 rate) is flagged under the table, and its x floor is not
+    compared with a run over another rate."""
+    previous, newest = gpu_readme.gpu_results()[-2:]
+    d = json.loads(newest.read_text())
+    name = next(n for n, r in d["configs"].items() if r.get("shape", "").endswith(", float32") and "floor_ms" in r)
+    assert "floor_rate" not in d["configs"][name]  # the committed runs predate floor_rate
+    monkeypatch.setattr(gpu_readme, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu_readme, "ROOT", tmp_path)
+    (tmp_path / previous.name).write_text(previous.read_text())
+    (tmp_path / newest.name).write_text(json.dumps(d))
+    text = gpu_readme.rendered()
+    assert f"The floor of `{name}` in this run is over the bf16 matmul rate" in text
+    assert f"`{name}` " in text.split("Before, the previous results")[1]  # bf16 rate against bf16 rate
+    bf16 = {"dtype": "bfloat16", "precision": None, "tflops": d["matmul_tflops"]}
+    fp32 = {"dtype": "float32", "precision": "ieee", "tflops": 51.25}
+    d["matmul_rates"] = {"bfloat16": bf16, "float32": fp32}
+    for n, r in d["configs"].items():
+        if "floor_ms" in r:
+            r["floor_rate"] = fp32 if n == name else bf16
+    (tmp_path / newest.name).write_text(json.dumps(d))
+    text = gpu_readme.rendered()
+    assert "in this run is over the bf16 matmul rate" not in text
+    assert "matmul bfloat16 694 TFLOP/s, float32 (ieee) 51.2 TFLOP/s." in text
+    assert f"| `{name}` | " in text and " ms (float32) | " in text
+    assert f"`{name}` " not in text.split("Before, the previous results")[1]

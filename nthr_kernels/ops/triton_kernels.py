@@ -77,6 +77,9 @@ _INTERPRET = tl.constexpr(interpreting())
 # Precision of the products of fp16 inputs with float32 tiles (q = h M^T with a float32 M; the float32 error
 # buffer in G^T H and G G+^T): TF32 on a GPU, whose 10-bit mantissa is fp16's but whose range is float32's.
 _Q_PRECISION = tl.constexpr("ieee" if interpreting() else "tf32")
+# Precision of every product of two float32 tiles (:func:`_dot`): IEEE float32, no TF32 (the float32 row of
+# SCORE_TOLERANCE assumes it). The GPU suite's floors for float32 inputs use the matmul rate at this precision.
+F32_PRECISION = tl.constexpr("ieee")
 
 
 class Segment(NamedTuple):
@@ -138,7 +141,7 @@ def _dot(b_a, b_b):
     if _INTERPRET and b_a.dtype == tl.bfloat16:
         return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), input_precision="ieee")
     elif b_a.dtype == tl.float32:
-        return tl.dot(b_a, b_b, input_precision="ieee")
+        return tl.dot(b_a, b_b, input_precision=F32_PRECISION)
     else:
         return tl.dot(b_a, b_b, input_precision="tf32")
 
@@ -756,6 +759,14 @@ def err_dtype(wd: torch.dtype) -> torch.dtype:
     ``test_fp16_near_certain_tokens_keep_their_small_errors``). The tiles are multiplied at
     ``_Q_PRECISION`` (TF32 on a GPU: fp16's 10-bit mantissa, float32's range)."""
     return torch.float32 if wd == torch.float16 else wd
+
+
+def product_precision(wd: torch.dtype) -> Optional[str]:
+    """How the kernels multiply tiles of the work dtype ``wd`` (:func:`work_dtype`): float32 tiles at
+    :data:`F32_PRECISION` (Triton's ``input_precision``); bf16 and fp16 tiles on the tensor cores in their
+    own dtype (None). fp16 inputs also form ``q = h M^T`` with a float32 ``M``, and ``G^T H`` and the pairwise
+    products from a float32 error buffer (:func:`err_dtype`), at ``_Q_PRECISION`` (TF32)."""
+    return F32_PRECISION.value if wd == torch.float32 else None
 
 
 def work_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
