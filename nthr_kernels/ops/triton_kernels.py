@@ -30,12 +30,12 @@ plans the chunks and calls the launchers of :class:`Kernels`):
    ``[BT, BU]`` tiles of ``G G+^T`` and ``H H+^T`` from the group's error buffer (every token's errors,
    written by step 2), never materialising tokens x tokens; the cost model sends a group there when
    ``2 T+ T (|V*| + d) < 2 |V*| d T`` (:func:`nthr_kernels.core.rules.pairwise_cheaper`, which adds the
-   positive tokens' scores with ``score_positive`` and the own-pairs pass of ``anchor="others"``). :func:`_pair_kernel` is the dense-error version for
-   ``score_tokens``.
+   positive tokens' scores with ``score_positive`` and the own-pairs pass of ``anchor="others"``).
+   :func:`_pair_kernel` is the dense-error version for ``score_tokens``.
 
 Addressing: every kernel reads token rows through an int64 row offset per token (``ROW_H`` for the
-hidden states, ``ROW_LG`` for logits, ``ROW_LP`` for old log-probs; computed once per call from the
-caller's strides) plus the feature/vocabulary stride, and forms every offset in int64, so views with
+hidden states, ``ROW_LG`` for logits; computed once per call from the caller's strides; the old log-probs,
+one value per token, arrive gathered in plan order) plus the feature/vocabulary stride, and forms every offset in int64, so views with
 strides beyond 2^31 elements are read correctly. ``ALIGN`` (``d % 16 == 0`` and every row offset a
 multiple of 16) lets the compiler vectorise the row loads and the ``M`` rows.
 
@@ -258,7 +258,7 @@ def _select(b_s, o_t, m_t, SEG, i_s, THR, ADV, OUT_ADV, OUT_SEL):
 @triton.jit
 def _zy_kernel(
     # data pointers
-    H, ROW_H, W, IDS, LP, ROW_LP, OUT,
+    H, ROW_H, W, IDS, LP, OUT,
     # shapes
     n, D,
     # strides
@@ -267,7 +267,8 @@ def _zy_kernel(
     inv_t,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """Old-log-prob shortcut: ``log Z_t = (w_{y_t} . h_t) / T - l_t``."""
+    """Old-log-prob shortcut: ``log Z_t = (w_{y_t} . h_t) / T - l_t``, ``LP`` the old log-probs in plan order
+    (float32; the errors read the same vector)."""
     i_t = tl.program_id(0).to(tl.int64)
     o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
     m_t = o_t < n
@@ -280,7 +281,7 @@ def _zy_kernel(
         b_h = tl.load(H + o_h[:, None] + o_k[None, :] * h_sd, mask=m_tk, other=0.0)  # [BT, BK]
         b_w = tl.load(W + b_id[:, None] * w_sv + o_k[None, :] * w_sd, mask=m_tk, other=0.0)  # [BT, BK]
         b_acc += tl.sum(b_h.to(tl.float32) * b_w.to(tl.float32), axis=1)
-    b_lp = tl.load(LP + _rows(ROW_LP, o_t, m_t, False), mask=m_t, other=0.0).to(tl.float32)
+    b_lp = tl.load(LP + o_t, mask=m_t, other=0.0)
     tl.store(OUT + o_t, b_acc * inv_t - b_lp, mask=m_t)
 
 

@@ -102,10 +102,11 @@ def plan_on_device(batch) -> DevicePlan:
     return DevicePlan(perm[:start], vs_id, groups, responses)
 
 
-def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd, ids):
+def _log_z(batch, order, h, row_h, w, wd, ids):
     """``(log Z, l)`` per token of ``order``: ``l`` the sampled token's log-prob the errors take its error from
-    (the old log-probs, else from the other tokens' log-sum-exp: the vocabulary kernel's, or torch's over the
-    logits rows), ``log Z = z_y / T - l`` by the shortcut kernel, the vocabulary kernel or torch."""
+    (the old log-probs, gathered once in plan order for the shortcut kernel and the errors, else from the other
+    tokens' log-sum-exp: the vocabulary kernel's, or torch's over the logits rows), ``log Z = z_y / T - l`` by the
+    shortcut kernel, the vocabulary kernel or torch."""
     n = order.numel()
     if batch.lm_head_weight is None:
         return log_normaliser(batch, order, SCAN_ELEMS, logits_scale=1.0 / batch.opts.temperature)
@@ -113,9 +114,7 @@ def _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd, ids):
     if batch.old_logprobs is not None:
         lp = batch.gather(batch.old_logprobs, order).float().contiguous()
         if n:
-            lpa = batch.old_logprobs
-            launch("zy", lambda meta: (triton.cdiv(n, meta["BT"]),), wd,
-                   h, row_h, w, ids, lpa, row_offsets(lpa, tok_a, tok_b), out,
+            launch("zy", lambda meta: (triton.cdiv(n, meta["BT"]),), wd, h, row_h, w, ids, lp, out,
                    n, h.shape[-1], h.stride(-1), w.stride(0), w.stride(1), 1.0 / batch.opts.temperature)
         return out, lp
     lp = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -235,7 +234,7 @@ def plan_kernels(batch, plan, h, w, wd) -> Kernels:
     row_h = row_offsets(h, tok_a, tok_b)
     lg = batch.logits
     ids = batch.tok_ids[order].contiguous()
-    log_z, lp = _log_z(batch, order, tok_a, tok_b, h, row_h, w, wd, ids)
+    log_z, lp = _log_z(batch, order, h, row_h, w, wd, ids)
     return Kernels(
         h, row_h, wd, w=w if lg is None else None, lg=lg, row_lg=row_offsets(lg, tok_a, tok_b) if lg is not None else None,
         ids=ids, log_z=log_z, lp=lp, vs=plan.vs_id, inv_t=1.0 / batch.opts.temperature,
