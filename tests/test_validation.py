@@ -711,7 +711,7 @@ def test_hidden_alone_on_another_device_is_named(b):
     with pytest.raises(ValueError) as ei:
         call(b, hidden=h)
     msg = str(ei.value)
-    assert msg.startswith(f"hidden: expected device cpu (that of every other tensor argument: token_ids, "), msg
+    assert msg.startswith("hidden: expected device cpu (that of every other tensor argument: token_ids, "), msg
     assert msg.endswith(f"got {h.device}"), msg
     # one argument off hidden's device is still that argument
     raises(ValueError, "rewards", lambda: call(b, rewards=_other_device(b.rewards)))
