@@ -224,12 +224,17 @@ def nthr_scores(batch, budget: Optional[int] = None, plan: Optional[Plan] = None
             if reduce_m is not None:
                 m = reduce_m(m, k, k + 1, c0, c1)
             m = m[0]
-            # <M, N_i> (and <N_i, N_i>): row dots, then a sequential sum per response, whose bits do not
-            # depend on the thread count (torch.mv and torch.dot split their sums across threads)
-            dots = (n_mat * m).sum(-1)
+            # <M, N_i> ("all") or <M - N_i, N_i> ("others"): row dots, then a sequential sum per response, whose
+            # bits do not depend on the thread count (torch.mv and torch.dot split their sums across threads).
+            # "others" in float64, one response at a time: <M, N_i> - <N_i, N_i> as two float32 row dots cancelled
+            # where response i's own part dominates (tau off by 4e-3 relative on a fuzz case where native's float64
+            # form, the one taken here, is within 2e-4; what is left is M's own float32 rounding, docs/NTHR.md)
             if others:
-                dots -= (n_mat * n_mat).sum(-1)
-            numer[ra:rb] += dots.to(torch.float64).cumsum(-1)[:, -1] if rb > ra else 0
+                dots = torch.stack([((m - n_mat[i]).double() * n_mat[i].double()).sum(-1) for i in range(rb - ra)]) \
+                    if rb > ra else n_mat.new_zeros(0, vcols, dtype=torch.float64)
+            else:
+                dots = (n_mat * m).sum(-1).to(torch.float64)
+            numer[ra:rb] += dots.cumsum(-1)[:, -1] if rb > ra else 0
             del n_mat
             for b0 in range(q0, q1, blk):
                 b1 = min(q1, b0 + blk)
