@@ -56,6 +56,9 @@ CASES = {
     "none_active": dict(batch=dict(n_groups=4, group_size=3, lengths=(1, 10), seed=6,
                                    success=[1.0, 0.0, 1.0, 0.0]),
                         kw=dict(), assign="random"),
+    # lm_head_weight without old_logprobs: the full-vocabulary log Z and l_t on every rank, temperature 1.3
+    "random_weight_no_logprobs": dict(batch=dict(n_groups=7, group_size=4, lengths=(1, 30), seed=7, temperature=1.3),
+                                      kw=dict(no_logprobs=True), assign="random"),
 }
 
 
@@ -71,6 +74,8 @@ def _full(case):
     kw = dict(spec["kw"])
     use_logits = kw.pop("use_logits", False)
     src = dict(lm_head_weight=b.lm_head_weight, old_logprobs=b.old_logprobs)
+    if kw.pop("no_logprobs", False):
+        src = dict(lm_head_weight=b.lm_head_weight)
     if use_logits:
         src = dict(logits=b.hidden @ b.lm_head_weight.T)
     return b, gid, src, kw
@@ -236,7 +241,7 @@ def test_matches_single_process(ranks, case):
         assert torch.equal(scores, ref.scores)
         for r in ranks:
             assert torch.equal(r[case]["result"]["tau"].nan_to_num(7.0), ref.tau.nan_to_num(7.0))
-    if case in ("random_padded", "degenerate"):  # the test must be able to fail: NTHR changed something
+    if case in ("random_padded", "degenerate", "random_weight_no_logprobs"):  # able to fail: NTHR changed something
         assert bool(ref.selected.any()) and bool((ref.token_advantages != 0).any())
     if case == "degenerate":
         assert ref.active.tolist() == [False, False, True, True, False, False, False, False]
