@@ -588,6 +588,23 @@ def test_one_token_vocabulary_with_lm_head_scores_zero(temperature, with_logprob
         assert bool((got.scores == 0).all()), float(got.scores.abs().max())
 
 
+def _near_certain_path_errors(args, kw, ref):
+    """``(path, group, relative score error)`` of a :func:`_helpers.near_certain_call` batch on each Triton path
+    against the reference result ``ref`` (:func:`_helpers.group_score_errors`)."""
+    from nthr_kernels.core.checks import validate_batch
+    from nthr_kernels.core.rules import Inputs, Options
+
+    from _helpers import group_score_errors
+
+    batch = validate_batch(Inputs(*args, lm_head_weight=kw.get("lm_head_weight"), logits=kw.get("logits"),
+                                  old_logprobs=kw.get("old_logprobs"), mask=kw["mask"], group_size=kw["group_size"]),
+                           Options(backend="triton", temperature=kw["temperature"]))
+    for path in ("factored", "pairwise"):
+        got = batch.result(*triton_call(batch, path=path))
+        for grp, err in enumerate(group_score_errors(got, ref)):
+            yield path, grp, err
+
+
 @needs_triton
 @pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])
 @pytest.mark.parametrize("seed,scale", [(37, 2.0), (13, 4.0)])
@@ -598,20 +615,14 @@ def test_near_certain_tokens_keep_their_small_errors(seed, scale, source):
     cancellation (relative score errors of 1.5e-3 and 0.5 with old log-probs in the interpreter), and as
     ``1 - exp(z_y / T - log Z)`` to the float32 ``log Z``'s rounding; against the float32 tolerance of 2e-4,
     both paths."""
-    from nthr_kernels.core.checks import validate_batch
-    from nthr_kernels.core.rules import SCORE_TOLERANCE, Inputs, Options
+    from nthr_kernels.core.rules import SCORE_TOLERANCE
 
-    from _helpers import group_score_errors, near_certain_call
+    from _helpers import near_certain_call
 
     args, kw = near_certain_call(seed, scale, scale, DEVICE, source=source)
     ref = nk.nthr_advantages(*args, backend="reference", **kw)
-    batch = validate_batch(Inputs(*args, lm_head_weight=kw.get("lm_head_weight"), logits=kw.get("logits"),
-                                  old_logprobs=kw.get("old_logprobs"), mask=kw["mask"], group_size=kw["group_size"]),
-                           Options(backend="triton", temperature=kw["temperature"]))
-    for path in ("factored", "pairwise"):
-        got = batch.result(*triton_call(batch, path=path))
-        for grp, err in enumerate(group_score_errors(got, ref)):
-            assert err <= SCORE_TOLERANCE[torch.float32], f"{path}, group {grp}: relative score error {err:.2e}"
+    for path, grp, err in _near_certain_path_errors(args, kw, ref):
+        assert err <= SCORE_TOLERANCE[torch.float32], f"{path}, group {grp}: relative score error {err:.2e}"
 
 
 @needs_triton
@@ -622,21 +633,15 @@ def test_fp16_near_certain_tokens_keep_their_small_errors(source):
     fp16, where such errors are subnormal (below 6.1e-5) or 0 (below 3e-8): that group's scores were off by
     100 % of its largest on both paths and every source. The buffer is float32 for fp16 inputs
     (``triton_kernels.err_dtype``); the fp16 tolerance of the group's largest score, both paths."""
-    from nthr_kernels.core.checks import validate_batch
-    from nthr_kernels.core.rules import SCORE_TOLERANCE, Inputs, Options
+    from nthr_kernels.core.rules import SCORE_TOLERANCE
 
-    from _helpers import group_score_errors, near_certain_call
+    from _helpers import near_certain_call
 
     args, kw = near_certain_call(13, 4.0, 4.0, DEVICE, source=source, dtype=torch.float16)
     ref = nk.nthr_advantages(*args, backend="reference", **kw)
     assert float(ref.scores[4:].abs().max()) < 1e-6  # the second group: near-certain tokens only
-    batch = validate_batch(Inputs(*args, lm_head_weight=kw.get("lm_head_weight"), logits=kw.get("logits"),
-                                  old_logprobs=kw.get("old_logprobs"), mask=kw["mask"], group_size=kw["group_size"]),
-                           Options(backend="triton", temperature=kw["temperature"]))
-    for path in ("factored", "pairwise"):
-        got = batch.result(*triton_call(batch, path=path))
-        for grp, err in enumerate(group_score_errors(got, ref)):
-            assert err <= SCORE_TOLERANCE[torch.float16], f"{path}, group {grp}: relative score error {err:.2e}"
+    for path, grp, err in _near_certain_path_errors(args, kw, ref):
+        assert err <= SCORE_TOLERANCE[torch.float16], f"{path}, group {grp}: relative score error {err:.2e}"
 
 
 @needs_triton
