@@ -58,6 +58,7 @@ def machine_info(load_at_start: Optional[float] = None) -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
         "description": machine_description(),
+        "native_gemm": _native_gemm(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -69,6 +70,13 @@ def machine_info(load_at_start: Optional[float] = None) -> dict:
         "load_avg_end": load,
         "library_sources": library_sources(),  # which code this run measured (the README notes a change)
     }
+
+
+def _native_gemm() -> Optional[str]:
+    """The native ops' GEMM engine on this machine (None where the native backend is not available)."""
+    from nthr_kernels.ops import native_lib
+
+    return native_lib.gemm_engine() if native_lib.available() else None
 
 
 def _ms(x: float) -> str:
@@ -258,7 +266,8 @@ def header(machine: dict, rates: dict) -> list[str]:
         f"Machine: {m['description']}.",
         f"Threads: {m['threads']}; triton {m['triton']}, Python {m['python']}, pytest-benchmark "
         f"{m['pytest_benchmark']}; load average {m['load_avg_start']:.1f} at the start, {m['load_avg_end']:.1f} "
-        f"at the end (on a shared machine other processes compete for the cores).",
+        f"at the end (on a shared machine other processes compete for the cores)."
+        + (f" Native GEMM engine: `{m['native_gemm']}`." if m.get("native_gemm") else ""),
     ]
     for dev, r in sorted(rates.items()):
         each = "; ".join(f"{_ENGINE_TEXT.get(e, e)} {rate / 1e9:,.1f} at {n}^3" for e, (rate, n) in sorted(r["engines"].items()))

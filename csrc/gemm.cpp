@@ -1,16 +1,21 @@
 // sgemm for the native ops: C = A B or C += A B on float32 matrices of any strides, on one thread, in a
-// fixed summation order. On CPUs with AVX-512 a kernel of its own (below); elsewhere, or with the environment
-// variable NTHR_NATIVE_GEMM=aten, ATen's mm (BLAS).
+// fixed summation order. On x86-64 CPUs with AVX-512, or with AVX2 and FMA, a packed kernel of its own (below);
+// elsewhere, or with the environment variable NTHR_NATIVE_GEMM=aten, ATen's mm (BLAS).
 //
-// Why its own kernel: the BLAS torch ships (MKL) takes its AVX2 path on AMD CPUs, so on an AVX-512 Zen CPU it
+// Why its own kernels: the BLAS torch ships (MKL) takes its AVX2 path on AMD CPUs, so on an AVX-512 Zen CPU it
 // reaches about half of the float32 FMA peak (measured on the 2-core Zen 5 dev box, one thread: MKL ~108
-// GFLOP/s, this kernel ~210, the FMA peak of a register-only loop ~262). Layout (Goto/BLIS): a K block of
-// B (kKc x kNc) is packed into column panels of kNr = 32 columns (two 16-lane registers); a kMr = 12 row
-// panel of A is read in place when its rows or its columns are contiguous (each value broadcast straight
-// from memory), else packed; 24 registers hold a 12 x 32 block of C over the K block.
+// GFLOP/s, the AVX-512 kernel ~210, the FMA peak of a register-only loop ~262). On an AVX2 CPU the AVX2 kernel
+// runs at about MKL's rate (Zen 3, one thread: 46 to 71 GFLOP/s against MKL's 50 to 68, FMA peak ~91) and
+// gives the AVX-512 kernel's bits, where MKL's order depends on the shape of each product.
+// Layout (Goto/BLIS): a K block of B (kKc x kNc) is packed into column panels of kNr columns (AVX-512: 32, two
+// 16-lane registers; AVX2: 16, two 8-lane registers); a kMr = 12 row panel of A is read in place when its rows
+// or its columns are contiguous (each value broadcast straight from memory), else packed. AVX-512: 24
+// registers hold a 12 x 32 block of C over the K block; AVX2 (16 registers): 12 hold a 6 x 16 block, twice
+// per 12-row panel.
 // Bits: C[i, j] = C (or 0) + the K blocks in order, each summed k = 0, 1, ... by fused multiply-adds in one
-// register lane; no dependence on the other dimensions' blocking, the thread count or the machine (every
-// AVX-512 CPU gives the same bits; another CPU uses ATen's BLAS and its own order).
+// register lane from 0; no dependence on the other dimensions' blocking, the vector width, the thread count
+// or the machine: both kernels give the same bits on every CPU that runs them (tests/test_native.py checks
+// them against this order emulated in float64). ATen's BLAS has an order of its own.
 #include "gemm.h"
 
 #include <ATen/ATen.h>
@@ -21,20 +26,21 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define NTHR_HAVE_AVX512_KERNEL 1
+#define NTHR_HAVE_X86_KERNELS 1
 #else
-#define NTHR_HAVE_AVX512_KERNEL 0
+#define NTHR_HAVE_X86_KERNELS 0
 #endif
 
 namespace nthr {
 namespace {
 
-#if NTHR_HAVE_AVX512_KERNEL
-constexpr int64_t kMr = kGemmRowBlock, kNr = 32;  // register block of C
+#if NTHR_HAVE_X86_KERNELS
+constexpr int64_t kMr = kGemmRowBlock;  // rows of a panel of A (the register block of C: 12 x 32 or 2 x 6 x 16)
 constexpr int64_t kKc = 256;           // K block: one A panel (12 KiB) in L1, the B block in L2
 constexpr int64_t kNc = 512;           // columns of B per packed block (512 KiB at kKc)
 
-// 64-byte aligned per-thread packing buffers: one A panel (kMr kKc floats) and one B block (kNc kKc): 524 KiB.
+// 64-byte aligned per-thread packing buffers: one A panel (kMr kKc floats) and one B block (kNc kKc): 524 KiB
+// (both kernels).
 struct PackBuffers {
   float* a = nullptr;
   float* b = nullptr;
@@ -49,12 +55,6 @@ struct PackBuffers {
   }
 };
 
-// Lanes of the q-th 16-lane vector that hold one of a row's first n values.
-inline __mmask16 lane_mask(int64_t n, int q) {
-  const int64_t k = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * q));
-  return static_cast<__mmask16>(k >= 16 ? 0xFFFFu : (1u << k) - 1u);
-}
-
 // The A panel A[0 .. mr, 0 .. kc] as ap[k][i] (kMr values per k; zero rows past mr).
 void pack_a(const float* a, int64_t ars, int64_t acs, int64_t mr, int64_t kc, float* ap) {
   for (int64_t k = 0; k < kc; ++k) {
@@ -63,114 +63,234 @@ void pack_a(const float* a, int64_t ars, int64_t acs, int64_t mr, int64_t kc, fl
   }
 }
 
-// In-register transpose of 16 rows of 16 floats: on return r[c] holds column c (rows 0..15 in order).
-__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved per 128-bit lane
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + m], lane l: column 4l + m of rows 4i .. 4i + 3
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  __m512 o[16];
-  for (int m = 0; m < 4; ++m) {  // column 4l + m: lane l of r[m], r[4 + m], r[8 + m], r[12 + m]
-    const __m512 a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), b = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
-    const __m512 c = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88), d = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
-    o[m] = _mm512_shuffle_f32x4(a, c, 0x88);
-    o[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
-    o[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
-    o[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = o[i];
+// One column panel of B (B[0 .. kc, 0 .. nr] of any strides) as bp[k][j], kNr values per k (zero past nr):
+// element by element, for the strides the kernels' vector paths do not cover.
+void pack_b_panel_strided(const float* b, int64_t brs, int64_t bcs, int64_t kc, int64_t nr, int64_t kNr, float* bp) {
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t j = 0; j < kNr; ++j) bp[k * kNr + j] = j < nr ? b[k * brs + j * bcs] : 0.0f;
 }
 
-// B[0 .. kc, 0 .. nc] into column panels of kNr: bp[q][k][j] (zero columns past nc). Rows of B contiguous
-// (bcs = 1): two masked vector copies per k; columns contiguous (brs = 1, e.g. B = W^T of a row-major W):
-// 16 x 16 blocks loaded along the columns and transposed in registers; other strides: element by element.
-__attribute__((target("avx512f"))) void pack_b(const float* b, int64_t brs, int64_t bcs, int64_t kc, int64_t nc,
-                                                float* bp) {
-  for (int64_t j0 = 0; j0 < nc; j0 += kNr, bp += kNr * kc) {
-    const int64_t nr = std::min(kNr, nc - j0);
-    if (bcs == 1) {
-      const __mmask16 m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
-      for (int64_t k = 0; k < kc; ++k) {
-        const float* src = b + k * brs + j0;
-        _mm512_store_ps(bp + k * kNr, _mm512_maskz_loadu_ps(m0, src));
-        _mm512_store_ps(bp + k * kNr + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+// AVX-512: 12 x 32 register blocks (24 accumulators), B panels of 32 columns.
+struct Avx512 {
+  static constexpr int64_t kNr = 32;
+
+  // Lanes of the q-th 16-lane vector that hold one of a row's first n values.
+  static __mmask16 lane_mask(int64_t n, int q) {
+    const int64_t k = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * q));
+    return static_cast<__mmask16>(k >= 16 ? 0xFFFFu : (1u << k) - 1u);
+  }
+
+  // In-register transpose of 16 rows of 16 floats: on return r[c] holds column c (rows 0..15 in order).
+  __attribute__((target("avx512f"))) static void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved per 128-bit lane
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // r[4i + m], lane l: column 4l + m of rows 4i .. 4i + 3
+      const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+      const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+      r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+      r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+      r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    __m512 o[16];
+    for (int m = 0; m < 4; ++m) {  // column 4l + m: lane l of r[m], r[4 + m], r[8 + m], r[12 + m]
+      const __m512 a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), b = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+      const __m512 c = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88), d = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+      o[m] = _mm512_shuffle_f32x4(a, c, 0x88);
+      o[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
+      o[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
+      o[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = o[i];
+  }
+
+  // B[0 .. kc, 0 .. nc] into column panels of kNr: bp[q][k][j] (zero columns past nc). Rows of B contiguous
+  // (bcs = 1): two masked vector copies per k; columns contiguous (brs = 1, e.g. B = W^T of a row-major W):
+  // 16 x 16 blocks loaded along the columns and transposed in registers; other strides: element by element.
+  __attribute__((target("avx512f"))) static void pack_b(const float* b, int64_t brs, int64_t bcs, int64_t kc,
+                                                         int64_t nc, float* bp) {
+    for (int64_t j0 = 0; j0 < nc; j0 += kNr, bp += kNr * kc) {
+      const int64_t nr = std::min(kNr, nc - j0);
+      if (bcs == 1) {
+        const __mmask16 m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
+        for (int64_t k = 0; k < kc; ++k) {
+          const float* src = b + k * brs + j0;
+          _mm512_store_ps(bp + k * kNr, _mm512_maskz_loadu_ps(m0, src));
+          _mm512_store_ps(bp + k * kNr + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+        }
+      } else if (brs == 1) {
+        for (int64_t h = 0; h < kNr; h += 16) {
+          const int64_t nh = std::max<int64_t>(0, std::min<int64_t>(16, nr - h));  // valid columns of this half
+          for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+            const int64_t kn = std::min<int64_t>(16, kc - k0);
+            const __mmask16 km = lane_mask(kn, 0);
+            __m512 r[16];
+            for (int64_t j = 0; j < 16; ++j)
+              r[j] = j < nh ? _mm512_maskz_loadu_ps(km, b + (j0 + h + j) * bcs + k0) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int64_t k = 0; k < kn; ++k) _mm512_store_ps(bp + (k0 + k) * kNr + h, r[k]);
+          }
+        }
+      } else {
+        pack_b_panel_strided(b + j0 * bcs, brs, bcs, kc, nr, kNr, bp);
       }
-    } else if (brs == 1) {
-      for (int64_t h = 0; h < kNr; h += 16) {
-        const int64_t nh = std::max<int64_t>(0, std::min<int64_t>(16, nr - h));  // valid columns of this half
-        for (int64_t k0 = 0; k0 < kc; k0 += 16) {
-          const int64_t kn = std::min<int64_t>(16, kc - k0);
-          const __mmask16 km = lane_mask(kn, 0);
-          __m512 r[16];
-          for (int64_t j = 0; j < 16; ++j)
-            r[j] = j < nh ? _mm512_maskz_loadu_ps(km, b + (j0 + h + j) * bcs + k0) : _mm512_setzero_ps();
-          transpose16(r);
-          for (int64_t k = 0; k < kn; ++k) _mm512_store_ps(bp + (k0 + k) * kNr + h, r[k]);
+    }
+  }
+
+  // C[0 .. mr, 0 .. nr] (row stride ldc) = (add ? C : 0) + sum_k A[i, k] B[k, j] over k < kc, B[k, j] = b[k * kNr + j]
+  // (a packed panel, zero past nr), with
+  // A[i, k] = a[i * ars + k] (kRows: A's rows are contiguous) or a[k * acs + i] (its columns are; a packed panel is
+  // this case with acs = kMr). Every A value is broadcast straight from memory: row-major and column-major A need
+  // no packing (the kMr rows of a panel stay in L1 across the column panels of B).
+  template <bool kRows>
+  __attribute__((target("avx512f"), aligned(64))) static void kernel(int64_t kc, const float* a, int64_t ars, int64_t acs,
+                                                                     const float* b, float* c, int64_t ldc, bool add,
+                                                                     int64_t mr, int64_t nr) {
+    __m512 acc[kMr][2];
+    for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; ++k, b += kNr) {
+      const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+      const float* ak = kRows ? a + k : a + k * acs;
+#pragma GCC unroll 12
+      for (int i = 0; i < kMr; ++i) {
+        const __m512 av = _mm512_set1_ps(kRows ? ak[i * ars] : ak[i]);
+        acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+      }
+    }
+    const __mmask16 m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
+    for (int i = 0; i < kMr; ++i) {
+      if (i >= mr) break;
+      float* row = c + i * ldc;
+      __m512 v0 = acc[i][0], v1 = acc[i][1];
+      if (add) {
+        v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), v0);
+        v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), v1);
+      }
+      _mm512_mask_storeu_ps(row, m0, v0);
+      _mm512_mask_storeu_ps(row + 16, m1, v1);
+    }
+  }
+};
+
+// AVX2 + FMA (16 registers): 6 x 16 register blocks (12 accumulators), two per 12-row panel of A; B panels of
+// 16 columns. Each C value gets the AVX-512 kernel's order (above): the same bits.
+struct Avx2 {
+  static constexpr int64_t kNr = 16;
+  static constexpr int64_t kRb = kMr / 2;  // rows of a register block
+  static constexpr int64_t kPrefetchAhead = 4 * kFloatsPerLine;  // pack_b's prefetch distance along a row of W
+
+  // Lanes of the q-th 8-lane vector that hold one of a row's first n values (for the masked loads and stores).
+  __attribute__((target("avx2,fma"))) static __m256i lane_mask(int64_t n, int q) {
+    const int64_t k = std::max<int64_t>(0, std::min<int64_t>(8, n - 8 * q));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+
+  // In-register transpose of 8 rows of 8 floats: on return r[c] holds column c (rows 0..7 in order).
+  __attribute__((target("avx2,fma"))) static void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved per 128-bit lane
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {  // u[4i + m], lane half l: column 4l + m of rows 4i .. 4i + 3
+      u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; ++m) {
+      r[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+      r[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+    }
+  }
+
+  // B[0 .. kc, 0 .. nc] into column panels of kNr: bp[q][k][j] (zero columns past nc); the cases of Avx512::pack_b.
+  __attribute__((target("avx2,fma"))) static void pack_b(const float* b, int64_t brs, int64_t bcs, int64_t kc,
+                                                         int64_t nc, float* bp) {
+    for (int64_t j0 = 0; j0 < nc; j0 += kNr, bp += kNr * kc) {
+      const int64_t nr = std::min(kNr, nc - j0);
+      if (bcs == 1) {
+        const __m256i m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
+        for (int64_t k = 0; k < kc; ++k) {
+          const float* src = b + k * brs + j0;
+          _mm256_store_ps(bp + k * kNr, _mm256_maskload_ps(src, m0));
+          _mm256_store_ps(bp + k * kNr + 8, _mm256_maskload_ps(src + 8, m1));
+        }
+      } else if (brs == 1) {
+        for (int64_t h = 0; h < kNr; h += 8) {
+          const int64_t nh = std::max<int64_t>(0, std::min<int64_t>(8, nr - h));  // valid columns of this half
+          for (int64_t k0 = 0; k0 < kc; k0 += 8) {
+            const int64_t kn = std::min<int64_t>(8, kc - k0);
+            const __m256i km = lane_mask(kn, 0);
+            __m256 r[8];
+            if (k0 % kFloatsPerLine == 0 && k0 + kPrefetchAhead < kc)  // 8 strided streams: the hardware prefetcher
+              for (int64_t j = 0; j < nh; ++j)                         // lags (pack_b took 18 % of a product's time)
+                _mm_prefetch(reinterpret_cast<const char*>(b + (j0 + h + j) * bcs + k0 + kPrefetchAhead), _MM_HINT_T0);
+            for (int64_t j = 0; j < 8; ++j)
+              r[j] = j < nh ? _mm256_maskload_ps(b + (j0 + h + j) * bcs + k0, km) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int64_t k = 0; k < kn; ++k) _mm256_store_ps(bp + (k0 + k) * kNr + h, r[k]);
+          }
+        }
+      } else {
+        pack_b_panel_strided(b + j0 * bcs, brs, bcs, kc, nr, kNr, bp);
+      }
+    }
+  }
+
+  // Avx512::kernel's contract (rows past mr of a packed panel are zero), as two blocks of kRb rows; a panel of
+  // at most kRb rows computes one.
+  template <bool kRows>
+  __attribute__((target("avx2,fma"), aligned(64))) static void kernel(int64_t kc, const float* a, int64_t ars,
+                                                                      int64_t acs, const float* b, float* c,
+                                                                      int64_t ldc, bool add, int64_t mr, int64_t nr) {
+    const __m256i m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
+    for (int64_t r0 = 0; r0 < mr; r0 += kRb) {
+      __m256 acc[kRb][2];
+      for (int i = 0; i < kRb; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      const float* bk = b;
+      for (int64_t k = 0; k < kc; ++k, bk += kNr) {
+        const __m256 b0 = _mm256_load_ps(bk), b1 = _mm256_load_ps(bk + 8);
+        const float* ak = kRows ? a + r0 * ars + k : a + k * acs + r0;
+#pragma GCC unroll 6
+        for (int i = 0; i < kRb; ++i) {
+          const __m256 av = _mm256_broadcast_ss(kRows ? ak + i * ars : ak + i);
+          acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
         }
       }
-    } else {
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t j = 0; j < kNr; ++j) bp[k * kNr + j] = j < nr ? b[k * brs + (j0 + j) * bcs] : 0.0f;
+      // masked loads and stores only where a panel has fewer than kNr columns (masked stores are microcoded on
+      // AMD CPUs)
+      for (int i = 0; i < kRb && r0 + i < mr; ++i) {
+        float* row = c + (r0 + i) * ldc;
+        __m256 v0 = acc[i][0], v1 = acc[i][1];
+        if (nr == kNr) {
+          if (add) {
+            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);
+            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);
+          }
+          _mm256_storeu_ps(row, v0);
+          _mm256_storeu_ps(row + 8, v1);
+          continue;
+        }
+        if (add) {
+          v0 = _mm256_add_ps(_mm256_maskload_ps(row, m0), v0);
+          v1 = _mm256_add_ps(_mm256_maskload_ps(row + 8, m1), v1);
+        }
+        _mm256_maskstore_ps(row, m0, v0);
+        _mm256_maskstore_ps(row + 8, m1, v1);
+      }
     }
   }
-}
-
-// C[0 .. mr, 0 .. nr] (row stride ldc) = (add ? C : 0) + sum_k A[i, k] B[k, j] over k < kc, B[k, j] = b[k * kNr + j]
-// (a packed panel, zero past nr), with
-// A[i, k] = a[i * ars + k] (kRows: A's rows are contiguous) or a[k * acs + i] (its columns are; a packed panel is
-// this case with acs = kMr). Every A value is broadcast straight from memory: row-major and column-major A need
-// no packing (the kMr rows of a panel stay in L1 across the column panels of B).
-template <bool kRows>
-__attribute__((target("avx512f"), aligned(64))) void kernel(int64_t kc, const float* a, int64_t ars, int64_t acs, const float* b,
-                                                float* c, int64_t ldc, bool add, int64_t mr, int64_t nr) {
-  __m512 acc[kMr][2];
-  for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k, b += kNr) {
-    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-    const float* ak = kRows ? a + k : a + k * acs;
-#pragma GCC unroll 12
-    for (int i = 0; i < kMr; ++i) {
-      const __m512 av = _mm512_set1_ps(kRows ? ak[i * ars] : ak[i]);
-      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-    }
-  }
-  const __mmask16 m0 = lane_mask(nr, 0), m1 = lane_mask(nr, 1);
-  for (int i = 0; i < kMr; ++i) {
-    if (i >= mr) break;
-    float* row = c + i * ldc;
-    __m512 v0 = acc[i][0], v1 = acc[i][1];
-    if (add) {
-      v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), v0);
-      v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), v1);
-    }
-    _mm512_mask_storeu_ps(row, m0, v0);
-    _mm512_mask_storeu_ps(row + 16, m1, v1);
-  }
-}
-
-// The packed kernel where the CPU has AVX-512, unless NTHR_NATIVE_GEMM=aten asks for ATen's mm (read once;
-// any other value than "auto" or "aten" is refused).
-bool use_kernel() {
-  static const bool yes = [] {
-    const char* env = std::getenv("NTHR_NATIVE_GEMM");
-    const std::string want = env ? env : "auto";
-    TORCH_CHECK(want == "auto" || want == "aten", "NTHR_NATIVE_GEMM: expected 'auto' or 'aten', got '", want, "'");
-    return want == "auto" && __builtin_cpu_supports("avx512f");
-  }();
-  return yes;
-}
+};
+static_assert(Avx2::kRb * 2 == kMr, "two AVX2 register blocks per panel of A");
 
 // `done` after each row panel of the last column and K block (the rows' last writes).
+template <class Isa>
 void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
                   int64_t brs, int64_t bcs, float* c, int64_t ldc, bool accumulate, const RowsDone& done,
                   bool prefetch_a) {
@@ -182,7 +302,7 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
       const int64_t kc = std::min(kKc, K - k0);
       const bool add = accumulate || k0 > 0, last = j0 + kNc >= N && k0 + kKc >= K;
       const float* bk = b + k0 * brs + j0 * bcs;
-      pack_b(bk, brs, bcs, kc, nc, buf.b);
+      Isa::pack_b(bk, brs, bcs, kc, nc, buf.b);
       auto panel = [&](int64_t jr) { return buf.b + jr * kc; };
       for (int64_t i0 = 0; i0 < M; i0 += kMr) {
         const int64_t mr = std::min(kMr, M - i0);
@@ -193,13 +313,13 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
             for (int64_t k = 0; k < kc; k += kFloatsPerLine)
               _mm_prefetch(reinterpret_cast<const char*>(ap + i * ars + k), _MM_HINT_T1);
         if (mr == kMr && (rows || cols)) {
-          for (int64_t jr = 0; jr < nc; jr += kNr)
-            if (rows) kernel<true>(kc, ap, ars, 1, panel(jr), ci + jr, ldc, add, kMr, std::min(kNr, nc - jr));
-            else kernel<false>(kc, ap, 1, acs, panel(jr), ci + jr, ldc, add, kMr, std::min(kNr, nc - jr));
+          for (int64_t jr = 0; jr < nc; jr += Isa::kNr)
+            if (rows) Isa::template kernel<true>(kc, ap, ars, 1, panel(jr), ci + jr, ldc, add, kMr, std::min(Isa::kNr, nc - jr));
+            else Isa::template kernel<false>(kc, ap, 1, acs, panel(jr), ci + jr, ldc, add, kMr, std::min(Isa::kNr, nc - jr));
         } else {  // a last panel of fewer rows, or A of other strides: packed, zero rows past mr
           pack_a(ap, ars, acs, mr, kc, buf.a);
-          for (int64_t jr = 0; jr < nc; jr += kNr)
-            kernel<false>(kc, buf.a, 1, kMr, panel(jr), ci + jr, ldc, add, mr, std::min(kNr, nc - jr));
+          for (int64_t jr = 0; jr < nc; jr += Isa::kNr)
+            Isa::template kernel<false>(kc, buf.a, 1, kMr, panel(jr), ci + jr, ldc, add, mr, std::min(Isa::kNr, nc - jr));
         }
         if (last && done) done(i0, mr);
       }
@@ -208,29 +328,57 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
 }
 #endif
 
-}  // namespace
+enum class Engine { kAvx512, kAvx2, kAten };
 
-bool gemm_rows_independent() {
-#if NTHR_HAVE_AVX512_KERNEL
-  return use_kernel();
+// The engine on this CPU: the AVX-512 kernel, else the AVX2 one (AVX2 and FMA), else ATen's mm. NTHR_NATIVE_GEMM
+// (read once) = "auto" (that choice), "avx512" or "avx2" (that kernel; refused on a CPU without its ISA) or
+// "aten"; any other value is refused.
+Engine engine() {
+  static const Engine e = [] {
+    const char* env = std::getenv("NTHR_NATIVE_GEMM");
+    const std::string want = env ? env : "auto";
+    TORCH_CHECK(want == "auto" || want == "avx512" || want == "avx2" || want == "aten",
+                "NTHR_NATIVE_GEMM: expected 'auto', 'avx512', 'avx2' or 'aten', got '", want, "'");
+    if (want == "aten") return Engine::kAten;
+#if NTHR_HAVE_X86_KERNELS
+    const bool avx512 = __builtin_cpu_supports("avx512f");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    TORCH_CHECK(want != "avx512" || avx512, "NTHR_NATIVE_GEMM: 'avx512' needs a CPU with AVX-512, this one has none");
+    TORCH_CHECK(want != "avx2" || avx2, "NTHR_NATIVE_GEMM: 'avx2' needs a CPU with AVX2 and FMA, this one lacks them");
+    if (want == "avx2") return Engine::kAvx2;
+    return avx512 ? Engine::kAvx512 : avx2 ? Engine::kAvx2 : Engine::kAten;
 #else
-  return false;
+    TORCH_CHECK(want == "auto", "NTHR_NATIVE_GEMM: '", want, "' needs an x86-64 CPU");
+    return Engine::kAten;
 #endif
+  }();
+  return e;
 }
 
-const char* gemm_engine() { return gemm_rows_independent() ? "nthr-avx512" : "aten"; }
+}  // namespace
+
+bool gemm_rows_independent() { return engine() != Engine::kAten; }
+
+const char* gemm_engine() {
+  switch (engine()) {
+    case Engine::kAvx512: return "nthr-avx512";
+    case Engine::kAvx2: return "nthr-avx2";
+    default: return "aten";
+  }
+}
 
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate, const RowsDone& done,
           bool prefetch_a) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == K && c.size(0) == M && c.size(1) == N, "nthr gemm: shapes do not match");
-#if NTHR_HAVE_AVX512_KERNEL
-  if (use_kernel() && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+#if NTHR_HAVE_X86_KERNELS
+  const Engine e = engine();
+  if (e != Engine::kAten && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
       b.scalar_type() == at::kFloat && c.stride(1) == 1) {
     if (M > 0 && N > 0 && K > 0) {
-      packed_sgemm(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
-                   b.stride(0), b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate,
-                   done, prefetch_a);
+      const auto run = e == Engine::kAvx512 ? &packed_sgemm<Avx512> : &packed_sgemm<Avx2>;
+      run(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(), b.stride(0),
+          b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done, prefetch_a);
       return;
     }
     if (M > 0 && N > 0 && !accumulate) const_cast<at::Tensor&>(c).zero_();  // K == 0

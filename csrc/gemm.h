@@ -25,10 +25,10 @@ using RowsDone = std::function<void(int64_t r0, int64_t rn)>;
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
           const RowsDone& done = nullptr, bool prefetch_a = false);
 
-// Which engine gemm uses on this CPU: "nthr-avx512" (the packed kernel) or "aten" (ATen's mm).
+// Which engine gemm uses on this CPU: "nthr-avx512" or "nthr-avx2" (the packed kernels) or "aten" (ATen's mm).
 const char* gemm_engine();
 
-// Whether a row of c gets the same bits however many rows the call has: true for the packed kernel (each
+// Whether a row of c gets the same bits however many rows the call has: true for the packed kernels (each
 // element summed over K in order, whatever panel holds its row); ATen's mm blocks by the whole shape, so a
 // caller must not let a thread count choose its row splits there.
 bool gemm_rows_independent();

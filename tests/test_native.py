@@ -671,8 +671,8 @@ def _mm_operands(m, k, n, layout, seed):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("shape", MM_SHAPES, ids=["x".join(map(str, s)) for s in MM_SHAPES])
 def test_native_mm_matches_float64(shape, layout):
-    """Every native op's matrix products go through gemm (gemm.cpp): the packed AVX-512 kernel where the CPU
-    has it, else ATen's mm. Each entry within the float32 score tolerance of |A| |B| (a float32 sum of K
+    """Every native op's matrix products go through gemm (gemm.cpp): a packed kernel of the library's own where
+    the CPU has AVX-512, or AVX2 and FMA, else ATen's mm. Each entry within the float32 score tolerance of |A| |B| (a float32 sum of K
     products errs by at most ~K * 2^-24 of it)."""
     a, b = _mm_operands(*shape, layout, stable_seed("mm", shape, layout))
     a0, b0 = a.clone(), b.clone()
@@ -704,21 +704,91 @@ def test_native_mm_same_bits_at_one_and_two_threads_and_empty_sizes():
         torch.ops.nthr.native_mm(torch.ones(3, 5, dtype=torch.float64), torch.ones(5, 4))
 
 
-@needs_native
-def test_gemm_engine_is_the_packed_kernel_where_the_cpu_has_avx512():
-    engine = native_lib.gemm_engine()
-    assert engine in ("nthr-avx512", "aten")
+def _cpu_flags() -> set:
     try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
+        line = next(ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
-    assert (engine == "nthr-avx512") == (" avx512f" in flags)
+    return set(line.split(":", 1)[1].split())
+
+
+@needs_native
+def test_gemm_engine_is_the_packed_kernel_of_the_cpus_isa():
+    engine = native_lib.gemm_engine()
+    flags = _cpu_flags()
+    want = ("nthr-avx512" if "avx512f" in flags else "nthr-avx2" if {"avx2", "fma"} <= flags else "aten")
+    assert engine == want, (engine, sorted(flags & {"avx512f", "avx2", "fma"}))
+
+
+def _mm_in_kernel_order(a: torch.Tensor, b: torch.Tensor, kc: int = 256) -> torch.Tensor:
+    """``a @ b`` summed as csrc/gemm.cpp's packed kernels sum ("Bits" there): per K block of ``kc``, a float32
+    fused multiply-add chain from 0 over k in order, then the blocks added to C in order. The FMA is emulated in
+    float64 (``a * b`` is exact there; the sum is rounded twice, which differs from one rounding in about one of
+    2^29 operations: the fixed seeds of the test below hit none)."""
+    a64, b64 = a.double(), b.double()
+    out = None
+    for k0 in range(0, a.shape[1], kc):
+        acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32)
+        for k in range(k0, min(k0 + kc, a.shape[1])):
+            acc = (acc.double() + a64[:, k, None] * b64[None, k, :]).float()
+        out = acc if out is None else out + acc
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_native_mm_sums_in_the_kernel_order_bit_for_bit(layout):
+    """Both packed kernels (AVX-512 and AVX2) sum every entry in one documented order, so a machine of either
+    ISA gives the same bits: native_mm equals that order emulated here, exactly. 13 rows (a full panel of 12 and
+    one packed row), 37 columns (full and masked panels of 16 and 32), K 600 (three K blocks)."""
+    if native_lib.gemm_engine() == "aten":
+        pytest.skip("ATen's mm (no AVX2/FMA, or NTHR_NATIVE_GEMM=aten) sums in BLAS's own order")
+    a, b = _mm_operands(13, 600, 37, layout, stable_seed("mm-order", layout))
+    assert torch.equal(torch.ops.nthr.native_mm(a, b), _mm_in_kernel_order(a, b))
+
+
+@needs_native
+def test_gemm_engines_give_the_same_bits():
+    """NTHR_NATIVE_GEMM=avx2 on an AVX-512 CPU runs the AVX2 kernel: its products and a whole op's results equal
+    the AVX-512 kernel's bit for bit. Where the CPU lacks an ISA, asking for its kernel is refused by name."""
+    code = textwrap.dedent("""
+        import hashlib, sys, torch
+        sys.path.insert(0, "tests")
+        from _helpers import case, run
+        from nthr_kernels.ops import native_lib
+        try:
+            engine = native_lib.gemm_engine()
+        except ValueError as e:
+            print("refused", e)
+            raise SystemExit(0)
+        g = torch.Generator().manual_seed(5)
+        a, w = torch.randn(301, 277, generator=g), torch.randn(533, 277, generator=g)
+        b = case(n_groups=4, group_size=5, lengths=(0, 41), d=23, vocab=307, seed=13)
+        outs = [torch.ops.nthr.native_mm(a, w.t()), torch.ops.nthr.native_mm(a.t().contiguous(), a),
+                run(b, "native").scores, run(b, "native", with_logprobs=False, anchor="others").scores]
+        print(engine, hashlib.sha256(b"".join(o.numpy().tobytes() for o in outs)).hexdigest())
+    """)
+    flags = _cpu_flags()
+    seen = {}
+    for want, has in (("avx512", "avx512f" in flags), ("avx2", {"avx2", "fma"} <= flags)):
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, NTHR_NATIVE_GEMM=want),
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        if has:
+            engine, digest = out.stdout.split()
+            assert engine == f"nthr-{want}"
+            seen[want] = digest
+        else:
+            assert out.stdout.startswith(f"refused NTHR_NATIVE_GEMM: '{want}' needs a CPU with"), out.stdout
+    if len(seen) < 2:
+        pytest.skip(f"this CPU runs only {sorted(seen) or 'none'} of the two kernels: nothing to compare")
+    assert seen["avx512"] == seen["avx2"]
 
 
 @needs_native
 def test_certain_tokens_score_zero_on_the_aten_gemm_engine():
     """test_certain_tokens_with_lm_head_score_zero (tests/test_backends.py) on ATen's mm, the engine of every CPU
-    without AVX-512: a one-token vocabulary, every token certain, every score 0 and nothing selected. Without old
+    without AVX2 and FMA: a one-token vocabulary, every token certain, every score 0 and nothing selected. Without old
     log-probs, log Z's product W H^T and the errors' H W*^T rounded the sampled token's logit apart on ATen's mm
     (the packed kernel gives both the same bits): scores of 2e-13 to 4e-13 at T 0.7, 1.0 and 1.3."""
     code = textwrap.dedent("""
@@ -746,8 +816,8 @@ def test_certain_tokens_score_zero_on_the_aten_gemm_engine():
 
 @needs_native
 def test_aten_gemm_fallback_matches_reference_and_bad_setting_is_refused():
-    """NTHR_NATIVE_GEMM=aten: every product on ATen's mm, as on a CPU without AVX-512 (the path CI's AVX-512
-    machine would otherwise never run); the op still matches the reference and gives the same bits at any
+    """NTHR_NATIVE_GEMM=aten: every product on ATen's mm, as on a CPU without AVX2 and FMA (the path CI's
+    machines would otherwise never run); the op still matches the reference and gives the same bits at any
     thread count. Any other value is refused."""
     code = textwrap.dedent("""
         import sys, torch
@@ -780,7 +850,7 @@ def test_aten_gemm_fallback_matches_reference_and_bad_setting_is_refused():
     env["NTHR_NATIVE_GEMM"] = "mkl"
     out = subprocess.run([sys.executable, "-c", "from nthr_kernels.ops import native_lib; native_lib.gemm_engine()"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0 and "ValueError: NTHR_NATIVE_GEMM: expected 'auto' or 'aten', got 'mkl'" in out.stderr
+    assert out.returncode != 0 and "ValueError: NTHR_NATIVE_GEMM: expected 'auto', 'avx512', 'avx2' or 'aten', got 'mkl'" in out.stderr
 
 
 @needs_native

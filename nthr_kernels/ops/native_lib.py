@@ -41,10 +41,11 @@ bytes in all (under ``32 * SCRATCH_ELEMS``, 128 MiB by default; far less in prac
 are sized to the group), plus ``O(n)`` per-token vectors (about 40 bytes per completion token) and one
 ``[|V|]`` int32 marker per working thread (the distinct ids of a group); no ``[n, |V|]`` tensor is formed,
 and a ``[T+, T]`` one (``K_e`` of a pairwise group, in the ``N_i``/``M`` buffer) only within one slice.
-Every matrix product runs on ``csrc/gemm.cpp`` (``nthr::native_gemm_engine()`` names it): a packed AVX-512
-kernel of the library's own where the CPU has AVX-512 (the BLAS torch ships takes its AVX2 path on AMD
-CPUs: half the rate there), else ATen's mm (also with ``NTHR_NATIVE_GEMM=aten``; any value but ``auto`` and
-``aten`` is refused); its packing buffers add 524 KiB per thread.
+Every matrix product runs on ``csrc/gemm.cpp`` (``nthr::native_gemm_engine()`` names it): a packed kernel
+of the library's own where the CPU has AVX-512 (the BLAS torch ships takes its AVX2 path on AMD CPUs: half
+the rate there) or else AVX2 and FMA, both summing in one order (the same bits on either ISA), else ATen's
+mm (also with ``NTHR_NATIVE_GEMM=aten``; ``avx512`` or ``avx2`` asks for that kernel, refused where the CPU
+lacks it; any other value but ``auto`` is refused); its packing buffers add 524 KiB per thread.
 The value checks' norm pass and the old log-probs check run before the op, in one parallel region
 (``nthr::native_check_values``: row chunks interleaved with the groups' GEMMs).
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
@@ -552,7 +553,7 @@ def unavailable_reason() -> str:
 
 def gemm_engine() -> str:
     """The engine of the native ops' matrix products on this CPU (builds or loads the library):
-    ``"nthr-avx512"`` (csrc/gemm.cpp's packed kernel) or ``"aten"`` (ATen's mm: no AVX-512, or
+    ``"nthr-avx512"`` or ``"nthr-avx2"`` (csrc/gemm.cpp's packed kernels) or ``"aten"`` (ATen's mm: no AVX2, or
     ``NTHR_NATIVE_GEMM=aten``)."""
     require()
     return _state["gemm"]
