@@ -75,8 +75,9 @@ def machine_info(load_at_start: Optional[float] = None) -> dict:
 def _native_gemm() -> Optional[str]:
     """The native ops' GEMM engine on this machine (None where the native backend is not available)."""
     from nthr_kernels.ops import native_lib
+    from nthr_kernels.registry import native_available
 
-    return native_lib.gemm_engine() if native_lib.available() else None
+    return native_lib.gemm_engine() if native_available() else None
 
 
 def _ms(x: float) -> str:
