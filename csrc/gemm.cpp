@@ -24,6 +24,8 @@
 #include <cstdlib>
 #include <string>
 
+#include <unistd.h>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define NTHR_HAVE_X86_KERNELS 1
@@ -37,7 +39,24 @@ namespace {
 #if NTHR_HAVE_X86_KERNELS
 constexpr int64_t kMr = kGemmRowBlock;  // rows of a panel of A (the register block of C: 12 x 32 or 2 x 6 x 16)
 constexpr int64_t kKc = 256;           // K block: one A panel (12 KiB) in L1, the B block in L2
-constexpr int64_t kNc = 512;           // columns of B per packed block (512 KiB at kKc)
+constexpr int64_t kNc = 512;           // the most columns of B per packed block (512 KiB at kKc): col_block()
+
+// Columns of B per packed block: a K block of B (kKc x this) fills half of the L2 cache (sysconf; 512 KiB taken
+// where it gives no size), in multiples of 32 (both kernels' panel widths), from 32 to kNc. 256 on Zen 3 (512
+// KiB L2): at 512, the B block filled its L2 and the streamed A rows evicted it (full-vocabulary pass of the
+// medium shape 2.5 to 2.8 s against 2.2 to 2.3); 512 on Zen 5 (1 MiB). No bit depends on it (the order above).
+int64_t col_block() {
+  static const int64_t n = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // glibc
+#else
+    const long l2 = 0;
+#endif
+    const int64_t bytes = l2 > 0 ? static_cast<int64_t>(l2) : int64_t{512} << 10;
+    return std::clamp<int64_t>(bytes / 2 / (kKc * static_cast<int64_t>(sizeof(float))) / 32 * 32, 32, kNc);
+  }();
+  return n;
+}
 
 // 64-byte aligned per-thread packing buffers: one A panel (kMr kKc floats) and one B block (kNc kKc): 524 KiB
 // (both kernels).
@@ -296,11 +315,12 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
                   bool prefetch_a) {
   thread_local PackBuffers buf;
   const bool rows = acs == 1, cols = !rows && ars == 1;  // else every A panel is packed
-  for (int64_t j0 = 0; j0 < N; j0 += kNc) {
-    const int64_t nc = std::min(kNc, N - j0);
+  const int64_t ncb = col_block();
+  for (int64_t j0 = 0; j0 < N; j0 += ncb) {
+    const int64_t nc = std::min(ncb, N - j0);
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
-      const bool add = accumulate || k0 > 0, last = j0 + kNc >= N && k0 + kKc >= K;
+      const bool add = accumulate || k0 > 0, last = j0 + ncb >= N && k0 + kKc >= K;
       const float* bk = b + k0 * brs + j0 * bcs;
       Isa::pack_b(bk, brs, bcs, kc, nc, buf.b);
       auto panel = [&](int64_t jr) { return buf.b + jr * kc; };
@@ -358,6 +378,14 @@ Engine engine() {
 }  // namespace
 
 bool gemm_rows_independent() { return engine() != Engine::kAten; }
+
+int64_t gemm_col_block() {
+#if NTHR_HAVE_X86_KERNELS
+  return col_block();
+#else
+  return kGemmColBlockAten;
+#endif
+}
 
 const char* gemm_engine() {
   switch (engine()) {

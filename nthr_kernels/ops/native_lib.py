@@ -29,8 +29,8 @@ scored one by one unless ``score_positive``: each positive response's anchor is 
 ``2 |V*| d (2 T + T+)``. A group with few positive tokens takes the pairwise path instead
 (``core.rules.pairwise_cheaper``, docs/NTHR.md): ``K_e = E+ E^T`` and ``K_h = H+ H^T`` give the negative
 tokens' scores and the anchor sums for ``2 T+ T (|V*| + d)`` FLOPs, no ``M``. With ``lm_head_weight`` and no ``old_logprobs`` the full-vocabulary
-``log Z`` runs first (row chunks in parallel, per vocabulary chunk one GEMM tile folded at once into
-an online log-sum-exp); then every active group in parallel, largest first: ``V*``, the prediction
+``log Z`` runs first (row chunks in parallel, per vocabulary chunk one GEMM tile folded panel by panel,
+in the product's epilogue, into an online log-sum-exp); then every active group in parallel, largest first: ``V*``, the prediction
 errors of all its tokens (cached per column block of ``V*``), ``N_i``, ``M``, the anchors and the
 negative tokens' scores ``(E_t M) . h_t``, then ``tau``, selection and rescaled
 advantages. Scratch memory: ``SCRATCH_ELEMS`` is cut into ``kWorkers = 8`` slices (``csrc/params.h``)

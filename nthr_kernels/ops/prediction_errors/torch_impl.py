@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ...core.rules import SCRATCH_ELEMS, sampled_logprob
+from ...core.rules import LSE_TILE_ELEMS, SCRATCH_ELEMS, sampled_logprob
 
 
 def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, temperature: float, budget: int):
@@ -15,12 +15,15 @@ def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, tempera
     ``z_y = (w_{y_t} . h_t) / T`` from the same product (for :func:`nthr_kernels.core.rules.sampled_logprob`).
     In vocabulary chunks: an online logsumexp, no ``[n, |V|]`` tensor, no host synchronisation.
 
-    One logits buffer of at most ``3 * budget`` elements is reused for every chunk (written by
-    ``torch.mm(out=...)``, exponentiated in place), so nothing else of that size is ever live.
+    One logits buffer of at most ``3 * budget`` elements (on CPU at most ``LSE_TILE_ELEMS``, when that holds a
+    row) is reused for every chunk (written by ``torch.mm(out=...)``, exponentiated in place), so nothing else of
+    that size is ever live.
     """
     vocab, d = w.shape
     n = h.shape[0]
     vc = max(1, min(vocab, 3 * budget // max(n, 1), budget // d))
+    if h.device.type == "cpu":
+        vc = min(vc, max(1, LSE_TILE_ELEMS // max(n, 1)))
     if temperature != 1.0:
         h /= temperature  # (h / T) @ W^T == (h @ W^T) / T: one [n, d] pass instead of one per chunk
     m = torch.full((n, 1), -math.inf, dtype=torch.float32, device=h.device)
