@@ -82,11 +82,11 @@ void pack_a(const float* a, int64_t ars, int64_t acs, int64_t mr, int64_t kc, fl
   }
 }
 
-// One column panel of B (B[0 .. kc, 0 .. nr] of any strides) as bp[k][j], kNr values per k (zero past nr):
-// element by element, for the strides the kernels' vector paths do not cover.
-void pack_b_panel_strided(const float* b, int64_t brs, int64_t bcs, int64_t kc, int64_t nr, int64_t kNr, float* bp) {
+// One column panel of B (B[0 .. kc, 0 .. nr] of any strides) as bp[k][j], `width` values per k (the kernel's
+// panel width; zero past nr): element by element, for the strides the kernels' vector paths do not cover.
+void pack_b_panel_strided(const float* b, int64_t brs, int64_t bcs, int64_t kc, int64_t nr, int64_t width, float* bp) {
   for (int64_t k = 0; k < kc; ++k)
-    for (int64_t j = 0; j < kNr; ++j) bp[k * kNr + j] = j < nr ? b[k * brs + j * bcs] : 0.0f;
+    for (int64_t j = 0; j < width; ++j) bp[k * width + j] = j < nr ? b[k * brs + j * bcs] : 0.0f;
 }
 
 // AVX-512: 12 x 32 register blocks (24 accumulators), B panels of 32 columns.
