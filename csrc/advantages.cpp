@@ -189,8 +189,7 @@ void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, i
 // in cache (the packed kernels: kGemmRowBlock weight rows per fold, the same on every machine; ATen's mm: the
 // whole tile). With own (rows 0..nc only): own_z[i] = the logit of row i at weight row own[i], which is left
 // out of the sum (the sum of the other tokens, sampled_logprob).
-// Callers keep rn <= gemm_col_block(): the packed H^T then stays in half of L2 (a 409-row H^T filled Zen 3's
-// 512 KiB L2, and the full-vocabulary pass took 2.5 to 2.8 s on the medium shape against 2.2 to 2.3 at 192).
+// Callers keep rn <= gemm_col_block(), so that the packed H^T stays in half of L2 (gemm.cpp, col_block).
 void lse_over_rows(const Tensor& weight, float temperature, const float* h, int64_t rn, int64_t d,
                    const int64_t* ids, int64_t nc, int64_t vc, Workspace& ws, float* rmax, float* rsum,
                    const int64_t* own = nullptr, float* own_z = nullptr) {
@@ -240,9 +239,10 @@ inline void normaliser_from_others(float others, float zy, float temperature, fl
 }
 
 // Weight without old log-probs: log Z_t and l_t over the whole vocabulary for rows toks[0..n), in chunks of rc
-// tokens (rc from the slice and gemm_col_block(); no bit depends on it), one chunk per item, its hidden rows gathered once: the log-sum-exp of every
-// token but the sampled one, whose logit comes from the same product (normaliser_from_others). Every item does
-// the same arithmetic whichever thread runs it. errors_block takes the sampled token's error from lp[t].
+// tokens (rc from the slice and gemm_col_block(); no bit depends on it), one chunk per item, its hidden rows
+// gathered once: the log-sum-exp of every token but the sampled one, whose logit comes from the same product
+// (normaliser_from_others). Every item does the same arithmetic whichever thread runs it. errors_block takes
+// the sampled token's error from lp[t].
 void log_z_full_vocab(const AdvantagesParams& p, const int64_t* toks, int64_t n, float* out, float* lp) {
   const int64_t d = p.d, vocab = p.vocab;
   const int64_t vc = std::max<int64_t>(1, std::min<int64_t>(vocab, 1024));

@@ -43,8 +43,9 @@ constexpr int64_t kNc = 512;           // the most columns of B per packed block
 
 // Columns of B per packed block: a K block of B (kKc x this) fills half of the L2 cache (sysconf; 512 KiB taken
 // where it gives no size), in multiples of 32 (both kernels' panel widths), from 32 to kNc. 256 on Zen 3 (512
-// KiB L2): at 512, the B block filled its L2 and the streamed A rows evicted it (full-vocabulary pass of the
-// medium shape 2.5 to 2.8 s against 2.2 to 2.3); 512 on Zen 5 (1 MiB). No bit depends on it (the order above).
+// KiB L2): at 409 columns the B block filled its L2 and the streamed A rows evicted it (the full-vocabulary
+// pass of the medium shape, 409 tokens per item: 2.5 to 2.8 s; at 192: 2.2 to 2.3); 512 on Zen 5 (1 MiB L2).
+// No bit depends on it (the order above).
 int64_t col_block() {
   static const int64_t n = [] {
 #ifdef _SC_LEVEL2_CACHE_SIZE
