@@ -189,7 +189,7 @@ void dot_weight_rows(const Tensor& weight, const int64_t* ids, const float* h, i
 // in cache (the packed kernels: kGemmRowBlock weight rows per fold, the same on every machine; ATen's mm: the
 // whole tile). With own (rows 0..nc only): own_z[i] = the logit of row i at weight row own[i], which is left
 // out of the sum (the sum of the other tokens, sampled_logprob).
-// Callers keep rn <= gemm_col_block(), so that the packed H^T stays in half of L2 (gemm.cpp, col_block).
+// Callers keep rn <= gemm_col_block(), so that the packed H^T stays in half of L2 (gemm.cpp).
 void lse_over_rows(const Tensor& weight, float temperature, const float* h, int64_t rn, int64_t d,
                    const int64_t* ids, int64_t nc, int64_t vc, Workspace& ws, float* rmax, float* rsum,
                    const int64_t* own = nullptr, float* own_z = nullptr) {

@@ -36,28 +36,12 @@
 namespace nthr {
 namespace {
 
+// Blocking of the packed kernels (also the size gemm_col_block() reports on any CPU).
+constexpr int64_t kKc = 256;  // K block: one A panel (12 KiB) in L1, the B block in L2
+constexpr int64_t kNc = 512;  // the most columns of B per packed block (512 KiB at kKc): gemm_col_block()
+
 #if NTHR_HAVE_X86_KERNELS
 constexpr int64_t kMr = kGemmRowBlock;  // rows of a panel of A (the register block of C: 12 x 32 or 2 x 6 x 16)
-constexpr int64_t kKc = 256;           // K block: one A panel (12 KiB) in L1, the B block in L2
-constexpr int64_t kNc = 512;           // the most columns of B per packed block (512 KiB at kKc): col_block()
-
-// Columns of B per packed block: a K block of B (kKc x this) fills half of the L2 cache (sysconf; 512 KiB taken
-// where it gives no size), in multiples of 32 (both kernels' panel widths), from 32 to kNc. 256 on Zen 3 (512
-// KiB L2): at 409 columns the B block filled its L2 and the streamed A rows evicted it (the full-vocabulary
-// pass of the medium shape, 409 tokens per item: 2.5 to 2.8 s; at 192: 2.2 to 2.3); 512 on Zen 5 (1 MiB L2).
-// No bit depends on it (the order above).
-int64_t col_block() {
-  static const int64_t n = [] {
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // glibc
-#else
-    const long l2 = 0;
-#endif
-    const int64_t bytes = l2 > 0 ? static_cast<int64_t>(l2) : int64_t{512} << 10;
-    return std::clamp<int64_t>(bytes / 2 / (kKc * static_cast<int64_t>(sizeof(float))) / 32 * 32, 32, kNc);
-  }();
-  return n;
-}
 
 // 64-byte aligned per-thread packing buffers: one A panel (kMr kKc floats) and one B block (kNc kKc): 524 KiB
 // (both kernels).
@@ -316,7 +300,7 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
                   bool prefetch_a) {
   thread_local PackBuffers buf;
   const bool rows = acs == 1, cols = !rows && ars == 1;  // else every A panel is packed
-  const int64_t ncb = col_block();
+  const int64_t ncb = gemm_col_block();
   for (int64_t j0 = 0; j0 < N; j0 += ncb) {
     const int64_t nc = std::min(ncb, N - j0);
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
@@ -380,11 +364,25 @@ Engine engine() {
 
 bool gemm_rows_independent() { return engine() != Engine::kAten; }
 
+// Half of the L2 cache (sysconf; 512 KiB taken where it gives no size) over one K block of B, in multiples of 32
+// (both kernels' panel widths), from 32 to kNc. 256 on Zen 3 (512 KiB L2): at 409 columns the B block filled its
+// L2 and the streamed A rows evicted it (the full-vocabulary pass of the medium shape, 409 tokens per item: 2.5
+// to 2.8 s; at 192: 2.2 to 2.3); 512 on Zen 5 (1 MiB L2). No bit of the packed kernels depends on it (the order
+// above). Without them (not x86-64): kNc.
 int64_t gemm_col_block() {
 #if NTHR_HAVE_X86_KERNELS
-  return col_block();
+  static const int64_t n = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // glibc
 #else
-  return kGemmColBlockAten;
+    const long l2 = 0;
+#endif
+    const int64_t bytes = l2 > 0 ? static_cast<int64_t>(l2) : int64_t{512} << 10;
+    return std::clamp<int64_t>(bytes / 2 / (kKc * static_cast<int64_t>(sizeof(float))) / 32 * 32, 32, kNc);
+  }();
+  return n;
+#else
+  return kNc;
 #endif
 }
 

@@ -25,10 +25,8 @@ using RowsDone = std::function<void(int64_t r0, int64_t rn)>;
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
           const RowsDone& done = nullptr, bool prefetch_a = false);
 
-// Columns of B the packed kernels take per block (half of L2 at a K block of 256; gemm.cpp, col_block): a caller
-// that chooses how many columns its products have keeps them within this, and the packed B stays in L2.
-// Without the packed kernels (not x86-64), kGemmColBlockAten.
-constexpr int64_t kGemmColBlockAten = 512;
+// Columns of B the packed kernels take per block (half of L2 at a K block of 256; gemm.cpp): a caller that
+// chooses how many columns its products have keeps them within this, and the packed B stays in L2.
 int64_t gemm_col_block();
 
 // Which engine gemm uses on this CPU: "nthr-avx512" or "nthr-avx2" (the packed kernels) or "aten" (ATen's mm).

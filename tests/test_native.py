@@ -741,7 +741,7 @@ def test_native_mm_sums_in_the_kernel_order_bit_for_bit(layout):
     """Both packed kernels (AVX-512 and AVX2) sum every entry in one documented order, so a machine of either
     ISA gives the same bits: native_mm equals that order emulated here, exactly. 13 rows (a full panel of 12 and
     one packed row), 545 columns (full and masked panels of 16 and 32; more than one column block of B, whether
-    the L2 size makes it 256 or 512 columns: gemm.cpp's col_block), K 600 (three K blocks)."""
+    the L2 size makes it 256 or 512 columns: gemm_col_block), K 600 (three K blocks)."""
     if native_lib.gemm_engine() == "aten":
         pytest.skip("ATen's mm (no AVX2/FMA, or NTHR_NATIVE_GEMM=aten) sums in BLAS's own order")
     a, b = _mm_operands(13, 600, 545, layout, stable_seed("mm-order", layout))
