@@ -175,6 +175,27 @@ def test_tiny_scratch_budget(backend, anchor):
     assert_matches_reference(got, run(b, "reference", anchor=anchor, beta=0.5), b)
 
 
+@pytest.mark.parametrize("budget", [None, 64, 4000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_log_z_in_the_blocks_same_bits_as_the_planned_one(budget, temperature, monkeypatch):
+    """With the weight and old log-probs the torch backend computes log Z in its error blocks
+    (``plan_normaliser``) rather than for the whole batch up front (``log_normaliser``): the same bits
+    either way. Default budget: each group's V* and tokens in one block; 64: V* split into column blocks
+    (log Z per group, from log_normaliser); 4000 (with d = 8): V* whole, the tokens in several blocks."""
+    from nthr_kernels.ops.advantages import torch_impl
+
+    b = case(seed=stable_seed("log-z-blocks", budget, temperature), n_groups=4, group_size=4, lengths=(20, 40), d=8,
+             vocab=97, temperature=temperature)
+    kw = dict(temperature=temperature, anchor="others", score_positive=True)
+    got = run_impl(b, "torch", budget, **kw)
+    monkeypatch.setattr(torch_impl, "plan_normaliser", torch_impl.log_normaliser)
+    want = run_impl(b, "torch", budget, **kw)
+    for name in ("scores", "token_advantages", "tau", "selected"):
+        assert torch.equal(getattr(got, name).nan_to_num(7.0) if name == "tau" else getattr(got, name),
+                           getattr(want, name).nan_to_num(7.0) if name == "tau" else getattr(want, name)), name
+    assert bool(got.selected.any())  # the comparison covers selections
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
 @pytest.mark.parametrize("path", ["factored", "pairwise"])
 @pytest.mark.parametrize("anchor", ["all", "others"])

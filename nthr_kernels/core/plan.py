@@ -75,7 +75,7 @@ class Plan:
     vs_id: torch.Tensor  # [K] V* ids, concatenated over active groups (sorted within each)
     vs_start: torch.Tensor  # [n_g]
     vs_count: torch.Tensor  # [n_g]
-    log_z: torch.Tensor  # [n_act] float32, for order[i]
+    log_z: Optional[torch.Tensor]  # [n_act] float32, for order[i]; None: the implementation finds it later
     lp: torch.Tensor  # [n_act] float32, the sampled token's log-prob l_t (log Z_t = z_y / T - l_t)
 
 

@@ -450,7 +450,7 @@ def nthr_advantages_distributed(
             all_keys, _ = torch.sort(all_keys, stable=True)
             return all_keys // vocab, all_keys % vocab
 
-        plan = make_plan(gb, lambda order: torch_impl.log_normaliser(gb, order, budget), vstar=vstar)
+        plan = make_plan(gb, lambda order: torch_impl.plan_normaliser(gb, order, budget), vstar=vstar)
 
         # ---- 5. scores with M all-reduced over the shared groups -----------------------------------------
         def reduce_m(m, k0, k1, c0, c1):
