@@ -94,13 +94,15 @@ def _info(r: dict) -> dict:
 
 def matmul_rates(records: list[dict]) -> dict[str, dict]:
     """Per device the best matrix-unit rate (FLOP/s) of the run, with the engine, size and dtype that gave
-    it, and under ``"engines"`` each engine's best ``(rate, n)`` (records without an engine: ``torch``)."""
+    it, under ``"engines"`` each engine's best ``(rate, n)`` (records without an engine: ``torch``), and under
+    ``"passes"`` the rates of every pass of each ``(engine, n)``."""
     best: dict[str, dict] = {}
     for r in records:
         x = _info(r)
         if x.get("op") == "matmul":
             rate, engine = x["flops"] / r["stats"]["median"], x.get("engine", "torch")
-            dev = best.setdefault(x["device"], {"rate": 0.0, "engines": {}})
+            dev = best.setdefault(x["device"], {"rate": 0.0, "engines": {}, "passes": {}})
+            dev["passes"].setdefault((engine, x["n"]), []).append(rate)
             if rate > dev["engines"].get(engine, (0.0, 0))[0]:
                 dev["engines"][engine] = (rate, x["n"])
             if rate > dev["rate"]:
@@ -274,8 +276,19 @@ def header(machine: dict, rates: dict) -> list[str]:
         each = "; ".join(f"{_ENGINE_TEXT.get(e, e)} {rate / 1e9:,.1f} at {n}^3" for e, (rate, n) in sorted(r["engines"].items()))
         lines.append(f"Matrix unit ({dev}, {r['dtype']}, best of the sizes, engines and passes (before and after "
                      f"the ops) timed in this run): "
-                     f"{r['rate'] / 1e9:,.1f} GFLOP/s ({each}); every floor below is at this best rate.")
+                     f"{r['rate'] / 1e9:,.1f} GFLOP/s ({each}); every floor below is at this best rate."
+                     + _passes_text(r))
     return lines + [""]
+
+
+def _passes_text(r: dict) -> str:
+    """How far apart the passes of the best rate's own product were: the machine's spells, in words."""
+    passes = sorted(r.get("passes", {}).get((r["engine"], r["n"]), []))
+    if len(passes) < 2 or passes[0] <= 0:
+        return ""
+    return (f" The same product's passes ran at {' and '.join(f'{p / 1e9:,.1f}' for p in passes)} GFLOP/s: on a "
+            f"shared machine this best rate, and with it every \"x floor\", moves between runs "
+            f"({passes[-1] / passes[0]:.2f}x here); compare backends within one run.")
 
 
 def shapes_of(records: list[dict]) -> list[str]:

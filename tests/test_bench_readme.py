@@ -103,6 +103,20 @@ def test_floor_at_the_best_engine_and_each_backends_own_engine():
     assert "at the rate of" not in native_line and "Target <= 1.0x (issue 14): met" in native_line
 
 
+def test_header_states_how_far_apart_the_best_products_passes_were():
+    """The best rate is one product's fastest pass; its other pass says how much a shared machine's spells move
+    the floors between runs (the reason to compare backends within one run)."""
+    first, last = copy.deepcopy(MATMUL), copy.deepcopy(MATMUL)
+    first["extra_info"]["when"], last["extra_info"]["when"] = "first", "last"
+    last["stats"]["median"] = 1.25  # the same product at 0.8x in the other pass
+    machine = {"description": "x", "threads": 2, "triton": "-", "python": "-", "pytest_benchmark": "-",
+               "load_avg_start": 0.0, "load_avg_end": 0.0}
+    text = " ".join(report.header(machine, report.matmul_rates([first, last])))
+    assert "1.0 GFLOP/s (torch.mm" in text
+    assert "The same product's passes ran at 0.8 and 1.0 GFLOP/s" in text and "(1.25x here)" in text
+    assert "passes ran at" not in " ".join(report.header(machine, report.matmul_rates([first])))
+
+
 def test_engine_faster_than_every_backends_own():
     """Where an engine no backend uses (oneDNN) is the fastest, the floors are at its rate and the native rows
     too get their ratio at their own GEMM's rate, with the target judged at both."""
