@@ -19,11 +19,14 @@
 //       pairwise_block     K_e += E+ E^T [T+, T];
 //     pairwise_finish    pairwise groups: K_h = H+ H^T per token tile, s_t = sum_u K_e K_h, anchor sums;
 //     finish_group       anchors sbar_i = sum / |y_i|, tau, selection s_t > tau, rescaled advantages.
+//   The row chunks of errors_block and score_block and the N_i of positive_block are share()d (params.h): a
+//   worker out of groups runs some of them for the groups still running (for_row_chunks; the same bits).
 // Positive tokens are not scored one by one unless asked: a positive response's mean score is
 // <M, N_i> / |y_i|, which saves 2 |V*| d T+ FLOPs per group.
 // Scratch per worker slice of E = scratch_elems / kWorkers float32 elements: the E cache [T, vb] <= E,
 // N and M [(P+1) vb, d] <= E, W* rows [vb, d], hidden cache [T, d] (when <= E, else [tb, d] blocks),
-// one [tb, d] product tile, the logits' log-sum-exp tile <= E; pairwise groups keep K_e [T+, T] <= E in the
+// one [tb, d] product tile, the logits' log-sum-exp tile <= E (which also holds W*^T or M packed once for the
+// shared row chunks, <= E); a worker helping another group uses its own product tile; pairwise groups keep K_e [T+, T] <= E in the
 // N_i and M buffer and K_h tiles <= E in the product tile; plus O(T) index vectors and one [|V|] int32
 // marker (distinct_ids). Block sizes depend on E and the group only, never on the thread count. Nothing of
 // size [n, |V|] exists, and [T+, T] only within a slice.
@@ -279,6 +282,8 @@ struct Group {
   int64_t ld = 1;  // row stride of the E cache in the current column block (>= its width)
   // scratch (the worker's): hidden cache [T, d] or one [tb, d] block; W* rows, E cache, N_i and M, tile
   float *h = nullptr, *wc = nullptr, *e = nullptr, *nm = nullptr, *prod = nullptr;
+  float* pack = nullptr;  // W*^T or M packed once for the shared row chunks (can_share), pack_cap floats
+  int64_t pack_cap = 0;
   bool h_cached = false;
   bool lz_from_row = false;  // log Z from each token's own logit in the logits GEMM (old log-probs, one V* block)
   bool pairwise = false;  // scores from the positive tokens' products, no M (pairwise_group, set by group_vstar)
@@ -395,17 +400,44 @@ void group_log_z(const AdvantagesParams& p, Group& g, Workspace& ws) {
   }
 }
 
+// Rows [0, rows) of a phase as fn(r0, rn, w) over chunks of at most `chunk` rows, w the worker running the chunk
+// (its scratch is free to use). Where a worker of the group loop has run out of groups, the chunks (of at most
+// kShareRows) are shared with it (share(), params.h): only with the hidden rows cached (no shared gather buffer)
+// and the packed GEMM kernels, whose rows do not depend on how the rows are blocked (ATen's do), so the chunks
+// give the same bits however they are cut and whichever thread runs them.
+constexpr int64_t kShareRows = 16 * kGemmRowBlock;
+bool can_share(const Group& g) { return g.h_cached && gemm_rows_independent() && team_shares(); }
+
+// B for the row chunks of a product: packed once into g.pack where the chunks may be shared and it fits, else
+// B as it is (each chunk packs it again; the same bits either way).
+PackedB pack_for_chunks(const Group& g, const Tensor& b) {
+  if (can_share(g) && packed_b_elems(b.size(0), b.size(1)) <= g.pack_cap) return pack_b_once(b, g.pack);
+  return PackedB{b};
+}
+
+template <typename F>
+void for_row_chunks(const Group& g, int64_t rows, int64_t chunk, const F& fn) {
+  if (can_share(g)) {
+    const int64_t c = std::max<int64_t>(1, std::min(chunk, kShareRows));
+    share((rows + c - 1) / c, [&](int64_t i, int64_t w) { fn(i * c, std::min(c, rows - i * c), w); });
+    return;
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) fn(r0, std::min(chunk, rows - r0), tl_worker);
+}
+
 // E [T, cw] = onehot - exp(z / T - log Z) on columns [c0, c0 + cw) of V*, rows g.ld apart; with the weight,
 // each row finished by the logits GEMM's epilogue while it is in cache (with g.lz_from_row, first its
 // log Z = z[y_t] / T - l_t from its own logit, z / T rounded as neg_softmax_slice rounds it).
 void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
   const int64_t d = p.d, ld = g.ld = errors_width(p, g, cw);
+  PackedB wt;  // W*^T for the row chunks
   if (p.weight.defined()) {
     gather_rows(p.weight, g.vs.data() + c0, nullptr, cw, nullptr, d, g.wc, d);
     std::fill(g.wc + cw * d, g.wc + ld * d, 0.0f);
+    const Tensor w = mat(g.wc, ld, d, d).t();
+    wt = pack_for_chunks(g, w);
   }
-  for (int64_t t0 = 0; t0 < g.T; t0 += g.tb) {
-    const int64_t tn = std::min(g.tb, g.T - t0);
+  for_row_chunks(g, g.T, g.tb, [&](int64_t t0, int64_t tn, int64_t) {
     float* et = g.e + t0 * ld;
     auto finish = [&](int64_t r0, int64_t rn) {
       for (int64_t i = r0; i < r0 + rn; ++i) {
@@ -422,27 +454,32 @@ void errors_block(const AdvantagesParams& p, Group& g, int64_t c0, int64_t cw) {
       }
     };
     if (p.weight.defined()) {
-      gemm(mat(et, tn, ld, ld), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), mat(g.wc, ld, d, d).t(), false,
-           finish);
+      gemm_packed(mat(et, tn, ld, ld), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d), wt, false, finish);
     } else {
       gather_tokens(p, p.logits, g.toks + t0, tn, g.vs.data() + c0, cw, et, ld);
       finish(0, tn);
     }
-  }
+  });
 }
 
 // N_i = E_i^T H_i [cw, d] for every positive response i (slots 1..P of nm), M = sum_i N_i in response
 // order (slot 0); anchor[i] += <M, N_i> ("all") or <M - N_i, N_i> ("others"), in float64.
 void positive_block(const AdvantagesParams& p, Group& g, int64_t cw, std::vector<double>& anchor) {
   const int64_t d = p.d, n_pos = static_cast<int64_t>(g.seg.size()) - 1;
-  Tensor m = mat(g.nm, cw, d, d);
-  for (int64_t k = 0; k < n_pos; ++k) {
+  auto one = [&](int64_t k, int64_t) {  // N_k: its own slot of nm, summed over its tokens in order
     Tensor nk = mat(g.nm + (k + 1) * cw * d, cw, d, d);
     for (int64_t t0 = g.seg[k]; t0 < g.seg[k + 1]; t0 += g.tb) {
       const int64_t tn = std::min(g.tb, g.seg[k + 1] - t0);
       gemm(nk, mat(g.e + t0 * g.ld, tn, cw, g.ld).t(), mat(const_cast<float*>(g.hrows(p, t0, tn)), tn, d, d),
            t0 > g.seg[k]);
     }
+  };
+  if (can_share(g)) share(n_pos, one);  // one response per sub-item: the same bits (see for_row_chunks)
+  else
+    for (int64_t k = 0; k < n_pos; ++k) one(k, tl_worker);
+  Tensor m = mat(g.nm, cw, d, d);
+  for (int64_t k = 0; k < n_pos; ++k) {
+    const Tensor nk = mat(g.nm + (k + 1) * cw * d, cw, d, d);
     if (k == 0) m.copy_(nk);
     else m.add_(nk);
   }
@@ -452,16 +489,18 @@ void positive_block(const AdvantagesParams& p, Group& g, int64_t cw, std::vector
   }
 }
 
-// s[t] += (E_t M) . h_t for tokens t in [r0, T).
-void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, std::vector<float>& s) {
+// s[t] += (E_t M) . h_t for tokens t in [r0, T) (the product tile: the running worker's, ws[w].prod).
+void score_block(const AdvantagesParams& p, Group& g, int64_t cw, int64_t r0, std::vector<float>& s,
+                 std::vector<Workspace>& ws) {
   const int64_t d = p.d;
-  for (int64_t t0 = r0; t0 < g.T; t0 += g.tb) {
-    const int64_t tn = std::min(g.tb, g.T - t0);
-    Tensor st = mat(g.prod, tn, d, d);
-    gemm(st, mat(g.e + t0 * g.ld, tn, cw, g.ld), mat(g.nm, cw, d, d));
-    const float* h = g.hrows(p, t0, tn);
-    vec::dot_rows(g.prod, h, tn, d, s.data() + t0);
-  }
+  const Tensor m = mat(g.nm, cw, d, d);
+  const PackedB mp = pack_for_chunks(g, m);
+  for_row_chunks(g, g.T - r0, g.tb, [&](int64_t a, int64_t tn, int64_t w) {
+    const int64_t t0 = r0 + a;
+    float* prod = ws[w].prod.get(tn * d);  // tn <= tb: the group's own tile where w is its worker
+    gemm_packed(mat(prod, tn, d, d), mat(g.e + t0 * g.ld, tn, cw, g.ld), mp);
+    vec::dot_rows(prod, g.hrows(p, t0, tn), tn, d, s.data() + t0);
+  });
 }
 
 // Pairwise: K_e [tp, T] (+)= E+ E^T on the columns of this block (E+ the first tp rows of the E cache).
@@ -532,13 +571,19 @@ double group_flops(const AdvantagesParams& p, const Group& g) {
 }
 
 // After group_vstar.
-void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const float* lz_full, const float* lp_full) {
+void process_group(const AdvantagesParams& p, Group& g, std::vector<Workspace>& all, const float* lz_full,
+                   const float* lp_full) {
+  Workspace& ws = all[tl_worker];
   group_blocks(p, g, ws);
   g.lz_from_row = p.logprobs && g.vb >= static_cast<int64_t>(g.vs.size());
   if (lp_full) g.lp.assign(lp_full, lp_full + g.T);
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
   else if (g.lz_from_row) g.lz.resize(g.T);
   else group_log_z(p, g, ws);
+  // after group_log_z, which also takes ws.z; within the slice (a larger packing is not shared: pack_for_chunks)
+  g.pack_cap = std::min(p.slice, std::max(packed_b_elems(p.d, errors_width(p, g, g.vb)),
+                                          g.pairwise ? 0 : packed_b_elems(g.vb, p.d)));
+  g.pack = ws.z.get(g.pack_cap);
   std::vector<double> anchor(g.seg.size() - 1, 0.0);
   std::vector<float> s(g.T, 0.0f);
   const int64_t nv = static_cast<int64_t>(g.vs.size());
@@ -551,7 +596,7 @@ void process_group(const AdvantagesParams& p, Group& g, Workspace& ws, const flo
       pairwise_block(g, cw, c0 == 0);
     } else {
       positive_block(p, g, cw, anchor);
-      score_block(p, g, cw, p.score_positive ? 0 : g.tp, s);
+      score_block(p, g, cw, p.score_positive ? 0 : g.tp, s, all);
     }
   }
   if (g.pairwise) pairwise_finish(p, g, ws, anchor, s);
@@ -701,9 +746,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   lap("V*");
   for_each_item(n_act, [&](int64_t i, int64_t w) {
     const int64_t k = order[i];
-    process_group(p, groups[k], ws[w], lz_full.empty() ? nullptr : lz_full.data() + g.start[k],
+    (void)w;  // == tl_worker
+    process_group(p, groups[k], ws, lz_full.empty() ? nullptr : lz_full.data() + g.start[k],
                   lp_full.empty() ? nullptr : lp_full.data() + g.start[k]);
-  });
+  }, /*help=*/true);
   lap("groups");
   return {scores, selected, token_adv, tau, eta_out};
 }

@@ -82,8 +82,8 @@ void pack_b_panel_strided(const float* b, int64_t brs, int64_t bcs, int64_t kc, 
 // Fetches the cache lines of C[0 .. rows, 0 .. cols) (row stride ldc) into L1: a kernel calls it for its block of
 // C before its k loop, so that the C tile it reads or writes after the loop is in cache by then. Without it the
 // kernels stalled on C at the end of every register block (AVX2 kernel, one thread, medians of 50 alternations
-// in one process: 5 to 18 % slower at the op's shapes, e.g. [700, 480] x [480, 256] 46.4 GFLOP/s against 53.6
-// with it, MKL 55.0).
+// in one process, three runs: 2 to 18 % slower at the op's shapes, e.g. [700, 480] x [480, 256] 46.4 GFLOP/s
+// against 53.6 with it, MKL 55.0).
 inline void prefetch_c(const float* c, int64_t ldc, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; j += kFloatsPerLine) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + j), _MM_HINT_T0);
@@ -310,11 +310,35 @@ struct Avx2 {
 };
 static_assert(Avx2::kRb * 2 == kMr, "two AVX2 register blocks per panel of A");
 
-// `done` after each row panel of the last column and K block (the rows' last writes).
+// The blocks of B, in the order packed_sgemm takes them: fn(j0, nc, k0, kc) per block of nc columns and kc rows.
+template <typename F>
+void for_b_blocks(int64_t N, int64_t K, const F& fn) {
+  const int64_t ncb = gemm_col_block();
+  for (int64_t j0 = 0; j0 < N; j0 += ncb)
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) fn(j0, std::min(ncb, N - j0), k0, std::min(kKc, K - k0));
+}
+
+// Floats of one packed block of B: its panels of Isa::kNr columns (zero columns past nc), kc values each.
+template <class Isa>
+int64_t packed_block_elems(int64_t nc, int64_t kc) {
+  return (nc + Isa::kNr - 1) / Isa::kNr * Isa::kNr * kc;
+}
+
+// Every block of B packed into out, one after the other (packed_sgemm's prepacked).
+template <class Isa>
+void pack_all_b(int64_t N, int64_t K, const float* b, int64_t brs, int64_t bcs, float* out) {
+  for_b_blocks(N, K, [&](int64_t j0, int64_t nc, int64_t k0, int64_t kc) {
+    Isa::pack_b(b + k0 * brs + j0 * bcs, brs, bcs, kc, nc, out);
+    out += packed_block_elems<Isa>(nc, kc);
+  });
+}
+
+// `done` after each row panel of the last column and K block (the rows' last writes). With prepacked (pack_all_b
+// of this B), B's blocks are read from there instead of being packed here.
 template <class Isa>
 void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b,
                   int64_t brs, int64_t bcs, float* c, int64_t ldc, bool accumulate, const RowsDone& done,
-                  bool prefetch_a) {
+                  bool prefetch_a, const float* prepacked) {
   thread_local PackBuffers buf;
   // A panels are read in place when A's rows are contiguous; any other A (column-major ones included) is packed.
   // A column-major A read in place (its 12 rows' values contiguous per k) touched one cache line per k: the panel
@@ -328,9 +352,14 @@ void packed_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, 
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
       const bool add = accumulate || k0 > 0, last = j0 + ncb >= N && k0 + kKc >= K;
-      const float* bk = b + k0 * brs + j0 * bcs;
-      Isa::pack_b(bk, brs, bcs, kc, nc, buf.b);
-      auto panel = [&](int64_t jr) { return buf.b + jr * kc; };
+      const float* bp = buf.b;
+      if (prepacked) {
+        bp = prepacked;
+        prepacked += packed_block_elems<Isa>(nc, kc);
+      } else {
+        Isa::pack_b(b + k0 * brs + j0 * bcs, brs, bcs, kc, nc, buf.b);
+      }
+      auto panel = [&](int64_t jr) { return bp + jr * kc; };
       for (int64_t i0 = 0; i0 < M; i0 += kMr) {
         const int64_t mr = std::min(kMr, M - i0);
         const float* ap = a + i0 * ars + k0 * acs;
@@ -407,6 +436,51 @@ int64_t gemm_col_block() {
 #endif
 }
 
+int64_t packed_b_elems(int64_t K, int64_t N) {
+#if NTHR_HAVE_X86_KERNELS
+  const Engine e = engine();
+  if (e == Engine::kAten) return 0;
+  int64_t n = 0;
+  for_b_blocks(N, K, [&](int64_t, int64_t nc, int64_t, int64_t kc) {
+    n += e == Engine::kAvx512 ? packed_block_elems<Avx512>(nc, kc) : packed_block_elems<Avx2>(nc, kc);
+  });
+  return n;
+#else
+  (void)K, (void)N;
+  return 0;
+#endif
+}
+
+PackedB pack_b_once(const at::Tensor& b, float* scratch) {
+  PackedB pb;
+  pb.b = b;
+#if NTHR_HAVE_X86_KERNELS
+  const Engine e = engine();
+  if (e != Engine::kAten && b.scalar_type() == at::kFloat && b.size(0) > 0 && b.size(1) > 0) {
+    const auto run = e == Engine::kAvx512 ? &pack_all_b<Avx512> : &pack_all_b<Avx2>;
+    run(b.size(1), b.size(0), b.const_data_ptr<float>(), b.stride(0), b.stride(1), scratch);
+    pb.data = scratch;
+  }
+#else
+  (void)scratch;
+#endif
+  return pb;
+}
+
+void gemm_packed(const at::Tensor& c, const at::Tensor& a, const PackedB& b, bool accumulate, const RowsDone& done) {
+#if NTHR_HAVE_X86_KERNELS
+  const int64_t M = a.size(0), K = a.size(1), N = b.b.size(1);
+  if (b.data && M > 0 && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && c.stride(1) == 1) {
+    TORCH_CHECK(b.b.size(0) == K && c.size(0) == M && c.size(1) == N, "nthr gemm: shapes do not match");
+    const auto run = engine() == Engine::kAvx512 ? &packed_sgemm<Avx512> : &packed_sgemm<Avx2>;
+    run(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), nullptr, 0, 0,
+        const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done, false, b.data);
+    return;
+  }
+#endif
+  gemm(c, a, b.b, accumulate, done);
+}
+
 const char* gemm_engine() {
   switch (engine()) {
     case Engine::kAvx512: return "nthr-avx512";
@@ -426,7 +500,8 @@ void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
     if (M > 0 && N > 0 && K > 0) {
       const auto run = e == Engine::kAvx512 ? &packed_sgemm<Avx512> : &packed_sgemm<Avx2>;
       run(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(), b.stride(0),
-          b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done, prefetch_a);
+          b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done, prefetch_a,
+          nullptr);
       return;
     }
     if (M > 0 && N > 0 && !accumulate) const_cast<at::Tensor&>(c).zero_();  // K == 0

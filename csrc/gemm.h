@@ -25,6 +25,25 @@ using RowsDone = std::function<void(int64_t r0, int64_t rn)>;
 void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
           const RowsDone& done = nullptr, bool prefetch_a = false);
 
+// B packed once for several products with it (gemm_packed): the row chunks of one product that threads share
+// then read one packing instead of each packing B again. With ATen's engine, B itself.
+struct PackedB {
+  at::Tensor b;  // B (ATen's engine: the products use it as it is)
+  const float* data = nullptr;  // the packed kernels' blocks of B, in their order (caller's scratch)
+};
+
+// float32 elements of scratch pack_b_once needs for a [K, N] B (0 with ATen's engine): at most
+// (N + 32) K.
+int64_t packed_b_elems(int64_t K, int64_t N);
+
+// B (float32, any strides) packed into scratch (packed_b_elems(K, N) floats), which must outlive every
+// gemm_packed with it.
+PackedB pack_b_once(const at::Tensor& b, float* scratch);
+
+// gemm(c, a, b, accumulate, done) with B packed by pack_b_once: the same bits.
+void gemm_packed(const at::Tensor& c, const at::Tensor& a, const PackedB& b, bool accumulate = false,
+                 const RowsDone& done = nullptr);
+
 // Columns of B the packed kernels take per block (half of L2 at a K block of 256; gemm.cpp): a caller that
 // chooses how many columns its products have keeps them within this, and the packed B stays in L2.
 int64_t gemm_col_block();

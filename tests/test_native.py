@@ -491,6 +491,33 @@ def test_plain_threads_that_cannot_start_leave_the_bits_alone(plain_thread_build
 # determinism across thread counts, zero sizes, positive tokens
 # --------------------------------------------------------------------------------------------------
 @needs_native
+@pytest.mark.parametrize("score_positive", [False, True])
+@pytest.mark.parametrize("source", ["weight+logprobs", "logits"])
+def test_shared_row_chunks_same_bits_at_one_and_two_threads(source, score_positive):
+    """Groups of 400 to 1,100 tokens: at two threads a worker out of groups takes row chunks (192 rows) of the
+    errors and score products and whole N_i of the groups still running, against a W*^T or M packed once
+    (csrc/params.h, Team; advantages.cpp, for_row_chunks); at one thread nothing is shared or packed ahead.
+    The bits are the same (uneven groups, so that one worker runs out first; the default budget and one that
+    splits V*)."""
+    b = case(n_groups=5, group_size=6, lengths=(60, 190), d=40, vocab=700, seed=stable_seed(source, score_positive),
+             temperature=1.1)
+    kw = dict(with_logprobs=source == "weight+logprobs", use_logits=source == "logits", score_positive=score_positive)
+    before = torch.get_num_threads()
+    try:
+        for budget in (None, 60_000):
+            outs = []
+            for threads in (1, 2, 2):
+                torch.set_num_threads(threads)
+                outs.append(run_impl(b, "native", budget, **kw))
+            for o in outs[1:]:
+                for f in ("scores", "token_advantages", "selected", "tau", "eta"):
+                    a, c = getattr(outs[0], f), getattr(o, f)
+                    assert torch.equal(a.nan_to_num(0.5), c.nan_to_num(0.5)), f"{f} differs at budget {budget}"
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
 @pytest.mark.parametrize("budget", [1024, 8192, None])
 @pytest.mark.parametrize("anchor", ["all", "others"])
 @pytest.mark.parametrize("source", ["weight+logprobs", "weight", "logits"])

@@ -33,10 +33,13 @@ tokens' scores and the anchor sums for ``2 T+ T (|V*| + d)`` FLOPs, no ``M``. Wi
 in the product's epilogue, into an online log-sum-exp); then every active group in parallel, largest first: ``V*``, the prediction
 errors of all its tokens (cached per column block of ``V*``), ``N_i``, ``M``, the anchors and the
 negative tokens' scores ``(E_t M) . h_t``, then ``tau``, selection and rescaled
-advantages. Scratch memory: ``SCRATCH_ELEMS`` is cut into ``kWorkers = 8`` slices (``csrc/params.h``)
+advantages. A thread out of groups runs row chunks of the errors and score products and whole ``N_i`` of
+the groups still running (``csrc/params.h``, ``Team``), each with the arithmetic it has on the group's own
+thread. Scratch memory: ``SCRATCH_ELEMS`` is cut into ``kWorkers = 8`` slices (``csrc/params.h``)
 whatever the thread count; at most 8 threads work at once, each on one slice with at most ~6
 float32 buffers of a slice (E cache, ``N_i`` and ``M``, ``W*`` rows, hidden rows, a product tile,
-a log-sum-exp tile; reused from one group to the next), so at most about ``24 * SCRATCH_ELEMS``
+a log-sum-exp tile, which also holds ``W*^T`` or ``M`` packed for shared row chunks; reused from one group to
+the next), so at most about ``24 * SCRATCH_ELEMS``
 bytes in all (under ``32 * SCRATCH_ELEMS``, 128 MiB by default; far less in practice: the buffers
 are sized to the group), plus ``O(n)`` per-token vectors (about 40 bytes per completion token) and one
 ``[|V|]`` int32 marker per working thread (the distinct ids of a group); no ``[n, |V|]`` tensor is formed,
