@@ -133,8 +133,28 @@ def _engine(x: dict) -> str:
     return "native" if x["backend"] in UNCHECKED else "torch"
 
 
+def paired_ratios(x: dict) -> Optional[list[float]]:
+    """Each measured round's time over the floor at the matrix rate measured right before that round
+    (``runner.Paired``); None for a record without paired rounds (smoke runs, older results files)."""
+    rates, times = x.get("paired_rates"), x.get("paired_times")
+    if not rates or not times or len(rates) != len(times) or "floor_flops" not in x:
+        return None
+    return [t * rate / x["floor_flops"] for t, rate in zip(times, rates)]
+
+
+def _paired_text(x: dict) -> str:
+    ps = paired_ratios(x)
+    if ps is None:
+        return ""
+    rates = x["paired_rates"]
+    return (f"; paired with the matrix rate of its own rounds: {_ratio(statistics.median(ps))}x (rounds "
+            f"{_ratio(min(ps))}..{_ratio(max(ps))}, at {min(rates) / 1e9:,.1f}..{max(rates) / 1e9:,.1f} GFLOP/s)")
+
+
 def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int, unit: dict) -> str:
     r = median / floor_s
+    ps = paired_ratios(x)
+    r_paired = statistics.median(ps) if ps else None
     # where the best rate is another engine's: the ratio at the rate of the engine this backend can use
     own = unit["engines"].get(_engine(x)) if unit.get("engine") != _engine(x) else None
     r_own = median / (floor_s * unit["rate"] / own[0]) if own else None
@@ -146,7 +166,7 @@ def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int,
     else:
         text = (f"{r:.2f}x its FLOP floor: {100 * (1 - r):.0f} % below it, which only an algorithm doing fewer "
                 f"FLOPs allows (its algorithm: {alg_s / floor_s:.2f}x the floor's FLOPs)")
-    text += f"; {_ratio(median / alg_s)}x the time the FLOPs of its own algorithm need"
+    text += f"; {_ratio(median / alg_s)}x the time the FLOPs of its own algorithm need" + _paired_text(x)
     if r_own is not None:
         text += (f"; {_ratio(r_own)}x the floor at the rate of {_ENGINE_TEXT[_engine(x)]}, the matrix engine it "
                  f"multiplies with ({own[0] / 1e9:,.0f} GFLOP/s)")
@@ -156,6 +176,8 @@ def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int,
             met = "met" if r <= bound else "missed"
             if r_own is not None and r > bound:
                 met += f" at the best rate; {'met' if r_own <= bound else 'missed'} at its own engine's rate"
+            if r_paired is not None:
+                met += f"; {'met' if r_paired <= bound else 'missed'} paired"
             text += f". Target <= {bound:.1f}x (issue 14): {met}"
         else:
             text += f". (Target <= {bound:.1f}x is stated at {TARGET_THREADS} threads; this run used {threads})"
@@ -208,8 +230,8 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
                          f"normaliser): floor {adv[False]['floor_flops'] / 1e9:.1f} GFLOP{ms(adv[False]['floor_flops'])}.")
         lines.append("")
     lines += [
-        "| op | backend | old log-probs | median ms | min..max ms | vs naive | floor ms | x floor | peak scratch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | backend | old log-probs | median ms | min..max ms | vs naive | floor ms | x floor | x floor, paired | peak scratch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     # each row against the naive pipeline in the same setting (old log-probs given or not): the same work
     naive = {(_info(r)["op"], _info(r)["logprobs"]): r["stats"]["median"] for r in rows if _info(r)["backend"] == "naive"}
@@ -220,13 +242,15 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
         floor_s = x["floor_flops"] / rate if rate else None
         vs = naive.get((x["op"], x["logprobs"]))
         x_floor = _ratio(st["median"] / floor_s) if floor_s else "n/a"
+        ps = paired_ratios(x)
+        x_paired = _ratio(statistics.median(ps)) if ps else "n/a"
         vs_text = "1" if x["backend"] == "naive" else "-" if vs is None else (
             f"{vs / st['median']:.1f}x faster" if vs >= st["median"] else f"{st['median'] / vs:.2f}x slower")
         lines.append(
             f"| {x['op']} | {x['backend']}{'' if x['device'] == 'cpu' else ' (' + x['device'] + ')'} | "
             f"{_lp_text(x)} | {_ms(1e3 * st['median'])} | {_ms(1e3 * st['min'])}..{_ms(1e3 * st['max'])} | "
             f"{vs_text} | {_ms(1e3 * floor_s) if floor_s else 'n/a'} | "
-            f"{x_floor} | "
+            f"{x_floor} | {x_paired} | "
             f"{_mib(x['peak_scratch_bytes'])} |"
         )
         if floor_s and x["op"] == "nthr_advantages" and x["backend"] in VERDICT_BACKENDS:
@@ -237,7 +261,10 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
     timing = ", ".join(f"median of {n} rounds after {w} warm-up" for n, w in sorted(rounds))
     lines += ["", f"Every row: {timing}, {x0['threads']} threads; peak scratch = rise of the peak resident "
                   "memory during one more call (buffers that stay allocated from the warm-up on, such as the native "
-                  "GEMM's per-thread packing buffers, are not in it); x floor = median / (FLOP floor / matrix rate).",
+                  "GEMM's per-thread packing buffers, are not in it); x floor = median / (FLOP floor / matrix rate); "
+                  "x floor, paired = the median over the measured rounds of each round's time / (FLOP floor / the "
+                  "best rate of the matrix products timed right before that round: every size and engine of the "
+                  "header, once each), so that the time and the rate come from the same spell of a shared machine.",
               ""]
     return lines + verdicts + ([""] if verdicts else [])
 
@@ -283,7 +310,7 @@ def header(machine: dict, rates: dict) -> list[str]:
 
 def _passes_text(r: dict) -> str:
     """How far apart the passes of the best rate's own product were: the machine's spells, in words."""
-    passes = sorted(r.get("passes", {}).get((r["engine"], r["n"]), []))
+    passes = sorted(r["passes"].get((r["engine"], r["n"]), []))
     if len(passes) < 2 or passes[0] <= 0:
         return ""
     return (f" The same product's passes ran at {' and '.join(f'{p / 1e9:,.1f}' for p in passes)} GFLOP/s: on a "

@@ -10,6 +10,8 @@ peak scratch of one more call, and the record in ``benchmark.extra_info`` from w
 ``benchmarks/report.py`` builds the summary table, the JSON (pytest-benchmark's own
 ``--benchmark-json``), the markdown and the chart. :func:`time_call`, :func:`synced`,
 :func:`peak_scratch` and :func:`matmul_operands` serve scripts outside pytest (the GPU suite) alike.
+Outside smoke runs every round of an op follows one run of the matrix unit's products (:class:`Paired`), whose
+best rate at that moment the report divides by as well.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 from benchmarks.shapes import Shape
 from nthr_kernels.ops import native_lib
-from nthr_kernels.registry import available_backends
+from nthr_kernels.registry import available_backends, native_available
 from nthr_kernels.synthetic import RolloutBatch
 from nthr_kernels.testing import peak_rss_rise
 
@@ -164,6 +166,86 @@ def matmul_flops(n: int) -> int:
     return 2 * n**3
 
 
+# The matrix unit's products: every size on every engine of this machine (benchmarks/test_matmul.py times them in
+# two passes, measure() once each before every round of an op). Engines: ``torch`` (``a @ b``: the BLAS torch
+# ships, MKL on x86) everywhere, and on CPU ``native`` (``nthr::native_mm``, the GEMM of the native ops,
+# csrc/gemm.cpp) where that backend is built, and ``onednn`` (oneDNN's fp32 inner product,
+# ``torch.ops.mkldnn._linear_pointwise``, where torch has it).
+MATMUL_SIZES = (512, 1024, 2048)
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def matmul_engines() -> list[tuple[str, str]]:
+    """``(device, engine)`` of every matrix engine this machine has."""
+    return ([("cpu", "torch")] + ([("cpu", "native")] if native_available() else [])
+            + ([("cpu", "onednn")] if _onednn_available() else [])
+            + ([("cuda", "torch")] if torch.cuda.is_available() else []))
+
+
+def engine_mm(engine: str, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f(a) = a @ b`` on the engine (oneDNN's inner product takes ``b^T``, transposed here, untimed)."""
+    if engine == "native":
+        return lambda a: torch.ops.nthr.native_mm(a, b)
+    if engine == "onednn":
+        bt = b.t().contiguous()
+        return lambda a: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+    return lambda a: torch.mm(a, b)
+
+
+class Paired:
+    """The matrix unit's rate at the moment of each round of an op ("paired" rounds).
+
+    On a shared machine the matrix rate moves by up to 1.5x between spells of a few seconds, and the ops move
+    with it, so a floor at the best rate of other moments of the run says as much about the spells as about the
+    op. Here every product of :data:`MATMUL_SIZES` on every engine of the op's device runs once right before
+    each round (pytest-benchmark's ``setup``: untimed, warm-up rounds included, so that oneDNN's per-shape
+    compilation is behind it), the best of them is that round's rate, and :meth:`timed` records the round's
+    own time. A round's ratio to the floor at its own rate is then a ratio of two things measured within a
+    second of each other; the report gives the median over the measured rounds."""
+
+    def __init__(self, device: str, warmup: int):
+        self.device, self.warmup, self.calls = device, warmup, 0
+        self.rates: list[float] = []  # FLOP/s, one per measured round
+        self.best: list[list] = []  # [engine, n] of the product that gave each rate
+        self.times: list[float] = []  # seconds of each measured round
+        self._products = []
+        for dev, engine in matmul_engines():
+            if dev == device:
+                for n in MATMUL_SIZES:
+                    a, b = matmul_operands(device, n)
+                    self._products.append((engine, n, synced(lambda a=a, f=engine_mm(engine, b): f(a), device)))
+
+    def before_round(self) -> None:
+        """Every product once; the best rate is recorded for a measured round."""
+        self.calls += 1
+        best = (0.0, None)
+        for engine, n, run in self._products:
+            t0 = time.perf_counter()
+            run()
+            best = max(best, (matmul_flops(n) / (time.perf_counter() - t0), [engine, n]), key=lambda x: x[0])
+        if self.calls > self.warmup:
+            self.rates.append(best[0])
+            self.best.append(best[1])
+
+    def timed(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn``, its time recorded for the measured rounds (those after the warm-up ones)."""
+
+        def run():
+            t0 = time.perf_counter()
+            out = fn()
+            if self.calls > self.warmup:
+                self.times.append(time.perf_counter() - t0)
+            return out
+
+        return run
+
+    def info(self) -> dict:
+        return {"paired_rates": self.rates, "paired_products": self.best, "paired_times": self.times}
+
+
 def to_cpu(out):
     """A result (tensor, dataclass or NamedTuple of tensors) with every tensor on the CPU."""
     if isinstance(out, torch.Tensor):
@@ -222,7 +304,11 @@ def measure(benchmark, session: Session, op: Op, case: Case) -> Any:
     fn = synced(prov.call(inputs, case.with_logprobs), prov.device)
     rounds, warmup = session.rounds(case.shape)
     benchmark.group = f"{op.name} {case.shape}"
-    timed = lambda: benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)  # noqa: E731
+    # smoke runs (one call, the CI check that every body runs) pair nothing
+    paired = None if session.smoke else Paired(prov.device, warmup)
+    timed = lambda: benchmark.pedantic(  # noqa: E731
+        paired.timed(fn) if paired else fn, setup=paired.before_round if paired else None, rounds=rounds,
+        warmup_rounds=warmup, iterations=1)
     if session.smoke:  # pytest-benchmark calls fn once: that call's peak is the peak scratch
         outs = []
         peak = peak_scratch(lambda: outs.append(timed()), prov.device)
@@ -244,5 +330,6 @@ def measure(benchmark, session: Session, op: Op, case: Case) -> Any:
         threads=torch.get_num_threads(),
         peak_scratch_bytes=peak,
         **{f"{k}_flops": v for k, v in op.flops(inputs, case.with_logprobs).items()},
+        **(paired.info() if paired else {}),
     )
     return out

@@ -2,11 +2,10 @@
 
 The summary divides every FLOP floor by the best rate measured here (over the sizes, engines and the two
 passes below), so "x floor" says how far a call is from what this machine's matrix unit can do under the
-same settings (threads, load). Engines: ``torch`` (``a @ b``: the BLAS torch ships, MKL on x86) everywhere, and on CPU
-``native`` (``nthr::native_mm``, the GEMM of the native ops, csrc/gemm.cpp) where that backend is built, and
-``onednn`` (oneDNN's fp32 inner product, ``torch.ops.mkldnn._linear_pointwise``, where torch has it): on a
-CPU where one beats torch's BLAS (MKL takes its AVX2 path on AMD CPUs with AVX-512) the floor is that faster
-rate, so no backend looks closer to the limit than the machine allows. oneDNN compiles a kernel per new
+same settings (threads, load). Engines and sizes: ``benchmarks/runner.py`` (``matmul_engines``,
+``MATMUL_SIZES``; the paired rounds of the ops time the same products): on a CPU where one beats torch's
+BLAS (MKL takes its AVX2 path on AMD CPUs with AVX-512) the floor is that faster rate, so no backend looks
+closer to the limit than the machine allows. oneDNN compiles a kernel per new
 shape, which the warm-up rounds absorb here; no backend multiplies with it (a training step brings new shapes
 every time), it only measures what the machine can do. Smoke runs use a tiny size.
 """
@@ -16,29 +15,11 @@ import pytest
 import torch
 
 from benchmarks import runner
-from nthr_kernels.registry import native_available
 
-SIZES = (512, 1024, 2048)
+SIZES = runner.MATMUL_SIZES
 SMOKE_SIZE = 64
 ROUNDS = (10, 2)  # (measured, warm-up)
-
-
-def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-ENGINES = ([("cpu", "torch")] + ([("cpu", "native")] if native_available() else [])
-           + ([("cpu", "onednn")] if _onednn_available() else []) + ([("cuda", "torch")] if torch.cuda.is_available() else []))
-
-
-def _engine_mm(engine: str, b: torch.Tensor):
-    """``f(a) = a @ b`` on the engine (oneDNN's inner product takes ``b^T``, transposed here, untimed)."""
-    if engine == "native":
-        return lambda a: torch.ops.nthr.native_mm(a, b)
-    if engine == "onednn":
-        bt = b.t().contiguous()
-        return lambda a: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
-    return lambda a: torch.mm(a, b)
+ENGINES = runner.matmul_engines()
 
 
 # Each size and engine is timed twice, once before the ops and once after them (benchmarks/conftest.py moves
@@ -53,7 +34,7 @@ PASSES = ("first", "last")
 def test_matmul(benchmark, bench_session, device, engine, n, when):
     n = SMOKE_SIZE if bench_session.smoke else n
     a, b = runner.matmul_operands(device, n)
-    mm = _engine_mm(engine, b)
+    mm = runner.engine_mm(engine, b)
     rounds, warmup = ROUNDS
     out = benchmark.pedantic(runner.synced(lambda: mm(a), device), rounds=rounds, warmup_rounds=warmup, iterations=1)
     want = a.double() @ b.double()

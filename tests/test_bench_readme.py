@@ -6,6 +6,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import report  # noqa: E402
@@ -144,3 +146,25 @@ def test_figures_of_other_code_are_flagged(monkeypatch):
     monkeypatch.setattr(report, "library_sources", lambda: {**recorded, "nthr_kernels/api.py": "0" * 64})
     block = report.readme_block(path)
     assert "These figures predate the current library sources" in block and "`nthr_kernels/api.py`" in block
+
+
+def test_paired_ratio_from_each_rounds_own_rate():
+    """With paired rounds (benchmarks/runner.py, Paired) each round's time is divided by the floor at the matrix
+    rate measured right before it: the column and the verdict give the median over the rounds, and the target is
+    judged on it as well as at the run's best rate; a record without paired rounds shows n/a."""
+    row = _row("medium", "native", True, 1.2, 10**9)
+    # the best rate of the run 1 GFLOP/s (MATMUL), the rounds ran at 1.2 s when the rate was 0.8 GFLOP/s
+    row["extra_info"].update(paired_rates=[0.8e9, 0.9e9, 0.75e9], paired_times=[1.2, 1.1, 1.3],
+                             paired_products=[["torch", 1000]] * 3)
+    assert report.paired_ratios(row["extra_info"]) == pytest.approx([0.96, 0.99, 0.975])
+    lines = report.body([MATMUL, row], threads=2)
+    assert any(ln.startswith("| nthr_advantages | native | given | 1,200 |") and "| 1.20 | 0.97 |" in ln for ln in lines)
+    verdict = next(ln for ln in lines if ln.startswith("- `native`"))
+    assert "paired with the matrix rate of its own rounds: 0.97x (rounds 0.96..0.99, at 0.8..0.9 GFLOP/s)" in verdict
+    assert "Target <= 1.0x (issue 14): missed; met paired" in verdict
+    plain = report.body([MATMUL, _row("medium", "native", True, 1.2, 10**9)], threads=2)
+    assert any("| 1.20 | n/a |" in ln for ln in plain)
+    assert "paired" not in next(ln for ln in plain if ln.startswith("- `native`"))
+    # rates and times that do not pair up are not paired
+    row["extra_info"]["paired_times"] = [1.2]
+    assert report.paired_ratios(row["extra_info"]) is None
