@@ -119,6 +119,7 @@ class _GroupErrors:
         vs_group = torch.repeat_interleave(torch.arange(plan.vs_count.numel(), device=batch.device), plan.vs_count)
         key = plan.grp_of * vocab + batch.tok_ids[plan.order]
         self.col = torch.searchsorted(vs_group * vocab + plan.vs_id, key) - plan.vs_start[plan.grp_of]
+        self.lz_group = -1  # the first position of the group whose log Z self.lz holds (columns)
 
     def columns(self, cols: torch.Tensor, c0: int, wc: Optional[torch.Tensor], g0: int, g1: int, blk: int,
                 all_cols: bool):
@@ -135,8 +136,6 @@ class _GroupErrors:
             self.lz_group = g0
         self.whole = None
         self.whole = self.block(g0, g1) if g1 - g0 <= blk else None
-
-    lz_group = -1  # the first position of the group whose log Z self.lz holds
 
     def block(self, p0: int, p1: int):
         """Flipped errors ``[p1 - p0, |cols|]`` and hidden rows ``[p1 - p0, d]`` of ``plan.order[p0:p1]``."""
