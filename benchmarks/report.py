@@ -191,13 +191,27 @@ def _own_algorithm_flops(x: dict) -> int:
 
 
 def _checks_cost(rows: list[dict]) -> list[str]:
-    """The plain-words line on what the default input checks cost (UNCHECKED's two rows, old log-probs given)."""
-    med = {_info(r)["backend"]: r["stats"]["median"] for r in rows
-           if _info(r)["op"] == "nthr_advantages" and _info(r)["logprobs"] is True}
+    """The plain-words line on what the default input checks cost (UNCHECKED's two rows, old log-probs given):
+    from the two rows' paired ratios where both have them (each round against the matrix rate of its own moment,
+    so a slow spell during one row does not count as the checks' cost), else from their medians."""
+    lp_rows = {_info(r)["backend"]: r for r in rows if _info(r)["op"] == "nthr_advantages" and _info(r)["logprobs"] is True}
+    med = {b: r["stats"]["median"] for b, r in lp_rows.items()}
     off, on = (med.get(b) for b in UNCHECKED)
     if off is None or on is None:
         return []
     head = f"- Input checks: `{UNCHECKED[1]}` with old log-probs and the default checks (`check_finite`, `check_logprobs`)"
+    p_off, p_on = (paired_ratios(_info(lp_rows[b])) for b in UNCHECKED)
+    if p_off and p_on:
+        p_off, p_on = statistics.median(p_off), statistics.median(p_on)
+        medians = (f"their medians, {_ms(1e3 * on)} and {_ms(1e3 * off)} ms, also differ by the machine's spells "
+                   f"during each row")
+        if p_on < p_off:
+            return [f"{head}: its paired ratio, {_ratio(p_on)}x, is below the `{UNCHECKED[0]}` row's "
+                    f"{_ratio(p_off)}x in this run: the difference is noise, so this run does not measure what the "
+                    f"checks cost ({medians})."]
+        return [f"{head}: about {100 * (1 - p_off / p_on):.0f} % of the call, from the two rows' paired ratios "
+                f"({_ratio(p_on)}x with the checks, {_ratio(p_off)}x without, the `{UNCHECKED[0]}` row; "
+                f"{medians})."]
     if on < off:  # checks cannot save time: the two medians differ by the run's noise, not by the checks
         return [f"{head} took {_ms(1e3 * (off - on))} ms less than with both off (the `{UNCHECKED[0]}` row) in this "
                 f"run: the difference is noise, so this run does not measure what the checks cost."]

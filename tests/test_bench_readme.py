@@ -83,6 +83,20 @@ def test_checks_cost_line_when_the_unchecked_row_is_slower():
     assert "took 10.0 ms less than with both off" in cost[0] and "does not measure what the checks cost" in cost[0]
 
 
+def test_checks_cost_from_the_paired_ratios():
+    """With paired rounds on both rows the checks' share comes from the paired ratios, so that a slow spell of the
+    machine during the checked row is not reported as what the checks cost."""
+    on, off = _row("medium", "native", True, 0.100, 10**9), _row("medium", report.UNCHECKED[0], True, 0.080, 10**9)
+    on["extra_info"].update(paired_rates=[0.9e9] * 3, paired_times=[1.0] * 3)  # a slow spell: 0.90x
+    off["extra_info"].update(paired_rates=[1.0e9] * 3, paired_times=[0.8] * 3)  # 0.80x
+    cost = [ln for ln in report.body([MATMUL, on, off], threads=2) if ln.startswith("- Input checks")]
+    assert len(cost) == 1 and "about 11 % of the call, from the two rows' paired ratios (0.90x with the checks, " \
+        "0.80x without" in cost[0], cost[0]
+    off["extra_info"]["paired_times"] = [0.95] * 3  # 0.95x: above the checked row's
+    cost = [ln for ln in report.body([MATMUL, on, off], threads=2) if ln.startswith("- Input checks")]
+    assert "the difference is noise" in cost[0] and not re.search(r"-\d", cost[0]), cost[0]
+
+
 def test_floor_at_the_best_engine_and_each_backends_own_engine():
     """Where the native GEMM beats torch.mm, every floor is at the native rate, and a backend that multiplies
     with torch.mm also gets its ratio at torch.mm's rate (the target judged at both, never hidden)."""
