@@ -58,16 +58,26 @@ namespace {
   TORCH_CHECK((x).size(dim) == (n), "nthr native_score_tokens: ", name, ": expected size ", (n), " in dim ", \
               (dim), ", got ", (x).sizes())
 
-// Rows per work item (of M, of the scores): `rows` cut into one item per working thread, in multiples of the
-// GEMM's register block and at most `cap`. Few items: each packs its B operand once, and no thread waits on a
-// small last item. With the packed kernel the split changes no bits: every element of M and every score is
-// summed in the same order whichever item holds its row (gemm_rows_independent; the score rows are
-// independent). ATen's mm rounds a row differently at another row count, so there the split is the one for
-// kWorkers threads, whatever the thread count.
+// Work items per working thread on the packed kernel: a thread that runs slower than the other (the two
+// vCPUs of the dev box differ by up to 30 %) takes fewer of them instead of holding up the region with its one
+// item; B is packed once per product (pack_b_once), so an item costs no packing of its own.
+constexpr int64_t kItemsPerThread = 4;
+
+// Rows per work item (of M, of the scores): `rows` cut into kItemsPerThread items per working thread, in
+// multiples of the GEMM's register block and at most `cap`. With the packed kernel the split changes no bits:
+// every element of M and every score is summed in the same order whichever item holds its row
+// (gemm_rows_independent; the score rows are independent). ATen's mm rounds a row differently at another row
+// count, so there the split is one item for each of kWorkers threads, whatever the thread count.
 int64_t item_rows(int64_t rows, int64_t cap) {
-  const int64_t workers = gemm_rows_independent() ? worker_count() : kWorkers;
-  const int64_t per = (rows + workers - 1) / workers;
+  const int64_t items = gemm_rows_independent() ? worker_count() * kItemsPerThread : kWorkers;
+  const int64_t per = (rows + items - 1) / items;
   return std::max<int64_t>(1, std::min(cap, (per + kGemmRowBlock - 1) / kGemmRowBlock * kGemmRowBlock));
+}
+
+// B packed once for the items of a product (scratch of packed_b_elems floats; none with ATen's mm).
+PackedB packed_once(const at::Tensor& b, at::Tensor& scratch) {
+  scratch = at::empty({packed_b_elems(b.size(0), b.size(1))}, at::TensorOptions().dtype(at::kFloat));
+  return pack_b_once(b, scratch.data_ptr<float>());
 }
 
 // Rows [r0, r0 + n) and columns [c0, c0 + nc) of x as float32 (a view when x already is float32).
@@ -75,8 +85,9 @@ at::Tensor block(const at::Tensor& x, int64_t r0, int64_t n, int64_t c0, int64_t
   return x.narrow(0, r0, n).narrow(1, c0, nc).to(at::kFloat);
 }
 
-// Factored: per column block of at most vb columns, M = E+^T H+ [cw, d] (items of rows of M, each summed over
-// row blocks of rb positive tokens in order), then s_t += (E_t M) . h_t, items of at most sb tokens.
+// Factored: per column block of at most vb columns, M = E+^T H+ [cw, d] (per row block of rb positive tokens,
+// in order, items of rows of M accumulate its product), then s_t += (E_t M) . h_t, items of at most sb tokens;
+// each product's B (the H+ block, M) packed once for its items.
 void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::Tensor& err_pos,
                     const at::Tensor& err_neg, int64_t budget, float* o) {
   const int64_t tp = h_pos.size(0), tn = h_neg.size(0), v = err_pos.size(1), d = h_pos.size(1);
@@ -89,19 +100,20 @@ void score_factored(const at::Tensor& h_pos, const at::Tensor& h_neg, const at::
   const at::Tensor tiles = at::empty({worker_count() * sb, d}, at::TensorOptions().dtype(at::kFloat));
   for (int64_t c0 = 0; c0 < v; c0 += vb) {
     const int64_t cw = std::min(vb, v - c0), mb = item_rows(cw, cw);
-    at::Tensor m = at::empty({cw, d}, at::TensorOptions().dtype(at::kFloat));
-    for_each_item((cw + mb - 1) / mb, [&](int64_t item, int64_t) {
-      const int64_t j0 = item * mb, jn = std::min(mb, cw - j0);
-      at::Tensor mj = m.narrow(0, j0, jn);
-      for (int64_t r0 = 0; r0 < tp; r0 += rb) {
-        const int64_t rn = std::min(rb, tp - r0);
-        gemm(mj, block(err_pos, r0, rn, c0 + j0, jn).t(), block(h_pos, r0, rn, 0, d), r0 > 0);
-      }
-    });
+    at::Tensor m = at::empty({cw, d}, at::TensorOptions().dtype(at::kFloat)), scratch;
+    for (int64_t r0 = 0; r0 < tp; r0 += rb) {  // every element of M sums the row blocks in order, as before
+      const int64_t rn = std::min(rb, tp - r0);
+      const PackedB hb = packed_once(block(h_pos, r0, rn, 0, d), scratch);
+      for_each_item((cw + mb - 1) / mb, [&](int64_t item, int64_t) {
+        const int64_t j0 = item * mb, jn = std::min(mb, cw - j0);
+        gemm_packed(m.narrow(0, j0, jn), block(err_pos, r0, rn, c0 + j0, jn).t(), hb, r0 > 0);
+      });
+    }
+    const PackedB mp = packed_once(m, scratch);
     for_each_item((tn + sb - 1) / sb, [&](int64_t b, int64_t w) {
       const int64_t r0 = b * sb, rn = std::min(sb, tn - r0);
       at::Tensor s = tiles.narrow(0, w * sb, rn);
-      gemm(s, block(err_neg, r0, rn, c0, cw), m);
+      gemm_packed(s, block(err_neg, r0, rn, c0, cw), mp);
       at::Tensor h = block(h_neg, r0, rn, 0, d).contiguous();
       const float* sp = s.const_data_ptr<float>();
       const float* hp = h.const_data_ptr<float>();

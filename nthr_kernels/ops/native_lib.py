@@ -52,9 +52,11 @@ lacks it; any other value but ``auto`` is refused); its packing buffers add 524 
 The value checks' norm pass and the old log-probs check run before the op, in one parallel region
 (``nthr::native_check_values``: row chunks interleaved with the groups' GEMMs).
 ``score_tokens``: factored or pairwise as :func:`~nthr_kernels.core.rules.cheaper_path` decides
-(passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item,
-one work item per thread on the packed kernel (rows of ``M``, then of the scores: where an item ends
-changes no sum there), the split for 8 threads on ATen's mm (which rounds a row by the call's shape).
+(passed in; C++ holds no cost model), temporaries of at most ``SCRATCH_ELEMS`` elements per work item
+(plus each product's ``B`` packed once for its items, ``(N + 32) K`` floats at most),
+four work items per thread on the packed kernel (rows of ``M``, then of the scores: where an item ends
+changes no sum there; a slower core takes fewer), the split for 8 threads on ATen's mm (which rounds a row
+by the call's shape).
 
 All arithmetic is float32 (anchors in float64), in a fixed order; every block size that sets a summation
 order depends on the inputs and the scratch budget only, and each work item runs its matrix products
