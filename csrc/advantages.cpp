@@ -26,8 +26,8 @@
 // Scratch per worker slice of E = scratch_elems / kWorkers float32 elements: the E cache [T, vb] <= E,
 // N and M [(P+1) vb, d] <= E, W* rows [vb, d], hidden cache [T, d] (when <= E, else [tb, d] blocks),
 // one [tb, d] product tile, the logits' log-sum-exp tile <= E (which also holds W*^T or M packed once for the
-// shared row chunks, <= E); a worker helping another group uses its own product tile; pairwise groups keep K_e [T+, T] <= E in the
-// N_i and M buffer and K_h tiles <= E in the product tile; plus O(T) index vectors and one [|V|] int32
+// shared row chunks, <= E); a worker helping another group uses its own product tile; pairwise groups keep
+// K_e [T+, T] <= E in the N_i and M buffer and K_h tiles <= E in the product tile; plus O(T) index vectors and one [|V|] int32
 // marker (distinct_ids). Block sizes depend on E and the group only, never on the thread count. Nothing of
 // size [n, |V|] exists, and [T+, T] only within a slice.
 #include <ATen/Parallel.h>
@@ -571,18 +571,21 @@ double group_flops(const AdvantagesParams& p, const Group& g) {
 }
 
 // After group_vstar.
-void process_group(const AdvantagesParams& p, Group& g, std::vector<Workspace>& all, const float* lz_full,
+// On worker w, whose workspace is all[w] (score_block's helpers use theirs).
+void process_group(const AdvantagesParams& p, Group& g, std::vector<Workspace>& all, int64_t w, const float* lz_full,
                    const float* lp_full) {
-  Workspace& ws = all[tl_worker];
+  Workspace& ws = all[w];
   group_blocks(p, g, ws);
   g.lz_from_row = p.logprobs && g.vb >= static_cast<int64_t>(g.vs.size());
   if (lp_full) g.lp.assign(lp_full, lp_full + g.T);
   if (lz_full) g.lz.assign(lz_full, lz_full + g.T);
   else if (g.lz_from_row) g.lz.resize(g.T);
   else group_log_z(p, g, ws);
-  // after group_log_z, which also takes ws.z; within the slice (a larger packing is not shared: pack_for_chunks)
-  g.pack_cap = std::min(p.slice, std::max(packed_b_elems(p.d, errors_width(p, g, g.vb)),
-                                          g.pairwise ? 0 : packed_b_elems(g.vb, p.d)));
+  // after group_log_z, which also takes ws.z; within the slice (a larger packing is not shared: pack_for_chunks);
+  // none where nothing is shared, and no W*^T without the weight
+  g.pack_cap = !can_share(g) ? 0
+               : std::min(p.slice, std::max(p.weight.defined() ? packed_b_elems(p.d, errors_width(p, g, g.vb)) : 0,
+                                            g.pairwise ? 0 : packed_b_elems(g.vb, p.d)));
   g.pack = ws.z.get(g.pack_cap);
   std::vector<double> anchor(g.seg.size() - 1, 0.0);
   std::vector<float> s(g.T, 0.0f);
@@ -746,8 +749,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> advantages_cpu(
   lap("V*");
   for_each_item(n_act, [&](int64_t i, int64_t w) {
     const int64_t k = order[i];
-    (void)w;  // == tl_worker
-    process_group(p, groups[k], ws, lz_full.empty() ? nullptr : lz_full.data() + g.start[k],
+    process_group(p, groups[k], ws, w, lz_full.empty() ? nullptr : lz_full.data() + g.start[k],
                   lp_full.empty() ? nullptr : lp_full.data() + g.start[k]);
   }, /*help=*/true);
   lap("groups");
