@@ -207,7 +207,7 @@ class Paired:
     second of each other; the report gives the median over the measured rounds."""
 
     def __init__(self, device: str, warmup: int):
-        self.device, self.warmup, self.calls = device, warmup, 0
+        self.warmup, self.calls = warmup, 0
         self.rates: list[float] = []  # FLOP/s, one per measured round
         self.best: list[list] = []  # [engine, n] of the product that gave each rate
         self.times: list[float] = []  # seconds of each measured round
