@@ -142,8 +142,8 @@ def paired_ratios(x: dict) -> Optional[list[float]]:
     return [t * rate / x["floor_flops"] for t, rate in zip(times, rates)]
 
 
-def _paired_text(x: dict) -> str:
-    ps = paired_ratios(x)
+def _paired_text(x: dict, ps: Optional[list[float]]) -> str:
+    """The verdict's clause on the row's paired ratios ``ps`` (:func:`paired_ratios`)."""
     if ps is None:
         return ""
     rates = x["paired_rates"]
@@ -151,9 +151,9 @@ def _paired_text(x: dict) -> str:
             f"{_ratio(min(ps))}..{_ratio(max(ps))}, at {min(rates) / 1e9:,.1f}..{max(rates) / 1e9:,.1f} GFLOP/s)")
 
 
-def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int, unit: dict) -> str:
+def _verdict(x: dict, ps: Optional[list[float]], median: float, floor_s: float, alg_s: float, threads: int,
+             unit: dict) -> str:
     r = median / floor_s
-    ps = paired_ratios(x)
     r_paired = statistics.median(ps) if ps else None
     # where the best rate is another engine's: the ratio at the rate of the engine this backend can use
     own = unit["engines"].get(_engine(x)) if unit.get("engine") != _engine(x) else None
@@ -166,7 +166,7 @@ def _verdict(x: dict, median: float, floor_s: float, alg_s: float, threads: int,
     else:
         text = (f"{r:.2f}x its FLOP floor: {100 * (1 - r):.0f} % below it, which only an algorithm doing fewer "
                 f"FLOPs allows (its algorithm: {alg_s / floor_s:.2f}x the floor's FLOPs)")
-    text += f"; {_ratio(median / alg_s)}x the time the FLOPs of its own algorithm need" + _paired_text(x)
+    text += f"; {_ratio(median / alg_s)}x the time the FLOPs of its own algorithm need" + _paired_text(x, ps)
     if r_own is not None:
         text += (f"; {_ratio(r_own)}x the floor at the rate of {_ENGINE_TEXT[_engine(x)]}, the matrix engine it "
                  f"multiplies with ({own[0] / 1e9:,.0f} GFLOP/s)")
@@ -268,7 +268,7 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
             f"{_mib(x['peak_scratch_bytes'])} |"
         )
         if floor_s and x["op"] == "nthr_advantages" and x["backend"] in VERDICT_BACKENDS:
-            verdicts.append(_verdict(x, st["median"], floor_s, _own_algorithm_flops(x) / rate, threads,
+            verdicts.append(_verdict(x, ps, st["median"], floor_s, _own_algorithm_flops(x) / rate, threads,
                                      rates[x["device"]]))
     verdicts += _checks_cost(rows)
     rounds = {(_info(r)["rounds"], _info(r)["warmup"]) for r in rows}

@@ -410,6 +410,15 @@ Engine engine() {
   return e;
 }
 
+#if NTHR_HAVE_X86_KERNELS
+// fn(Isa{}) with the packed kernel class of engine e (kAvx512 or kAvx2; not kAten): the one place that maps an
+// engine to its ISA.
+template <class F>
+decltype(auto) with_isa(Engine e, F&& fn) {
+  return e == Engine::kAvx512 ? fn(Avx512{}) : fn(Avx2{});
+}
+#endif
+
 }  // namespace
 
 bool gemm_rows_independent() { return engine() != Engine::kAten; }
@@ -441,8 +450,10 @@ int64_t packed_b_elems(int64_t K, int64_t N) {
   const Engine e = engine();
   if (e == Engine::kAten) return 0;
   int64_t n = 0;
-  for_b_blocks(N, K, [&](int64_t, int64_t nc, int64_t, int64_t kc) {
-    n += e == Engine::kAvx512 ? packed_block_elems<Avx512>(nc, kc) : packed_block_elems<Avx2>(nc, kc);
+  with_isa(e, [&](auto isa) {
+    for_b_blocks(N, K, [&](int64_t, int64_t nc, int64_t, int64_t kc) {
+      n += packed_block_elems<decltype(isa)>(nc, kc);
+    });
   });
   return n;
 #else
@@ -457,8 +468,9 @@ PackedB pack_b_once(const at::Tensor& b, float* scratch) {
 #if NTHR_HAVE_X86_KERNELS
   const Engine e = engine();
   if (e != Engine::kAten && b.scalar_type() == at::kFloat && b.size(0) > 0 && b.size(1) > 0) {
-    const auto run = e == Engine::kAvx512 ? &pack_all_b<Avx512> : &pack_all_b<Avx2>;
-    run(b.size(1), b.size(0), b.const_data_ptr<float>(), b.stride(0), b.stride(1), scratch);
+    with_isa(e, [&](auto isa) {
+      pack_all_b<decltype(isa)>(b.size(1), b.size(0), b.const_data_ptr<float>(), b.stride(0), b.stride(1), scratch);
+    });
     pb.data = scratch;
   }
 #else
@@ -472,9 +484,11 @@ void gemm_packed(const at::Tensor& c, const at::Tensor& a, const PackedB& b, boo
   const int64_t M = a.size(0), K = a.size(1), N = b.b.size(1);
   if (b.data && M > 0 && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && c.stride(1) == 1) {
     TORCH_CHECK(b.b.size(0) == K && c.size(0) == M && c.size(1) == N, "nthr gemm: shapes do not match");
-    const auto run = engine() == Engine::kAvx512 ? &packed_sgemm<Avx512> : &packed_sgemm<Avx2>;
-    run(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), nullptr, 0, 0,
-        const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done, false, b.data);
+    with_isa(engine(), [&](auto isa) {
+      packed_sgemm<decltype(isa)>(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), nullptr, 0, 0,
+                                  const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done, false,
+                                  b.data);
+    });
     return;
   }
 #endif
@@ -498,10 +512,12 @@ void gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
   if (e != Engine::kAten && c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
       b.scalar_type() == at::kFloat && c.stride(1) == 1) {
     if (M > 0 && N > 0 && K > 0) {
-      const auto run = e == Engine::kAvx512 ? &packed_sgemm<Avx512> : &packed_sgemm<Avx2>;
-      run(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(), b.stride(0),
-          b.stride(1), const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done, prefetch_a,
-          nullptr);
+      with_isa(e, [&](auto isa) {
+        packed_sgemm<decltype(isa)>(M, N, K, a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+                                    b.const_data_ptr<float>(), b.stride(0), b.stride(1),
+                                    const_cast<at::Tensor&>(c).data_ptr<float>(), c.stride(0), accumulate, done,
+                                    prefetch_a, nullptr);
+      });
       return;
     }
     if (M > 0 && N > 0 && !accumulate) const_cast<at::Tensor&>(c).zero_();  // K == 0

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -225,16 +226,17 @@ void for_each_item(int64_t n, const F& fn, bool help = false) {
   std::exception_ptr error;
   std::mutex error_mutex;
   const bool alone = workers <= 1 || at::in_parallel_region(), helping = help && !alone;
-  Team team(helping ? workers : 1);
+  std::optional<Team> team;  // only where workers help
+  if (helping) team.emplace(workers);
   auto work = [&](int64_t w) {
     SerialThread serial;
     c10::ParallelGuard guard(true);
     at::internal::ThreadIdGuard tid(static_cast<int>(w));
     Team* const outer_team = tl_team;
     const int64_t outer_worker = tl_worker;
-    tl_team = helping ? &team : nullptr;
+    tl_team = helping ? &*team : nullptr;
     tl_worker = w;
-    if (helping) team.join();
+    if (helping) team->join();
     try {
       for (int64_t i = next++; i < n; i = next++) fn(i, w);
     } catch (...) {
@@ -242,7 +244,7 @@ void for_each_item(int64_t n, const F& fn, bool help = false) {
       if (!error) error = std::current_exception();
       next = n;  // the other workers stop after their current item
     }
-    if (helping) team.help(w);  // sub-items' exceptions reach their owner (Team::share), never here
+    if (helping) team->help(w);  // sub-items' exceptions reach their owner (Team::share), never here
     tl_team = outer_team;
     tl_worker = outer_worker;
   };
