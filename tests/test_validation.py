@@ -384,6 +384,33 @@ def test_native_row_norms_are_the_torch_norms():
         assert math.isnan(float(policy_norms(dataclasses.replace(batch, hidden=hn), False)[0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_weight_rows_read_norm_gathers_the_same_value(monkeypatch, dtype):
+    """On the CPU the largest norm over a few flagged weight rows is taken over those rows alone, gathered in
+    blocks of SCAN_ELEMS elements: the same value as the norm pass over every row masked to them, NaN in a
+    flagged row included and NaN elsewhere ignored, for no, few and most rows flagged, exact or not."""
+    from nthr_kernels.core import checks
+
+    def masked(x, rows, exact):  # every row's norm, then the flagged ones (the pass the gather replaces)
+        norms = checks._row_norms(x, exact)
+        return torch.where(rows, norms, torch.zeros((), dtype=norms.dtype)).max()
+
+    monkeypatch.setattr(checks, "SCAN_ELEMS", 3 * 16)  # three rows of 16 per block: several blocks
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(101, 16, generator=g) * 3).to(dtype)
+    for flagged in ([], [7], [0, 3, 50, 99, 100], list(range(0, 101, 3)), list(range(80))):
+        rows = torch.zeros(101, dtype=torch.bool)
+        rows[flagged] = True
+        # every flagged row in turn holds the largest norm, then a NaN; a NaN in an unflagged row is no matter
+        variants = [w, w.clone().index_fill_(0, torch.tensor([1]), float("nan"))]
+        variants += [w.clone().index_fill_(0, torch.tensor([r]), v) for r in flagged for v in (100.0, float("nan"))]
+        for x in variants:
+            for exact in (False, True):
+                got, want = checks._max_row_norm(x, rows, exact), masked(x, rows, exact)
+                assert got.dtype == want.dtype, (flagged, exact, got.dtype, want.dtype)
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=str((flagged, exact)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_inf_is_named(dtype):
     """Inf in a bfloat16/float16 hidden is named as such (the row scan compared with FLOAT32_MAX rounded to

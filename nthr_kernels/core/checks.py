@@ -250,6 +250,17 @@ def check_logit_scale(temperature: float, max_logit: float, source: str) -> None
         )
 
 
+def _norm_dtype(x: torch.Tensor, exact: bool) -> torch.dtype:
+    """The dtype of :func:`_row_norms`: float32, float64 for float64 ``x`` or ``exact``."""
+    return torch.float64 if exact or x.dtype == torch.float64 else torch.float32
+
+
+def _rows_per_scan(x: torch.Tensor) -> int:
+    """Rows of ``x`` (``[rows, ...]``, at least one row) in one block of at most ``SCAN_ELEMS`` elements (one
+    row at least)."""
+    return max(1, SCAN_ELEMS // max(1, x[0].numel()))
+
+
 def _row_norms(x: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """Euclidean norms of the rows of ``x``: float32 (float64 for float64 ``x``), as the norm pass of the
     checks computes them, or (``exact``) in float64.
@@ -261,9 +272,9 @@ def _row_norms(x: torch.Tensor, exact: bool = False) -> torch.Tensor:
     at least), so the copy is bounded like the input scans' temporaries. Each row's norm is the same
     reduction whichever block holds it."""
     x = x.detach()
-    dt = torch.float64 if exact or x.dtype == torch.float64 else torch.float32
+    dt = _norm_dtype(x, exact)
     converts = dt != x.dtype and not (x.is_cuda and dt == torch.float32)
-    step = max(1, SCAN_ELEMS // max(1, x[0].numel())) if x.dim() > 1 and x.shape[0] else 0
+    step = _rows_per_scan(x) if x.dim() > 1 and x.shape[0] else 0
     if not converts or x.shape[0] <= step:
         return torch.linalg.vector_norm(x, dim=-1, dtype=dt)
     return torch.cat([torch.linalg.vector_norm(x[r0 : r0 + step], dim=-1, dtype=dt)
@@ -275,6 +286,16 @@ def _max_row_norm(x: torch.Tensor, rows: Optional[torch.Tensor] = None, exact: b
     :func:`_row_norms`); 0 when none."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
+    if rows is not None and rows.dim() == 1 and x.device.type == "cpu":
+        # one flag per row (the weight rows read with old log-probs): on the CPU, where reading the count costs
+        # no device synchronisation, read only those rows when they are at most half of x (a few thousand of a
+        # vocabulary), gathered in blocks of SCAN_ELEMS elements: 12,000 of 151,936 bf16 rows of 1,536 took 51 to
+        # 65 ms instead of 574 to 598 (Zen 3, 2 threads)
+        idx = rows.nonzero().squeeze(1)
+        if 2 * idx.numel() <= x.shape[0]:
+            step = _rows_per_scan(x)
+            tops = [_row_norms(x.index_select(0, idx[i : i + step]), exact).max() for i in range(0, idx.numel(), step)]
+            return torch.stack(tops).max() if tops else torch.zeros((), dtype=_norm_dtype(x, exact))
     norms = _row_norms(x, exact)
     if rows is not None:
         norms = torch.where(rows, norms, torch.zeros((), dtype=norms.dtype, device=norms.device))
