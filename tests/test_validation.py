@@ -401,7 +401,7 @@ def test_weight_rows_read_norm_gathers_the_same_value(monkeypatch, dtype):
     for flagged in ([], [7], [0, 3, 50, 99, 100], list(range(0, 101, 3)), list(range(80))):
         rows = torch.zeros(101, dtype=torch.bool)
         rows[flagged] = True
-        # every flagged row in turn holds the largest norm, then a NaN; a NaN in an unflagged row is no matter
+        # every flagged row in turn holds the largest norm, then a NaN; row 1 holds a NaN (flagged in two cases)
         variants = [w, w.clone().index_fill_(0, torch.tensor([1]), float("nan"))]
         variants += [w.clone().index_fill_(0, torch.tensor([r]), v) for r in flagged for v in (100.0, float("nan"))]
         for x in variants:
