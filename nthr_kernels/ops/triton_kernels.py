@@ -729,7 +729,7 @@ def _implied_kernel(
     b_max = tl.full([BT], -float("inf"), tl.float32)
     b_sum = tl.zeros([BT], dtype=tl.float32)
     # tiles at multiples of BV in DK, not from the block's first LO: a token's sum runs over the same tiles
-    # whatever BT and whichever tokens share its block (BT only tiles independent outputs; ORDER_BLOCKS)
+    # whichever tokens share its block (ORDER_BLOCKS)
     for v0 in range(lo // BV * BV, hi, BV):
         o_v = v0 + tl.arange(0, BV).to(tl.int64)  # [BV] positions in DK
         m_v = o_v < hi
@@ -802,21 +802,29 @@ def span_sums(x: torch.Tensor, start: torch.Tensor, n: torch.Tensor, stride: int
 # Autotuning (GPU only; the interpreter uses the small fixed blocks). Each entry: tuned block sizes,
 # num_warps, num_stages. Keyed on the hidden size, the mode flags and (implicitly) the dtypes.
 #
-# The autotuner picks a config by timing, so two processes may pick different ones. The bits must not
-# depend on that pick: every config of a table has the same value of each block in ORDER_BLOCKS, the
-# blocks that set a summation order outside a tl.dot (a tl.sum over a tile, then a running sum over the
-# tiles). The other blocks tile independent outputs (BT, BD, BV of the errors and of M) or step a tl.dot's
-# own K dimension (BK, the M kernel's BU): ``acc += tl.dot(a, b)`` is one chain of MMAs on the accumulator,
-# in K order, whatever the step (test_autotune_pick_does_not_change_the_bits checks it on the GPU).
+# The autotuner picks a config by timing, so two processes may pick different ones; the bits must not
+# depend on that pick. A kernel that reduces a tile outside a tl.dot (a tl.sum or tl.max over one of its
+# axes, then a running sum over the tiles) has ONE config in each table: on the GPU the order of that
+# reduction follows the tile's layout over the threads, which every block size and num_warps set. On an
+# H200 (2026-11-28) the score and log-sum-exp kernels gave other bits with BT=128 than with BT=64, and the
+# implied-mass kernel with BT=16, 32 and 64, though BT only tiles independent rows. ORDER_BLOCKS names
+# the blocks that set the tiles a running sum walks over (the interpreter's order, and the partial-sum
+# slots of the anchor pass). Only the kernels whose sole sums are tl.dot's own keep several configs (err
+# and m): ``acc += tl.dot(a, b)`` is one chain of MMAs on the accumulator, in K order, whatever the tile
+# and the step (test_autotune_pick_does_not_change_the_bits forces each config on the GPU and compares).
 ORDER_BLOCKS = {"score": ("BV",), "lse": ("BV",), "pair": ("BU",), "seg_pair": ("BU",), "anchor": ("BV", "BD"),
                 "implied": ("BV", "BK"), "norm": ("BK",), "zy": ("BK",), "span_sum": ("BS",)}
+MULTI_CONFIG = ("err", "m")  # the kernels with no reduction outside a tl.dot: free to autotune
 # The anchor kernel reads the float32 N_i whatever the input dtype, and is bandwidth-bound: one fixed tile
 # for both tables (the partial-sum slots are sized for it). BV=64, 8 warps: 3.63 ms on the first chunk of
 # qwen1.5b-step on an H200, against 4.38 for 32x128 with 4 warps (gpu_stages sweep, 2026-11-27).
 _ANCHOR_TILE = (64, 128, 8, 2)
 _TUNE_16 = {
     "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
-    "score": (("BT", "BV", "BK"), [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4)]),
+    # the reducing kernels' one config each: score 128x128x64, 8 warps, 3 stages, the autotuner's pick on
+    # qwen1.5b-step in every H200 run and the sweep's fastest (2.92 ms on its first chunk, 64x128: 4.00); lse
+    # 64x256x64 and seg_pair 64x64x64 / 4 warps, its picks there (h200-2026-11-28.json, "autotune")
+    "score": (("BT", "BV", "BK"), [(128, 128, 64, 8, 3)]),
     "err": (("BT", "BV", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)]),
     "m": (("BV", "BD", "BU"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
     "anchor": (("BV", "BD"), [_ANCHOR_TILE]),
@@ -826,22 +834,22 @@ _TUNE_16 = {
     "norm": (("BT", "BK"), [(32, 256, 4, 3)]),
     "span_sum": (("BS",), [(128, 4, 1)]),
     "implied": (("BT", "BV", "BK"), [(16, 128, 64, 4, 3)]),
-    "lse": (("BT", "BV", "BK"), [(64, 256, 64, 8, 3), (128, 256, 64, 8, 3)]),
-    "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
-    "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]),
+    "lse": (("BT", "BV", "BK"), [(64, 256, 64, 8, 3)]),
+    "pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3)]),
+    "seg_pair": (("BT", "BU", "BK"), [(64, 64, 64, 4, 3)]),
 }
 _TUNE_32 = {
     "zy": (("BT", "BK"), [(32, 128, 4, 3)]),
-    "score": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
+    "score": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2)]),
     "err": (("BT", "BV", "BK"), [(64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]),
     "m": (("BV", "BD", "BU"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
     "anchor": (("BV", "BD"), [_ANCHOR_TILE]),
     "norm": (("BT", "BK"), [(32, 128, 4, 2)]),
     "implied": (("BT", "BV", "BK"), [(16, 64, 32, 4, 2)]),
     "span_sum": (("BS",), [(128, 4, 1)]),
-    "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]),
-    "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
-    "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2), (32, 32, 32, 4, 2)]),
+    "lse": (("BT", "BV", "BK"), [(64, 64, 32, 4, 2)]),
+    "pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2)]),
+    "seg_pair": (("BT", "BU", "BK"), [(64, 32, 32, 4, 2)]),
 }
 _KERNELS = {"zy": _zy_kernel, "score": _score_kernel, "err": _err_kernel, "m": _m_kernel, "anchor": _anchor_kernel,
             "lse": _lse_kernel, "pair": _pair_kernel, "seg_pair": _seg_pair_kernel, "norm": _norm_kernel,
