@@ -94,6 +94,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for line in report.summary(records, report.machine_info(_LOAD_AT_START)).splitlines():
             terminalreporter.write_line(line)
         if bs.json:  # the chart beside pytest-benchmark's JSON
-            png = Path(bs.json).with_suffix(".png")
+            png = report.json_path(bs.json).with_suffix(".png")
             report.chart(records, png)
             terminalreporter.write_line(f"Chart of time vs floor: {png}")

@@ -271,6 +271,10 @@ def shape_section(records: list[dict], shape: str, rates: dict, threads: int) ->
             verdicts.append(_verdict(x, ps, st["median"], floor_s, _own_algorithm_flops(x) / rate, threads,
                                      rates[x["device"]]))
     verdicts += _checks_cost(rows)
+    unrated = sorted({_info(r)["device"] for r in rows} - set(rates))
+    verdicts += [f"- No matrix product was timed on {dev} in this run, so its rows have no floor: "
+                 f"`benchmarks/test_matmul.py` measures the rate in the same session (`pytest benchmarks "
+                 f"--benchmark-only` runs it)." for dev in unrated]
     rounds = {(_info(r)["rounds"], _info(r)["warmup"]) for r in rows}
     timing = ", ".join(f"median of {n} rounds after {w} warm-up" for n, w in sorted(rounds))
     lines += ["", f"Every row: {timing}, {x0['threads']} threads; peak scratch = rise of the peak resident "
@@ -417,6 +421,12 @@ def chart(records: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def json_path(option) -> Optional[Path]:
+    """The file of pytest-benchmark's ``--benchmark-json``: the option holds its path in recent releases and
+    the file itself, opened by argparse, in 5.2 and before (the GPU image's 5.2.3)."""
+    return Path(getattr(option, "name", option)) if option else None
 
 
 def render(path: Path, update_readme: bool = True) -> None:

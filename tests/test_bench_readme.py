@@ -182,3 +182,24 @@ def test_paired_ratio_from_each_rounds_own_rate():
     # rates and times that do not pair up are not paired
     row["extra_info"]["paired_times"] = [1.2]
     assert report.paired_ratios(row["extra_info"]) is None
+
+
+def test_benchmark_json_option_as_a_path_or_an_open_file(tmp_path):
+    """pytest-benchmark 5.2 hands ``--benchmark-json`` over as the open file (argparse.FileType), later
+    releases as its path: the chart goes beside it either way (the summary crashed on 5.2.3 on the GPU)."""
+    target = tmp_path / "run.json"
+    assert report.json_path(str(target)) == target
+    with open(target, "wb") as fh:
+        assert report.json_path(fh) == target
+    assert report.json_path(None) is None
+
+
+def test_rows_of_a_device_without_a_measured_rate_say_why():
+    cuda = _row("quarter", "triton", True, 0.02, 10**12)
+    cuda["extra_info"]["device"] = "cuda"
+    lines = report.body([MATMUL, cuda, _row("quarter", "native", True, 2.0, 10**9)], threads=2)
+    table = [ln for ln in lines if ln.startswith("| nthr_advantages | triton")]
+    assert len(table) == 1 and "| n/a | n/a |" in table[0]
+    assert [ln for ln in lines if ln.startswith("- No matrix product")] == [
+        "- No matrix product was timed on cuda in this run, so its rows have no floor: `benchmarks/test_matmul.py` "
+        "measures the rate in the same session (`pytest benchmarks --benchmark-only` runs it)."]
