@@ -28,53 +28,66 @@ def test_rendering_follows_the_file(tmp_path, monkeypatch):
     assert "12,345 ms" in gpu_readme.rendered()
 
 
+def _two_runs(tmp_path, monkeypatch):
+    """The newest committed run twice, to edit: as the previous run (dated before it) and as the newest."""
+    newest = gpu_readme.gpu_results()[-1]
+    monkeypatch.setattr(gpu_readme, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu_readme, "ROOT", tmp_path)
+    d = json.loads(newest.read_text())
+    prev = json.loads(newest.read_text())
+    prev["date"] = "2000-01-01"
+
+    def write():
+        (tmp_path / "h200-2000-01-01.json").write_text(json.dumps(prev))
+        (tmp_path / newest.name).write_text(json.dumps(d))
+        return gpu_readme.rendered()
+
+    return prev, d, write
+
+
+def _before(text: str) -> str:
+    return text.split("Before, the previous results")[1]
+
+
 def test_a_logits_floor_of_an_older_run_is_flagged(tmp_path, monkeypatch):
     """A run whose logits config's floor counted the lm_head products the logits hold (no ``floor_formula``
     recorded) says so under the table; a run with the suite's current floor does not, and its x floor of that
     config is not compared with the previous run's (over the old floor)."""
-    previous, newest = gpu_readme.gpu_results()[-2:]
-    d = json.loads(newest.read_text())
+    prev, d, write = _two_runs(tmp_path, monkeypatch)
     name = next(n for n, r in d["configs"].items() if r.get("logits_input") and "floor_ms" in r)
-    assert "triton_vs_floor" in json.loads(previous.read_text())["configs"][name]
-    monkeypatch.setattr(gpu_readme, "RESULTS", tmp_path)
-    monkeypatch.setattr(gpu_readme, "ROOT", tmp_path)
-    (tmp_path / previous.name).write_text(previous.read_text())
-    d["configs"][name].pop("floor_formula", None)
-    (tmp_path / newest.name).write_text(json.dumps(d))
-    text = gpu_readme.rendered()
+    assert "triton_vs_floor" in prev["configs"][name]
+    for run in (prev, d):
+        run["configs"][name].pop("floor_formula", None)
+    text = write()
     assert f"The floor of `{name}` in this run counts `2 N |V| d`" in text
-    assert f"`{name}` " in text.split("Before, the previous results")[1]  # old floor against old floor
+    assert f"`{name}` " in _before(text)  # old floor against old floor
     d["configs"][name]["floor_formula"] = "sum_g 2 |V*| d (T + T+)"
-    (tmp_path / newest.name).write_text(json.dumps(d))
-    text = gpu_readme.rendered()
+    text = write()
     assert "in this run counts `2 N |V| d`" not in text
-    assert f"`{name}` " not in text.split("Before, the previous results")[1]
+    assert f"`{name}` " not in _before(text)
 
 
 def test_floors_over_each_dtypes_rate_are_rendered_and_older_ones_flagged(tmp_path, monkeypatch):
     """A run that records each config's ``floor_rate`` shows the rates and each floor's dtype; a float32 config
     of a run without it (every floor over the bf16 rate) is flagged under the table, and its x floor is not
     compared with a run over another rate."""
-    previous, newest = gpu_readme.gpu_results()[-2:]
-    d = json.loads(newest.read_text())
+    prev, d, write = _two_runs(tmp_path, monkeypatch)
     name = next(n for n, r in d["configs"].items() if r.get("shape", "").endswith(", float32") and "floor_ms" in r)
-    assert "floor_rate" not in d["configs"][name]  # the committed runs predate floor_rate
-    monkeypatch.setattr(gpu_readme, "RESULTS", tmp_path)
-    monkeypatch.setattr(gpu_readme, "ROOT", tmp_path)
-    (tmp_path / previous.name).write_text(previous.read_text())
-    (tmp_path / newest.name).write_text(json.dumps(d))
-    text = gpu_readme.rendered()
+    assert d["configs"][name]["floor_rate"]["dtype"] == "float32"
+    rates = d["matmul_rates"]
+    for run in (prev, d):  # both runs as they were before floor_rate: every floor over the bf16 rate
+        run.pop("matmul_rates")
+        for r in run["configs"].values():
+            r.pop("floor_rate", None)
+    text = write()
     assert f"The floor of `{name}` in this run is over the bf16 matmul rate" in text
-    assert f"`{name}` " in text.split("Before, the previous results")[1]  # bf16 rate against bf16 rate
-    bf16 = {"dtype": "bfloat16", "precision": None, "tflops": d["matmul_tflops"]}
-    fp32 = {"dtype": "float32", "precision": "ieee", "tflops": 51.25}
-    d["matmul_rates"] = {"bfloat16": bf16, "float32": fp32}
+    assert f"`{name}` " in _before(text)  # bf16 rate against bf16 rate
+    d["matmul_rates"] = rates
     for n, r in d["configs"].items():
         if "floor_ms" in r:
-            r["floor_rate"] = fp32 if n == name else bf16
-    (tmp_path / newest.name).write_text(json.dumps(d))
-    text = gpu_readme.rendered()
+            r["floor_rate"] = rates["float32"] if n == name else rates["bfloat16"]
+    text = write()
     assert "in this run is over the bf16 matmul rate" not in text
-    assert "matmul bfloat16 694 TFLOP/s, float32 (ieee) 51.2 TFLOP/s." in text
+    assert f"float32 (ieee) {rates['float32']['tflops']:.1f} TFLOP/s" in text
     assert f"| `{name}` | " in text and " ms (float32) | " in text
-    assert f"`{name}` " not in text.split("Before, the previous results")[1]
+    assert f"`{name}` " not in _before(text)
