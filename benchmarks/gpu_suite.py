@@ -17,7 +17,9 @@ One process, one GPU. For each config it
    the forward+backward time of a Qwen2.5-1.5B-shaped model (random weights) on the batch's tokens,
    measured per token in the same run (the ``6 * 1.5e9 * N`` FLOPs estimate is recorded too);
 4. counts the host synchronisations of one call (``host_syncs``: the Triton implementation on a
-   validated batch; ``host_syncs_public_call``: validation included) and profiles one call.
+   validated batch; ``host_syncs_public_call``: validation included) and profiles one call; where the
+   torch backend is timed, its host synchronisations and profile too (``torch_host_syncs``,
+   ``torch_kernel_breakdown_ms``).
 
 The results record ``kernel_sources`` (sha256 of the Triton path's files), so anyone can tell which
 code was measured. ``--compile-only ARCH`` compiles every kernel variant for ``sm_ARCH`` without a GPU.
@@ -483,6 +485,14 @@ def run_config(name, shape, with_lp, extra, time_baselines, rates, model, args, 
     out["share_of_fwd_bwd"] = out["triton_ms"] / out["model_fwd_bwd_ms"]
     if time_baselines:
         out["torch_ms"] = bench_events(lambda: call("torch"), args.torch_reps)
+        # where the torch backend's time goes on this device (it trails the naive pipeline on the H200):
+        # its host synchronisations per public call, and on the GPU its kernels and host ops
+        out["torch_host_syncs"], events = count_host_syncs(lambda: call("torch"))
+        out["torch_host_sync_events"] = events[:8]
+        if DEVICE == "cuda":
+            out["torch_kernel_breakdown_ms"] = kernel_breakdown(lambda: call("torch"))
+        log(f"[{name}] torch backend: {out['torch_host_syncs']} host syncs per call"
+            + "".join(f", {k} {v:.2f}" for k, v in list(out.get("torch_kernel_breakdown_ms", {}).items())[:8]))
         # the naive pipeline in the config's own setting (with old log-probs it takes the shortcut too)
         naive_kw = {k: v for k, v in kw.items()
                     if k in ("lm_head_weight", "group_size", "mask", "temperature", "old_logprobs")}
