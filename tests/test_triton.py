@@ -432,8 +432,9 @@ def test_autotune_pick_does_not_change_the_bits(name, path):
 @needs_triton
 def test_implied_mass_bits_do_not_depend_on_the_tokens_sharing_a_block():
     """A sampled token's implied log-sum-exp runs over the V* tiles at multiples of BV in the sorted keys,
-    whichever sampled tokens share its block: the same token gives the same bits when half the sample is
-    dropped (every block then holds other neighbours, and the token another row). Integer-valued inputs
+    whichever sampled tokens share its block: the same token gives the same bits when only every second,
+    or every third, sampled token is kept (every block then holds other neighbours, and the token another
+    row). Integer-valued inputs
     make every logit exact (the interpreter's matmul sums in an order that depends on the tile's rows), so
     only the tiles of the log-sum-exp could change the bits."""
     from nthr_kernels.core.checks import implied_vstar_mass, logprob_sample
